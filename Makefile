@@ -1,0 +1,61 @@
+# fastrl — the two README commands (`make demo`, `make test`) and the rest.
+# Every target installs what it needs into .venv first:
+#   - CPU machine: a fresh venv, the local CPU wheel torch==$(TORCH_CPU_VERSION) (an unpinned torch
+#     would pull gigabytes of CUDA wheels), then fastrl built against it (--no-build-isolation).
+#   - GPU machine (a CUDA torch importable by $(PYTHON)): a venv that sees the system packages,
+#     so that torch, triton and the test tools installed there are reused; nothing is downloaded.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_CPU_VERSION ?= 2.13.0
+STAMP := $(VENV)/.fastrl-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
+PYTEST_ARGS ?=
+BENCH_DIR = $(shell $(PY) benchmarks/device.py)
+
+.PHONY: install demo test bench bench-gpu gpu-test info clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	@set -e; \
+	if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	  echo "fastrl: reusing the CUDA torch of $(PYTHON)"; \
+	  [ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  $(PIP) install --no-build-isolation --no-deps -e . ; \
+	else \
+	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
+	  $(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_CPU_VERSION)"; \
+	  $(PIP) install setuptools wheel pybind11 ninja; \
+	  $(PIP) install --no-build-isolation -e ".[test]"; \
+	fi
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/fastrl demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+info: $(STAMP)
+	$(VENV)/bin/fastrl info
+
+# CPU benchmarks at small shapes; JSON goes to benchmarks/results/<device>/.
+bench: $(STAMP)
+	@mkdir -p $(BENCH_DIR)
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_DIR)/bench.json $(PYTEST_ARGS)
+
+# The same suites at real shapes on a GPU.
+bench-gpu: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device')"
+	@mkdir -p $(BENCH_DIR)
+	FASTRL_BENCH_SCALE=gpu $(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_DIR)/bench.json $(PYTEST_ARGS)
+
+gpu-test: $(STAMP)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-test needs a CUDA device')"
+	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info fastrl/_C*.so $(VENV)

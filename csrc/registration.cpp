@@ -1,0 +1,51 @@
+// Schemas of every fastrl C++ op, and the Python module `fastrl._C` that loads them.
+//
+// Kernels register against these schemas per backend with TORCH_LIBRARY_IMPL (the CPU sampler in
+// sampling.cpp, CUDA kernels under csrc/cuda/). Fake (meta) implementations, for torch.compile,
+// live next to the Python face of each op.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <string>
+
+TORCH_LIBRARY(fastrl, m) {
+  // Draw one token per row of `logits` [B, V] after temperature, top-k, top-p and min-p filtering.
+  // Scalars apply to every row unless the matching per-row tensor ([B]) is given. `seed` is an int64
+  // tensor of one element (a fresh draw from a torch.Generator per call). Returns tokens [B] int64,
+  // the log-prob of each token under softmax(logits / T), and its log-prob under the filtered,
+  // renormalised distribution it was drawn from (both fp32).
+  m.def(
+      "sample(Tensor logits, Tensor seed, float temperature, int top_k, float top_p, float min_p, "
+      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+}
+
+namespace {
+
+bool cuda_enabled() {
+#ifdef FASTRL_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+// The widest instruction set the vectorised CPU loops dispatch to on this machine.
+std::string cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return "avx512f";
+  if (__builtin_cpu_supports("avx2")) return "avx2";
+  return "sse2";
+#else
+  return "generic";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastrl C++ extension: registers the torch.ops.fastrl.* operators";
+  m.def("cuda_enabled", &cuda_enabled, "True when the extension was built with its CUDA kernels");
+  m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels use on this machine");
+}

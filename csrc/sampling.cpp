@@ -1,0 +1,495 @@
+// CPU token sampler: temperature, top-k, top-p and min-p per row, without sorting the vocabulary.
+//
+// Per row, with s = (x - max x) / T and e = exp(s) (so the largest e is exactly 1):
+//   1. top-k: keep e >= the k-th largest e (ties with it are kept), found by nth_element;
+//   2. top-p: among those, keep the smallest upper set of values whose mass reaches p of theirs,
+//      i.e. e_i is kept when the mass strictly above e_i is < p * Z_k (ties kept), found by a
+//      mass-weighted quickselect, expected O(k) work and no sort;
+//   3. min-p: keep e >= min_p (e is already p / p_max).
+// The three give one threshold on e. The token is drawn by inverse CDF: one uniform u per row from
+// Philox4x32-10 keyed by (seed, row), target u * Z_filtered, found with per-block partial sums.
+// Rows run in parallel (at::parallel_for); a row's result depends only on (seed, row, its data),
+// not on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace fastrl {
+namespace {
+
+constexpr int64_t kBlock = 64;  // elements per block: partial sums (inverse CDF), maxima (top-k bound)
+// Histogram buckets over the bits of e in [0, 1]: exponent and 3 mantissa bits, a factor 2^(1/8) each.
+constexpr int kBucketShift = 20;
+constexpr int64_t kBuckets = (0x3F800000 >> kBucketShift) + 1;
+
+// The hot loops are compiled for several instruction sets and picked at load time (GCC/Clang
+// function multi-versioning), so one build is fast on any x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTRL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FASTRL_MULTIVERSION
+#endif
+
+// exp(x) for x <= 0 (x may be -inf), 0 below -87 where fp32 would go subnormal. Cody-Waite range
+// reduction to |g| <= ln2/2, then a degree-6 Taylor polynomial: relative error ~2e-7 (the fp32
+// rounding level). Written with plain arithmetic so that the loops around it vectorise.
+inline __attribute__((always_inline)) float exp_nonpositive(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const float g = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * g + 1.0f / 120.0f;
+  p = p * g + 1.0f / 24.0f;
+  p = p * g + 1.0f / 6.0f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+// Largest value of x[0..n) and the number of entries that are NaN or +inf.
+FASTRL_MULTIVERSION
+float max_and_count_invalid(const float* x, int64_t n, int64_t* n_invalid) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t bad = 0;
+#pragma omp simd reduction(max : m) reduction(+ : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    bad += !(v <= FLT_MAX);  // NaN compares false, +inf is above FLT_MAX
+    m = v > m ? v : m;
+  }
+  *n_invalid = bad;
+  return m;
+}
+
+// e[i] = exp((x[i] - m) * inv_t); per block of kBlock, the sum into block_sums and the maximum into
+// block_max; returns the total.
+FASTRL_MULTIVERSION
+double exp_and_block_stats(const float* x, float m, float inv_t, float* e, double* block_sums, float* block_max,
+                           int64_t n) {
+  double total = 0.0;
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    const int64_t hi = std::min(n, lo + kBlock);
+    double s = 0.0;
+    float bm = 0.0f;
+#pragma omp simd reduction(+ : s) reduction(max : bm)
+    for (int64_t i = lo; i < hi; ++i) {
+      const float v = exp_nonpositive((x[i] - m) * inv_t);
+      e[i] = v;
+      s += v;
+      bm = v > bm ? v : bm;
+    }
+    block_sums[b] = s;
+    block_max[b] = bm;
+    total += s;
+  }
+  return total;
+}
+
+// Copies the e[i] >= lower into out (lower > 0); returns how many.
+int64_t compact_at_least(const float* e, int64_t n, float lower, float* out) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (e[i] >= lower) out[c++] = e[i];
+  }
+  return c;
+}
+
+// Copies the e[i] with lower <= e[i] < upper into out; returns how many. Branch-free: whether an
+// entry falls in a histogram bucket is close to a coin flip, which a branch would mispredict.
+int64_t compact_between(const float* e, int64_t n, float lower, float upper, float* out) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = e[i];
+    out[c] = v;
+    c += static_cast<int64_t>(v >= lower) & static_cast<int64_t>(v < upper);
+  }
+  return c;
+}
+
+float float_from_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Histogram of e in [0, 1] by its leading bits (mass per bucket). Returns the highest bucket at
+// which the mass from the top reaches `mass`; *above gets the mass of the buckets above it. The
+// top-p threshold lies in that bucket (or is its upper edge). Bucket 0 (e = 0) is never returned.
+int64_t top_p_bucket(const float* e, int64_t n, double mass, double* hist, double* above) {
+  // Four interleaved histograms: neighbouring values often share a bucket, and one histogram
+  // would chain every add on the previous store.
+  std::fill(hist, hist + 4 * kBuckets, 0.0);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    uint32_t bits[4];
+    std::memcpy(bits, &e[i], sizeof(bits));
+    hist[bits[0] >> kBucketShift] += e[i];
+    hist[kBuckets + (bits[1] >> kBucketShift)] += e[i + 1];
+    hist[2 * kBuckets + (bits[2] >> kBucketShift)] += e[i + 2];
+    hist[3 * kBuckets + (bits[3] >> kBucketShift)] += e[i + 3];
+  }
+  for (; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &e[i], sizeof(bits));
+    hist[bits >> kBucketShift] += e[i];
+  }
+  for (int64_t b = 0; b < kBuckets; ++b) hist[b] += hist[kBuckets + b] + hist[2 * kBuckets + b] + hist[3 * kBuckets + b];
+  double cum = 0.0;
+  int64_t b = kBuckets - 1;
+  for (; b > 1; --b) {
+    if (cum + hist[b] >= mass) break;
+    cum += hist[b];
+  }
+  *above = cum;
+  return b;
+}
+
+// Block sums of the e[i] >= thr (thr > 0); returns the total.
+FASTRL_MULTIVERSION
+double kept_block_sums(const float* e, float thr, double* block_sums, int64_t n) {
+  double total = 0.0;
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    const int64_t hi = std::min(n, lo + kBlock);
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = lo; i < hi; ++i) {
+      const float v = e[i];
+      s += v >= thr ? v : 0.0f;
+    }
+    block_sums[b] = s;
+    total += s;
+  }
+  return total;
+}
+
+// Smallest value v in a[0..n) whose "mass above", the sum of the values strictly greater than v, is
+// below `mass`: the top-p threshold. Mass-weighted quickselect with a three-way partition; each
+// step drops the pivot's equal run, so it ends, and expected work is linear in n. Reorders a.
+// `above` is the mass of values outside a that are greater than all of a. Returns +inf if none is kept.
+float top_p_threshold(float* a, int64_t n, double mass, double above) {
+  // `above`: mass of the values known to lie above the current range [lo, hi)
+  float best = std::numeric_limits<float>::infinity();
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+    const float pivot = std::max(std::min(x, y), std::min(std::max(x, y), z));  // median of three
+    int64_t lt = lo, i = lo, gt = hi;
+    double greater = 0.0, equal = 0.0;
+    while (i < gt) {
+      const float v = a[i];
+      if (v > pivot) {
+        greater += v;
+        std::swap(a[lt++], a[i++]);
+      } else if (v < pivot) {
+        std::swap(a[i], a[--gt]);
+      } else {
+        equal += v;
+        ++i;
+      }
+    }
+    if (above + greater < mass) {  // the pivot is kept: look for a smaller kept value below it
+      best = pivot;
+      above += greater + equal;
+      lo = gt;
+    } else {  // the pivot is dropped, and so is everything below it
+      hi = lt;
+    }
+  }
+  return best;
+}
+
+// Index of the draw: the first kept i (e[i] >= thr, e[i] > 0) whose running sum of kept e exceeds
+// target. block_sums are the per-block kept sums. If rounding leaves target at or past the total,
+// the last kept entry is taken.
+int64_t inverse_cdf(const float* e, const double* block_sums, int64_t n, float thr, double target) {
+  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
+  double cum = 0.0;
+  int64_t b = 0, last_block = 0;
+  for (; b < n_blocks; ++b) {
+    if (block_sums[b] > 0.0) last_block = b;
+    if (cum + block_sums[b] > target) break;
+    cum += block_sums[b];
+  }
+  if (b == n_blocks) b = last_block;
+  int64_t last = -1;
+  const int64_t hi = std::min(n, (b + 1) * kBlock);
+  for (int64_t i = b * kBlock; i < hi; ++i) {
+    const float v = e[i];
+    if (v > 0.0f && v >= thr) {
+      last = i;
+      cum += v;
+      if (cum > target) return i;
+    }
+  }
+  return last;
+}
+
+// Philox4x32-10 keyed by the seed, counter = row: a uniform double in [0, 1) with 53 random bits.
+double philox_uniform(uint64_t seed, uint64_t row) {
+  uint32_t c0 = static_cast<uint32_t>(row), c1 = static_cast<uint32_t>(row >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(p1);
+    c3 = static_cast<uint32_t>(p0);
+    c0 = n0;
+    c2 = n2;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  const uint64_t hi27 = c0 >> 5, lo26 = c1 >> 6;
+  return static_cast<double>((hi27 << 26) | lo26) * (1.0 / 9007199254740992.0);
+}
+
+struct RowParams {
+  float temperature;
+  int64_t top_k;
+  float top_p;
+  float min_p;
+};
+
+struct RowResult {
+  int64_t token;
+  float logprob;
+  float filtered_logprob;
+};
+
+// Per-thread buffers, grown on demand and kept between calls (a decode loop calls every step).
+struct Workspace {
+  std::vector<float> x, e, scratch, block_max, small;
+  std::vector<double> block_sums, hist = std::vector<double>(4 * kBuckets);
+  void reserve(int64_t v, bool need_x) {
+    const size_t n = static_cast<size_t>(v);
+    if (need_x && x.size() < n) x.resize(n);
+    if (e.size() < n) e.resize(n);
+    if (scratch.size() < n) scratch.resize(n);
+    const size_t nb = static_cast<size_t>((v + kBlock - 1) / kBlock);
+    if (block_sums.size() < nb) block_sums.resize(nb);
+    if (block_max.size() < nb) block_max.resize(nb);
+    if (small.size() < nb) small.resize(nb);
+  }
+};
+
+enum RowError : int { kOk = 0, kNonFinite = 1, kNoFinite = 2 };
+
+// The threshold on e of the top-k, top-p and min-p filters together (tokens with e >= it are kept).
+// Candidates are first cut to a small set that provably holds every survivor: for top-k, the
+// values >= the k-th largest block maximum (k distinct blocks reach it); for top-p alone, the
+// values in the histogram bucket where the mass from the top reaches p. The exact threshold is then
+// found on that set.
+float filter_threshold(const float* e, int64_t v, double z, const RowParams& prm, Workspace& ws) {
+  const int64_t n_blocks = (v + kBlock - 1) / kBlock;
+  float* cand = ws.scratch.data();
+  float thr = 0.0f;
+  int64_t kept = 0;
+  double kept_mass = z;
+  if (prm.top_k > 0 && prm.top_k < v) {
+    const int64_t k = prm.top_k;
+    float lower = FLT_MIN;  // every e > 0 is >= FLT_MIN (exp_nonpositive flushes below e^-87)
+    if (k <= n_blocks) {
+      float* bmax = ws.small.data();
+      std::copy(ws.block_max.data(), ws.block_max.data() + n_blocks, bmax);
+      std::nth_element(bmax, bmax + (k - 1), bmax + n_blocks, std::greater<float>());
+      lower = std::max(lower, bmax[k - 1]);
+    }
+    const int64_t c = compact_at_least(e, v, lower, cand);
+    kept = c;
+    thr = lower;  // the candidates are exactly the e >= lower
+    if (k < c) {
+      std::nth_element(cand, cand + (k - 1), cand + c, std::greater<float>());
+      thr = cand[k - 1];
+      kept = k;
+      for (int64_t j = k; j < c; ++j) {  // values tied with the k-th largest are kept too
+        if (cand[j] == thr) std::swap(cand[kept++], cand[j]);
+      }
+    }
+    kept_mass = 0.0;
+    for (int64_t j = 0; j < kept; ++j) kept_mass += cand[j];
+  }
+  if (prm.top_p < 1.0f) {
+    const double mass = static_cast<double>(prm.top_p) * kept_mass;
+    if (prm.top_k > 0 && prm.top_k < v) {
+      thr = std::max(thr, top_p_threshold(cand, kept, mass, 0.0));
+    } else {  // top-p over the whole vocabulary: resolve only the bucket the threshold falls in
+      double above = 0.0;
+      const int64_t b = top_p_bucket(e, v, mass, ws.hist.data(), &above);
+      const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
+      const int64_t c = compact_between(e, v, float_from_bits(static_cast<uint32_t>(b) << kBucketShift), upper, cand);
+      const float t = top_p_threshold(cand, c, mass, above);
+      thr = std::isinf(t) ? upper : t;  // rounding put the crossing at the bucket's upper edge
+    }
+  }
+  return std::max(thr, prm.min_p);  // e = p / p_max, and the maximum (e = 1) always survives
+}
+
+RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t seed, int64_t row,
+                     Workspace& ws, int* error) {
+  int64_t n_invalid = 0;
+  const float m = max_and_count_invalid(x, v, &n_invalid);
+  if (n_invalid > 0) {
+    *error = kNonFinite;
+    return {0, 0.0f, 0.0f};
+  }
+  if (!(m > -std::numeric_limits<float>::infinity())) {
+    *error = kNoFinite;
+    return {0, 0.0f, 0.0f};
+  }
+
+  if (prm.temperature == 0.0f) {
+    // Greedy: the T -> 0 limit puts equal mass on the tied maxima; return the first of them.
+    int64_t first = -1, ties = 0;
+    for (int64_t i = 0; i < v; ++i) {
+      if (x[i] == m) {
+        if (first < 0) first = i;
+        ++ties;
+      }
+    }
+    const float lp = -std::log(static_cast<float>(ties));
+    return {first, lp, lp};
+  }
+
+  // 1/T can overflow for subnormal T; (x - m) <= 0, so a capped scale only sends s to -inf.
+  const float inv_t = std::min(1.0f / prm.temperature, FLT_MAX);
+  float* e = ws.e.data();
+  double* block_sums = ws.block_sums.data();
+  const double z = exp_and_block_stats(x, m, inv_t, e, block_sums, ws.block_max.data(), v);
+
+  float thr = 0.0f;
+  if ((prm.top_k > 0 && prm.top_k < v) || prm.top_p < 1.0f || prm.min_p > 0.0f) {
+    thr = filter_threshold(e, v, z, prm, ws);
+  }
+
+  double z_kept = z;
+  if (thr > 0.0f) z_kept = kept_block_sums(e, thr, block_sums, v);
+  const double target = philox_uniform(seed, static_cast<uint64_t>(row)) * z_kept;
+  const int64_t token = inverse_cdf(e, block_sums, v, thr, target);
+  const float s = (x[token] - m) * inv_t;
+  return {token, static_cast<float>(s - std::log(z)), static_cast<float>(s - std::log(z_kept))};
+}
+
+// A row as fp32: fp32 rows are read in place, bf16/fp16 rows converted into the workspace.
+const float* row_as_float(const float* src, int64_t, Workspace&) { return src; }
+
+template <typename T>
+const float* row_as_float(const T* src, int64_t n, Workspace& ws) {
+  float* dst = ws.x.data();
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  return dst;
+}
+
+// Reads the per-row override of a parameter if given, else the scalar.
+template <typename T>
+const T* row_param_ptr(const std::optional<at::Tensor>& t, int64_t rows, at::ScalarType dtype, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(t->device().is_cpu(), name, " must be on the same device as logits (cpu), got ", t->device());
+  TORCH_CHECK_VALUE(t->scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows, name, " must have shape [", rows,
+                    "] (one value per row of logits), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+  return t->data_ptr<T>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
+    const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
+    double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
+    const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps) {
+  TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be 2-D [rows, vocab], got shape ", logits_in.sizes());
+  const auto dtype = logits_in.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                    "logits must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() >= 1,
+                    "seed must be a cpu int64 tensor with one element");
+  const int64_t rows = logits_in.size(0), v = logits_in.size(1);
+  TORCH_CHECK_VALUE(v >= 1, "logits must have a non-empty vocabulary dimension");
+
+  const float* t_row = row_param_ptr<float>(temperatures, rows, at::kFloat, "temperature");
+  const int64_t* k_row = row_param_ptr<int64_t>(top_ks, rows, at::kLong, "top_k");
+  const float* p_row = row_param_ptr<float>(top_ps, rows, at::kFloat, "top_p");
+  const float* mp_row = row_param_ptr<float>(min_ps, rows, at::kFloat, "min_p");
+  std::vector<RowParams> params(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    RowParams prm{t_row ? t_row[r] : static_cast<float>(temperature), k_row ? k_row[r] : top_k,
+                  p_row ? p_row[r] : static_cast<float>(top_p), mp_row ? mp_row[r] : static_cast<float>(min_p)};
+    TORCH_CHECK_VALUE(prm.temperature >= 0.0f && std::isfinite(prm.temperature),
+                      "temperature must be finite and >= 0, got ", prm.temperature, " for row ", r);
+    TORCH_CHECK_VALUE(prm.top_k >= 0, "top_k must be >= 0 (0 disables it), got ", prm.top_k, " for row ", r);
+    TORCH_CHECK_VALUE(prm.top_p > 0.0f && prm.top_p <= 1.0f, "top_p must be in (0, 1], got ", prm.top_p,
+                      " for row ", r);
+    TORCH_CHECK_VALUE(prm.min_p >= 0.0f && prm.min_p <= 1.0f, "min_p must be in [0, 1], got ", prm.min_p,
+                      " for row ", r);
+    params[static_cast<size_t>(r)] = prm;
+  }
+
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto filtered_logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {tokens, logprobs, filtered_logprobs};
+
+  const uint64_t seed_value = static_cast<uint64_t>(seed.data_ptr<int64_t>()[0]);
+  const int64_t row_stride = logits.stride(0);
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  float* lp = logprobs.data_ptr<float>();
+  float* flp = filtered_logprobs.data_ptr<float>();
+  std::atomic<int64_t> bad_row{-1};
+  std::atomic<int> bad_kind{kOk};
+
+  auto run = [&](auto* base) {
+    using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      static thread_local Workspace ws;
+      ws.reserve(v, !std::is_same_v<scalar_t, float>);
+      for (int64_t r = begin; r < end; ++r) {
+        const float* x = row_as_float(base + r * row_stride, v, ws);
+        int err = kOk;
+        const RowResult res = sample_row(x, v, params[static_cast<size_t>(r)], seed_value, r, ws, &err);
+        if (err != kOk) {
+          int64_t expected = -1;
+          if (bad_row.compare_exchange_strong(expected, r)) bad_kind.store(err);
+          return;
+        }
+        tok[r] = res.token;
+        lp[r] = res.logprob;
+        flp[r] = res.filtered_logprob;
+      }
+    });
+  };
+  if (dtype == at::kFloat) {
+    run(logits.const_data_ptr<float>());
+  } else if (dtype == at::kBFloat16) {
+    run(logits.const_data_ptr<at::BFloat16>());
+  } else {
+    run(logits.const_data_ptr<at::Half>());
+  }
+
+  const int64_t br = bad_row.load();
+  TORCH_CHECK_VALUE(br < 0 || bad_kind.load() != kNonFinite, "logits must not contain NaN or +inf (row ", br, ")");
+  TORCH_CHECK_VALUE(br < 0, "logits row ", br, " has no finite value (every entry is -inf)");
+  return {tokens, logprobs, filtered_logprobs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrl, CPU, m) { m.impl("sample", &sample_cpu); }
+
+}  // namespace fastrl

@@ -1,0 +1,78 @@
+"""Input checks shared by every public function: one place, one wording.
+
+Each raises ``TypeError`` for a wrong kind of value and ``ValueError`` for a wrong value, and names
+the argument, so a bad input never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_tensor(
+    name: str,
+    value: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Iterable[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Check that ``value`` is a tensor with the given rank, one of ``dtypes``, on ``device``."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if value.dtype not in dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise ValueError(f"{name} must have dtype {allowed}; got {str(value.dtype).removeprefix('torch.')}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of the other inputs), got {value.device}")
+    return value
+
+
+def check_real(name: str, value: object, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """Check a finite real scalar within [low, high] (either end open if asked); return it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    lo_bad = low is not None and (v <= low if low_open else v < low)
+    hi_bad = high is not None and (v >= high if high_open else v > high)
+    if not math.isfinite(v) or lo_bad or hi_bad:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        raise ValueError(f"{name} must be finite and in {rng}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: object, *, low: int | None = None) -> int:
+    """Check an integer scalar (not a bool) that is at least ``low``; return it as int."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_row_tensor(name: str, value: torch.Tensor, rows: int, device: torch.device, *,
+                     integer: bool) -> torch.Tensor:
+    """A per-row setting: a 1-D tensor of ``rows`` values on ``device``. Returned as a contiguous
+    int64 (``integer``) or float32 tensor; its values are checked where they are read."""
+    check_tensor(name, value, ndim=1, device=device)
+    if value.shape[0] != rows:
+        raise ValueError(f"{name} must hold one value per row ({rows}), got {value.shape[0]}")
+    if integer:
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        return value.to(torch.int64).contiguous()
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value.to(torch.float32).contiguous()

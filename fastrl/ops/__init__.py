@@ -1,0 +1,11 @@
+"""fastrl's ops: one module per op (checks, custom-op registration, autograd, dispatch).
+
+Each op runs its Triton kernel on CUDA tensors and its torch reference (:mod:`fastrl.ops.reference`)
+on CPU tensors; :func:`backend` / ``FASTRL_BACKEND`` force one or the other (see
+:mod:`fastrl.ops.dispatch`).
+"""
+
+from fastrl.ops import reference
+from fastrl.ops.dispatch import BACKENDS, backend, requested_backend, resolve
+
+__all__ = ["BACKENDS", "backend", "reference", "requested_backend", "resolve"]

@@ -1,0 +1,106 @@
+"""Plain torch references of fastrl's ops: readable, fp64 where it matters, and slow.
+
+Every fast path (Triton kernel, C++ or CUDA code) is tested against the function here of the same
+name, and these are checked against hand-written maths in ``tests/ops/test_reference.py``. They are
+also the ``torch`` backend (``FASTRL_BACKEND=torch``) and the fallback where no kernel exists yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+
+
+def philox_uniform(seed: int, row: int) -> float:
+    """The uniform in [0, 1) that the C++ sampler draws for ``row`` under ``seed``.
+
+    Philox4x32-10 with key = the 64-bit seed and counter = (row, 0); 27 + 26 bits of its first two
+    outputs make a double with 53 random bits. Pure Python, so tests can predict the sampler's draws.
+    """
+    seed &= _MASK64
+    c = [row & _MASK32, (row >> 32) & _MASK32, 0, 0]
+    k0, k1 = seed & _MASK32, seed >> 32
+    for _ in range(10):
+        p0 = 0xD2511F53 * c[0]
+        p1 = 0xCD9E8D57 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _MASK32, (p0 >> 32) ^ c[3] ^ k1, p0 & _MASK32]
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return (((c[0] >> 5) << 26) | (c[1] >> 6)) / float(1 << 53)
+
+
+def _per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype).reshape(rows, 1)
+    return torch.full((rows, 1), value, dtype=dtype, device=device)
+
+
+def sampling_distribution(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
+                          min_p=0.0) -> torch.Tensor:
+    """The distribution :func:`fastrl.sampling.sample` draws from, as fp64 probabilities [B, V].
+
+    In order (Hugging Face's order of logits warpers): ``p = softmax(logits / T)``; top-k keeps the
+    tokens whose ``p`` is at least the k-th largest (ties kept, 0 = off); top-p, on the top-k set
+    renormalised, keeps token i when the mass of the tokens strictly more probable than i is below
+    ``top_p`` (the smallest set reaching ``top_p``, ties kept); min-p keeps ``p >= min_p * max p``.
+    The kept probabilities are renormalised. ``T = 0`` is greedy: the T -> 0 limit, uniform over
+    the tied maxima. Each setting is a number or a per-row tensor [B].
+    """
+    rows, vocab = logits.shape
+    dev = logits.device
+    x = logits.double()
+    t = _per_row(temperature, rows, torch.float64, dev)
+    k = _per_row(top_k, rows, torch.int64, dev)
+    p_top = _per_row(top_p, rows, torch.float64, dev)
+    p_min = _per_row(min_p, rows, torch.float64, dev)
+
+    greedy = t == 0
+    scaled = (x - x.max(dim=-1, keepdim=True).values) / torch.where(greedy, 1.0, t)
+    probs = torch.softmax(scaled, dim=-1)
+    is_max = x == x.max(dim=-1, keepdim=True).values
+    probs = torch.where(greedy, is_max.double() / is_max.sum(-1, keepdim=True), probs)
+
+    descending = probs.sort(dim=-1, descending=True).values
+    kth = descending.gather(-1, (k.clamp(1, vocab) - 1))
+    keep = (k == 0) | (probs >= kth)
+
+    in_top_k = probs * keep
+    total = in_top_k.sum(-1, keepdim=True)
+    ascending = in_top_k.sort(dim=-1).values
+    cumulative = ascending.cumsum(-1)
+    n_at_most = torch.searchsorted(ascending, in_top_k.contiguous(), right=True)  # entries <= p_i
+    mass_above = total - cumulative.gather(-1, n_at_most - 1)
+    keep &= (p_top >= 1) | (mass_above < p_top * total)
+
+    keep &= probs >= p_min * probs.max(dim=-1, keepdim=True).values
+    kept = probs * keep
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
+           min_p=0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse-CDF draw from :func:`sampling_distribution` with the given uniforms [B] in [0, 1).
+
+    Returns tokens [B] int64, the log-prob of each under softmax(logits / T) and under the filtered
+    distribution (fp32). The token is the first index whose cumulative probability exceeds ``u``.
+    Greedy rows (T = 0) take the first maximum, with log-prob -log(number of tied maxima).
+    """
+    rows, vocab = logits.shape
+    probs = sampling_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    cdf = probs.cumsum(-1)
+    u = uniforms.to(device=logits.device, dtype=torch.float64).reshape(rows, 1)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(vocab - 1)
+    # never land on a zero-probability entry because of rounding at the top of the CDF
+    tokens = torch.where(probs.gather(-1, tokens) > 0, tokens, (probs > 0).cumsum(-1).argmax(-1, keepdim=True))
+
+    t = _per_row(temperature, rows, torch.float64, logits.device)
+    greedy = (t == 0).squeeze(-1)
+    tokens = torch.where(greedy, logits.argmax(-1), tokens.squeeze(-1))
+    x = logits.double()
+    logprobs = torch.log_softmax((x - x.max(-1, keepdim=True).values) / torch.where(t == 0, 1.0, t), dim=-1)
+    logprobs = torch.where(greedy, probs.gather(-1, tokens[:, None]).log().squeeze(-1),
+                           logprobs.gather(-1, tokens[:, None]).squeeze(-1))
+    filtered = probs.gather(-1, tokens[:, None]).log().squeeze(-1)
+    return tokens, logprobs.float(), filtered.float()

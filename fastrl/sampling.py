@@ -1,0 +1,143 @@
+"""Token sampling: temperature, top-k, top-p and min-p, per row, seeded; C++ on CPU.
+
+>>> import torch, fastrl
+>>> logits = torch.randn(4, 32000)
+>>> g = torch.Generator().manual_seed(0)
+>>> tokens, logprobs = fastrl.sampling.sample(logits, temperature=0.7, top_p=0.9, generator=g)
+>>> tokens.shape, tokens.dtype, logprobs.dtype
+(torch.Size([4]), torch.int64, torch.float32)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrl import _checks, _extension
+from fastrl.ops import dispatch, reference
+
+__all__ = ["sample"]
+
+_SEED_HIGH = 2**62  # seeds are drawn from [0, 2**62) of the generator's stream
+
+
+def _setting(name: str, value, rows: int, device: torch.device, *, integer: bool, check):
+    """(scalar, per-row tensor or None) for one sampling setting."""
+    if isinstance(value, torch.Tensor):
+        return (0 if integer else 1.0), _checks.check_row_tensor(name, value, rows, device, integer=integer)
+    return check(name, value), None
+
+
+def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    if generator is None:
+        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but logits are on {device}; "
+                         f"use torch.Generator(device='{device.type}')")
+    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    generator: torch.Generator | None = None,
+    return_filtered_logprobs: bool = False,
+):
+    """Draw one token per row of ``logits`` [B, V] (fp32, bf16 or fp16).
+
+    Filters apply in Hugging Face's order, each keeping ties at its boundary:
+    ``temperature`` (0 = greedy) scales the logits; ``top_k`` (0 = off) keeps the k most probable
+    tokens; ``top_p`` (1 = off) keeps, of those, the smallest most-probable set whose mass reaches
+    ``top_p``; ``min_p`` (0 = off) keeps tokens with ``p >= min_p * max p``. Each is a number for
+    every row or a tensor [B] of per-row values. The exact distribution is
+    :func:`fastrl.ops.reference.sampling_distribution`.
+
+    Returns ``(tokens [B] int64, logprobs [B] fp32)``, ``logprobs`` being each token's log-prob under
+    ``softmax(logits / T)`` (what importance-sampling corrections need; 0 - or -log(#tied maxima) -
+    for greedy rows). With ``return_filtered_logprobs=True`` a third tensor holds its log-prob
+    under the filtered, renormalised distribution it was drawn from.
+
+    Draws are reproducible: the same ``generator`` state, logits and settings give the same tokens,
+    whatever the number of threads. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
+    row of only ``-inf``, or a setting out of range raise ``ValueError``.
+    """
+    _checks.check_tensor("logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension, got shape (B, 0)")
+    if not isinstance(return_filtered_logprobs, bool):
+        raise TypeError("return_filtered_logprobs must be a bool")
+    dev = logits.device
+    t, t_rows = _setting("temperature", temperature, rows, dev, integer=False,
+                         check=lambda n, v: _checks.check_real(n, v, low=0.0))
+    k, k_rows = _setting("top_k", top_k, rows, dev, integer=True,
+                         check=lambda n, v: _checks.check_int(n, v, low=0))
+    p, p_rows = _setting("top_p", top_p, rows, dev, integer=False,
+                         check=lambda n, v: _checks.check_real(n, v, low=0.0, high=1.0, low_open=True))
+    m, m_rows = _setting("min_p", min_p, rows, dev, integer=False,
+                         check=lambda n, v: _checks.check_real(n, v, low=0.0, high=1.0))
+    seed = _draw_seed(generator, dev)
+
+    if dispatch.requested_backend() == "torch":
+        out = _sample_reference(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
+    else:
+        _extension.require("fastrl.sampling.sample")
+        out = torch.ops.fastrl.sample(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
+    return out if return_filtered_logprobs else out[:2]
+
+
+def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):
+    """The torch path (``FASTRL_BACKEND=torch``, and CUDA until the CUDA sampler lands): same
+    distribution and, through :func:`reference.philox_uniform`, the same uniforms as the C++ one."""
+    settings = {
+        "temperature": temperature if temperatures is None else temperatures,
+        "top_k": top_k if top_ks is None else top_ks,
+        "top_p": top_p if top_ps is None else top_ps,
+        "min_p": min_p if min_ps is None else min_ps,
+    }
+    _check_row_values(logits, settings)
+    s = int(seed.reshape(-1)[0].item())
+    u = torch.tensor([reference.philox_uniform(s, r) for r in range(logits.shape[0])], dtype=torch.float64)
+    return reference.sample(logits, u, **settings)
+
+
+def _check_row_values(logits: torch.Tensor, settings: dict) -> None:
+    """Value checks that the C++ sampler does in its row loop (the reference has none)."""
+    if not torch.isfinite(logits.nan_to_num(neginf=0.0)).all():
+        raise ValueError("logits must not contain NaN or +inf")
+    if (logits == float("-inf")).all(dim=-1).any():
+        raise ValueError("logits has a row with no finite value (every entry is -inf)")
+    bounds = {"temperature": (0.0, None, False), "top_k": (0, None, False), "top_p": (0.0, 1.0, True),
+              "min_p": (0.0, 1.0, False)}
+    for name, value in settings.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        low, high, low_open = bounds[name]
+        bad = ~torch.isfinite(value.double()) | (value <= low if low_open else value < low)
+        if high is not None:
+            bad |= value > high
+        if bad.any():
+            raise ValueError(f"{name} has an out-of-range value {value[bad][0].item()} "
+                             f"for row {int(bad.nonzero()[0])}")
+
+
+def _register_sample_op() -> None:
+    """Fake kernel (torch.compile) and, without the CUDA build, a CUDA kernel on the torch path."""
+
+    @torch.library.register_fake("fastrl::sample")
+    def _(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):
+        rows = logits.shape[0]
+        return (logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32),
+                logits.new_empty(rows, dtype=torch.float32))
+
+    if not _extension.cuda_enabled():
+        torch.library.register_kernel("fastrl::sample", "cuda", _sample_reference)
+
+
+if _extension.available():
+    _register_sample_op()
