@@ -83,7 +83,8 @@ def sample(
                          check=lambda n, v: _checks.check_real(n, v, low=0.0, high=1.0))
     seed = _draw_seed(generator, dev)
 
-    if dispatch.requested_backend() == "torch":
+    # Compiled code always calls the operator (Dynamo cannot trace the backend setting).
+    if not torch.compiler.is_compiling() and dispatch.requested_backend() == "torch":
         out = _sample_reference(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
     else:
         _extension.require("fastrl.sampling.sample")
@@ -108,7 +109,7 @@ def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatur
 
 def _check_row_values(logits: torch.Tensor, settings: dict) -> None:
     """Value checks that the C++ sampler does in its row loop (the reference has none)."""
-    if not torch.isfinite(logits.nan_to_num(neginf=0.0)).all():
+    if (torch.isnan(logits) | (logits == float("inf"))).any():
         raise ValueError("logits must not contain NaN or +inf")
     if (logits == float("-inf")).all(dim=-1).any():
         raise ValueError("logits has a row with no finite value (every entry is -inf)")

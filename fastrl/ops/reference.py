@@ -13,22 +13,29 @@ _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 
 
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The Philox4x32-10 block (Salmon et al., SC'11): four 32-bit words from a 128-bit counter and
+    a 64-bit key, as in Random123 and cuRAND."""
+    c0, c1, c2, c3 = (w & _MASK32 for w in counter)
+    k0, k1 = (w & _MASK32 for w in key)
+    for _ in range(10):
+        p0 = 0xD2511F53 * c0
+        p1 = 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & _MASK32
+        k0 = (k0 + 0x9E3779B9) & _MASK32
+        k1 = (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
 def philox_uniform(seed: int, row: int) -> float:
     """The uniform in [0, 1) that the C++ sampler draws for ``row`` under ``seed``.
 
     Philox4x32-10 with key = the 64-bit seed and counter = (row, 0); 27 + 26 bits of its first two
-    outputs make a double with 53 random bits. Pure Python, so tests can predict the sampler's draws.
+    words make a double with 53 random bits. Pure Python, so tests can predict the sampler's draws.
     """
     seed &= _MASK64
-    c = [row & _MASK32, (row >> 32) & _MASK32, 0, 0]
-    k0, k1 = seed & _MASK32, seed >> 32
-    for _ in range(10):
-        p0 = 0xD2511F53 * c[0]
-        p1 = 0xCD9E8D57 * c[2]
-        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _MASK32, (p0 >> 32) ^ c[3] ^ k1, p0 & _MASK32]
-        k0 = (k0 + 0x9E3779B9) & _MASK32
-        k1 = (k1 + 0xBB67AE85) & _MASK32
-    return (((c[0] >> 5) << 26) | (c[1] >> 6)) / float(1 << 53)
+    w0, w1, _, _ = philox4x32_10((row, row >> 32, 0, 0), (seed, seed >> 32))
+    return (((w0 >> 5) << 26) | (w1 >> 6)) / float(1 << 53)
 
 
 def _per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Built-in tasks with verifiable rewards; the embedded demo lives here."""
