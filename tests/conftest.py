@@ -36,3 +36,30 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.fixture
 def generator():
     return torch.Generator().manual_seed(1234)
+
+
+def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, capability: int = 90, num_warps: int = 4) -> dict:
+    """Compile a ``@triton.jit`` kernel ahead of time for an NVIDIA GPU that this machine lacks and
+    read its resources from the cubin with the ``cuobjdump`` shipped inside Triton.
+
+    Returns ``{"ptx": str, "REG": int, "STACK": int, "LOCAL": int, "SHARED": int}``.
+    """
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.backends.nvidia as nvidia
+    from triton.backends.compiler import GPUTarget
+
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    return {"ptx": compiled.asm["ptx"], **{k: int(v) for k, v in found.items()}}

@@ -105,3 +105,13 @@ def test_compiled_graph_follows_the_backend_at_run_time():
 
 def test_opcheck_of_the_pattern():
     torch.library.opcheck(scale, (torch.randn(8, requires_grad=True), 2.0))
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_the_kernel_compiles_for_the_gpu_ahead_of_time_without_spills(capability):
+    from conftest import compile_for_gpu
+
+    res = compile_for_gpu(_scale_kernel, {"x_ptr": "*bf16", "y_ptr": "*bf16", "n": "i32", "scale": "fp32",
+                                          "BLOCK": "constexpr"}, {"BLOCK": 1024}, capability=capability)
+    assert f".target sm_{capability}" in res["ptx"]
+    assert res["STACK"] == 0 and res["LOCAL"] == 0 and 0 < res["REG"] < 255

@@ -1,0 +1,86 @@
+"""Token sampling: fastrl beside the common torch sort-based sampler, torch.compile of it, FlashInfer.
+
+The torch contender is what most RL and serving code does: sort the vocabulary, mask past the k-th
+value, softmax, cumulative sum, mask past p, softmax again, ``torch.multinomial``. Every contender
+samples the same filtered distribution (tested in tests/test_sampling.py for fastrl).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import DEVICE, SCALE, synchronized
+
+import fastrl
+
+SHAPES = {"cpu": [(64, 32000), (64, 151936)], "gpu": [(64, 32000), (64, 151936), (256, 151936)]}[SCALE]
+SETTINGS = {
+    "top_k=50,top_p=0.9": {"temperature": 0.8, "top_k": 50, "top_p": 0.9},
+    "top_p=0.9": {"temperature": 0.8, "top_k": 0, "top_p": 0.9},
+    "plain": {"temperature": 0.8, "top_k": 0, "top_p": 1.0},
+}
+
+
+def torch_sort_sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """The usual sort-based top-k / top-p sampler (as in Hugging Face warpers and vLLM's torch path)."""
+    logits = logits.float() / temperature
+    if top_k > 0 or top_p < 1.0:
+        values, order = logits.sort(dim=-1, descending=True)
+        if top_k > 0:
+            values = values.masked_fill(values < values[:, top_k - 1:top_k], float("-inf"))
+        if top_p < 1.0:
+            probs = values.softmax(-1)
+            values = values.masked_fill(probs.cumsum(-1) - probs > top_p, float("-inf"))
+        choice = torch.multinomial(values.softmax(-1), 1)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+_compiled_sort_sample = None
+
+
+def _contenders(settings):
+    global _compiled_sort_sample
+    out = {
+        "fastrl": lambda x: fastrl.sample(x, **settings),
+        "torch": lambda x: torch_sort_sample(x, **settings),
+    }
+    if _compiled_sort_sample is None:
+        _compiled_sort_sample = torch.compile(torch_sort_sample, dynamic=False)
+    out["torch.compile"] = lambda x: _compiled_sort_sample(x, **settings)
+    if DEVICE == "cuda" and importlib.util.find_spec("flashinfer") is not None:
+        import flashinfer.sampling as fis
+
+        def flashinfer_sample(x):
+            probs = torch.softmax(x.float() / settings["temperature"], -1)
+            if settings["top_k"] > 0:
+                return fis.top_k_top_p_sampling_from_probs(probs, settings["top_k"], settings["top_p"])
+            if settings["top_p"] < 1.0:
+                return fis.top_p_sampling_from_probs(probs, settings["top_p"])
+            return fis.sampling_from_probs(probs)
+
+        out["flashinfer"] = flashinfer_sample
+    return out
+
+
+CASES = [(shape, name, who) for shape in SHAPES for name in SETTINGS
+         for who in ("fastrl", "torch", "torch.compile", "flashinfer")]
+
+
+@pytest.mark.parametrize("shape,setting,contender", CASES,
+                         ids=[f"B{s[0]}-V{s[1]}-{n}-{w}" for s, n, w in CASES])
+def test_sample(benchmark, shape, setting, contender):
+    fns = _contenders(SETTINGS[setting])
+    if contender not in fns:
+        pytest.skip(f"{contender} is not installed or has no {DEVICE} path")
+    rows, vocab = shape
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = torch.randn(rows, vocab, generator=g, device=DEVICE) * 2.0
+    fn = synchronized(lambda: fns[contender](logits))
+    fn()  # warm-up (and compilation)
+    benchmark.group = f"sample {setting} B={rows} V={vocab}"
+    benchmark.extra_info.update(op="sample", contender=contender, rows=rows, vocab=vocab, setting=setting,
+                                device=DEVICE, threads=torch.get_num_threads(), torch=torch.__version__)
+    benchmark.pedantic(fn, rounds=7 if contender == "torch" else 20, warmup_rounds=1, iterations=1)
