@@ -10,6 +10,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_CPU_VERSION ?= 2.13.0
+# Extra pip arguments for that torch install, e.g. an index that serves CPU-only wheels on a machine
+# without a local CPU wheel (plain PyPI serves the CUDA build of torch on Linux).
+TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.fastrl-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 PYTEST_ARGS ?=
@@ -24,10 +27,12 @@ $(STAMP): $(SOURCES)
 	if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	  echo "fastrl: reusing the CUDA torch of $(PYTHON)"; \
 	  [ -x $(PY) ] || $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  $(PY) -c "import setuptools, pybind11, pytest, triton" || { \
+	    echo "fastrl: with a CUDA torch nothing is downloaded; install setuptools, pybind11, pytest and triton for $(PYTHON) first" >&2; exit 1; }; \
 	  $(PIP) install --no-build-isolation --no-deps -e . ; \
 	else \
 	  [ -x $(PY) ] || $(PYTHON) -m venv $(VENV); \
-	  $(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_CPU_VERSION)"; \
+	  $(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_CPU_VERSION)" $(TORCH_PIP_ARGS); \
 	  $(PIP) install setuptools wheel pybind11 ninja; \
 	  $(PIP) install --no-build-isolation -e ".[test]"; \
 	fi

@@ -20,6 +20,9 @@ TORCH_LIBRARY(fastrl, m) {
       {at::Tag::nondeterministic_seeded});
 }
 
+// Sampling has no gradient: its outputs never join the autograd graph, whatever the logits are.
+TORCH_LIBRARY_IMPL(fastrl, Autograd, m) { m.impl("sample", torch::CppFunction::makeFallthrough()); }
+
 namespace {
 
 bool cuda_enabled() {

@@ -1,15 +1,18 @@
 // CPU token sampler: temperature, top-k, top-p and min-p per row, without sorting the vocabulary.
 //
-// Per row, with s = (x - max x) / T and e = exp(s) (so the largest e is exactly 1):
-//   1. top-k: keep e >= the k-th largest e (ties with it are kept), found by nth_element;
-//   2. top-p: among those, keep the smallest upper set of values whose mass reaches p of theirs,
-//      i.e. e_i is kept when the mass strictly above e_i is < p * Z_k (ties kept), found by a
-//      mass-weighted quickselect, expected O(k) work and no sort;
-//   3. min-p: keep e >= min_p (e is already p / p_max).
-// The three give one threshold on e. The token is drawn by inverse CDF: one uniform u per row from
-// Philox4x32-10 keyed by (seed, row), target u * Z_filtered, found with per-block partial sums.
-// Rows run in parallel (at::parallel_for); a row's result depends only on (seed, row, its data),
-// not on the thread count.
+// Per row, with m = max x, s = (x - m) / T and e = exp(s) (the largest e is exactly 1), each filter
+// keeps the logits at or above a threshold, ties included, so together they keep x >= thr:
+//   1. top-k: the k-th largest x. Candidates are first cut to the e >= the k-th largest block
+//      maximum (k distinct blocks reach it), then nth_element runs on those few;
+//   2. top-p: among the top-k set, token i is kept when the mass (sum of e) of the tokens with a
+//      larger logit is < p * (mass of the set): a mass-weighted quickselect, expected linear work.
+//      Without top-k, a histogram of e first finds the bucket the threshold lies in, and only that
+//      bucket is searched;
+//   3. min-p: s >= log(min_p), i.e. p >= min_p * p_max.
+// Order is decided on x itself (full input resolution), masses come from e. The token is drawn by
+// inverse CDF: one uniform u per row from Philox4x32-10 keyed by (seed, row), target u * Z_kept,
+// found with per-block partial sums. Rows run in parallel (at::parallel_for); a row's result
+// depends only on (seed, row, its data), not on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -102,23 +105,58 @@ double exp_and_block_stats(const float* x, float m, float inv_t, float* e, doubl
   return total;
 }
 
-// Copies the e[i] >= lower into out (lower > 0); returns how many.
-int64_t compact_at_least(const float* e, int64_t n, float lower, float* out) {
+// Block sums of the e[i] whose x[i] >= thr; returns the total. Blocks whose maximum e is below
+// e_floor hold no such entry and are skipped (after top-k or top-p, nearly all of them).
+FASTRL_MULTIVERSION
+double kept_block_sums(const float* x, const float* e, const float* block_max, float thr, float e_floor,
+                       double* block_sums, int64_t n) {
+  double total = 0.0;
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    block_sums[b] = 0.0;
+    if (block_max[b] < e_floor) continue;
+    const int64_t hi = std::min(n, lo + kBlock);
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = lo; i < hi; ++i) s += x[i] >= thr ? e[i] : 0.0f;
+    block_sums[b] = s;
+    total += s;
+  }
+  return total;
+}
+
+// A candidate token: its logit (the order) and its unnormalised probability e (the mass).
+struct Cand {
+  float x, e;
+};
+
+// Copies the tokens with e >= lower (lower > 0) into out; returns how many. Only the blocks whose
+// maximum reaches lower are read.
+int64_t compact_at_least(const float* x, const float* e, const float* block_max, int64_t n, float lower, Cand* out) {
   int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (e[i] >= lower) out[c++] = e[i];
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    if (block_max[b] < lower) continue;
+    const int64_t hi = std::min(n, lo + kBlock);
+    for (int64_t i = lo; i < hi; ++i) {
+      out[c] = {x[i], e[i]};
+      c += e[i] >= lower;
+    }
   }
   return c;
 }
 
-// Copies the e[i] with lower <= e[i] < upper into out; returns how many. Branch-free: whether an
+// Copies the tokens with lower <= e < upper into out; returns how many. Branch-free: whether an
 // entry falls in a histogram bucket is close to a coin flip, which a branch would mispredict.
-int64_t compact_between(const float* e, int64_t n, float lower, float upper, float* out) {
+int64_t compact_between(const float* x, const float* e, const float* block_max, int64_t n, float lower, float upper,
+                        Cand* out) {
   int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = e[i];
-    out[c] = v;
-    c += static_cast<int64_t>(v >= lower) & static_cast<int64_t>(v < upper);
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    if (block_max[b] < lower) continue;
+    const int64_t hi = std::min(n, lo + kBlock);
+    for (int64_t i = lo; i < hi; ++i) {
+      const float v = e[i];
+      out[c] = {x[i], v};
+      c += static_cast<int64_t>(v >= lower) & static_cast<int64_t>(v < upper);
+    }
   }
   return c;
 }
@@ -129,27 +167,27 @@ float float_from_bits(uint32_t bits) {
   return f;
 }
 
+inline uint32_t bucket_of(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return std::min<uint32_t>(bits >> kBucketShift, kBuckets - 1);
+}
+
 // Histogram of e in [0, 1] by its leading bits (mass per bucket). Returns the highest bucket at
 // which the mass from the top reaches `mass`; *above gets the mass of the buckets above it. The
-// top-p threshold lies in that bucket (or is its upper edge). Bucket 0 (e = 0) is never returned.
+// top-p threshold lies in that bucket. `hist` holds 4 * kBuckets doubles.
 int64_t top_p_bucket(const float* e, int64_t n, double mass, double* hist, double* above) {
   // Four interleaved histograms: neighbouring values often share a bucket, and one histogram
   // would chain every add on the previous store.
   std::fill(hist, hist + 4 * kBuckets, 0.0);
   int64_t i = 0;
   for (; i + 4 <= n; i += 4) {
-    uint32_t bits[4];
-    std::memcpy(bits, &e[i], sizeof(bits));
-    hist[bits[0] >> kBucketShift] += e[i];
-    hist[kBuckets + (bits[1] >> kBucketShift)] += e[i + 1];
-    hist[2 * kBuckets + (bits[2] >> kBucketShift)] += e[i + 2];
-    hist[3 * kBuckets + (bits[3] >> kBucketShift)] += e[i + 3];
+    hist[bucket_of(e[i])] += e[i];
+    hist[kBuckets + bucket_of(e[i + 1])] += e[i + 1];
+    hist[2 * kBuckets + bucket_of(e[i + 2])] += e[i + 2];
+    hist[3 * kBuckets + bucket_of(e[i + 3])] += e[i + 3];
   }
-  for (; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, &e[i], sizeof(bits));
-    hist[bits >> kBucketShift] += e[i];
-  }
+  for (; i < n; ++i) hist[bucket_of(e[i])] += e[i];
   for (int64_t b = 0; b < kBuckets; ++b) hist[b] += hist[kBuckets + b] + hist[2 * kBuckets + b] + hist[3 * kBuckets + b];
   double cum = 0.0;
   int64_t b = kBuckets - 1;
@@ -161,46 +199,27 @@ int64_t top_p_bucket(const float* e, int64_t n, double mass, double* hist, doubl
   return b;
 }
 
-// Block sums of the e[i] >= thr (thr > 0); returns the total.
-FASTRL_MULTIVERSION
-double kept_block_sums(const float* e, float thr, double* block_sums, int64_t n) {
-  double total = 0.0;
-  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
-    const int64_t hi = std::min(n, lo + kBlock);
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = lo; i < hi; ++i) {
-      const float v = e[i];
-      s += v >= thr ? v : 0.0f;
-    }
-    block_sums[b] = s;
-    total += s;
-  }
-  return total;
-}
-
-// Smallest value v in a[0..n) whose "mass above", the sum of the values strictly greater than v, is
-// below `mass`: the top-p threshold. Mass-weighted quickselect with a three-way partition; each
+// The top-p threshold: the smallest logit x among a[0..n) whose "mass above" (the e of the
+// candidates with a larger logit, plus `above`, the mass of larger tokens outside a) is below
+// `mass`; +inf if there is none. Mass-weighted quickselect with a three-way partition on x; each
 // step drops the pivot's equal run, so it ends, and expected work is linear in n. Reorders a.
-// `above` is the mass of values outside a that are greater than all of a. Returns +inf if none is kept.
-float top_p_threshold(float* a, int64_t n, double mass, double above) {
-  // `above`: mass of the values known to lie above the current range [lo, hi)
+float top_p_threshold(Cand* a, int64_t n, double mass, double above) {
   float best = std::numeric_limits<float>::infinity();
   int64_t lo = 0, hi = n;
-  while (lo < hi) {
-    const float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
+  while (lo < hi) {  // invariant: `above` = mass of the candidates above every one in [lo, hi)
+    const float x = a[lo].x, y = a[lo + (hi - lo) / 2].x, z = a[hi - 1].x;
     const float pivot = std::max(std::min(x, y), std::min(std::max(x, y), z));  // median of three
     int64_t lt = lo, i = lo, gt = hi;
     double greater = 0.0, equal = 0.0;
     while (i < gt) {
-      const float v = a[i];
+      const float v = a[i].x;
       if (v > pivot) {
-        greater += v;
+        greater += a[i].e;
         std::swap(a[lt++], a[i++]);
       } else if (v < pivot) {
         std::swap(a[i], a[--gt]);
       } else {
-        equal += v;
+        equal += a[i].e;
         ++i;
       }
     }
@@ -215,30 +234,32 @@ float top_p_threshold(float* a, int64_t n, double mass, double above) {
   return best;
 }
 
-// Index of the draw: the first kept i (e[i] >= thr, e[i] > 0) whose running sum of kept e exceeds
+// Index of the draw: the first kept i (x[i] >= thr, e[i] > 0) whose running sum of kept e exceeds
 // target. block_sums are the per-block kept sums. If rounding leaves target at or past the total,
 // the last kept entry is taken.
-int64_t inverse_cdf(const float* e, const double* block_sums, int64_t n, float thr, double target) {
+int64_t inverse_cdf(const float* x, const float* e, const double* block_sums, int64_t n, float thr, double target) {
   const int64_t n_blocks = (n + kBlock - 1) / kBlock;
   double cum = 0.0;
-  int64_t b = 0, last_block = 0;
-  for (; b < n_blocks; ++b) {
+  int64_t last_block = -1;
+  for (int64_t b = 0; b < n_blocks; ++b) {
     if (block_sums[b] > 0.0) last_block = b;
-    if (cum + block_sums[b] > target) break;
+    if (cum + block_sums[b] > target) {
+      const int64_t hi = std::min(n, (b + 1) * kBlock);
+      for (int64_t i = b * kBlock; i < hi; ++i) {
+        if (e[i] > 0.0f && x[i] >= thr) {
+          cum += e[i];
+          if (cum > target) return i;
+        }
+      }
+      last_block = b;  // rounding inside the block: fall back to its last kept entry
+      break;
+    }
     cum += block_sums[b];
   }
-  if (b == n_blocks) b = last_block;
-  int64_t last = -1;
-  const int64_t hi = std::min(n, (b + 1) * kBlock);
-  for (int64_t i = b * kBlock; i < hi; ++i) {
-    const float v = e[i];
-    if (v > 0.0f && v >= thr) {
-      last = i;
-      cum += v;
-      if (cum > target) return i;
-    }
+  for (int64_t i = std::min(n, (last_block + 1) * kBlock) - 1; i >= last_block * kBlock && i >= 0; --i) {
+    if (e[i] > 0.0f && x[i] >= thr) return i;
   }
-  return last;
+  return -1;  // unreachable: the row maximum (e = 1) is always kept
 }
 
 // Philox4x32-10 keyed by the seed, counter = row: a uniform double in [0, 1) with 53 random bits.
@@ -262,10 +283,10 @@ double philox_uniform(uint64_t seed, uint64_t row) {
 }
 
 struct RowParams {
-  float temperature;
+  double temperature;
   int64_t top_k;
-  float top_p;
-  float min_p;
+  double top_p;
+  double min_p;
 };
 
 struct RowResult {
@@ -276,13 +297,14 @@ struct RowResult {
 
 // Per-thread buffers, grown on demand and kept between calls (a decode loop calls every step).
 struct Workspace {
-  std::vector<float> x, e, scratch, block_max, small;
+  std::vector<float> x, e, block_max, small;
+  std::vector<Cand> cand;
   std::vector<double> block_sums, hist = std::vector<double>(4 * kBuckets);
   void reserve(int64_t v, bool need_x) {
     const size_t n = static_cast<size_t>(v);
     if (need_x && x.size() < n) x.resize(n);
     if (e.size() < n) e.resize(n);
-    if (scratch.size() < n) scratch.resize(n);
+    if (cand.size() < n) cand.resize(n);
     const size_t nb = static_cast<size_t>((v + kBlock - 1) / kBlock);
     if (block_sums.size() < nb) block_sums.resize(nb);
     if (block_max.size() < nb) block_max.resize(nb);
@@ -290,21 +312,20 @@ struct Workspace {
   }
 };
 
-enum RowError : int { kOk = 0, kNonFinite = 1, kNoFinite = 2 };
+enum RowError : int64_t { kOk = 0, kNonFinite = 1, kNoFinite = 2 };
 
-// The threshold on e of the top-k, top-p and min-p filters together (tokens with e >= it are kept).
-// Candidates are first cut to a small set that provably holds every survivor: for top-k, the
-// values >= the k-th largest block maximum (k distinct blocks reach it); for top-p alone, the
-// values in the histogram bucket where the mass from the top reaches p. The exact threshold is then
-// found on that set.
-float filter_threshold(const float* e, int64_t v, double z, const RowParams& prm, Workspace& ws) {
-  const int64_t n_blocks = (v + kBlock - 1) / kBlock;
-  float* cand = ws.scratch.data();
-  float thr = 0.0f;
+// The logit threshold of top-k and top-p together (tokens with x >= it survive both); -inf when
+// neither is active.
+float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z, const RowParams& prm,
+                            Workspace& ws) {
+  const bool use_k = prm.top_k > 0 && prm.top_k < v;
+  Cand* cand = ws.cand.data();
+  float thr = -std::numeric_limits<float>::infinity();
   int64_t kept = 0;
   double kept_mass = z;
-  if (prm.top_k > 0 && prm.top_k < v) {
+  if (use_k) {
     const int64_t k = prm.top_k;
+    const int64_t n_blocks = (v + kBlock - 1) / kBlock;
     float lower = FLT_MIN;  // every e > 0 is >= FLT_MIN (exp_nonpositive flushes below e^-87)
     if (k <= n_blocks) {
       float* bmax = ws.small.data();
@@ -312,38 +333,45 @@ float filter_threshold(const float* e, int64_t v, double z, const RowParams& prm
       std::nth_element(bmax, bmax + (k - 1), bmax + n_blocks, std::greater<float>());
       lower = std::max(lower, bmax[k - 1]);
     }
-    const int64_t c = compact_at_least(e, v, lower, cand);
+    // The candidates are exactly the tokens with x >= the smallest candidate x (e is monotone).
+    const int64_t c = compact_at_least(x, e, ws.block_max.data(), v, lower, cand);
     kept = c;
-    thr = lower;  // the candidates are exactly the e >= lower
     if (k < c) {
-      std::nth_element(cand, cand + (k - 1), cand + c, std::greater<float>());
-      thr = cand[k - 1];
+      std::nth_element(cand, cand + (k - 1), cand + c, [](const Cand& p, const Cand& q) { return p.x > q.x; });
       kept = k;
-      for (int64_t j = k; j < c; ++j) {  // values tied with the k-th largest are kept too
-        if (cand[j] == thr) std::swap(cand[kept++], cand[j]);
+      for (int64_t j = k; j < c; ++j) {  // tokens tied with the k-th largest logit are kept too
+        if (cand[j].x == cand[k - 1].x) std::swap(cand[kept++], cand[j]);
       }
     }
     kept_mass = 0.0;
-    for (int64_t j = 0; j < kept; ++j) kept_mass += cand[j];
-  }
-  if (prm.top_p < 1.0f) {
-    const double mass = static_cast<double>(prm.top_p) * kept_mass;
-    if (prm.top_k > 0 && prm.top_k < v) {
-      thr = std::max(thr, top_p_threshold(cand, kept, mass, 0.0));
-    } else {  // top-p over the whole vocabulary: resolve only the bucket the threshold falls in
-      double above = 0.0;
-      const int64_t b = top_p_bucket(e, v, mass, ws.hist.data(), &above);
-      const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
-      const int64_t c = compact_between(e, v, float_from_bits(static_cast<uint32_t>(b) << kBucketShift), upper, cand);
-      const float t = top_p_threshold(cand, c, mass, above);
-      thr = std::isinf(t) ? upper : t;  // rounding put the crossing at the bucket's upper edge
+    thr = std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < kept; ++j) {
+      kept_mass += cand[j].e;
+      thr = std::min(thr, cand[j].x);
     }
   }
-  return std::max(thr, prm.min_p);  // e = p / p_max, and the maximum (e = 1) always survives
+  if (prm.top_p < 1.0) {
+    const double mass = prm.top_p * kept_mass;
+    float t = std::numeric_limits<float>::infinity();
+    if (use_k) {
+      t = top_p_threshold(cand, kept, mass, 0.0);
+    } else {  // top-p over the whole vocabulary: search only the bucket the threshold falls in
+      double above = 0.0;
+      const int64_t b = top_p_bucket(e, v, mass, ws.hist.data(), &above);
+      const float lower = float_from_bits(static_cast<uint32_t>(b) << kBucketShift);
+      const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
+      t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, lower, upper, cand), mass, above);
+      if (std::isinf(t)) {  // rounding between the histogram and the search: search every token
+        t = top_p_threshold(cand, compact_at_least(x, e, ws.block_max.data(), v, FLT_MIN, cand), mass, 0.0);
+      }
+    }
+    thr = std::max(thr, t);
+  }
+  return thr;
 }
 
 RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t seed, int64_t row,
-                     Workspace& ws, int* error) {
+                     Workspace& ws, int64_t* error) {
   int64_t n_invalid = 0;
   const float m = max_and_count_invalid(x, v, &n_invalid);
   if (n_invalid > 0) {
@@ -355,7 +383,7 @@ RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t s
     return {0, 0.0f, 0.0f};
   }
 
-  if (prm.temperature == 0.0f) {
+  if (prm.temperature == 0.0) {
     // Greedy: the T -> 0 limit puts equal mass on the tied maxima; return the first of them.
     int64_t first = -1, ties = 0;
     for (int64_t i = 0; i < v; ++i) {
@@ -368,21 +396,28 @@ RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t s
     return {first, lp, lp};
   }
 
-  // 1/T can overflow for subnormal T; (x - m) <= 0, so a capped scale only sends s to -inf.
-  const float inv_t = std::min(1.0f / prm.temperature, FLT_MAX);
+  // (x - m) <= 0 or -inf; a scale kept within [FLT_MIN, FLT_MAX] (not 0, not inf, whatever
+  // T is and whether denormals are flushed) never turns it into NaN.
+  const float inv_t = static_cast<float>(std::clamp(1.0 / prm.temperature, static_cast<double>(FLT_MIN),
+                                                    static_cast<double>(FLT_MAX)));
   float* e = ws.e.data();
   double* block_sums = ws.block_sums.data();
   const double z = exp_and_block_stats(x, m, inv_t, e, block_sums, ws.block_max.data(), v);
 
-  float thr = 0.0f;
-  if ((prm.top_k > 0 && prm.top_k < v) || prm.top_p < 1.0f || prm.min_p > 0.0f) {
-    thr = filter_threshold(e, v, z, prm, ws);
+  float thr = -std::numeric_limits<float>::infinity();
+  if ((prm.top_k > 0 && prm.top_k < v) || prm.top_p < 1.0) thr = top_k_top_p_threshold(x, e, v, z, prm, ws);
+  if (prm.min_p > 0.0) {  // s >= log(min_p); min_p = 1 keeps exactly the maxima
+    thr = std::max(thr, static_cast<float>(m + std::log(prm.min_p) * prm.temperature));
   }
 
   double z_kept = z;
-  if (thr > 0.0f) z_kept = kept_block_sums(e, thr, block_sums, v);
+  if (thr > -std::numeric_limits<float>::infinity()) {
+    // every kept token has e >= exp(s(thr)); the margin covers the last-bit wobble of exp_nonpositive
+    const float e_floor = exp_nonpositive(std::min(0.0f, (thr - m) * inv_t)) * (1.0f - 1e-5f);
+    z_kept = kept_block_sums(x, e, ws.block_max.data(), thr, e_floor, block_sums, v);
+  }
   const double target = philox_uniform(seed, static_cast<uint64_t>(row)) * z_kept;
-  const int64_t token = inverse_cdf(e, block_sums, v, thr, target);
+  const int64_t token = inverse_cdf(x, e, block_sums, v, thr, target);
   const float s = (x[token] - m) * inv_t;
   return {token, static_cast<float>(s - std::log(z)), static_cast<float>(s - std::log(z_kept))};
 }
@@ -422,20 +457,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const int64_t rows = logits_in.size(0), v = logits_in.size(1);
   TORCH_CHECK_VALUE(v >= 1, "logits must have a non-empty vocabulary dimension");
 
-  const float* t_row = row_param_ptr<float>(temperatures, rows, at::kFloat, "temperature");
+  const double* t_row = row_param_ptr<double>(temperatures, rows, at::kDouble, "temperature");
   const int64_t* k_row = row_param_ptr<int64_t>(top_ks, rows, at::kLong, "top_k");
-  const float* p_row = row_param_ptr<float>(top_ps, rows, at::kFloat, "top_p");
-  const float* mp_row = row_param_ptr<float>(min_ps, rows, at::kFloat, "min_p");
+  const double* p_row = row_param_ptr<double>(top_ps, rows, at::kDouble, "top_p");
+  const double* mp_row = row_param_ptr<double>(min_ps, rows, at::kDouble, "min_p");
   std::vector<RowParams> params(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
-    RowParams prm{t_row ? t_row[r] : static_cast<float>(temperature), k_row ? k_row[r] : top_k,
-                  p_row ? p_row[r] : static_cast<float>(top_p), mp_row ? mp_row[r] : static_cast<float>(min_p)};
-    TORCH_CHECK_VALUE(prm.temperature >= 0.0f && std::isfinite(prm.temperature),
+    RowParams prm{t_row ? t_row[r] : temperature, k_row ? k_row[r] : top_k, p_row ? p_row[r] : top_p,
+                  mp_row ? mp_row[r] : min_p};
+    TORCH_CHECK_VALUE(prm.temperature >= 0.0 && std::isfinite(prm.temperature),
                       "temperature must be finite and >= 0, got ", prm.temperature, " for row ", r);
     TORCH_CHECK_VALUE(prm.top_k >= 0, "top_k must be >= 0 (0 disables it), got ", prm.top_k, " for row ", r);
-    TORCH_CHECK_VALUE(prm.top_p > 0.0f && prm.top_p <= 1.0f, "top_p must be in (0, 1], got ", prm.top_p,
+    TORCH_CHECK_VALUE(prm.top_p > 0.0 && prm.top_p <= 1.0, "top_p must be in (0, 1], got ", prm.top_p,
                       " for row ", r);
-    TORCH_CHECK_VALUE(prm.min_p >= 0.0f && prm.min_p <= 1.0f, "min_p must be in [0, 1], got ", prm.min_p,
+    TORCH_CHECK_VALUE(prm.min_p >= 0.0 && prm.min_p <= 1.0, "min_p must be in [0, 1], got ", prm.min_p,
                       " for row ", r);
     params[static_cast<size_t>(r)] = prm;
   }
@@ -451,8 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   float* flp = filtered_logprobs.data_ptr<float>();
-  std::atomic<int64_t> bad_row{-1};
-  std::atomic<int> bad_kind{kOk};
+  // The first bad row and what is wrong with it, as row * 4 + kind (-1: none), kept as a minimum.
+  std::atomic<int64_t> first_error{-1};
 
   auto run = [&](auto* base) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
@@ -461,11 +496,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       ws.reserve(v, !std::is_same_v<scalar_t, float>);
       for (int64_t r = begin; r < end; ++r) {
         const float* x = row_as_float(base + r * row_stride, v, ws);
-        int err = kOk;
+        int64_t err = kOk;
         const RowResult res = sample_row(x, v, params[static_cast<size_t>(r)], seed_value, r, ws, &err);
         if (err != kOk) {
-          int64_t expected = -1;
-          if (bad_row.compare_exchange_strong(expected, r)) bad_kind.store(err);
+          const int64_t code = r * 4 + err;
+          int64_t cur = first_error.load();
+          while ((cur < 0 || code < cur) && !first_error.compare_exchange_weak(cur, code)) {
+          }
           return;
         }
         tok[r] = res.token;
@@ -482,9 +519,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     run(logits.const_data_ptr<at::Half>());
   }
 
-  const int64_t br = bad_row.load();
-  TORCH_CHECK_VALUE(br < 0 || bad_kind.load() != kNonFinite, "logits must not contain NaN or +inf (row ", br, ")");
-  TORCH_CHECK_VALUE(br < 0, "logits row ", br, " has no finite value (every entry is -inf)");
+  const int64_t code = first_error.load();
+  TORCH_CHECK_VALUE(code < 0 || code % 4 != kNonFinite, "logits must not contain NaN or +inf (row ", code / 4, ")");
+  TORCH_CHECK_VALUE(code < 0, "logits row ", code / 4, " has no finite value (every entry is -inf)");
   return {tokens, logprobs, filtered_logprobs};
 }
 

@@ -7,6 +7,7 @@ the argument, so a bad input never reaches a kernel.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -40,7 +41,7 @@ def check_tensor(
 def check_real(name: str, value: object, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, high_open: bool = False) -> float:
     """Check a finite real scalar within [low, high] (either end open if asked); return it as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)
     lo_bad = low is not None and (v <= low if low_open else v < low)
@@ -55,7 +56,7 @@ def check_real(name: str, value: object, *, low: float | None = None, high: floa
 
 def check_int(name: str, value: object, *, low: int | None = None) -> int:
     """Check an integer scalar (not a bool) that is at least ``low``; return it as int."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -64,15 +65,18 @@ def check_int(name: str, value: object, *, low: int | None = None) -> int:
 
 def check_row_tensor(name: str, value: torch.Tensor, rows: int, device: torch.device, *,
                      integer: bool) -> torch.Tensor:
-    """A per-row setting: a 1-D tensor of ``rows`` values on ``device``. Returned as a contiguous
-    int64 (``integer``) or float32 tensor; its values are checked where they are read."""
-    check_tensor(name, value, ndim=1, device=device)
-    if value.shape[0] != rows:
-        raise ValueError(f"{name} must hold one value per row ({rows}), got {value.shape[0]}")
+    """A per-row setting: a 1-D tensor of ``rows`` values (or a 0-d tensor, one value for all rows) on
+    ``device``. Returned as a contiguous int64 (``integer``) or float64 tensor [rows]; its values are
+    checked where they are read."""
+    check_tensor(name, value, device=device)
+    if value.dim() == 0:
+        value = value.expand(rows)
+    if value.dim() != 1 or value.shape[0] != rows:
+        raise ValueError(f"{name} must hold one value per row ({rows}), got shape {tuple(value.shape)}")
     if integer:
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         return value.to(torch.int64).contiguous()
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    return value.to(torch.float32).contiguous()
+    return value.to(torch.float64).contiguous()

@@ -63,7 +63,9 @@ def sample(
     under the filtered, renormalised distribution it was drawn from.
 
     Draws are reproducible: the same ``generator`` state, logits and settings give the same tokens,
-    whatever the number of threads. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
+    whatever the number of threads. (Under ``torch.compile`` the per-call seed comes from the
+    compiled graph's random stream: reproducible from ``torch.manual_seed``, but not the eager
+    draws; pass no ``generator`` there.) Settings may also be 0-d tensors. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
     row of only ``-inf``, or a setting out of range raise ``ValueError``.
     """
     _checks.check_tensor("logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
@@ -76,7 +78,7 @@ def sample(
     t, t_rows = _setting("temperature", temperature, rows, dev, integer=False,
                          check=lambda n, v: _checks.check_real(n, v, low=0.0))
     k, k_rows = _setting("top_k", top_k, rows, dev, integer=True,
-                         check=lambda n, v: _checks.check_int(n, v, low=0))
+                         check=lambda n, v: min(_checks.check_int(n, v, low=0), vocab))  # k >= V: off
     p, p_rows = _setting("top_p", top_p, rows, dev, integer=False,
                          check=lambda n, v: _checks.check_real(n, v, low=0.0, high=1.0, low_open=True))
     m, m_rows = _setting("min_p", min_p, rows, dev, integer=False,

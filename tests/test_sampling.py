@@ -33,6 +33,8 @@ def _ref_draw(logits, seed, **settings):
 
 
 def _op(logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None, None, None, None)):
+    """The operator itself; per-row settings go in as int64 / float64 tensors."""
+    rows = [r.double() if r is not None and r.is_floating_point() else r for r in rows]
     return torch.ops.fastrl.sample(logits, torch.tensor([seed]), temperature, top_k, top_p, min_p, *rows)
 
 
@@ -90,8 +92,10 @@ def test_torch_backend_draws_the_same_tokens():
     fast = sample(logits, generator=torch.Generator().manual_seed(11), return_filtered_logprobs=True, **kw)
     with backend("torch"):
         slow = sample(logits, generator=torch.Generator().manual_seed(11), return_filtered_logprobs=True, **kw)
-    assert (fast[0] == slow[0]).float().mean() >= 0.99
-    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+    same = fast[0] == slow[0]
+    assert same.float().mean() >= 0.99
+    torch.testing.assert_close(fast[1][same], slow[1][same], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2][same], slow[2][same], rtol=1e-5, atol=1e-5)
 
 
 def test_filtered_logprob_is_log_of_the_renormalised_probability():
@@ -133,10 +137,11 @@ def test_ties_at_the_top_k_boundary_are_kept(generator):
 def test_same_generator_state_same_tokens_any_thread_count():
     logits = torch.randn(64, 5000)
     kw = {"temperature": 0.9, "top_p": 0.9}
-    a = sample(logits, generator=torch.Generator().manual_seed(7), **kw)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(2)
+        a = sample(logits, generator=torch.Generator().manual_seed(7), **kw)
+        torch.set_num_threads(1)
         b = sample(logits, generator=torch.Generator().manual_seed(7), **kw)
     finally:
         torch.set_num_threads(threads)
@@ -177,7 +182,7 @@ def test_masked_tokens_are_never_drawn(generator):
     banned = torch.rand(4000, 31, generator=generator) < 0.5
     banned[:, 0] = False
     logits[banned] = float("-inf")
-    for kw in ({}, {"top_k": 40}, {"top_p": 0.99}):
+    for kw in ({}, {"top_k": 5}, {"top_p": 0.99}, {"min_p": 0.01}):
         tokens, logp = sample(logits, generator=generator, **kw)
         assert not banned.gather(1, tokens[:, None]).any()
         assert torch.isfinite(logp).all()
@@ -194,12 +199,77 @@ def test_extreme_logits_and_tiny_temperature():
 
 def test_strided_logits_equal_contiguous_ones():
     logits = torch.randn(16, 5, 300)
-    last = logits[:, -1, :]  # what a model's last-position logits look like
-    assert not last.is_contiguous()
-    a = _op(last, 1, 0.7, 10, 0.9, 0.0)
-    b = _op(last.contiguous(), 1, 0.7, 10, 0.9, 0.0)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
+    last = logits[:, -1, :]  # what a model's last-position logits look like: rows strided
+    transposed = torch.randn(300, 16).t()  # vocabulary strided: copied first
+    assert not last.is_contiguous() and transposed.stride(1) != 1
+    for view in (last, transposed):
+        a = _op(view, 1, 0.7, 10, 0.9, 0.0)
+        b = _op(view.contiguous(), 1, 0.7, 10, 0.9, 0.0)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_near_ties_are_resolved_on_the_logits(path):
+    # exp() of these logits is the same fp32 number; the filters must still see two values
+    cases = [(torch.tensor([[-1e-8, 0.0]]), 1.0), (torch.tensor([[5.0, 5.0 + 4.7e-7]]), 50.0)]
+    with backend("torch" if path == "torch" else "auto"):
+        for logits, t in cases:
+            for kw in ({"top_k": 1}, {"min_p": 1.0}, {"top_p": 0.3}):
+                tokens, _, flogp = sample(logits.expand(2000, -1), temperature=t, return_filtered_logprobs=True,
+                                          generator=torch.Generator().manual_seed(0), **kw)
+                assert (tokens == 1).all(), (logits, kw)
+                assert (flogp == 0).all()
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+def test_tiny_top_p_keeps_the_most_probable_token(path):
+    logits = torch.randn(200, 1000, generator=torch.Generator().manual_seed(4))
+    with backend("torch" if path == "torch" else "auto"):
+        tokens, logp, flogp = sample(logits, top_p=1e-20, return_filtered_logprobs=True)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.isfinite(logp).all() and (flogp == 0).all()
+
+
+def test_outputs_carry_no_gradient():
+    logits = torch.randn(4, 30, requires_grad=True)
+    tokens, logp = sample(logits)
+    assert not logp.requires_grad and logp.grad_fn is None
+
+
+def test_huge_temperature_with_flushed_denormals():
+    logits = torch.randn(4, 200)
+    logits[:, :64] = float("-inf")
+    logits[:, ::7] = float("-inf")
+    previous = torch.set_flush_denormal(True)
+    try:
+        for t in (1e38, 3e38):
+            tokens, logp, flogp = sample(logits, temperature=t, return_filtered_logprobs=True, top_p=0.5)
+            assert ((tokens >= 0) & (tokens < 200)).all()
+            assert torch.isfinite(logits.gather(1, tokens[:, None])).all()
+            assert torch.isfinite(logp).all() and torch.isfinite(flogp).all()
+    finally:
+        torch.set_flush_denormal(previous)
+
+
+def test_scalar_like_settings_are_accepted():
+    import numpy as np
+
+    logits = torch.randn(3, 40)
+    g = torch.Generator().manual_seed(0)
+    a = sample(logits, temperature=np.float32(0.5), top_k=np.int64(5), top_p=torch.tensor(0.9), generator=g)
+    g = torch.Generator().manual_seed(0)
+    b = sample(logits, temperature=0.5, top_k=5, top_p=0.9, generator=g)
+    assert torch.equal(a[0], b[0])
+    assert sample(logits, top_k=2**63)[0].shape == (3,)  # larger than the vocabulary: no top-k
+
+
+def test_error_names_the_first_bad_row():
+    x = torch.randn(64, 100)
+    x[40, 3] = float("nan")
+    x[5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"row 5\b"):
+        sample(x)
 
 
 def test_empty_batch():

@@ -76,9 +76,10 @@ def sampling_distribution(logits: torch.Tensor, *, temperature=1.0, top_k=0, top
     in_top_k = probs * keep
     total = in_top_k.sum(-1, keepdim=True)
     ascending = in_top_k.sort(dim=-1).values
-    cumulative = ascending.cumsum(-1)
-    n_at_most = torch.searchsorted(ascending, in_top_k.contiguous(), right=True)  # entries <= p_i
-    mass_above = total - cumulative.gather(-1, n_at_most - 1)
+    n_greater = vocab - torch.searchsorted(ascending, in_top_k.contiguous(), right=True)  # entries > p_i
+    # mass of the n largest entries, n = 0..V: exactly 0 for the most probable token
+    prefix = torch.cat([torch.zeros_like(total), ascending.flip(-1).cumsum(-1)], dim=-1)
+    mass_above = prefix.gather(-1, n_greater)
     keep &= (p_top >= 1) | (mass_above < p_top * total)
 
     keep &= probs >= p_min * probs.max(dim=-1, keepdim=True).values
