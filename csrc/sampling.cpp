@@ -173,21 +173,28 @@ inline uint32_t bucket_of(float v) {
   return std::min<uint32_t>(bits >> kBucketShift, kBuckets - 1);
 }
 
-// Histogram of e in [0, 1] by its leading bits (mass per bucket). Returns the highest bucket at
-// which the mass from the top reaches `mass`; *above gets the mass of the buckets above it. The
-// top-p threshold lies in that bucket. `hist` holds 4 * kBuckets doubles.
-int64_t top_p_bucket(const float* e, int64_t n, double mass, double* hist, double* above) {
+// Histogram of e in [0, 1] by its leading bits (mass per bucket), over the blocks whose maximum
+// reaches `floor`. Returns the highest bucket at which the mass from the top reaches `mass`;
+// *above gets the mass of the buckets above it. When the tokens with e >= floor carry at least
+// `mass`, the skipped blocks cannot change that answer (they only add to buckets at or below
+// floor's). The top-p threshold lies in the returned bucket. `hist` holds 4 * kBuckets doubles.
+int64_t top_p_bucket(const float* e, const float* block_max, int64_t n, float floor, double mass, double* hist,
+                     double* above) {
   // Four interleaved histograms: neighbouring values often share a bucket, and one histogram
   // would chain every add on the previous store.
   std::fill(hist, hist + 4 * kBuckets, 0.0);
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    hist[bucket_of(e[i])] += e[i];
-    hist[kBuckets + bucket_of(e[i + 1])] += e[i + 1];
-    hist[2 * kBuckets + bucket_of(e[i + 2])] += e[i + 2];
-    hist[3 * kBuckets + bucket_of(e[i + 3])] += e[i + 3];
+  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
+    if (block_max[b] < floor) continue;
+    const int64_t hi = std::min(n, lo + kBlock);
+    int64_t i = lo;
+    for (; i + 4 <= hi; i += 4) {
+      hist[bucket_of(e[i])] += e[i];
+      hist[kBuckets + bucket_of(e[i + 1])] += e[i + 1];
+      hist[2 * kBuckets + bucket_of(e[i + 2])] += e[i + 2];
+      hist[3 * kBuckets + bucket_of(e[i + 3])] += e[i + 3];
+    }
+    for (; i < hi; ++i) hist[bucket_of(e[i])] += e[i];
   }
-  for (; i < n; ++i) hist[bucket_of(e[i])] += e[i];
   for (int64_t b = 0; b < kBuckets; ++b) hist[b] += hist[kBuckets + b] + hist[2 * kBuckets + b] + hist[3 * kBuckets + b];
   double cum = 0.0;
   int64_t b = kBuckets - 1;
@@ -232,6 +239,20 @@ float top_p_threshold(Cand* a, int64_t n, double mass, double above) {
     }
   }
   return best;
+}
+
+// A floor on e below which no token survives top-p: the smallest block maximum L such that the
+// block maxima >= L alone carry `mass` (each is a token with e >= L, so the tokens >= L carry at
+// least as much). 0 when all block maxima together fall short (a flat distribution).
+float top_p_floor(const float* block_max, int64_t n_blocks, double mass, Cand* scratch) {
+  double total = 0.0;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    scratch[b] = {block_max[b], block_max[b]};
+    total += block_max[b];
+  }
+  if (total < mass) return 0.0f;
+  // the smallest maximum whose mass above is < `mass`; the maxima >= it then carry >= `mass`
+  return top_p_threshold(scratch, n_blocks, mass, 0.0);
 }
 
 // Index of the draw: the first kept i (x[i] >= thr, e[i] > 0) whose running sum of kept e exceeds
@@ -357,7 +378,9 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
       t = top_p_threshold(cand, kept, mass, 0.0);
     } else {  // top-p over the whole vocabulary: search only the bucket the threshold falls in
       double above = 0.0;
-      const int64_t b = top_p_bucket(e, v, mass, ws.hist.data(), &above);
+      const int64_t n_blocks = (v + kBlock - 1) / kBlock;
+      const float floor = top_p_floor(ws.block_max.data(), n_blocks, mass, cand);
+      const int64_t b = top_p_bucket(e, ws.block_max.data(), v, floor, mass, ws.hist.data(), &above);
       const float lower = float_from_bits(static_cast<uint32_t>(b) << kBucketShift);
       const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
       t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, lower, upper, cand), mass, above);
