@@ -37,6 +37,7 @@ constexpr int64_t kBlock = 64;  // elements per block: partial sums (inverse CDF
 // Histogram buckets over the bits of e in [0, 1]: exponent and 3 mantissa bits, a factor 2^(1/8) each.
 constexpr int kBucketShift = 20;
 constexpr int64_t kBuckets = (0x3F800000 >> kBucketShift) + 1;
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // The hot loops are compiled for several instruction sets and picked at load time (GCC/Clang
 // function multi-versioning), so one build is fast on any x86-64 machine.
@@ -69,7 +70,7 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x) {
 // Largest value of x[0..n) and the number of entries that are NaN or +inf.
 FASTRL_MULTIVERSION
 float max_and_count_invalid(const float* x, int64_t n, int64_t* n_invalid) {
-  float m = -std::numeric_limits<float>::infinity();
+  float m = -kInf;
   int64_t bad = 0;
 #pragma omp simd reduction(max : m) reduction(+ : bad)
   for (int64_t i = 0; i < n; ++i) {
@@ -129,23 +130,9 @@ struct Cand {
   float x, e;
 };
 
-// Copies the tokens with e >= lower (lower > 0) into out; returns how many. Only the blocks whose
-// maximum reaches lower are read.
-int64_t compact_at_least(const float* x, const float* e, const float* block_max, int64_t n, float lower, Cand* out) {
-  int64_t c = 0;
-  for (int64_t lo = 0, b = 0; lo < n; lo += kBlock, ++b) {
-    if (block_max[b] < lower) continue;
-    const int64_t hi = std::min(n, lo + kBlock);
-    for (int64_t i = lo; i < hi; ++i) {
-      out[c] = {x[i], e[i]};
-      c += e[i] >= lower;
-    }
-  }
-  return c;
-}
-
-// Copies the tokens with lower <= e < upper into out; returns how many. Branch-free: whether an
-// entry falls in a histogram bucket is close to a coin flip, which a branch would mispredict.
+// Copies the tokens with lower <= e < upper (lower > 0) into out; returns how many. Only the blocks
+// whose maximum reaches lower are read. Branch-free inside a block: whether an entry falls in a
+// histogram bucket is close to a coin flip, which a branch would mispredict.
 int64_t compact_between(const float* x, const float* e, const float* block_max, int64_t n, float lower, float upper,
                         Cand* out) {
   int64_t c = 0;
@@ -211,7 +198,7 @@ int64_t top_p_bucket(const float* e, const float* block_max, int64_t n, float fl
 // `mass`; +inf if there is none. Mass-weighted quickselect with a three-way partition on x; each
 // step drops the pivot's equal run, so it ends, and expected work is linear in n. Reorders a.
 float top_p_threshold(Cand* a, int64_t n, double mass, double above) {
-  float best = std::numeric_limits<float>::infinity();
+  float best = kInf;
   int64_t lo = 0, hi = n;
   while (lo < hi) {  // invariant: `above` = mass of the candidates above every one in [lo, hi)
     const float x = a[lo].x, y = a[lo + (hi - lo) / 2].x, z = a[hi - 1].x;
@@ -341,7 +328,7 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
                             Workspace& ws) {
   const bool use_k = prm.top_k > 0 && prm.top_k < v;
   Cand* cand = ws.cand.data();
-  float thr = -std::numeric_limits<float>::infinity();
+  float thr = -kInf;
   int64_t kept = 0;
   double kept_mass = z;
   if (use_k) {
@@ -355,7 +342,7 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
       lower = std::max(lower, bmax[k - 1]);
     }
     // The candidates are exactly the tokens with x >= the smallest candidate x (e is monotone).
-    const int64_t c = compact_at_least(x, e, ws.block_max.data(), v, lower, cand);
+    const int64_t c = compact_between(x, e, ws.block_max.data(), v, lower, kInf, cand);
     kept = c;
     if (k < c) {
       std::nth_element(cand, cand + (k - 1), cand + c, [](const Cand& p, const Cand& q) { return p.x > q.x; });
@@ -365,7 +352,7 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
       }
     }
     kept_mass = 0.0;
-    thr = std::numeric_limits<float>::infinity();
+    thr = kInf;
     for (int64_t j = 0; j < kept; ++j) {
       kept_mass += cand[j].e;
       thr = std::min(thr, cand[j].x);
@@ -373,7 +360,7 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
   }
   if (prm.top_p < 1.0) {
     const double mass = prm.top_p * kept_mass;
-    float t = std::numeric_limits<float>::infinity();
+    float t = kInf;
     if (use_k) {
       t = top_p_threshold(cand, kept, mass, 0.0);
     } else {  // top-p over the whole vocabulary: search only the bucket the threshold falls in
@@ -385,7 +372,7 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
       const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
       t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, lower, upper, cand), mass, above);
       if (std::isinf(t)) {  // rounding between the histogram and the search: search every token
-        t = top_p_threshold(cand, compact_at_least(x, e, ws.block_max.data(), v, FLT_MIN, cand), mass, 0.0);
+        t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, FLT_MIN, kInf, cand), mass, 0.0);
       }
     }
     thr = std::max(thr, t);
@@ -401,7 +388,7 @@ RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t s
     *error = kNonFinite;
     return {0, 0.0f, 0.0f};
   }
-  if (!(m > -std::numeric_limits<float>::infinity())) {
+  if (!(m > -kInf)) {
     *error = kNoFinite;
     return {0, 0.0f, 0.0f};
   }
@@ -427,14 +414,14 @@ RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t s
   double* block_sums = ws.block_sums.data();
   const double z = exp_and_block_stats(x, m, inv_t, e, block_sums, ws.block_max.data(), v);
 
-  float thr = -std::numeric_limits<float>::infinity();
+  float thr = -kInf;
   if ((prm.top_k > 0 && prm.top_k < v) || prm.top_p < 1.0) thr = top_k_top_p_threshold(x, e, v, z, prm, ws);
   if (prm.min_p > 0.0) {  // s >= log(min_p); min_p = 1 keeps exactly the maxima
     thr = std::max(thr, static_cast<float>(m + std::log(prm.min_p) * prm.temperature));
   }
 
   double z_kept = z;
-  if (thr > -std::numeric_limits<float>::infinity()) {
+  if (thr > -kInf) {
     // every kept token has e >= exp(s(thr)); the margin covers the last-bit wobble of exp_nonpositive
     const float e_floor = exp_nonpositive(std::min(0.0f, (thr - m) * inv_t)) * (1.0f - 1e-5f);
     z_kept = kept_block_sums(x, e, ws.block_max.data(), thr, e_floor, block_sums, v);
