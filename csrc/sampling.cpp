@@ -339,9 +339,11 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
       float* bmax = ws.small.data();
       std::copy(ws.block_max.data(), ws.block_max.data() + n_blocks, bmax);
       std::nth_element(bmax, bmax + (k - 1), bmax + n_blocks, std::greater<float>());
-      lower = std::max(lower, bmax[k - 1]);
+      // exp_nonpositive may step down by an ulp where x steps up: the margin keeps every token of
+      // the top k among the candidates (nth_element on x then cuts exactly).
+      lower = std::max(lower, bmax[k - 1] * (1.0f - 1e-6f));
     }
-    // The candidates are exactly the tokens with x >= the smallest candidate x (e is monotone).
+    // Every token with x >= the smallest candidate x is a candidate (up to the margin above).
     const int64_t c = compact_between(x, e, ws.block_max.data(), v, lower, kInf, cand);
     kept = c;
     if (k < c) {
@@ -366,11 +368,13 @@ float top_k_top_p_threshold(const float* x, const float* e, int64_t v, double z,
     } else {  // top-p over the whole vocabulary: search only the bucket the threshold falls in
       double above = 0.0;
       const int64_t n_blocks = (v + kBlock - 1) / kBlock;
-      const float floor = top_p_floor(ws.block_max.data(), n_blocks, mass, cand);
+      const float floor = top_p_floor(ws.block_max.data(), n_blocks, mass, cand) * (1.0f - 1e-6f);
       const int64_t b = top_p_bucket(e, ws.block_max.data(), v, floor, mass, ws.hist.data(), &above);
-      const float lower = float_from_bits(static_cast<uint32_t>(b) << kBucketShift);
-      const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
-      t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, lower, upper, cand), mass, above);
+      if (b >= static_cast<int64_t>(bucket_of(floor))) {  // else rounding ran the scan past the floor
+        const float lower = float_from_bits(static_cast<uint32_t>(b) << kBucketShift);
+        const float upper = float_from_bits(static_cast<uint32_t>(b + 1) << kBucketShift);
+        t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, lower, upper, cand), mass, above);
+      }
       if (std::isinf(t)) {  // rounding between the histogram and the search: search every token
         t = top_p_threshold(cand, compact_between(x, e, ws.block_max.data(), v, FLT_MIN, kInf, cand), mass, 0.0);
       }
@@ -416,8 +420,11 @@ RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t s
 
   float thr = -kInf;
   if ((prm.top_k > 0 && prm.top_k < v) || prm.top_p < 1.0) thr = top_k_top_p_threshold(x, e, v, z, prm, ws);
-  if (prm.min_p > 0.0) {  // s >= log(min_p); min_p = 1 keeps exactly the maxima
-    thr = std::max(thr, static_cast<float>(m + std::log(prm.min_p) * prm.temperature));
+  if (prm.min_p > 0.0) {  // s >= log(min_p), i.e. x >= m + T log(min_p); min_p = 1 keeps the maxima
+    const double exact = m + std::log(prm.min_p) * prm.temperature;
+    float rounded = static_cast<float>(exact);
+    if (static_cast<double>(rounded) < exact) rounded = std::nextafter(rounded, kInf);  // x >= it iff x >= exact
+    thr = std::max(thr, rounded);
   }
 
   double z_kept = z;

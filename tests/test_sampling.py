@@ -363,3 +363,31 @@ def test_cuda_large_vocabulary_bf16():
         assert (probs.gather(1, tokens[:, None]) > 0).all()
         ref = torch.log_softmax(logits.double() / 0.8, -1).gather(1, tokens[:, None]).squeeze(1)
         torch.testing.assert_close(logp.double(), ref, rtol=0, atol=1e-4)
+
+
+def test_top_k_where_fp32_exp_steps_down_as_the_logit_steps_up():
+    # exp() of these two neighbouring floats is not monotone in fp32 arithmetic; the candidate
+    # bound from block maxima must still keep the larger logit (block 0) over the smaller (block 1)
+    logits = torch.full((4000, 128), float("-inf"))
+    logits[:, 0] = 0.0
+    logits[:, 1] = -0.249990553
+    logits[:, 64] = -0.249990568
+    assert logits[0, 1] > logits[0, 64]
+    tokens, _, flogp = sample(logits, top_k=2, generator=torch.Generator().manual_seed(3),
+                              return_filtered_logprobs=True)
+    assert not (tokens == 64).any()
+    exact = reference.sampling_distribution(logits[:1], top_k=2)[0]
+    torch.testing.assert_close(flogp.double(), exact[tokens].log(), rtol=0, atol=1e-5)
+
+
+def test_min_p_threshold_is_not_rounded_into_the_kept_side():
+    import numpy as np
+
+    below = float(np.nextafter(np.float32(10.0), np.float32(0)))
+    below2 = float(np.nextafter(np.float32(below), np.float32(0)))
+    for second, min_p in ((below, 0.5), (below2, 0.2)):
+        logits = torch.tensor([[10.0, second]]).expand(2000, -1)
+        exact = reference.sampling_distribution(logits[:1], temperature=1e-6, min_p=min_p)[0]
+        assert exact[1] == 0  # its probability ratio to the maximum is below min_p
+        tokens, _ = sample(logits, temperature=1e-6, min_p=min_p, generator=torch.Generator().manual_seed(0))
+        assert (tokens == 0).all()
