@@ -80,3 +80,15 @@ def check_row_tensor(name: str, value: torch.Tensor, rows: int, device: torch.de
     if not value.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     return value.to(torch.float64).contiguous()
+
+
+def check_labels(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label in ``[0, vocab)`` or equal to ``ignore_index``. Reads the labels (a device sync on
+    CUDA); skipped while ``torch.compile`` traces, where kernels clamp labels so they never read out
+    of bounds."""
+    if torch.compiler.is_compiling():
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bad.any():
+        raise ValueError(f"{name} must be in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+                         f"found {int(labels[bad][0])}")

@@ -3,16 +3,23 @@
 ``TRITON_INTERPRET=1`` is read when ``@triton.jit`` decorates a function, so a process that did not
 set it at import cannot interpret the already-decorated kernel. :func:`launch` wraps the kernel's
 Python function in an ``InterpretedFunction`` when its tensors live on the CPU; that is how the
-real kernels run in CI, which has no GPU. Launchers must pass block sizes and ``num_warps``
-explicitly (no ``triton.autotune`` on the CPU path).
+real kernels run in CI, which has no GPU. During such a launch, calls to other ``@triton.jit``
+functions (``tl.zeros``, ``tl.sum``, ``tl.max`` and our own helpers are such functions) are routed to
+their interpreted form as well. Launchers must pass block sizes explicitly (no ``triton.autotune``
+on the CPU path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.interpreter import InterpretedFunction, _patch_lang
+from triton.runtime.jit import JITFunction
+
+_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,6 +34,30 @@ def _on_cpu(args, kwargs) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _jit_calls_interpreted():
+    """Route device-function calls of ``@triton.jit`` functions to the interpreter."""
+    original = JITFunction.__call__
+
+    def call(self, *args, **kwargs):
+        # What InterpretedFunction.__call__ does for a device function, except that the language
+        # patch it needs (for the modules the callee sees) is undone afterwards, so that compiling
+        # kernels for a GPU later in the process sees the real triton.language.
+        scope = _patch_lang(self.fn)
+        try:
+            return _interpreted(self.fn).rewrite()(*args, **kwargs)
+        finally:
+            if scope is not None:
+                scope.restore()
+
+    with _lock:
+        JITFunction.__call__ = call
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
 def launch(kernel, grid, *args, **kwargs):
     """Run ``kernel[grid](*args, **kwargs)``; in the interpreter when the first tensor is on CPU.
 
@@ -36,5 +67,6 @@ def launch(kernel, grid, *args, **kwargs):
     if _on_cpu(args, kwargs) and not isinstance(kernel, InterpretedFunction):
         # The interpreter runs the kernel on host memory; num_warps etc. mean nothing there.
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "num_ctas")}
-        kernel = _interpreted(kernel.fn)
+        with _jit_calls_interpreted():
+            return _interpreted(kernel.fn)[grid](*args, **kwargs)
     return kernel[grid](*args, **kwargs)

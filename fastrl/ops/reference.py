@@ -112,3 +112,67 @@ def sample(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature=1.0, top
                            logprobs.gather(-1, tokens[:, None]).squeeze(-1))
     filtered = probs.gather(-1, tokens[:, None]).log().squeeze(-1)
     return tokens, logprobs.float(), filtered.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probs of chosen tokens
+
+
+def _row_chunks(rows: int, vocab: int, budget_bytes: int = 64 << 20):
+    """Row ranges whose fp32 [rows, V] working set stays within ``budget_bytes``."""
+    step = max(1, budget_bytes // (4 * max(vocab, 1)))
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+
+
+def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``logits`` [N, V] with ``labels`` [N]: the log-prob of the label under
+    ``softmax(logits / T)``, the entropy of that distribution, and ``stats`` [N, 2] = (max of
+    logits / T, log of the sum of exp(logits / T - max)), what the backward needs.
+
+    Returns fp32 ``(logp [N], entropy [N], stats [N, 2])``; rows whose label is ``ignore_index`` get 0
+    for logp and entropy. Works in fp32 on row chunks, so memory stays bounded whatever N is. The
+    max and the log-sum are kept apart so that huge scaled logits (|x / T| ~ 1e7) lose nothing.
+    """
+    rows, vocab = logits.shape
+    logp = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.zeros_like(logp)
+    stats = torch.zeros(rows, 2, dtype=torch.float32, device=logits.device)
+    for lo, hi in _row_chunks(rows, vocab):
+        s = logits[lo:hi].float() / temperature
+        m = s.max(dim=-1, keepdim=True).values
+        log_z = torch.log(torch.exp(s - m).sum(-1, keepdim=True))
+        log_p = (s - m) - log_z
+        lab = labels[lo:hi]
+        keep = lab != ignore_index
+        picked = log_p.gather(-1, torch.where(keep, lab, 0).long()[:, None]).squeeze(-1)
+        ent = -(log_p.exp() * torch.where(torch.isinf(log_p), 0.0, log_p)).sum(-1)
+        logp[lo:hi] = torch.where(keep, picked, 0.0)
+        entropy[lo:hi] = torch.where(keep, ent, 0.0)
+        stats[lo:hi] = torch.cat([m, log_z], dim=-1)
+    return logp, entropy, stats
+
+
+def selective_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                                labels: torch.Tensor, entropy: torch.Tensor, stats: torch.Tensor, *,
+                                temperature: float = 1.0, ignore_index: int = -100) -> torch.Tensor:
+    """Gradient of ``selective_logprobs`` with respect to ``logits``, in ``logits.dtype``.
+
+    With s = x / T, p = softmax(s) and H its entropy: d logp / d x_j = (1[j = label] - p_j) / T and
+    d H / d x_j = -p_j (log p_j + H) / T. Ignored rows get 0.
+    """
+    rows, vocab = logits.shape
+    grad = torch.empty_like(logits)
+    for lo, hi in _row_chunks(rows, vocab):
+        s = logits[lo:hi].float() / temperature
+        log_p = (s - stats[lo:hi, :1]) - stats[lo:hi, 1:]
+        p = log_p.exp()
+        lab = labels[lo:hi]
+        keep = (lab != ignore_index)[:, None]
+        g = -p * grad_logp[lo:hi, None]
+        g.scatter_add_(-1, torch.where(keep[:, 0], lab, 0).long()[:, None], grad_logp[lo:hi, None].float())
+        if grad_entropy is not None:
+            safe_log_p = torch.where(torch.isinf(log_p), 0.0, log_p)
+            g -= grad_entropy[lo:hi, None] * p * (safe_log_p + entropy[lo:hi, None])
+        grad[lo:hi] = torch.where(keep, g / temperature, 0.0).to(logits.dtype)
+    return grad

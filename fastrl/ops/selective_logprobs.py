@@ -1,0 +1,171 @@
+"""Log-prob of the chosen token at every position, with the entropy, straight from the logits.
+
+>>> import torch
+>>> from fastrl.ops import selective_logprobs
+>>> logits = torch.randn(2, 5, 1000, requires_grad=True)
+>>> labels = torch.randint(0, 1000, (2, 5))
+>>> logp, entropy = selective_logprobs(logits, labels, temperature=0.9, return_entropy=True)
+>>> (logp.sum() + 0.01 * entropy.sum()).backward()
+>>> logp.shape, logits.grad.shape
+(torch.Size([2, 5]), torch.Size([2, 5, 1000]))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrl import _checks
+from fastrl.ops import reference
+from fastrl.ops.dispatch import resolve
+
+__all__ = ["selective_logprobs"]
+
+_BLOCK = 4096  # vocabulary block per loop step on the GPU (fp32 registers: 16 per thread at 8 warps)
+_NUM_WARPS = 8
+_INTERPRETER_BLOCK = 128  # small blocks keep the CPU interpreter quick and exercise the loop
+
+
+def _launch_config(device: torch.device, vocab: int) -> dict:
+    if device.type == "cpu":
+        return {"BLOCK": min(_INTERPRETER_BLOCK, max(16, 1 << (vocab - 1).bit_length()))}
+    return {"BLOCK": min(_BLOCK, max(128, 1 << (vocab - 1).bit_length())), "num_warps": _NUM_WARPS}
+
+
+@torch.library.custom_op("fastrl::selective_logprobs", mutates_args=())
+def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+             return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if resolve(logits.device) == "torch":
+        logp, entropy, stats = reference.selective_logprobs(logits, labels, temperature=temperature,
+                                                          ignore_index=ignore_index)
+        return logp, entropy if return_entropy else torch.zeros_like(entropy), stats
+    from fastrl.kernels import launch
+    from fastrl.kernels.selective_logprobs import selective_logprobs_fwd_kernel
+
+    rows, vocab = logits.shape
+    logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    entropy = torch.zeros_like(logp)
+    stats = torch.empty(rows, 2, dtype=torch.float32, device=logits.device)
+    if rows:
+        launch(selective_logprobs_fwd_kernel, (rows,), logits, labels, logp, entropy, stats, vocab,
+               logits.stride(0), 1.0 / temperature, ignore_index, RETURN_ENTROPY=return_entropy,
+               **_launch_config(logits.device, vocab))
+    return logp, entropy, stats
+
+
+@_forward.register_fake
+def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backward):
+    rows = logits.shape[0]
+    f32 = torch.float32
+    return logits.new_empty(rows, dtype=f32), logits.new_empty(rows, dtype=f32), logits.new_empty(rows, 2, dtype=f32)
+
+
+def _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out):
+    """Writes d logits into ``out`` (which may be ``logits`` itself: each block is read, then written)."""
+    if resolve(logits.device) == "torch":
+        out.copy_(reference.selective_logprobs_backward(grad_logp, grad_entropy, logits, labels, entropy, stats,
+                                                        temperature=temperature, ignore_index=ignore_index))
+        return
+    from fastrl.kernels import launch
+    from fastrl.kernels.selective_logprobs import selective_logprobs_bwd_kernel
+
+    rows, vocab = logits.shape
+    if rows:
+        launch(selective_logprobs_bwd_kernel, (rows,), out, grad_logp.contiguous(),
+               grad_logp if grad_entropy is None else grad_entropy.contiguous(), logits, labels, entropy, stats,
+               vocab, logits.stride(0), out.stride(0), 1.0 / temperature, ignore_index,
+               HAS_GRAD_ENTROPY=grad_entropy is not None, **_launch_config(logits.device, vocab))
+
+
+@torch.library.custom_op("fastrl::selective_logprobs_backward", mutates_args=())
+def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+              labels: torch.Tensor, entropy: torch.Tensor, stats: torch.Tensor, temperature: float,
+              ignore_index: int) -> torch.Tensor:
+    out = torch.empty_like(logits)
+    _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out)
+    return out
+
+
+@_backward.register_fake
+def _(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("fastrl::selective_logprobs_backward_", mutates_args=("logits",))
+def _backward_inplace(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits: torch.Tensor,
+                      labels: torch.Tensor, entropy: torch.Tensor, stats: torch.Tensor, temperature: float,
+                      ignore_index: int) -> None:
+    """d logits written over ``logits``: no second [rows, V] buffer."""
+    _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, logits)
+
+
+@_backward_inplace.register_fake
+def _(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, return_entropy, inplace_backward = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, labels, entropy, stats)
+    ctx.temperature = temperature
+    ctx.ignore_index = ignore_index
+    ctx.inplace = inplace_backward
+
+
+def _autograd_backward(ctx, grad_logp, grad_entropy, grad_stats):  # stats carry no gradient
+    logits, labels, entropy, stats = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(entropy)
+    args = (grad_logp, grad_entropy, logits, labels, entropy, stats, ctx.temperature, ctx.ignore_index)
+    if ctx.inplace:
+        _backward_inplace(*args)
+        grad = logits
+    else:
+        grad = _backward(*args)
+    return grad, None, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                       ignore_index: int = -100, return_entropy: bool = False, inplace_backward: bool = False):
+    """Log-prob of ``labels`` under ``softmax(logits / temperature)``, position by position.
+
+    Args:
+        logits: ``[..., V]`` fp32, bf16 or fp16 (any leading shape; the last dimension contiguous
+            avoids a copy).
+        labels: ``[...]`` int64 or int32, each in ``[0, V)`` or ``ignore_index``.
+        temperature: > 0; the logits are divided by it.
+        ignore_index: label value of positions to skip: they get log-prob 0, entropy 0 and no gradient.
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` (differentiable).
+        inplace_backward: write the logits gradient over ``logits`` instead of a new tensor (saves a
+            ``[..., V]`` buffer; ``logits`` holds the gradient after backward, so nothing else may
+            need its values).
+
+    Returns:
+        ``logp [...]`` fp32, and ``entropy [...]`` fp32 when asked. One pass over the logits with an
+        online log-sum-exp in fp32 (Triton on CUDA); never an fp32 copy of the ``[..., V]`` logits.
+    """
+    _checks.check_tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+    _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=logits.device)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without its last "
+                         f"dimension), got {tuple(labels.shape)}")
+    temperature = _checks.check_real("temperature", temperature, low=0.0, low_open=True)
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    for name, flag in (("return_entropy", return_entropy), ("inplace_backward", inplace_backward)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    vocab = logits.shape[-1]
+    _checks.check_labels("labels", labels, vocab, ignore_index)
+
+    flat = logits.reshape(-1, vocab)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    logp, entropy, _ = _forward(flat, labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
+                                inplace_backward)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
