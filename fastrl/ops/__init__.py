@@ -7,6 +7,8 @@ on CPU tensors; :func:`backend` / ``FASTRL_BACKEND`` force one or the other (see
 
 from fastrl.ops import reference
 from fastrl.ops.dispatch import BACKENDS, backend, requested_backend, resolve
+from fastrl.ops.fused_linear_logprobs import fused_linear_logprobs
 from fastrl.ops.selective_logprobs import selective_logprobs
 
-__all__ = ["BACKENDS", "backend", "reference", "requested_backend", "resolve", "selective_logprobs"]
+__all__ = ["BACKENDS", "backend", "fused_linear_logprobs", "reference", "requested_backend", "resolve",
+           "selective_logprobs"]

@@ -31,12 +31,11 @@ def _launch_config(device: torch.device, vocab: int) -> dict:
     return {"BLOCK": min(_BLOCK, max(128, 1 << (vocab - 1).bit_length())), "num_warps": _NUM_WARPS}
 
 
-@torch.library.custom_op("fastrl::selective_logprobs", mutates_args=())
-def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
-             return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_stats(logits, labels, temperature, ignore_index, return_entropy):
+    """(logp, entropy, stats) of each row of a 2-D ``logits`` (entropy 0 unless asked)."""
     if resolve(logits.device) == "torch":
         logp, entropy, stats = reference.selective_logprobs(logits, labels, temperature=temperature,
-                                                          ignore_index=ignore_index)
+                                                            ignore_index=ignore_index)
         return logp, entropy if return_entropy else torch.zeros_like(entropy), stats
     from fastrl.kernels import launch
     from fastrl.kernels.selective_logprobs import selective_logprobs_fwd_kernel
@@ -50,6 +49,12 @@ def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ign
                logits.stride(0), 1.0 / temperature, ignore_index, RETURN_ENTROPY=return_entropy,
                **_launch_config(logits.device, vocab))
     return logp, entropy, stats
+
+
+@torch.library.custom_op("fastrl::selective_logprobs", mutates_args=())
+def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
+             return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _row_stats(logits, labels, temperature, ignore_index, return_entropy)
 
 
 @_forward.register_fake

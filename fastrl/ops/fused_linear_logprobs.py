@@ -1,0 +1,186 @@
+"""Log-probs (and entropy) of chosen tokens from hidden states and the lm-head weight, without a
+``[tokens, V]`` logits tensor.
+
+>>> import torch
+>>> from fastrl.ops import fused_linear_logprobs
+>>> hidden = torch.randn(2, 6, 64, requires_grad=True)
+>>> weight = torch.randn(500, 64, requires_grad=True)
+>>> labels = torch.randint(0, 500, (2, 6))
+>>> logp, entropy = fused_linear_logprobs(hidden, weight, labels, return_entropy=True)
+>>> logp.sum().backward()
+>>> hidden.grad.shape, weight.grad.shape
+(torch.Size([2, 6, 64]), torch.Size([500, 64]))
+
+Tokens are processed in chunks: the logits of one chunk, ``[chunk, V]`` in fp32, are the only
+vocabulary-sized buffer (the workspace: ``chunk * V * 4`` bytes, capped by ``workspace_bytes``);
+each chunk's log-probs come from the :mod:`selective_logprobs` kernels, and the backward recomputes
+the chunk's logits, turns them into their gradient in place, and multiplies it into ``d_hidden``
+and an fp32 ``d_weight`` accumulator. Memory: O(tokens * H + V * H) plus that workspace.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fastrl import _checks
+from fastrl.ops.selective_logprobs import _grad_logits, _row_stats
+
+__all__ = ["fused_linear_logprobs"]
+
+DEFAULT_WORKSPACE_BYTES = 1 << 30  # fp32 chunk logits on the GPU; CPU uses 64 MiB
+
+
+@functools.cache
+def _mm_has_out_dtype(device_type: str) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for bf16 inputs on this device type."""
+    try:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (fp32 accumulation) whatever the input dtype."""
+    if a.dtype == torch.float32:
+        return a @ b.float()
+    if _mm_has_out_dtype(a.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _chunk_rows(rows: int, vocab: int, device: torch.device, workspace_bytes: int | None) -> int:
+    budget = workspace_bytes or (DEFAULT_WORKSPACE_BYTES if device.type == "cuda" else 64 << 20)
+    return max(1, min(rows, budget // (4 * vocab)))
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = _mm_fp32(h, weight.t())
+    if bias is not None:
+        out += bias.float()
+    return out
+
+
+@torch.library.custom_op("fastrl::fused_linear_logprobs", mutates_args=())
+def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+             temperature: float, ignore_index: int, return_entropy: bool,
+             workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros_like(logp)
+    stats = torch.empty(rows, 2, dtype=torch.float32, device=hidden.device)
+    step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        lp, ent, st = _row_stats(_logits(hidden[lo:hi], weight, bias), labels[lo:hi], temperature, ignore_index,
+                                 return_entropy)
+        logp[lo:hi], entropy[lo:hi], stats[lo:hi] = lp, ent, st
+    return logp, entropy, stats
+
+
+@_forward.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, workspace_bytes):
+    rows = hidden.shape[0]
+    f32 = torch.float32
+    return hidden.new_empty(rows, dtype=f32), hidden.new_empty(rows, dtype=f32), hidden.new_empty(rows, 2, dtype=f32)
+
+
+@torch.library.custom_op("fastrl::fused_linear_logprobs_backward", mutates_args=())
+def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+              weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, entropy: torch.Tensor,
+              stats: torch.Tensor, temperature: float, ignore_index: int,
+              workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        h = hidden[lo:hi]
+        d_logits = _logits(h, weight, bias)  # recomputed, then overwritten by its gradient
+        _grad_logits(grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi], d_logits,
+                     labels[lo:hi], entropy[lo:hi], stats[lo:hi], temperature, ignore_index, d_logits)
+        d_low = d_logits.to(hidden.dtype)  # the two GEMMs run in the model's dtype
+        d_hidden[lo:hi] = d_low @ weight
+        d_weight += _mm_fp32(d_low.t(), h)
+        if bias is not None:
+            d_bias += d_logits.sum(0)
+    return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype if bias is not None else weight.dtype)
+
+
+@_backward.register_fake
+def _(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
+      workspace_bytes):
+    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, return_entropy, workspace_bytes = inputs
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, labels, entropy, stats)
+    ctx.args = (temperature, ignore_index, workspace_bytes)
+
+
+def _autograd_backward(ctx, grad_logp, grad_entropy, grad_stats):  # stats carry no gradient
+    hidden, weight, bias, labels, entropy, stats = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(entropy)
+    d_hidden, d_weight, d_bias = _backward(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats,
+                                           *ctx.args)
+    return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: torch.Tensor | None = None, *, temperature: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False, workspace_bytes: int | None = None):
+    """``selective_logprobs(hidden @ weight.T + bias, labels, ...)`` without the full logits.
+
+    Args:
+        hidden: ``[..., H]`` fp32, bf16 or fp16, H divisible by 16.
+        weight: ``[V, H]`` same dtype and device (the lm-head).
+        labels: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index``.
+        bias: optional ``[V]``.
+        temperature, ignore_index, return_entropy: as in :func:`fastrl.ops.selective_logprobs`.
+        workspace_bytes: cap on the fp32 chunk-logits buffer (default 1 GiB on CUDA, 64 MiB on CPU).
+
+    Returns:
+        ``logp [...]`` fp32 (and ``entropy [...]``), differentiable with respect to hidden, weight
+        and bias. ``d_weight`` is accumulated in fp32.
+    """
+    _checks.check_tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have a last (hidden-size) dimension")
+    h_size = hidden.shape[-1]
+    if h_size == 0 or h_size % 16:
+        raise ValueError(f"hidden size (last dimension of hidden) must be a positive multiple of 16, got {h_size}")
+    _checks.check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+    if weight.shape[1] != h_size or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, {h_size}] with V >= 1, got {tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        _checks.check_tensor("bias", bias, ndim=1, device=hidden.device)
+        if bias.shape[0] != vocab or not bias.dtype.is_floating_point:
+            raise ValueError(f"bias must be a floating tensor of shape [{vocab}], got {tuple(bias.shape)} {bias.dtype}")
+    _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=hidden.device)
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last dimension), "
+                         f"got {tuple(labels.shape)}")
+    temperature = _checks.check_real("temperature", temperature, low=0.0, low_open=True)
+    ignore_index = _checks.check_int("ignore_index", ignore_index)
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    if workspace_bytes is not None:
+        workspace_bytes = _checks.check_int("workspace_bytes", workspace_bytes, low=1)
+    _checks.check_labels("labels", labels, vocab, ignore_index)
+
+    logp, entropy, _ = _forward(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
+                                labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
+                                workspace_bytes or 0)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
