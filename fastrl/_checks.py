@@ -82,13 +82,21 @@ def check_row_tensor(name: str, value: torch.Tensor, rows: int, device: torch.de
     return value.to(torch.float64).contiguous()
 
 
-def check_labels(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Every label in ``[0, vocab)`` or equal to ``ignore_index``. Reads the labels (a device sync on
-    CUDA); skipped while ``torch.compile`` traces, where kernels clamp labels so they never read out
-    of bounds."""
-    if torch.compiler.is_compiling():
+def raise_first(checks: list[tuple[torch.Tensor, str]]) -> None:
+    """Raise ``ValueError(message)`` for the first ``(flag, message)`` whose 0-d bool ``flag`` is
+    true. All flags come back in one device sync. Skipped under ``torch.compile`` (a data-dependent
+    branch would break the graph); kernels clamp what they read, so unchecked values can give wrong
+    numbers but never an out-of-bounds access."""
+    if not checks or torch.compiler.is_compiling():
         return
+    flags = torch.stack([flag.reshape(()) for flag, _ in checks]).tolist()
+    for bad, (_, message) in zip(flags, checks):
+        if bad:
+            raise ValueError(message)
+
+
+def check_labels(name: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Every label in ``[0, vocab)`` or equal to ``ignore_index`` (a :func:`raise_first` check, so
+    skipped under ``torch.compile``, where kernels clamp labels so they never read out of bounds)."""
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if bad.any():
-        raise ValueError(f"{name} must be in [0, {vocab}) or equal ignore_index ({ignore_index}); "
-                         f"found {int(labels[bad][0])}")
+    raise_first([(bad.any(), f"{name} must be in [0, {vocab}) or equal ignore_index ({ignore_index})")])

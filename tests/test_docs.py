@@ -20,10 +20,11 @@ def test_readme_example_runs(index):
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
 
 
-def test_module_doctests():
+@pytest.mark.parametrize("module", ["fastrl.sampling", "fastrl.ops.selective_logprobs",
+                                    "fastrl.ops.fused_linear_logprobs"])
+def test_module_doctests(module):
     import doctest
+    import importlib
 
-    import fastrl.sampling
-
-    result = doctest.testmod(fastrl.sampling)
+    result = doctest.testmod(importlib.import_module(module))
     assert result.attempted > 0 and result.failed == 0

@@ -176,3 +176,75 @@ def selective_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch.Ten
             g -= grad_entropy[lo:hi, None] * p * (safe_log_p + entropy[lo:hi, None])
         grad[lo:hi] = torch.where(keep, g / temperature, 0.0).to(logits.dtype)
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sequence sums of token log-probs (packed or padded), LD-DPO weights
+
+
+def _with_sentinel(values: torch.Tensor, fill) -> torch.Tensor:
+    """``values`` [N] with ``fill`` appended at index N, the index of tokens of no sequence."""
+    return torch.cat([values, values.new_full((1,), fill)])
+
+
+def sequence_token_weights(shape, cu_seqlens: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                           ld_alpha: float | None = None, pair_lengths: torch.Tensor | None = None,
+                           reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """Which sequence each token of a ``shape`` tensor belongs to, and the weight it carries.
+
+    Packed (``cu_seqlens`` [N+1]): ``shape`` is ``(T,)`` and sequence i is tokens
+    ``cu_seqlens[i]:cu_seqlens[i+1]``. Padded (``mask`` [B, L], N = B): sequence i is the tokens of
+    row i where the mask is non-zero. The token at position t of its sequence (0-based, counting
+    only that sequence's tokens) weighs 1, or ``ld_alpha`` when ``t >= pair_lengths[i]`` (LD-DPO);
+    ``reduction="mean"`` divides by the sequence's token count.
+
+    Returns ``(seq [*shape] int64, weight [*shape] float64)``; tokens of no sequence get seq = N
+    and weight 0.
+    """
+    if cu_seqlens is not None:
+        cu = cu_seqlens.long()
+        n = cu.numel() - 1
+        t = torch.arange(shape[0], device=cu.device)
+        seq = torch.searchsorted(cu[1:], t, right=True)  # the number of sequences that end at or before t
+        inside = (t >= cu[0]) & (seq < n)
+        seq = torch.where(inside, seq, n)
+        pos = t - cu[seq.clamp(max=max(n - 1, 0))]
+        count = cu[1:] - cu[:-1]
+    else:
+        inside = mask != 0
+        n = inside.shape[0]
+        seq = torch.arange(n, device=mask.device)[:, None].expand(inside.shape)
+        pos = inside.long().cumsum(1) - 1
+        count = inside.long().sum(1)
+    weight = torch.ones(shape, dtype=torch.float64, device=seq.device)
+    if ld_alpha is not None:
+        weight = torch.where(pos < _with_sentinel(pair_lengths.long(), 0)[seq], weight, float(ld_alpha))
+    if reduction == "mean":
+        weight = weight / _with_sentinel(count, 1).clamp(min=1)[seq]
+    return seq, torch.where(inside, weight, 0.0)
+
+
+def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
+                   mask: torch.Tensor | None = None, ld_alpha: float | None = None,
+                   pair_lengths: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+    """Per-sequence (weighted) sums or means of ``token_logps``: flat [T] with ``cu_seqlens`` [N+1],
+    or [B, L] with ``mask`` [B, L]; see :func:`sequence_token_weights`. Returns [N] fp32, summed in
+    fp64; a token of weight 0 adds nothing (even a ``-inf`` one) and an empty sequence gives 0."""
+    seq, weight = sequence_token_weights(token_logps.shape, cu_seqlens, mask=mask, ld_alpha=ld_alpha,
+                                         pair_lengths=pair_lengths, reduction=reduction)
+    n = cu_seqlens.numel() - 1 if cu_seqlens is not None else token_logps.shape[0]
+    terms = torch.where(weight != 0, token_logps.double() * weight, 0.0)
+    out = torch.zeros(n + 1, dtype=torch.float64, device=token_logps.device)
+    return out.index_add_(0, seq.reshape(-1), terms.reshape(-1))[:n].float()
+
+
+def sequence_logps_backward(grad: torch.Tensor, shape, dtype: torch.dtype, cu_seqlens: torch.Tensor | None = None, *,
+                            mask: torch.Tensor | None = None, ld_alpha: float | None = None,
+                            pair_lengths: torch.Tensor | None = None, reduction: str = "sum") -> torch.Tensor:
+    """Gradient of :func:`sequence_logps` with respect to ``token_logps`` (of ``shape`` and
+    ``dtype``) given ``grad`` [N]: ``grad[seq(t)] * weight_t``, 0 for tokens of weight 0 or of no
+    sequence."""
+    seq, weight = sequence_token_weights(shape, cu_seqlens, mask=mask, ld_alpha=ld_alpha,
+                                         pair_lengths=pair_lengths, reduction=reduction)
+    g = torch.cat([grad.double(), grad.new_zeros(1, dtype=torch.float64)])[seq]
+    return torch.where(weight != 0, g * weight, 0.0).to(dtype)

@@ -1,0 +1,116 @@
+"""Between the padded ``[B, L, ...]`` layout and the packed ``[T, ...]`` + ``cu_seqlens`` one.
+
+>>> import torch
+>>> from fastrl.ops.packing import pack_sequences, unpack
+>>> x = torch.tensor([[1, 2, 0], [3, 0, 0]])
+>>> flat, cu_seqlens = pack_sequences(x, x != 0)
+>>> flat.tolist(), cu_seqlens.tolist()
+([1, 2, 3], [0, 2, 3])
+>>> padded, mask = unpack(flat, cu_seqlens)
+>>> padded.tolist(), mask.tolist()
+([[1, 2], [3, 0]], [[True, True], [True, False]])
+
+Also home of the ``cu_seqlens`` checks every packed op shares (:func:`cu_seqlens_checks`).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastrl import _checks
+from fastrl._checks import raise_first
+
+__all__ = ["pack_sequences", "unpack"]
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+               torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_cu_seqlens(cu_seqlens: object, device: torch.device, name: str = "cu_seqlens") -> torch.Tensor:
+    """Kind, rank, dtype (int32 / int64) and device of a ``cu_seqlens`` [N+1]; values are checked by
+    :func:`cu_seqlens_checks`."""
+    _checks.check_tensor(name, cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
+    if cu_seqlens.shape[0] == 0:
+        raise ValueError(f"{name} must hold N+1 >= 1 offsets (a leading 0), got an empty tensor")
+    return cu_seqlens
+
+
+def cu_seqlens_checks(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens") -> list[tuple[torch.Tensor, str]]:
+    """Value checks of ``cu_seqlens`` for :func:`raise_first`: starts at 0, never decreases, ends at
+    ``total`` (the number of packed tokens)."""
+    return [
+        (cu_seqlens[0] != 0, f"{name} must start at 0"),
+        ((cu_seqlens[1:] < cu_seqlens[:-1]).any(), f"{name} must be non-decreasing"),
+        (cu_seqlens[-1] != total, f"{name} must end at the number of tokens, {total}"),
+    ]
+
+
+def check_mask(mask: object, shape: tuple[int, ...], device: torch.device, name: str = "mask") -> torch.Tensor:
+    """Kind, shape, dtype (bool, integer or floating) and device of a 0/1 ``mask``; its values are
+    checked by :func:`mask_checks`."""
+    _checks.check_tensor(name, mask, ndim=len(shape), dtypes=MASK_DTYPES, device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def mask_checks(mask: torch.Tensor, name: str = "mask") -> list[tuple[torch.Tensor, str]]:
+    """Value check of a mask for :func:`raise_first`: only 0 and 1 (nothing to check for bool)."""
+    if mask.dtype == torch.bool:
+        return []
+    return [(((mask != 0) & (mask != 1)).any(), f"{name} must hold only 0 and 1 (or be bool)")]
+
+
+def pack_sequences(padded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the masked positions of ``padded`` [B, L, ...] (any dtype) into one flat tensor.
+
+    ``mask`` [B, L] (bool or 0/1 integer / floating) marks the positions to keep; they need not be
+    left-aligned and keep their order within each row. Returns ``(flat [T, ...], cu_seqlens [B+1]
+    int32)`` with T the number of marked positions and row b's tokens at
+    ``flat[cu_seqlens[b]:cu_seqlens[b+1]]``. Differentiable with respect to ``padded``.
+    """
+    _checks.check_tensor("padded", padded)
+    if padded.dim() < 2:
+        raise ValueError(f"padded must be [B, L, ...] (at least 2-D), got shape {tuple(padded.shape)}")
+    check_mask(mask, tuple(padded.shape[:2]), padded.device)
+    raise_first(mask_checks(mask))
+    keep = mask != 0
+    flat = padded[keep]
+    if flat.shape[0] > torch.iinfo(torch.int32).max:
+        raise ValueError(f"mask marks {flat.shape[0]} positions, more than int32 cu_seqlens can count")
+    cu_seqlens = torch.zeros(padded.shape[0] + 1, dtype=torch.int32, device=padded.device)
+    cu_seqlens[1:] = keep.sum(1).cumsum(0)
+    return flat, cu_seqlens
+
+
+def unpack(flat: torch.Tensor, cu_seqlens: torch.Tensor, *, max_len: int | None = None,
+           padding_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spread the packed sequences of ``flat`` [T, ...] (any dtype) into rows, left-aligned.
+
+    ``cu_seqlens`` [B+1] (int32 / int64; starts at 0, non-decreasing, ends at T) bounds sequence b
+    at ``flat[cu_seqlens[b]:cu_seqlens[b+1]]``. ``max_len`` (default: the longest sequence) is the
+    row length; it must hold every sequence. Returns ``(padded [B, max_len, ...] in flat's dtype,
+    filled with ``padding_value`` past each sequence, mask [B, max_len] bool)``. Differentiable with
+    respect to ``flat``; ``unpack(*pack_sequences(x, m))`` gives back ``x`` where a left-aligned
+    ``m`` is set.
+    """
+    _checks.check_tensor("flat", flat)
+    if flat.dim() < 1:
+        raise ValueError("flat must be [T, ...] (at least 1-D), got a 0-d tensor")
+    check_cu_seqlens(cu_seqlens, flat.device)
+    if isinstance(padding_value, bool) or not isinstance(padding_value, numbers.Number):
+        raise TypeError(f"padding_value must be a number, got {type(padding_value).__name__}")
+    raise_first(cu_seqlens_checks(cu_seqlens, flat.shape[0]))
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_len is None:
+        max_len = longest
+    elif _checks.check_int("max_len", max_len, low=0) < longest:
+        raise ValueError(f"max_len ({max_len}) is shorter than the longest sequence ({longest})")
+    mask = torch.arange(max_len, device=flat.device) < lengths[:, None]
+    padded = flat.new_full((lengths.shape[0], max_len, *flat.shape[1:]), padding_value)
+    padded[mask] = flat  # row-major order of a left-aligned mask is the packed order
+    return padded, mask
