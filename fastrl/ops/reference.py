@@ -139,17 +139,18 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
     entropy = torch.zeros_like(logp)
     stats = torch.zeros(rows, 2, dtype=torch.float32, device=logits.device)
     for lo, hi in _row_chunks(rows, vocab):
-        s = logits[lo:hi].float() / temperature
-        m = s.max(dim=-1, keepdim=True).values
-        log_z = torch.log(torch.exp(s - m).sum(-1, keepdim=True))
-        log_p = (s - m) - log_z
+        s = logits[lo:hi].float()
+        if temperature != 1.0:
+            s = s / temperature
+        log_p = torch.log_softmax(s, dim=-1)
         lab = labels[lo:hi]
         keep = lab != ignore_index
         picked = log_p.gather(-1, torch.where(keep, lab, 0).long()[:, None]).squeeze(-1)
-        ent = -(log_p.exp() * torch.where(torch.isinf(log_p), 0.0, log_p)).sum(-1)
+        ent = torch.special.entr(log_p.exp()).sum(-1)  # -p log p, 0 where p = 0
         logp[lo:hi] = torch.where(keep, picked, 0.0)
         entropy[lo:hi] = torch.where(keep, ent, 0.0)
-        stats[lo:hi] = torch.cat([m, log_z], dim=-1)
+        stats[lo:hi, 0] = s.max(dim=-1).values
+        stats[lo:hi, 1] = -log_p.max(dim=-1).values  # log p of the maximum is exactly -log z
     return logp, entropy, stats
 
 
@@ -164,17 +165,22 @@ def selective_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch.Ten
     rows, vocab = logits.shape
     grad = torch.empty_like(logits)
     for lo, hi in _row_chunks(rows, vocab):
-        s = logits[lo:hi].float() / temperature
-        log_p = (s - stats[lo:hi, :1]) - stats[lo:hi, 1:]
-        p = log_p.exp()
+        s = logits[lo:hi].float()
+        if temperature != 1.0:
+            s = s / temperature
+        p = ((s - stats[lo:hi, :1]) - stats[lo:hi, 1:]).exp()
         lab = labels[lo:hi]
         keep = (lab != ignore_index)[:, None]
-        g = -p * grad_logp[lo:hi, None]
-        g.scatter_add_(-1, torch.where(keep[:, 0], lab, 0).long()[:, None], grad_logp[lo:hi, None].float())
-        if grad_entropy is not None:
-            safe_log_p = torch.where(torch.isinf(log_p), 0.0, log_p)
-            g -= grad_entropy[lo:hi, None] * p * (safe_log_p + entropy[lo:hi, None])
-        grad[lo:hi] = torch.where(keep, g / temperature, 0.0).to(logits.dtype)
+        g_lp = grad_logp[lo:hi, None].float()
+        if grad_entropy is None:
+            g = p * -g_lp
+        else:  # -g_H p (log p + H) = g_H entr(p) - g_H H p, with entr(p) = -p log p (0 at p = 0)
+            g_h = grad_entropy[lo:hi, None].float()
+            g = p * -(g_lp + g_h * entropy[lo:hi, None]) + g_h * torch.special.entr(p)
+        g.scatter_add_(-1, torch.where(keep[:, 0], lab, 0).long()[:, None], g_lp)
+        if temperature != 1.0:
+            g /= temperature
+        grad[lo:hi] = torch.where(keep, g, 0.0).to(logits.dtype)
     return grad
 
 
