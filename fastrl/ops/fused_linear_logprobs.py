@@ -51,6 +51,18 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with fp32 accumulation, without an fp32 copy of a or b on CUDA."""
+    if a.dtype != torch.float32 and _mm_has_out_dtype(a.device.type):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: C = A B + C in place
+            return
+        except (RuntimeError, TypeError):
+            acc += torch.mm(a, b, out_dtype=torch.float32)
+            return
+    acc.addmm_(a.float(), b.float())
+
+
 def _chunk_rows(rows: int, vocab: int, device: torch.device, workspace_bytes: int | None) -> int:
     budget = workspace_bytes or (DEFAULT_WORKSPACE_BYTES if device.type == "cuda" else 64 << 20)
     return max(1, min(rows, budget // (4 * vocab)))
@@ -105,7 +117,7 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden
                      labels[lo:hi], entropy[lo:hi], stats[lo:hi], temperature, ignore_index, d_logits)
         d_low = d_logits.to(hidden.dtype)  # the two GEMMs run in the model's dtype
         d_hidden[lo:hi] = d_low @ weight
-        d_weight += _mm_fp32(d_low.t(), h)
+        _accumulate_fp32(d_weight, d_low.t(), h)
         if bias is not None:
             d_bias += d_logits.sum(0)
     return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype if bias is not None else weight.dtype)
