@@ -6,7 +6,9 @@ Python function in an ``InterpretedFunction`` when its tensors live on the CPU; 
 real kernels run in CI, which has no GPU. During such a launch, calls to other ``@triton.jit``
 functions (``tl.zeros``, ``tl.sum``, ``tl.max`` and our own helpers are such functions) are routed to
 their interpreted form as well. Launchers must pass block sizes explicitly (no ``triton.autotune``
-on the CPU path).
+on the CPU path). Interpreted launches are serialised by a lock; the interpreter patches
+``triton.language`` for the whole process while one runs, so compiling a GPU kernel on another
+thread at that moment is not safe.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _jit_calls_interpreted():
             if scope is not None:
                 scope.restore()
 
-    with _lock:
+    with _lock:  # the interpreter's patches and grid index are process-wide: one launch at a time
         JITFunction.__call__ = call
         try:
             yield
@@ -64,7 +66,10 @@ def launch(kernel, grid, *args, **kwargs):
     ``kernel`` is a ``@triton.jit`` function (or one already interpreted because
     ``TRITON_INTERPRET=1`` was set at import). ``grid`` is a tuple or a callable of the meta-params.
     """
-    if _on_cpu(args, kwargs) and not isinstance(kernel, InterpretedFunction):
+    if isinstance(kernel, InterpretedFunction):  # TRITON_INTERPRET=1 was set at import
+        with _lock:
+            return kernel[grid](*args, **kwargs)
+    if _on_cpu(args, kwargs):
         # The interpreter runs the kernel on host memory; num_warps etc. mean nothing there.
         kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages", "num_ctas")}
         with _jit_calls_interpreted():

@@ -11,8 +11,9 @@ d x_j = (g_lp (1[j = label] - p_j) - g_H p_j (log p_j + H)) / T, optionally over
 import triton
 import triton.language as tl
 
-# A finite start for the running maximum: exp(NEG_START - m) is 0 and (NEG_START - m) * 0 is 0.
-NEG_START = tl.constexpr(-1e30)
+# The running maximum starts at the lowest finite fp32 value (rows filled with finfo.min, a common
+# mask, stay finite); the (m - m_new) * z term is guarded while z is still 0.
+NEG_START = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
@@ -35,7 +36,7 @@ def selective_logprobs_fwd_kernel(
         p = tl.exp(s - m_new)
         if RETURN_ENTROPY:
             d = tl.where(p > 0, s - m_new, 0.0)
-            w = scale * (w + (m - m_new) * z) + tl.sum(p * d, axis=0)
+            w = scale * (w + tl.where(z > 0, (m - m_new) * z, 0.0)) + tl.sum(p * d, axis=0)
         z = z * scale + tl.sum(p, axis=0)
         m = m_new
     log_z = tl.log(z)
@@ -77,4 +78,6 @@ def selective_logprobs_bwd_kernel(
         g = tl.where(offs == label, g_lp, 0.0) - g_lp * p
         if HAS_GRAD_ENTROPY:
             g -= g_h * p * (tl.where(p > 0, log_p, 0.0) + h)
-        tl.store(out + offs, (g * inv_temperature).to(grad_logits_ptr.dtype.element_ty), mask=mask)
+        # ignored rows get exactly 0, even when their logits make p NaN (e.g. an all -inf pad row)
+        g = tl.where(keep, g * inv_temperature, 0.0)
+        tl.store(out + offs, g.to(grad_logits_ptr.dtype.element_ty), mask=mask)

@@ -126,13 +126,15 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden
 @_backward.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
       workspace_bytes):
-    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    return (torch.empty_like(hidden), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else weight.new_empty(weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, return_entropy, workspace_bytes = inputs
     _, entropy, stats = output
     ctx.save_for_backward(hidden, weight, bias, labels, entropy, stats)
+    ctx.set_materialize_grads(False)  # an unused entropy output then skips its backward work
     ctx.args = (temperature, ignore_index, workspace_bytes)
 
 

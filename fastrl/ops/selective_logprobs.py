@@ -112,6 +112,7 @@ def _setup_context(ctx, inputs, output):
     logits, labels, temperature, ignore_index, return_entropy, inplace_backward = inputs
     _, entropy, stats = output
     ctx.save_for_backward(logits, labels, entropy, stats)
+    ctx.set_materialize_grads(False)  # an unused entropy output then skips its backward work
     ctx.temperature = temperature
     ctx.ignore_index = ignore_index
     ctx.inplace = inplace_backward
@@ -168,8 +169,9 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
     _checks.check_labels("labels", labels, vocab, ignore_index)
 
     flat = logits.reshape(-1, vocab)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
+    overlapping = flat.shape[0] > 1 and flat.stride(0) < vocab  # e.g. expanded rows
+    if flat.stride(-1) != 1 or (inplace_backward and overlapping):
+        flat = flat.contiguous()  # the in-place gradient needs one buffer slot per element
     logp, entropy, _ = _forward(flat, labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
                                 inplace_backward)
     logp = logp.view(labels.shape)

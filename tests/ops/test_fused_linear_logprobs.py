@@ -143,3 +143,14 @@ def test_real_shapes_on_gpu_match_the_materialised_path_with_bounded_memory(voca
     torch.testing.assert_close(lp, rlp, rtol=1e-3, atol=1e-2)
     assert _rel(hidden.grad.float(), h_ref.grad.double()) < 1e-2
     assert _rel(weight.grad.float(), w_ref.grad.double()) < 1e-2
+
+
+def test_backward_fake_kernel_matches_bias_dtype():
+    from fastrl.ops.fused_linear_logprobs import _backward, _forward
+
+    hidden, weight, _, labels = _case(rows=6, vocab=40, dtype=torch.bfloat16)
+    bias = torch.randn(40)  # fp32 bias beside a bf16 weight
+    _, entropy, stats = _forward(hidden, weight, bias, labels, 1.0, -100, True, 0)
+    args = (torch.randn(6), torch.randn(6), hidden, weight, bias, labels, entropy, stats, 1.0, -100, 0)
+    torch.library.opcheck(_backward, args, test_utils=("test_schema", "test_faketensor"))
+    assert _backward(*args)[2].dtype == torch.float32

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -232,3 +234,32 @@ def test_real_shapes_on_gpu(vocab):
     ref_grad = reference.selective_logprobs_backward(gl, ge, logits.detach(), labels, rent, stats, temperature=0.9)
     rel = (logits.grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()
     assert rel < 1e-2
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_padding_rows_of_minus_inf_or_finfo_min(path):
+    vocab = 40
+    logits = torch.randn(4, vocab)
+    logits[1] = float("-inf")  # a padding row, ignored
+    logits[2] = torch.finfo(torch.float32).min  # masked_fill(mask, finfo.min): a uniform row
+    labels = torch.tensor([3, -100, 7, -100])
+    logits[3, 5] = float("inf")  # garbage in an ignored row must not leak into the gradient
+    x = logits.clone().requires_grad_(True)
+    with backend(path):
+        lp, ent = selective_logprobs(x, labels, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()
+    assert lp[1] == 0 and lp[3] == 0 and ent[1] == 0 and ent[3] == 0
+    assert lp[2].item() == pytest.approx(-math.log(vocab), abs=1e-5)
+    assert ent[2].item() == pytest.approx(math.log(vocab), abs=1e-5)
+    assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all() and (x.grad[3] == 0).all()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_inplace_backward_with_overlapping_rows(path):
+    base = torch.randn(1, 60, requires_grad=True)
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    with backend(path):
+        selective_logprobs((base * 1.0).expand(6, 60), labels, inplace_backward=True).sum().backward()
+    expected = torch.softmax(base.detach(), -1).mul(-6)
+    expected[0, 1:7] += 1
+    torch.testing.assert_close(base.grad, expected, rtol=1e-5, atol=1e-6)
