@@ -100,3 +100,24 @@ def check_labels(name: str, labels: torch.Tensor, vocab: int, ignore_index: int)
     skipped under ``torch.compile``, where kernels clamp labels so they never read out of bounds)."""
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     raise_first([(bad.any(), f"{name} must be in [0, {vocab}) or equal ignore_index ({ignore_index})")])
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_token_labels(labels: object, positions: torch.Size, device: torch.device, vocab: int, temperature: object,
+                       ignore_index: object, source: str) -> tuple[float, int]:
+    """The arguments every log-prob op shares: ``labels`` [positions] int64/int32 in ``[0, vocab)`` or
+    ``ignore_index`` (``source`` names the tensor the positions come from), temperature > 0.
+    Returns ``(temperature, ignore_index)`` as float and int."""
+    check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=device)
+    if labels.shape != positions:
+        raise ValueError(f"labels must have shape {tuple(positions)} ({source} without its last dimension), "
+                         f"got {tuple(labels.shape)}")
+    temperature = check_real("temperature", temperature, low=0.0, low_open=True)
+    ignore_index = check_int("ignore_index", ignore_index)
+    check_labels("labels", labels, vocab, ignore_index)
+    return temperature, ignore_index

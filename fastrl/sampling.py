@@ -72,8 +72,7 @@ def sample(
     rows, vocab = logits.shape
     if vocab == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension, got shape (B, 0)")
-    if not isinstance(return_filtered_logprobs, bool):
-        raise TypeError("return_filtered_logprobs must be a bool")
+    _checks.check_bool("return_filtered_logprobs", return_filtered_logprobs)
     dev = logits.device
     t, t_rows = _setting("temperature", temperature, rows, dev, integer=False,
                          check=lambda n, v: _checks.check_real(n, v, low=0.0))

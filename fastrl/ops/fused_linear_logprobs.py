@@ -181,17 +181,11 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         _checks.check_tensor("bias", bias, ndim=1, device=hidden.device)
         if bias.shape[0] != vocab or not bias.dtype.is_floating_point:
             raise ValueError(f"bias must be a floating tensor of shape [{vocab}], got {tuple(bias.shape)} {bias.dtype}")
-    _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=hidden.device)
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last dimension), "
-                         f"got {tuple(labels.shape)}")
-    temperature = _checks.check_real("temperature", temperature, low=0.0, low_open=True)
-    ignore_index = _checks.check_int("ignore_index", ignore_index)
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    _checks.check_bool("return_entropy", return_entropy)
     if workspace_bytes is not None:
         workspace_bytes = _checks.check_int("workspace_bytes", workspace_bytes, low=1)
-    _checks.check_labels("labels", labels, vocab, ignore_index)
+    temperature, ignore_index = _checks.check_token_labels(labels, hidden.shape[:-1], hidden.device, vocab,
+                                                           temperature, ignore_index, "hidden")
 
     logp, entropy, _ = _forward(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
                                 labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,

@@ -156,17 +156,11 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
     _checks.check_tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
-    _checks.check_tensor("labels", labels, dtypes=(torch.int64, torch.int32), device=logits.device)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without its last "
-                         f"dimension), got {tuple(labels.shape)}")
-    temperature = _checks.check_real("temperature", temperature, low=0.0, low_open=True)
-    ignore_index = _checks.check_int("ignore_index", ignore_index)
-    for name, flag in (("return_entropy", return_entropy), ("inplace_backward", inplace_backward)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     vocab = logits.shape[-1]
-    _checks.check_labels("labels", labels, vocab, ignore_index)
+    temperature, ignore_index = _checks.check_token_labels(labels, logits.shape[:-1], logits.device, vocab,
+                                                           temperature, ignore_index, "logits")
+    _checks.check_bool("return_entropy", return_entropy)
+    _checks.check_bool("inplace_backward", inplace_backward)
 
     flat = logits.reshape(-1, vocab)
     overlapping = flat.shape[0] > 1 and flat.stride(0) < vocab  # e.g. expanded rows
