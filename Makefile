@@ -47,16 +47,23 @@ test: $(STAMP)
 info: $(STAMP)
 	$(VENV)/bin/fastrl info
 
-# CPU benchmarks at small shapes; JSON goes to benchmarks/results/<device>/.
+# CPU benchmarks at small shapes, one process per suite (benchmarks/bench_<op>.py), each writing
+# benchmarks/results/<device>/bench_<op>.json; `python benchmarks/report.py FILE...` makes the tables.
+BENCH_FILES := $(wildcard benchmarks/bench_*.py)
 bench: $(STAMP)
 	@mkdir -p $(BENCH_DIR)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_DIR)/bench.json $(PYTEST_ARGS)
+	@set -e; for f in $(BENCH_FILES); do \
+	  $(PY) -m pytest $$f --benchmark-only --benchmark-json=$(BENCH_DIR)/$$(basename $$f .py).json $(PYTEST_ARGS); \
+	done
 
 # The same suites at real shapes on a GPU.
 bench-gpu: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device')"
 	@mkdir -p $(BENCH_DIR)
-	FASTRL_BENCH_SCALE=gpu $(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(BENCH_DIR)/bench.json $(PYTEST_ARGS)
+	@set -e; for f in $(BENCH_FILES); do \
+	  FASTRL_BENCH_SCALE=gpu $(PY) -m pytest $$f --benchmark-only \
+	    --benchmark-json=$(BENCH_DIR)/$$(basename $$f .py).json $(PYTEST_ARGS); \
+	done
 
 gpu-test: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-test needs a CUDA device')"
