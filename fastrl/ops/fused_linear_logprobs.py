@@ -11,11 +11,23 @@
 >>> hidden.grad.shape, weight.grad.shape
 (torch.Size([2, 6, 64]), torch.Size([500, 64]))
 
-Tokens are processed in chunks: the logits of one chunk, ``[chunk, V]`` in fp32, are the only
-vocabulary-sized buffer (the workspace: ``chunk * V * 4`` bytes, capped by ``workspace_bytes``);
-each chunk's log-probs come from the :mod:`selective_logprobs` kernels, and the backward recomputes
-the chunk's logits, turns them into their gradient in place, and multiplies it into ``d_hidden``
-and an fp32 ``d_weight`` accumulator. Memory: O(tokens * H + V * H) plus that workspace.
+The forward runs over token chunks: the logits of one chunk, ``[chunk, V]`` in fp32, are the only
+vocabulary-sized buffer (the workspace, ``chunk * V * 4`` bytes capped by ``workspace_bytes``), and
+each chunk's log-probs come from the :mod:`selective_logprobs` kernels (online log-sum-exp, entropy).
+The backward recomputes the logits one slice at a time, turns the slice into its gradient in place
+(the same kernels) and multiplies it into the two weight gradients. Two gradients need a sum over
+slices, and that sum runs in fp32, so the backward slices along whichever axis makes the fp32
+accumulator smaller:
+
+- fewer tokens than vocabulary entries (the usual case: 16k tokens, V = 152k): vocabulary slices
+  ``[tokens, v]``; each slice's ``d_weight`` rows come from one GEMM over all tokens (fp32
+  accumulation inside the GEMM, written once in the weight's dtype) and ``d_hidden`` is summed over
+  slices in an fp32 ``[tokens, H]`` buffer;
+- otherwise token slices ``[t, V]``; ``d_hidden`` rows come from one GEMM each and ``d_weight`` is
+  summed in an fp32 ``[V, H]`` buffer.
+
+Peak extra memory: the gradients themselves, ``min(tokens, V) * H * 4`` bytes of accumulator, and
+1.5x the workspace (the fp32 slice and its copy in the model's dtype for the GEMMs).
 """
 
 from __future__ import annotations
@@ -105,9 +117,21 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden
               stats: torch.Tensor, temperature: float, ignore_index: int,
               workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, vocab = hidden.shape[0], weight.shape[0]
+    d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    if rows < vocab:
+        d_hidden, d_weight = _backward_vocab_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy,
+                                                    stats, temperature, ignore_index, workspace_bytes, d_bias)
+    else:
+        d_hidden, d_weight = _backward_token_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy,
+                                                    stats, temperature, ignore_index, workspace_bytes, d_bias)
+    return d_hidden, d_weight, d_bias.to(bias.dtype if bias is not None else weight.dtype)
+
+
+def _backward_token_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature,
+                           ignore_index, workspace_bytes, d_bias):
+    rows, vocab = hidden.shape[0], weight.shape[0]
     d_hidden = torch.empty_like(hidden)
     d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
     step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes)
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
@@ -120,7 +144,31 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden
         _accumulate_fp32(d_weight, d_low.t(), h)
         if bias is not None:
             d_bias += d_logits.sum(0)
-    return d_hidden, d_weight.to(weight.dtype), d_bias.to(bias.dtype if bias is not None else weight.dtype)
+    return d_hidden, d_weight.to(weight.dtype)
+
+
+def _backward_vocab_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature,
+                           ignore_index, workspace_bytes, d_bias):
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    d_weight = torch.empty_like(weight)
+    step = _chunk_rows(vocab, rows, hidden.device, workspace_bytes)
+    # a label outside the slice scores no one-hot term; -1 (or -2) is never a column and never ignore_index
+    outside = -1 if ignore_index != -1 else -2
+    ignored = labels == ignore_index
+    for lo in range(0, vocab, step):
+        hi = min(vocab, lo + step)
+        w = weight[lo:hi]
+        d_logits = _logits(hidden, w, None if bias is None else bias[lo:hi])
+        local = torch.where((labels >= lo) & (labels < hi), labels - lo, outside)
+        local = torch.where(ignored, ignore_index, local)
+        _grad_logits(grad_logp, grad_entropy, d_logits, local, entropy, stats, temperature, ignore_index, d_logits)
+        d_low = d_logits.to(hidden.dtype)
+        torch.mm(d_low.t(), hidden, out=d_weight[lo:hi])  # fp32 accumulation inside the GEMM
+        _accumulate_fp32(d_hidden, d_low, w)
+        if bias is not None:
+            d_bias[lo:hi] = d_logits.sum(0)
+    return d_hidden.to(hidden.dtype), d_weight
 
 
 @_backward.register_fake

@@ -160,7 +160,9 @@ def selective_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch.Ten
     """Gradient of ``selective_logprobs`` with respect to ``logits``, in ``logits.dtype``.
 
     With s = x / T, p = softmax(s) and H its entropy: d logp / d x_j = (1[j = label] - p_j) / T and
-    d H / d x_j = -p_j (log p_j + H) / T. Ignored rows get 0.
+    d H / d x_j = -p_j (log p_j + H) / T. Ignored rows get 0. ``logits`` may be a slice of the
+    vocabulary (with the whole row's ``stats`` and ``entropy``): a label outside ``[0, V)`` that is not
+    ``ignore_index`` then adds no one-hot term.
     """
     rows, vocab = logits.shape
     grad = torch.empty_like(logits)
@@ -177,7 +179,8 @@ def selective_logprobs_backward(grad_logp: torch.Tensor, grad_entropy: torch.Ten
         else:  # -g_H p (log p + H) = g_H entr(p) - g_H H p, with entr(p) = -p log p (0 at p = 0)
             g_h = grad_entropy[lo:hi, None].float()
             g = p * -(g_lp + g_h * entropy[lo:hi, None]) + g_h * torch.special.entr(p)
-        g.scatter_add_(-1, torch.where(keep[:, 0], lab, 0).long()[:, None], g_lp)
+        hit = keep[:, 0] & (lab >= 0) & (lab < vocab)  # a label outside the row scores no one-hot term
+        g.scatter_add_(-1, torch.where(hit, lab, 0).long()[:, None], torch.where(hit[:, None], g_lp, 0.0))
         if temperature != 1.0:
             g /= temperature
         grad[lo:hi] = torch.where(keep, g, 0.0).to(logits.dtype)
