@@ -39,7 +39,7 @@ import torch
 from fastrl import _checks
 from fastrl.ops.selective_logprobs import _grad_logits, _row_stats
 
-__all__ = ["fused_linear_logprobs"]
+__all__ = ["check_inputs", "fused_linear_logprobs", "terminal_single_pass"]
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30  # fp32 chunk logits on the GPU; CPU uses 64 MiB
 
@@ -178,6 +178,45 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, tem
             torch.empty_like(bias) if bias is not None else weight.new_empty(weight.shape[0]))
 
 
+def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         labels: torch.Tensor, token_grads, *, temperature: float, ignore_index: int,
+                         return_entropy: bool, workspace_bytes: int = 0):
+    """Log-probs and the gradients of a terminal loss in one pass over token slices.
+
+    For a loss whose gradient at each token depends only on that token's log-prob and entropy (a
+    token-level GRPO loss: per-token terms times weights fixed by the mask), the gradient of the
+    logits is known as soon as a slice's log-probs are: ``token_grads(lo, hi, logp, entropy)``
+    returns ``(d_logp, d_entropy or None)`` for rows ``lo:hi``, and the slice's logits become their
+    gradient in place and go straight into ``d_hidden`` and ``d_weight`` (fp32 ``[V, H]``
+    accumulator). Three GEMMs in all, the cost of a plain linear layer forward and backward.
+
+    ``hidden [N, H]``, ``labels [N]`` flat and checked by the caller. Returns
+    ``(logp, entropy, d_hidden, d_weight, d_bias)``; ``entropy`` is zeros unless asked, ``d_bias``
+    None without a bias.
+    """
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros_like(logp)
+    d_hidden = torch.empty_like(hidden)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+    step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes or None)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        h, lab = hidden[lo:hi], labels[lo:hi]
+        logits = _logits(h, weight, bias)
+        lp, ent, st = _row_stats(logits, lab, temperature, ignore_index, return_entropy)
+        logp[lo:hi], entropy[lo:hi] = lp, ent
+        g_lp, g_ent = token_grads(lo, hi, lp, ent if return_entropy else None)
+        _grad_logits(g_lp, g_ent, logits, lab, ent, st, temperature, ignore_index, logits)
+        d_low = logits.to(hidden.dtype)
+        d_hidden[lo:hi] = d_low @ weight
+        _accumulate_fp32(d_weight, d_low.t(), h)
+        if d_bias is not None:
+            d_bias += logits.sum(0)
+    return logp, entropy, d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype)
+
+
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, temperature, ignore_index, return_entropy, workspace_bytes = inputs
     _, entropy, stats = output
@@ -215,6 +254,19 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         ``logp [...]`` fp32 (and ``entropy [...]``), differentiable with respect to hidden, weight
         and bias. ``d_weight`` is accumulated in fp32.
     """
+    h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, ignore_index,
+                                                     workspace_bytes)
+    _checks.check_bool("return_entropy", return_entropy)
+    logp, entropy, _ = _forward(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
+                                labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
+                                workspace_bytes or 0)
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+def check_inputs(hidden, weight, labels, bias, temperature, ignore_index, workspace_bytes) -> tuple[int, float, int]:
+    """The checks of :func:`fused_linear_logprobs` (shared with the fused-linear losses): returns
+    ``(H, temperature, ignore_index)``."""
     _checks.check_tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES)
     if hidden.dim() < 1:
         raise ValueError("hidden must have a last (hidden-size) dimension")
@@ -229,14 +281,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         _checks.check_tensor("bias", bias, ndim=1, device=hidden.device)
         if bias.shape[0] != vocab or not bias.dtype.is_floating_point:
             raise ValueError(f"bias must be a floating tensor of shape [{vocab}], got {tuple(bias.shape)} {bias.dtype}")
-    _checks.check_bool("return_entropy", return_entropy)
     if workspace_bytes is not None:
-        workspace_bytes = _checks.check_int("workspace_bytes", workspace_bytes, low=1)
+        _checks.check_int("workspace_bytes", workspace_bytes, low=1)
     temperature, ignore_index = _checks.check_token_labels(labels, hidden.shape[:-1], hidden.device, vocab,
                                                            temperature, ignore_index, "hidden")
-
-    logp, entropy, _ = _forward(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
-                                labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
-                                workspace_bytes or 0)
-    logp = logp.view(labels.shape)
-    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+    return h_size, temperature, ignore_index

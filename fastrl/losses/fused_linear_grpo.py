@@ -1,0 +1,216 @@
+"""GRPO-family loss straight from the last hidden states and the lm-head weight, no logits tensor.
+
+>>> import torch
+>>> from fastrl.losses import FusedLinearGRPOLoss, grpo_loss
+>>> from fastrl.ops import fused_linear_logprobs
+>>> hidden = torch.randn(2, 5, 32, requires_grad=True)       # [B, L, H] policy hidden states
+>>> lm_head = torch.randn(300, 32, requires_grad=True)       # [V, H]
+>>> labels = torch.randint(0, 300, (2, 5))                   # the sampled completion tokens
+>>> mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+>>> old = torch.randn(2, 5) - 6.0                            # log-probs when the rollout was sampled
+>>> advantages = torch.tensor([1.0, -1.0])
+>>> loss_fn = FusedLinearGRPOLoss(loss_type="dapo", epsilon=0.2)
+>>> loss, metrics = loss_fn(hidden, lm_head, labels, old, advantages, mask)
+>>> loss.backward()                                          # gradients were computed in the forward
+>>> logps = fused_linear_logprobs(hidden.detach(), lm_head.detach(), labels)
+>>> torch.allclose(loss, grpo_loss(logps, old, advantages, mask)[0])
+True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrl import _checks
+from fastrl.losses.grpo import _settings, grpo_loss, grpo_loss_grad
+from fastrl.ops.fused_linear_logprobs import _backward as _linear_logprobs_backward
+from fastrl.ops.fused_linear_logprobs import _forward as _linear_logprobs
+from fastrl.ops.fused_linear_logprobs import check_inputs, terminal_single_pass
+
+__all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss"]
+
+_MODES = ("auto", "single_pass", "two_pass")
+
+
+def fused_linear_grpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mode: str = "auto",
+    workspace_bytes: int | None = None,
+    **options,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fastrl.losses.grpo_loss` of the log-probs ``fused_linear_logprobs(hidden, weight,
+    labels, bias, temperature=...)``, with its gradients computed during the forward.
+
+    Args:
+        hidden: padded ``[B, L, H]`` with ``mask [B, L]``, or packed ``[T, H]`` with
+            ``cu_seqlens [B+1]`` (the layouts of :func:`~fastrl.losses.grpo_loss`); fp32, bf16 or
+            fp16, H a multiple of 16. Position t holds the hidden state that predicts ``labels[t]``.
+        weight: the lm-head ``[V, H]``, same dtype; ``bias`` optional ``[V]``.
+        labels: the completion tokens, ``[B, L]`` / ``[T]`` in ``[0, V)`` (padding positions, where
+            ``mask`` is 0, are never read as tokens: they may hold anything in range or -100).
+        old_logps, advantages, ref_logps, sampler_logps, num_items_in_batch, options: as in
+            :func:`~fastrl.losses.grpo_loss` (``entropy_coef != 0`` makes the op compute the entropy
+            of each position too; ``entropy`` itself is not an argument here).
+        temperature: the sampling temperature the log-probs are taken at (logits / T).
+        mode: ``"single_pass"`` computes each slice of tokens' logits once: log-probs, the loss's
+            gradient at those tokens, the logits' gradient in place, and its products into
+            ``d_hidden`` and an fp32 ``[V, H]`` ``d_weight`` accumulator: three GEMMs, what a
+            linear layer's forward and backward cost. It needs a loss whose gradient at a token
+            depends on that token only (``importance_sampling_level="token"``, no
+            ``off_policy_mask_threshold``, not vespo). ``"two_pass"`` takes the log-probs first (one
+            GEMM pass), the loss and its gradient, then recomputes the logits slice by slice for the
+            gradients (the backward of :func:`fastrl.ops.fused_linear_logprobs`, whose accumulator
+            is the smaller of fp32 ``[tokens, H]`` and ``[V, H]``): four GEMMs, any loss setting.
+            ``"auto"``: single pass where it applies and the ``[V, H]`` accumulator is the smaller
+            one (at least as many tokens as vocabulary entries), else two passes.
+        workspace_bytes: cap on the fp32 logits slice (default 1 GiB on CUDA, 64 MiB on CPU).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`~fastrl.losses.grpo_loss`; ``loss.backward()`` hands the
+        stored gradients of ``hidden``, ``weight`` and ``bias`` on (scaled by the incoming gradient)
+        without touching the logits again. Without grad mode, or when no input requires a
+        gradient, only the forward work is done.
+    """
+    settings = _settings(**options)
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
+    if (mask is None) == (cu_seqlens is None):
+        raise ValueError("pass exactly one of cu_seqlens (packed hidden [T, H]) and mask (padded hidden [B, L, H])")
+    positions = 2 if mask is not None else 1
+    if hidden.dim() != positions + 1:
+        raise ValueError(f"hidden must be {'[B, L, H] with mask' if mask is not None else '[T, H] with cu_seqlens'}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if mask is not None:
+        _checks.check_tensor("mask", mask, ndim=2, device=hidden.device)
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (hidden's [B, L]), got {tuple(mask.shape)}")
+        # padding positions score nothing, whatever their label
+        labels = torch.where(mask.bool(), labels, -100) if isinstance(labels, torch.Tensor) else labels
+    h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, -100,
+                                                         workspace_bytes)
+    need_entropy = settings.entropy_coef != 0.0
+    separable = (settings.level == "token" and settings.off_policy_mask_threshold is None
+                 and settings.loss_type != "vespo")
+    if mode == "single_pass" and not separable:
+        raise ValueError("mode='single_pass' needs importance_sampling_level='token', no off_policy_mask_threshold "
+                         "and a loss_type other than vespo (the gradient at a token must depend on that token only)")
+    tokens, vocab = labels.numel(), weight.shape[0]
+    single = mode == "single_pass" or (mode == "auto" and separable and tokens >= vocab)
+
+    loss_kwargs = dict(options, ref_logps=ref_logps, sampler_logps=sampler_logps,
+                       num_items_in_batch=num_items_in_batch)
+    flat_hidden = hidden.reshape(-1, h_size).contiguous()
+    flat_labels = labels.reshape(-1).contiguous()
+    weight = weight.contiguous()
+    grads_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not grads_wanted:
+        with torch.no_grad():
+            logp, entropy, _ = _linear_logprobs(flat_hidden, weight, bias, flat_labels, temperature, ignore_index,
+                                            need_entropy, workspace_bytes or 0)
+            return grpo_loss(logp.view(labels.shape), old_logps, advantages, mask, cu_seqlens,
+                             entropy=entropy.view(labels.shape) if need_entropy else None, **loss_kwargs)
+
+    layout = (labels.shape, mask, cu_seqlens, old_logps, advantages, loss_kwargs)
+    metrics: dict[str, torch.Tensor] = {}
+    loss = _FusedLinearGRPO.apply(flat_hidden, weight, bias, flat_labels, layout, temperature, ignore_index,
+                                  need_entropy, single, workspace_bytes or 0, metrics)
+    return loss, metrics
+
+
+class _FusedLinearGRPO(torch.autograd.Function):
+    """Forward computes the loss and every gradient; backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, layout, temperature, ignore_index, need_entropy, single,
+                workspace_bytes, metrics_out):
+        shape, mask, cu_seqlens, old_logps, advantages, loss_kwargs = layout
+
+        def loss_and_grads(logp, entropy):
+            return grpo_loss_grad(logp.view(shape), old_logps, advantages, mask, cu_seqlens,
+                                  entropy=entropy.view(shape) if need_entropy else None, **loss_kwargs)
+
+        with torch.no_grad():
+            if single:
+                # The gradient at a token depends on that token alone, so the loss's gradient for a
+                # slice can be read off a batch whose other entries are placeholders; the last slice's
+                # call sees every real value and gives the loss and metrics.
+                logp_all = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+                entropy_all = torch.zeros_like(logp_all)
+                result = {}
+
+                def token_grads(lo, hi, logp, entropy):
+                    logp_all[lo:hi] = logp
+                    if entropy is not None:
+                        entropy_all[lo:hi] = entropy
+                    result["out"] = loss_and_grads(logp_all, entropy_all)
+                    _, d_logp, d_entropy, _ = result["out"]
+                    d_logp = d_logp.reshape(-1)[lo:hi].float()
+                    return d_logp, None if d_entropy is None else d_entropy.reshape(-1)[lo:hi].float()
+
+                _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
+                    hidden, weight, bias, labels, token_grads, temperature=temperature, ignore_index=ignore_index,
+                    return_entropy=need_entropy, workspace_bytes=workspace_bytes)
+                if "out" not in result:  # no tokens at all
+                    result["out"] = loss_and_grads(logp_all, entropy_all)
+                loss, _, _, metrics = result["out"]
+            else:
+                logp, entropy, stats = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index,
+                                                    need_entropy, workspace_bytes)
+                loss, d_logp, d_entropy, metrics = loss_and_grads(logp, entropy)
+                d_hidden, d_weight, d_bias = _linear_logprobs_backward(
+                    d_logp.reshape(-1).float(), None if d_entropy is None else d_entropy.reshape(-1).float(),
+                    hidden, weight, bias, labels, entropy, stats, temperature, ignore_index, workspace_bytes)
+        metrics_out.update(metrics)
+        ctx.grads = (d_hidden, d_weight, d_bias if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("the fused-linear GRPO loss hands its stored gradients on once; it cannot be "
+                               "backpropagated twice")
+        # scaled in place and handed on: no second copy of d_weight
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
+        ctx.grads = None
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
+class FusedLinearGRPOLoss(torch.nn.Module):
+    """:func:`fused_linear_grpo_loss` as a module: the settings (``temperature``, ``mode``,
+    ``workspace_bytes`` and the keywords of :func:`~fastrl.losses.grpo_loss`) are checked once here;
+    ``forward(hidden, weight, labels, old_logps, advantages, mask=None, cu_seqlens=None, *,
+    bias=None, ref_logps=None, sampler_logps=None, num_items_in_batch=None)`` returns
+    ``(loss, metrics)``."""
+
+    def __init__(self, *, temperature: float = 1.0, mode: str = "auto", workspace_bytes: int | None = None,
+                 **options):
+        super().__init__()
+        _settings(**options)
+        _checks.check_real("temperature", temperature, low=0.0, low_open=True)
+        if not isinstance(mode, str) or mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
+        if workspace_bytes is not None:
+            _checks.check_int("workspace_bytes", workspace_bytes, low=1)
+        self.options = dict(options, temperature=temperature, mode=mode, workspace_bytes=workspace_bytes)
+
+    def forward(self, hidden, weight, labels, old_logps, advantages, mask=None, cu_seqlens=None, *, bias=None,
+                ref_logps=None, sampler_logps=None, num_items_in_batch=None):
+        return fused_linear_grpo_loss(hidden, weight, labels, old_logps, advantages, mask, cu_seqlens, bias=bias,
+                                      ref_logps=ref_logps, sampler_logps=sampler_logps,
+                                      num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
