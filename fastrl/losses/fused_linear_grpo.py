@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 
 from fastrl import _checks
+from fastrl.losses._fused_linear import grads_wanted, terminal, token_logprobs, two_pass
 from fastrl.losses.grpo import _settings, grpo_loss, grpo_loss_grad
-from fastrl.ops.fused_linear_logprobs import _backward as _linear_logprobs_backward
-from fastrl.ops.fused_linear_logprobs import _forward as _linear_logprobs
 from fastrl.ops.fused_linear_logprobs import check_inputs, terminal_single_pass
 
 __all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss"]
@@ -111,81 +110,57 @@ def fused_linear_grpo_loss(
 
     loss_kwargs = dict(options, ref_logps=ref_logps, sampler_logps=sampler_logps,
                        num_items_in_batch=num_items_in_batch)
+    shape = labels.shape
     flat_hidden = hidden.reshape(-1, h_size).contiguous()
     flat_labels = labels.reshape(-1).contiguous()
     weight = weight.contiguous()
-    grads_wanted = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if not grads_wanted:
+    common = dict(temperature=temperature, ignore_index=ignore_index, need_entropy=need_entropy,
+                  workspace_bytes=workspace_bytes or 0)
+
+    def loss_fn(logp, entropy):
+        return grpo_loss(logp.view(shape), old_logps, advantages, mask, cu_seqlens,
+                         entropy=None if entropy is None else entropy.view(shape), **loss_kwargs)
+
+    if not grads_wanted(hidden, weight, bias):
         with torch.no_grad():
-            logp, entropy, _ = _linear_logprobs(flat_hidden, weight, bias, flat_labels, temperature, ignore_index,
-                                            need_entropy, workspace_bytes or 0)
-            return grpo_loss(logp.view(labels.shape), old_logps, advantages, mask, cu_seqlens,
-                             entropy=entropy.view(labels.shape) if need_entropy else None, **loss_kwargs)
+            return loss_fn(*token_logprobs(flat_hidden, weight, bias, flat_labels, **common))
 
-    layout = (labels.shape, mask, cu_seqlens, old_logps, advantages, loss_kwargs)
-    metrics: dict[str, torch.Tensor] = {}
-    loss = _FusedLinearGRPO.apply(flat_hidden, weight, bias, flat_labels, layout, temperature, ignore_index,
-                                  need_entropy, single, workspace_bytes or 0, metrics)
-    return loss, metrics
+    def single_pass():
+        # The gradient at a token depends on that token alone, so the loss's gradient for a slice
+        # can be read off a batch whose other entries are placeholders; the last slice's call sees
+        # every real value and gives the loss and metrics.
+        logp_all = torch.zeros(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy_all = torch.zeros_like(logp_all)
+        result = {}
 
+        def loss_and_grads():
+            return grpo_loss_grad(logp_all.view(shape), old_logps, advantages, mask, cu_seqlens,
+                                  entropy=entropy_all.view(shape) if need_entropy else None, **loss_kwargs)
 
-class _FusedLinearGRPO(torch.autograd.Function):
-    """Forward computes the loss and every gradient; backward scales them by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, layout, temperature, ignore_index, need_entropy, single,
-                workspace_bytes, metrics_out):
-        shape, mask, cu_seqlens, old_logps, advantages, loss_kwargs = layout
-
-        def loss_and_grads(logp, entropy):
-            return grpo_loss_grad(logp.view(shape), old_logps, advantages, mask, cu_seqlens,
-                                  entropy=entropy.view(shape) if need_entropy else None, **loss_kwargs)
+        def token_grads(lo, hi, logp, entropy):
+            logp_all[lo:hi] = logp
+            if entropy is not None:
+                entropy_all[lo:hi] = entropy
+            result["out"] = loss_and_grads()
+            _, d_logp, d_entropy, _ = result["out"]
+            return (d_logp.reshape(-1)[lo:hi].float(),
+                    None if d_entropy is None else d_entropy.reshape(-1)[lo:hi].float())
 
         with torch.no_grad():
-            if single:
-                # The gradient at a token depends on that token alone, so the loss's gradient for a
-                # slice can be read off a batch whose other entries are placeholders; the last slice's
-                # call sees every real value and gives the loss and metrics.
-                logp_all = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
-                entropy_all = torch.zeros_like(logp_all)
-                result = {}
+            _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
+                flat_hidden, weight, bias, flat_labels, token_grads, temperature=temperature,
+                ignore_index=ignore_index, return_entropy=need_entropy, workspace_bytes=workspace_bytes or 0)
+            if "out" not in result:  # no tokens at all
+                result["out"] = loss_and_grads()
+        loss, _, _, metrics = result["out"]
+        return loss, metrics, d_hidden, d_weight, d_bias
 
-                def token_grads(lo, hi, logp, entropy):
-                    logp_all[lo:hi] = logp
-                    if entropy is not None:
-                        entropy_all[lo:hi] = entropy
-                    result["out"] = loss_and_grads(logp_all, entropy_all)
-                    _, d_logp, d_entropy, _ = result["out"]
-                    d_logp = d_logp.reshape(-1)[lo:hi].float()
-                    return d_logp, None if d_entropy is None else d_entropy.reshape(-1)[lo:hi].float()
+    def compute():
+        if single:
+            return single_pass()
+        return two_pass(flat_hidden, weight, bias, flat_labels, loss_fn, **common)
 
-                _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
-                    hidden, weight, bias, labels, token_grads, temperature=temperature, ignore_index=ignore_index,
-                    return_entropy=need_entropy, workspace_bytes=workspace_bytes)
-                if "out" not in result:  # no tokens at all
-                    result["out"] = loss_and_grads(logp_all, entropy_all)
-                loss, _, _, metrics = result["out"]
-            else:
-                logp, entropy, stats = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index,
-                                                    need_entropy, workspace_bytes)
-                loss, d_logp, d_entropy, metrics = loss_and_grads(logp, entropy)
-                d_hidden, d_weight, d_bias = _linear_logprobs_backward(
-                    d_logp.reshape(-1).float(), None if d_entropy is None else d_entropy.reshape(-1).float(),
-                    hidden, weight, bias, labels, entropy, stats, temperature, ignore_index, workspace_bytes)
-        metrics_out.update(metrics)
-        ctx.grads = (d_hidden, d_weight, d_bias if bias is not None else None)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("the fused-linear GRPO loss hands its stored gradients on once; it cannot be "
-                               "backpropagated twice")
-        # scaled in place and handed on: no second copy of d_weight
-        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads]
-        ctx.grads = None
-        return (*grads, None, None, None, None, None, None, None, None)
+    return terminal(flat_hidden, weight, bias, compute)
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):

@@ -1,0 +1,194 @@
+"""DPO-family loss straight from the policy's last hidden states and the lm-head weight, no logits.
+
+>>> import torch
+>>> from fastrl.losses import FusedLinearDPOLoss, dpo_loss
+>>> from fastrl.ops import fused_linear_logprobs, sequence_logps
+>>> hidden = torch.randn(4, 6, 32, requires_grad=True)   # [2B, L, H]: 2 chosen rows, then 2 rejected
+>>> lm_head = torch.randn(300, 32, requires_grad=True)
+>>> labels = torch.randint(0, 300, (4, 6))
+>>> mask = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]])
+>>> ref_chosen, ref_rejected = torch.tensor([-40.0, -35.0]), torch.tensor([-30.0, -41.0])
+>>> loss, metrics = FusedLinearDPOLoss(beta=0.1)(hidden, lm_head, labels, ref_chosen, ref_rejected, mask=mask)
+>>> loss.backward()
+>>> seq = sequence_logps(fused_linear_logprobs(hidden.detach(), lm_head.detach(), labels.masked_fill(mask == 0, -100)),
+...                      mask=mask)
+>>> torch.allclose(loss, dpo_loss(seq[:2], seq[2:], ref_chosen, ref_rejected, beta=0.1)[0])
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from fastrl import _checks
+from fastrl.losses._fused_linear import grads_wanted, terminal, token_logprobs, two_pass
+from fastrl.losses.dpo import dpo_loss
+from fastrl.ops.fused_linear_logprobs import check_inputs, fused_linear_logprobs
+from fastrl.ops.sequence_logps import sequence_logps
+
+__all__ = ["FusedLinearDPOLoss", "fused_linear_dpo_loss", "precompute_reference_logps"]
+
+
+def _layout(hidden, labels, mask, cu_seqlens):
+    """Checks the layout; returns ``(labels with padding ignored, token counts [2B])``."""
+    if (mask is None) == (cu_seqlens is None):
+        raise ValueError("pass exactly one of cu_seqlens (packed hidden [T, H]) and mask (padded hidden [2B, L, H])")
+    if mask is not None:
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden must be [2B, L, H] with mask, got shape {tuple(hidden.shape)}")
+        _checks.check_tensor("mask", mask, ndim=2, device=hidden.device)
+        if tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise ValueError(f"mask must have shape {tuple(hidden.shape[:2])} (hidden's [2B, L]), got {tuple(mask.shape)}")
+        if isinstance(labels, torch.Tensor):
+            labels = torch.where(mask.bool(), labels, -100)  # padding positions score nothing
+        counts = mask.bool().sum(1)
+    else:
+        if hidden.dim() != 2:
+            raise ValueError(f"hidden must be [T, H] with cu_seqlens, got shape {tuple(hidden.shape)}")
+        _checks.check_tensor("cu_seqlens", cu_seqlens, ndim=1, device=hidden.device)
+        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 1:
+            raise ValueError("cu_seqlens must be a non-empty int32 / int64 tensor of offsets")
+        counts = cu_seqlens[1:] - cu_seqlens[:-1]
+    if counts.numel() % 2 or counts.numel() == 0:
+        raise ValueError(f"the batch must hold 2B sequences (B chosen, then B rejected), got {counts.numel()}")
+    return labels, counts
+
+
+def fused_linear_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ld_alpha: float | None = None,
+    workspace_bytes: int | None = None,
+    **options,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`fastrl.losses.dpo_loss` of the policy's sequence log-probs, computed from ``hidden`` and
+    the lm-head without a ``[tokens, V]`` logits tensor.
+
+    Args:
+        hidden: the policy's last hidden states of 2B completions, the B chosen ones first and then
+            the B rejected ones (pair i = sequences i and B + i): padded ``[2B, L, H]`` with
+            ``mask [2B, L]`` (1 on the completion tokens to score), or packed ``[T, H]`` with
+            ``cu_seqlens [2B+1]``. Position t holds the hidden state that predicts ``labels[t]``.
+            fp32, bf16 or fp16; H a multiple of 16.
+        weight: the lm-head ``[V, H]``, same dtype; ``bias`` optional ``[V]``.
+        labels: ``[2B, L]`` / ``[T]`` token ids in ``[0, V)`` (padding positions are never read).
+        ref_chosen_logps, ref_rejected_logps: ``[B]`` summed reference log-probs (e.g. from
+            :func:`precompute_reference_logps`), or None for the reference-free types.
+        temperature: logits are divided by it.
+        ld_alpha: LD-DPO: tokens of a completion beyond the shorter completion of its pair weigh
+            ``ld_alpha`` (:func:`fastrl.ops.sequence_logps`); the NLL terms keep plain sums.
+        workspace_bytes: cap on the fp32 logits slice (default 1 GiB on CUDA, 64 MiB on CPU).
+        options: the keywords of :func:`~fastrl.losses.dpo_loss` (``loss_type``, ``beta``, ...);
+            ``chosen_lengths`` / ``rejected_lengths`` / ``chosen_nll`` come from the layout.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`~fastrl.losses.dpo_loss`. The forward computes the log-probs
+        (one pass over the vocabulary), the loss and, when a gradient is wanted, the gradients of
+        ``hidden``, ``weight`` and ``bias`` (a second pass that recomputes the logits slice by slice,
+        the backward of :func:`fastrl.ops.fused_linear_logprobs`); ``loss.backward()`` hands them on.
+    """
+    for name in ("chosen_lengths", "rejected_lengths", "chosen_nll"):
+        if name in options:
+            raise ValueError(f"{name} is computed from the layout by fused_linear_dpo_loss; do not pass it")
+    labels, counts = _layout(hidden, labels, mask, cu_seqlens)
+    h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, -100,
+                                                     workspace_bytes)
+    if ld_alpha is not None:
+        ld_alpha = _checks.check_real("ld_alpha", ld_alpha, low=0.0, high=1.0)
+    pairs = counts.numel() // 2
+    shape = labels.shape
+    pair_lengths = None
+    if ld_alpha is not None:
+        shorter = torch.minimum(counts[:pairs], counts[pairs:])
+        pair_lengths = torch.cat([shorter, shorter])
+
+    def loss_fn(logp, entropy):
+        token_logps = logp.view(shape)
+        seq = sequence_logps(token_logps, cu_seqlens, mask=mask, ld_alpha=ld_alpha, pair_lengths=pair_lengths)
+        nll = None
+        if ld_alpha is not None:  # the NLL terms are plain sums, not the LD-weighted ones
+            nll = -sequence_logps(token_logps, cu_seqlens, mask=mask)[:pairs]
+        return dpo_loss(seq[:pairs], seq[pairs:], ref_chosen_logps, ref_rejected_logps,
+                        chosen_lengths=counts[:pairs], rejected_lengths=counts[pairs:], chosen_nll=nll, **options)
+
+    flat_hidden = hidden.reshape(-1, h_size).contiguous()
+    flat_labels = labels.reshape(-1).contiguous()
+    weight = weight.contiguous()
+    common = dict(temperature=temperature, ignore_index=ignore_index, need_entropy=False,
+                  workspace_bytes=workspace_bytes or 0)
+    if not grads_wanted(hidden, weight, bias):
+        with torch.no_grad():
+            return loss_fn(*token_logprobs(flat_hidden, weight, bias, flat_labels, **common))
+    return terminal(flat_hidden, weight, bias,
+                    lambda: two_pass(flat_hidden, weight, bias, flat_labels, loss_fn, **common))
+
+
+class FusedLinearDPOLoss(torch.nn.Module):
+    """:func:`fused_linear_dpo_loss` as a module: options (``temperature``, ``ld_alpha``,
+    ``workspace_bytes`` and the keywords of :func:`~fastrl.losses.dpo_loss`) set here;
+    ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
+    cu_seqlens=None, bias=None)`` returns ``(loss, metrics)``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
+                cu_seqlens=None, bias=None):
+        return fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, mask=mask,
+                                     cu_seqlens=cu_seqlens, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+@torch.no_grad()
+def precompute_reference_logps(backbone, weight: torch.Tensor, batches: Iterable[dict], *,
+                               bias: torch.Tensor | None = None, temperature: float = 1.0,
+                               progress: bool = True) -> torch.Tensor:
+    """Summed log-probs of every completion of a dataset under a frozen reference model, in one
+    pass, so that DPO training keeps no second model in memory.
+
+    Args:
+        backbone: ``backbone(input_ids, attention_mask) -> hidden [N, L, H]``, the reference model
+            up to its last hidden states (for a Hugging Face causal LM: ``lambda ids, am:
+            model.get_decoder()(input_ids=ids, attention_mask=am).last_hidden_state``).
+        weight, bias: the reference's lm-head.
+        batches: dicts with ``input_ids`` [N, L], ``attention_mask`` [N, L] and
+            ``completion_mask`` [N, L] (1 on the completion tokens whose log-prob is summed).
+            The hidden state at position t scores the token at t + 1.
+        progress: a tqdm bar when tqdm is installed.
+
+    Returns:
+        ``[total N]`` fp32 on the CPU, the batches' sequences in order (e.g. chosen and rejected
+        halves to split as the batches were laid out).
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    out = []
+    iterator = tqdm(batches, desc="reference log-probs", unit="batch") if progress and tqdm else batches
+    for i, batch in enumerate(iterator):
+        for key in ("input_ids", "attention_mask", "completion_mask"):
+            if key not in batch:
+                raise ValueError(f"batches[{i}] lacks {key!r} (needs input_ids, attention_mask, completion_mask)")
+        ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        if ids.shape != attention.shape or ids.shape != completion.shape or ids.dim() != 2:
+            raise ValueError(f"batches[{i}]: input_ids, attention_mask and completion_mask must share one [N, L] shape")
+        hidden = backbone(ids, attention)[:, :-1]
+        score = completion[:, 1:].bool() & attention[:, 1:].bool()
+        labels = torch.where(score, ids[:, 1:], -100)
+        token_logps = fused_linear_logprobs(hidden.contiguous(), weight, labels, bias, temperature=temperature)
+        out.append(sequence_logps(token_logps, mask=score).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
