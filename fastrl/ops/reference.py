@@ -257,3 +257,128 @@ def sequence_logps_backward(grad: torch.Tensor, shape, dtype: torch.dtype, cu_se
                                          pair_lengths=pair_lengths, reduction=reduction)
     g = torch.cat([grad.double(), grad.new_zeros(1, dtype=torch.float64)])[seq]
     return torch.where(weight != 0, g * weight, 0.0).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Group-relative advantages (GRPO family)
+
+
+def _segment_sum(x: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64, device=x.device).index_add_(0, index, x)
+
+
+def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den where den > 0, else 0."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, 1.0), 0.0)
+
+
+def _segment_mean_std(x: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, n: int):
+    """Per sample: the count, mean and unbiased std (correction 1; 0 below two values) of the valid
+    ``x`` of its segment."""
+    count = _segment_sum(valid.double(), index, n)
+    mean = _segment_sum(torch.where(valid, x, 0.0), index, n) / count.clamp(min=1)
+    dev = torch.where(valid, x - mean[index], 0.0)
+    m2 = _segment_sum(dev * dev, index, n)
+    std = torch.where(count > 1, (m2 / (count - 1).clamp(min=1)).sqrt(), 0.0)
+    return count[index], mean[index], std[index]
+
+
+def _fp32(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` rounded to fp32 (in fp64), 0 where not valid or not finite once rounded (an fp64 value
+    beyond the fp32 range, an overflowing sum), and the validity."""
+    x = x.float().double()
+    valid = valid & torch.isfinite(x)
+    return torch.where(valid, x, 0.0), valid
+
+
+def _combined(values: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted sum over the finite columns of ``values`` [B, R] (fp64, rounded to fp32) and whether
+    it is scorable (some column finite)."""
+    finite = torch.isfinite(values)
+    return _fp32(torch.where(finite, values * weights, 0.0).sum(1), finite.any(1))
+
+
+def _column_advantages(x, valid, index, n, estimator, scale, eps, lengths):
+    """The advantage of every sample from one value per sample (0 where not ``valid``)."""
+    batch = torch.zeros_like(index)
+    count, mean, std = _segment_mean_std(x, valid, index, n)
+    centred = torch.where(valid, x - mean, 0.0)
+    if estimator in ("grpo", "dr_grpo", "pref_grpo"):
+        if estimator == "dr_grpo" or scale == "none":
+            a = centred
+        elif scale == "group":
+            a = _safe_divide(centred, std + eps)
+        else:
+            a = _safe_divide(centred, _segment_mean_std(x, valid, batch, 1)[2] + eps)
+    elif estimator == "rloo":  # R_i - mean_{j != i} R_j = n / (n - 1) (R_i - mean)
+        a = _safe_divide(centred * count, count - 1)
+    elif estimator == "reinforce_pp":
+        _, mean_b, std_b = _segment_mean_std(x, valid, batch, 1)
+        a = _safe_divide(x - mean_b, std_b + eps)
+    elif estimator == "reinforce_pp_baseline":
+        a = _safe_divide(centred, _segment_mean_std(centred, valid, batch, 1)[2] + eps)
+    elif estimator == "remax":
+        a = x
+    else:  # opo: baseline mean + sum L (R - mean) / sum L, the plain mean when the lengths sum to 0
+        length = lengths.double()
+        length = torch.where(valid & torch.isfinite(length) & (length > 0), length, 0.0)
+        a = centred - _safe_divide(_segment_sum(length * centred, index, n), _segment_sum(length, index, n))[index]
+    return torch.where(valid, a, 0.0)
+
+
+def group_advantages(rewards: torch.Tensor, groups, *, estimator: str = "grpo", scale: str = "group",
+                     eps: float = 1e-4, reward_weights: torch.Tensor | None = None,
+                     multi_reward: str = "sum_then_normalize", lengths: torch.Tensor | None = None,
+                     baseline_rewards: torch.Tensor | None = None,
+                     preferences: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantages [B] fp32 of ``rewards`` [B] or [B, R] in groups (``groups``: ids [B] or a group
+    size); the semantics are those of :func:`fastrl.ops.group_advantages.group_advantages`, arguments
+    unchecked. Statistics in fp64 over fp32-rounded values; NaN / inf rewards are unscorable."""
+    r = rewards.double().reshape(rewards.shape[0], -1)
+    size, device = r.shape[0], r.device
+    if isinstance(groups, int):
+        index = torch.arange(size, device=device) // groups
+        n = size // groups
+    else:
+        _, index = torch.unique(groups.long().clamp(min=0), return_inverse=True)
+        n = int(index.max()) + 1 if size else 0
+    w = (torch.ones(r.shape[1], dtype=torch.float64, device=device) if reward_weights is None
+         else reward_weights.double().to(device))
+    w = torch.where(torch.isfinite(w), w, 0.0)
+    base = None if baseline_rewards is None else baseline_rewards.double().reshape(r.shape)
+    if estimator == "pref_grpo":  # one value per sample: its win rate within the group
+        valid = torch.isfinite(r[:, 0])
+        same = index[:, None] == index[None, :]
+        if preferences.shape[1] != size:  # [B, G] blocks: P[i, j - g * G] for j in group g, = P[i, j % G]
+            p = preferences.double()[:, torch.arange(size, device=device) % preferences.shape[1]]
+        else:
+            p = preferences.double()
+        p = torch.where(p.isnan(), 0.5, p.clamp(0, 1))
+        read = same & valid[:, None] & valid[None, :] & ~torch.eye(size, dtype=torch.bool, device=device)
+        count = _segment_sum(valid.double(), index, n)[index]
+        wins = torch.where(read, p, 0.0).sum(1)
+        columns = [(torch.where(valid, _safe_divide(wins, count - 1).float().double(), 0.0), valid)]
+    elif multi_reward == "sum_then_normalize":
+        x, valid = _combined(r, w)
+        if base is not None:
+            b, valid_b = _combined(base, w)
+            x, valid = _fp32(x - b, valid & valid_b)
+        columns = [(x, valid)]
+    else:
+        columns = []
+        for c in range(r.shape[1]):
+            x, valid = _fp32(r[:, c], torch.isfinite(r[:, c]))
+            if base is not None:
+                b, valid_b = _fp32(base[:, c], torch.isfinite(base[:, c]))
+                x, valid = _fp32(x - b, valid & valid_b)
+            columns.append((x, valid))
+    advantages = [_column_advantages(torch.where(valid, x, 0.0), valid, index, n, estimator, scale, eps, lengths)
+                  for x, valid in columns]
+    if multi_reward == "sum_then_normalize":
+        return advantages[0].float()
+    # normalize_then_sum: the weighted sum of the columns' advantages, divided by its batch std
+    total = sum(w[c] * a for c, a in enumerate(advantages))
+    any_valid = torch.stack([valid for _, valid in columns]).any(0)
+    std = _segment_mean_std(total, any_valid, torch.zeros_like(index), 1)[2]
+    return torch.where(any_valid, _safe_divide(total, std + eps), 0.0).float()
