@@ -17,8 +17,30 @@ STAMP := $(VENV)/.fastrl-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.cpp)
 PYTEST_ARGS ?=
 BENCH_DIR = $(shell $(PY) benchmarks/device.py)
+# Benchmarks: pytest-benchmark settings (per benchmark: rounds that fit BENCH_MAX_TIME seconds, at least
+# BENCH_MIN_ROUNDS), the regression threshold of `make bench-compare`, and the scale (cpu | gpu) that
+# bench-baseline / bench-compare run at.
+BENCH_MAX_TIME ?= 1.0
+BENCH_MIN_ROUNDS ?= 5
+BENCH_THRESHOLD ?= 10%
+BENCH_SCALE ?= cpu
+BENCH_ARGS ?=
+# Peers' wheels for a GPU machine without a package registry (`make wheels`): Python 3.12, manylinux x86-64.
+# WHEELS_PEERS are the light ones (about 3.5 MB); WHEELS_FLASHINFER adds FlashInfer and the one dependency of
+# `import flashinfer.sampling` that the GPU image lacks (about 65 MB, JIT-compiles its kernels with nvcc on first
+# use; `make wheels WHEELS_FLASHINFER=` leaves it out where the folder must stay small).
+WHEELS_DIR ?= wheels
+WHEELS_PYTHON ?= 3.12
+WHEELS_PEERS ?= trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+WHEELS_FLASHINFER ?= flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2
+WHEELS_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+  manylinux2014_x86_64 manylinux1_x86_64
+# Triton of the GPU machines, for the ahead-of-time compile checks (a second venv that reuses .venv's torch).
+TRITON_GPU_VERSION ?= 3.6.0
+VENV_TRITON_GPU ?= .venv-triton$(subst .,,$(basename $(TRITON_GPU_VERSION)))
 
-.PHONY: install demo test bench bench-gpu gpu-test info clean
+.PHONY: install demo test bench bench-gpu bench-baseline bench-compare bench-report wheels wheels-install \
+  gpu-test gpu-all gpu-resources gpu-compile-triton-gpu info clean
 
 install: $(STAMP)
 
@@ -47,27 +69,102 @@ test: $(STAMP)
 info: $(STAMP)
 	$(VENV)/bin/fastrl info
 
-# CPU benchmarks at small shapes, one process per suite (benchmarks/bench_<op>.py), each writing
-# benchmarks/results/<device>/bench_<op>.json; `python benchmarks/report.py FILE...` makes the tables.
+# Benchmarks (see the README's "Benchmarks" section): one process per suite
+# (benchmarks/bench_<op>.py), each writing benchmarks/results/<device>/bench_<op>.json; then the Markdown
+# tables (and, with matplotlib, PNG plots next to the JSON) from benchmarks/report.py. Peers (Liger-Kernel,
+# TRL, FlashInfer) run when installed (`pip install -e .[peers]`; on a GPU machine from wheels/), else skip.
 BENCH_FILES := $(wildcard benchmarks/bench_*.py)
-bench: $(STAMP)
-	@mkdir -p $(BENCH_DIR)
-	@set -e; for f in $(BENCH_FILES); do \
-	  $(PY) -m pytest $$f --benchmark-only --benchmark-json=$(BENCH_DIR)/$$(basename $$f .py).json $(PYTEST_ARGS); \
-	done
+BENCH_PYTEST = --benchmark-only --benchmark-max-time=$(BENCH_MAX_TIME) --benchmark-min-rounds=$(BENCH_MIN_ROUNDS) \
+  $(BENCH_ARGS) $(PYTEST_ARGS)
+# run each suite with extra pytest arguments $(1) (suite name as $$name); fail at the end if one failed
+define run_suites
+	@status=0; for f in $(BENCH_FILES); do name=$$(basename $$f .py); \
+	  FASTRL_BENCH_SCALE=$(2) $(PY) -m pytest $$f $(BENCH_PYTEST) $(1) || status=1; \
+	done; exit $$status
+endef
 
-# The same suites at real shapes on a GPU.
-bench-gpu: $(STAMP)
+bench: $(STAMP) $(VENV)/.fastrl-bench
+	@mkdir -p $(BENCH_DIR)
+	$(call run_suites,--benchmark-json=$(BENCH_DIR)/$$name.json,cpu)
+	@$(MAKE) --no-print-directory bench-report
+
+# The same suites at real shapes on a GPU (peers installed from wheels/ first when it exists).
+bench-gpu: $(STAMP) wheels-install
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device')"
 	@mkdir -p $(BENCH_DIR)
-	@set -e; for f in $(BENCH_FILES); do \
-	  FASTRL_BENCH_SCALE=gpu $(PY) -m pytest $$f --benchmark-only \
-	    --benchmark-json=$(BENCH_DIR)/$$(basename $$f .py).json $(PYTEST_ARGS); \
-	done
+	$(call run_suites,--benchmark-json=$(BENCH_DIR)/$$name.json,gpu)
+	@$(MAKE) --no-print-directory bench-report
+
+# Tables of this machine's results (README "Benchmarks"), plots next to the JSON when matplotlib is there.
+bench-report: $(STAMP)
+	@$(PY) benchmarks/report.py --output $(BENCH_DIR)/REPORT.md $(wildcard $(BENCH_DIR)/bench_*.json)
+
+# Regression runs: save a baseline per suite into .benchmarks/<device>/<suite>/ (git-ignored), then compare
+# a new run with it; bench-compare fails when a benchmark's median is more than BENCH_THRESHOLD slower.
+BENCH_STORAGE = file://.benchmarks/$(notdir $(BENCH_DIR))/$$name
+bench-baseline: $(STAMP) $(VENV)/.fastrl-bench
+	$(call run_suites,--benchmark-storage=$(BENCH_STORAGE) --benchmark-save=baseline,$(BENCH_SCALE))
+
+bench-compare: $(STAMP) $(VENV)/.fastrl-bench
+	@for f in $(BENCH_FILES); do name=$$(basename $$f .py); \
+	  ls .benchmarks/$(notdir $(BENCH_DIR))/$$name/*/*.json >/dev/null 2>&1 || { \
+	    echo "no baseline for $$name on this machine: run \`make bench-baseline\` first" >&2; exit 1; }; done
+	$(call run_suites,--benchmark-storage=$(BENCH_STORAGE) --benchmark-compare \
+	  --benchmark-compare-fail=median:$(BENCH_THRESHOLD),$(BENCH_SCALE))
+
+# What the benchmarks use beyond the tests on a CPU machine: matplotlib (plots) and nvidia-ml-py (.[bench]).
+# On a GPU machine nothing is downloaded: whatever is installed is used, and plots are skipped without it.
+$(VENV)/.fastrl-bench: $(STAMP)
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then :; \
+	else $(PIP) install -q "pytest-benchmark>=4" matplotlib nvidia-ml-py || \
+	  echo "fastrl: could not install matplotlib / nvidia-ml-py: the benchmarks run without plots" >&2; fi
+	@touch $@
+
+# Peers' wheels for a GPU machine that cannot reach a registry: downloaded here (pure-Python and manylinux
+# x86-64 wheels for Python $(WHEELS_PYTHON), without their dependencies: the list names those the GPU image
+# lacks), carried along, installed there by wheels-install (bench-gpu and gpu-all do that when wheels/ exists).
+wheels:
+	@mkdir -p $(WHEELS_DIR)
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(WHEELS_PYTHON) --implementation cp \
+	  $(foreach p,$(WHEELS_PLATFORMS),--platform $(p)) --platform any -d $(WHEELS_DIR) \
+	  $(WHEELS_PEERS) $(WHEELS_FLASHINFER)
+	@du -sh $(WHEELS_DIR)
+
+wheels-install: $(STAMP)
+	@if ls $(WHEELS_DIR)/*.whl >/dev/null 2>&1; then \
+	  echo "fastrl: installing the peers' wheels from $(WHEELS_DIR)/"; \
+	  $(PIP) install -q --no-index --no-deps --find-links $(WHEELS_DIR) $(WHEELS_DIR)/*.whl; \
+	else echo "fastrl: no $(WHEELS_DIR)/ (make wheels): peers that are not installed are skipped"; fi
 
 gpu-test: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-test needs a CUDA device')"
 	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
 
+# One command for a GPU machine's short visit (about 10 minutes on an H100): build, peers from wheels/, the GPU
+# tests, the benchmarks at real shapes, report and plots; JSON, REPORT.md, PNGs and gpu-all.log go into
+# benchmarks/results/<gpu>/. Steps that fail are reported at the end; the later steps still run.
+gpu-all:
+	@bash benchmarks/gpu_all.sh "$(MAKE)" "$(PY)"
+
+# Ahead-of-time compile checks of every Triton kernel (tests/test_gpu_compile.py, part of `make test`):
+# refresh the registers recorded in tests/gpu_resources.json, for Triton of .venv and, when its venv exists,
+# for the GPU machines' Triton ($(TRITON_GPU_VERSION), `make gpu-compile-triton-gpu` creates it; the test file
+# runs itself with it). The record is written even where a check fails (spills, shared memory).
+gpu-resources: $(STAMP)
+	FASTRL_UPDATE_GPU_RESOURCES=1 $(PY) -m pytest tests/test_gpu_compile.py -q $(PYTEST_ARGS)
+
+# The same checks compiled with Triton $(TRITON_GPU_VERSION), in a venv that adds only that Triton (and
+# numpy < 2.4, which its interpreter needs) to .venv's packages.
+gpu-compile-triton-gpu: $(VENV_TRITON_GPU)/.stamp
+	$(VENV_TRITON_GPU)/bin/python -m pytest tests/test_gpu_compile.py -q -p no:cacheprovider $(PYTEST_ARGS)
+
+$(VENV_TRITON_GPU)/.stamp: $(STAMP)
+	@set -e; [ -x $(VENV_TRITON_GPU)/bin/python ] || $(PY) -m venv $(VENV_TRITON_GPU); \
+	main=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	own=$$($(VENV_TRITON_GPU)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	echo "import site; site.addsitedir('$$(realpath $$main)')" > $$own/zz-fastrl-main-venv.pth; \
+	$(VENV_TRITON_GPU)/bin/python -m pip install -q "triton==$(TRITON_GPU_VERSION)" "numpy<2.4"
+	@touch $@
+
 clean:
-	rm -rf build *.egg-info fastrl/_C*.so $(VENV)
+	rm -rf build *.egg-info fastrl/_C*.so $(VENV) $(VENV_TRITON_GPU)

@@ -2,7 +2,8 @@
 
 The torch contender is what most RL and serving code does: sort the vocabulary, mask past the k-th
 value, softmax, cumulative sum, mask past p, softmax again, ``torch.multinomial``. Every contender
-samples the same filtered distribution (tested in tests/test_sampling.py for fastrl).
+samples the same filtered distribution (tested in tests/test_sampling.py for fastrl). Liger-Kernel and
+TRL have no sampler. bytes_moved = the fp32 logits read once (the limit of a one-pass sampler).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import DEVICE, SCALE, synchronized
+from conftest import DEVICE, SCALE, measure
 
 import fastrl
 
@@ -78,9 +79,10 @@ def test_sample(benchmark, shape, setting, contender):
     rows, vocab = shape
     g = torch.Generator(device=DEVICE).manual_seed(0)
     logits = torch.randn(rows, vocab, generator=g, device=DEVICE) * 2.0
-    fn = synchronized(lambda: fns[contender](logits))
-    fn()  # warm-up (and compilation)
-    benchmark.group = f"sample {setting} B={rows} V={vocab}"
-    benchmark.extra_info.update(op="sample", contender=contender, rows=rows, vocab=vocab, setting=setting,
-                                device=DEVICE, threads=torch.get_num_threads(), torch=torch.__version__)
-    benchmark.pedantic(fn, rounds=7 if contender == "torch" else 20, warmup_rounds=1, iterations=1)
+    info = dict(op="sample", contender=contender, rows=rows, vocab=vocab, setting=setting,
+                threads=torch.get_num_threads())
+    measure(benchmark, lambda: fns[contender](logits), group=f"sample {setting} B={rows} V={vocab}", info=info,
+            rounds=7 if contender == "torch" else 20, bytes_moved=logits.numel() * 4,
+            # CPU peak RSS is only meaningful with glibc's mmap threshold fixed (see bench_logprobs.py),
+            # which would slow the torch contenders here: memory on CUDA only (the allocator's exact peak)
+            memory=DEVICE == "cuda")

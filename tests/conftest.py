@@ -39,7 +39,7 @@ def generator():
 
 
 def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, capability: int = 90, num_warps: int = 4,
-                    aligned: tuple[str, ...] = ()) -> dict:
+                    aligned: tuple[str, ...] = (), num_stages: int | None = None) -> dict:
     """Compile a ``@triton.jit`` kernel ahead of time for an NVIDIA GPU that this machine lacks and
     read its resources from the cubin with the ``cuobjdump`` shipped inside Triton.
 
@@ -47,7 +47,10 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, capability: in
     them at run time (pointers from torch allocations; integers such as strides when they are
     multiples of 16, e.g. a vocabulary of 151936) - without it the loads cannot be vectorised.
 
-    Returns ``{"ptx": str, "REG": int, "STACK": int, "LOCAL": int, "SHARED": int}``.
+    Returns ``{"ptx": str, "REG": int, "STACK": int, "LOCAL": int, "SHARED": int, "DYNAMIC_SHARED": int}``:
+    ``SHARED`` is the cubin's static shared memory (cuobjdump; 1 KiB reserved by the system on sm_90),
+    ``DYNAMIC_SHARED`` the shared memory Triton asks for at launch (``compiled.metadata.shared``), which
+    Triton's launcher compares with the device's per-block opt-in limit.
     """
     import os
     import re
@@ -61,7 +64,8 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, capability: in
     names = list(signature)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -69,4 +73,5 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, capability: in
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
     found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    return {"ptx": compiled.asm["ptx"], **{k: int(v) for k, v in found.items()}}
+    return {"ptx": compiled.asm["ptx"], **{k: int(v) for k, v in found.items()},
+            "DYNAMIC_SHARED": int(compiled.metadata.shared)}

@@ -1,0 +1,637 @@
+"""GPU checks without a GPU: every Triton kernel, compiled ahead of time for sm_90 and sm_80.
+
+This machine has no GPU, but Triton compiles for one it does not have (``compile_for_gpu`` in
+conftest.py) and the ``cuobjdump`` inside its wheel reads registers, stack, local and shared memory
+from the cubin. Every ``@triton.jit`` kernel named ``*_kernel`` in ``fastrl.kernels`` must have an
+entry in :data:`REGISTRY` below: the configurations it is launched with at real GPU shapes (the
+signature Triton specialises the launch to, the constexprs, ``num_warps``), read off the launch code
+in ``fastrl/ops``. Each entry is compiled for both targets and fails on
+
+- register spills (``STACK > 0`` or ``LOCAL > 0``; a spilling kernel shows ``REG:255``),
+- shared memory over the per-block opt-in limit (sm_90: 227 KiB, sm_80: 163 KiB),
+- registers above those recorded in ``tests/gpu_resources.json`` for this Triton version, so a
+  change that raises them shows in review. Refresh the record with ``make gpu-resources`` (or
+  ``FASTRL_UPDATE_GPU_RESOURCES=1 pytest tests/test_gpu_compile.py``) and commit it.
+
+A new kernel without a registry entry fails ``test_every_kernel_has_a_registry_entry``. CUDA
+sources (``csrc/cuda/*.cu``) are compiled with nvcc for sm_90a when nvcc is found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = Path(__file__).with_name("gpu_resources.json")
+UPDATE_ENV = "FASTRL_UPDATE_GPU_RESOURCES"
+KiB = 1024
+# Shared memory one block may use after opting in (cudaDevAttrMaxSharedMemoryPerBlockOptin; CUDA
+# programming guide, "Compute capabilities" table): what Triton's launcher compares the kernel's
+# dynamic shared memory with. The cubin's static shared memory (1 KiB reserved by the system on
+# sm_90) comes on top, out of the SM's 228 / 164 KiB.
+SHARED_LIMIT = {90: 227 * KiB, 80: 163 * KiB}
+RESERVED_SHARED = 1 * KiB
+CAPABILITIES = (90, 80)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry: kernel -> the configurations it launches with on the GPU at real shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One GPU launch configuration of a kernel, written the way the launcher calls it.
+
+    ``args`` are the runtime arguments in order, as Triton sees them: a tensor as its pointer type
+    (``"*bf16"``; torch allocations are 16-byte aligned, so every pointer is compiled as aligned), an
+    int as a representative real value (Triton specialises 1 into a constexpr, other ints to
+    ``i32``/``i64`` and marks multiples of 16 as divisible by 16), a float as ``fp32``.
+    ``constexprs`` are the kernel's ``tl.constexpr`` parameters.
+    """
+
+    id: str
+    args: tuple
+    constexprs: dict
+    num_warps: int
+    num_stages: int | None = None
+    note: str = ""
+
+    def compile_args(self, kernel) -> tuple[dict, dict, tuple[str, ...]]:
+        """``(signature, constexprs, aligned)`` for :func:`conftest.compile_for_gpu`."""
+        params = [p for p in kernel.params]
+        runtime = [p.name for p in params if not p.is_constexpr]
+        declared = [p.name for p in params if p.is_constexpr]
+        if len(runtime) != len(self.args):
+            raise ValueError(f"{kernel.fn.__name__}[{self.id}]: {len(self.args)} args for the {len(runtime)} "
+                             f"runtime parameters {runtime}")
+        if set(self.constexprs) != set(declared):
+            raise ValueError(f"{kernel.fn.__name__}[{self.id}]: constexprs {sorted(self.constexprs)} "
+                             f"!= the kernel's {sorted(declared)}")
+        signature, constexprs, aligned = {}, dict(self.constexprs), []
+        values = dict(zip(runtime, self.args))
+        for p in params:
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+                continue
+            v = values[p.name]
+            if isinstance(v, str):  # a tensor's pointer
+                signature[p.name] = v
+                aligned.append(p.name)
+            elif isinstance(v, bool):
+                signature[p.name] = "i1"
+            elif isinstance(v, int):
+                if v == 1:  # Triton's launcher turns an int 1 into a constant
+                    signature[p.name] = "constexpr"
+                    constexprs[p.name] = 1
+                    continue
+                signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    aligned.append(p.name)
+            elif isinstance(v, float):
+                signature[p.name] = "fp32"
+            else:
+                raise TypeError(f"{kernel.fn.__name__}[{self.id}]: argument {p.name}={v!r}")
+        return signature, constexprs, tuple(aligned)
+
+
+def _selective_fwd(dtype, vocab, entropy, labels="*i64", note=""):
+    # launch: fastrl.ops.selective_logprobs._row_stats with _launch_config (BLOCK = 4096 for any V > 2048,
+    # num_warps = 8); args logits, labels, logp, entropy, stats, V, stride_row = V, 1/T, ignore_index = -100
+    tag = f"{dtype}-{'entropy' if entropy else 'logp'}-V{vocab}" + ("-i32" if labels == "*i32" else "")
+    return Launch(tag, (f"*{dtype}", labels, "*fp32", "*fp32", "*fp32", vocab, vocab, 1 / 0.9, -100),
+                  {"RETURN_ENTROPY": entropy, "BLOCK": 4096}, num_warps=8, note=note)
+
+
+def _selective_bwd(dtype, vocab, entropy, labels="*i64", note=""):
+    # launch: fastrl.ops.selective_logprobs._grad_logits (grad_logits in the logits' dtype, possibly
+    # the logits themselves); args grad_logits, grad_logp, grad_entropy, logits, labels, entropy, stats,
+    # V, stride_row, grad_stride_row, 1/T, ignore_index
+    tag = f"{dtype}-{'entropy' if entropy else 'logp'}-V{vocab}" + ("-i32" if labels == "*i32" else "")
+    return Launch(tag, (f"*{dtype}", "*fp32", "*fp32", f"*{dtype}", labels, "*fp32", "*fp32", vocab, vocab, vocab,
+                        1 / 0.9, -100),
+                  {"HAS_GRAD_ENTROPY": entropy, "BLOCK": 4096}, num_warps=8, note=note)
+
+
+def _sequence(direction, packed, weighted, span=2048, dtype="fp32", index="*i32"):
+    # launch: fastrl.ops.sequence_logps._launch: BLOCK = clamp(next_pow2(mean span), 16, 1024),
+    # num_warps = clamp(BLOCK // 256, 1, 4); args src, cu_seqlens | src, mask | src, pair_lengths | src,
+    # dst, rows (T packed / B padded), L (0 packed), stride_b, stride_l, mask strides (0, 0 packed), ld_alpha
+    block = max(16, min(1024, 1 << (span - 1).bit_length()))
+    src, dst = ("*" + dtype, "*fp32") if direction == "fwd" else ("*fp32", "*" + dtype)
+    pair = "*i64" if weighted else src
+    if packed:  # 64 sequences of `span` tokens in a flat [T]
+        args = (src, index, src, pair, dst, 64 * span, 0, 0, 1, 0, 0, 0.5)
+    else:  # [B=64, L=span] with a bool mask [B, L]
+        args = (src, src, "*i1", pair, dst, 64, span, span, 1, span, 1, 0.5)
+    tag = f"{'packed' if packed else 'padded'}{'-ld-mean' if weighted else ''}-L{span}-{dtype}"
+    return Launch(tag, args, {"PACKED": packed, "WEIGHTED": weighted, "MEAN": weighted, "BLOCK": block},
+                  num_warps=max(1, min(4, block // 256)))
+
+
+def _group_advantages(estimator, batch=8192, *, group_size=16, ids=False, rewards=1, weights=False, split=False,
+                      lengths=False, baseline=False, preferences=False, scale="group"):
+    # launch: fastrl.ops.group_advantages._launch, grid (1,): BLOCK = clamp(next_pow2(B), 128, 2048),
+    # num_warps = clamp(BLOCK // 128, 1, 8); absent tensors are replaced by `out` (fp32), strides by 0
+    codes = {"grpo": 0, "dr_grpo": 0, "rloo": 1, "reinforce_pp": 2, "reinforce_pp_baseline": 3, "remax": 4, "opo": 5,
+             "pref_grpo": 6}
+    scale_code = {"group": 0, "batch": 1, "none": 2}["none" if estimator == "dr_grpo" else scale]
+    grouped = estimator not in ("reinforce_pp", "remax")
+    hashed = grouped and ids
+    slots = max(2, 1 << (2 * batch - 1).bit_length()) if hashed else (batch // group_size if grouped else 1)
+    block = max(128, min(2048, 1 << (batch - 1).bit_length()))
+    out = "*fp32"
+    r_strides = (1, 0) if rewards == 1 else (rewards, 1)
+    args = ("*fp32", *r_strides, rewards,
+            out, 1 if weights else 0,
+            "*i64" if ids else out, 1 if ids else 0, 0 if ids else group_size,
+            "*i64" if lengths else out, 1 if lengths else 0,
+            "*fp32" if baseline else out, *(r_strides if baseline else (0, 0)),
+            "*fp32" if preferences else out, *((group_size, 1) if preferences else (0, 0)),
+            out, *(("*i64",) * 3 if hashed else (out,) * 3), "*fp64", "*fp64", "*fp64" if split else out,
+            batch, slots, slots.bit_length() - 1, 1e-4)
+    tag = "-".join([estimator, "ids" if ids else f"G{group_size}" if grouped else "batch", f"B{batch}"]
+                   + ([f"R{rewards}"] if rewards > 1 else []) + (["split"] if split else []))
+    constexprs = {"ESTIMATOR": codes[estimator], "SCALE": scale_code, "SPLIT": split, "HASHED": hashed,
+                  "HAS_WEIGHTS": weights, "PREF_BLOCKED": preferences, "NSTATS": 5 if estimator == "opo" else 3,
+                  "BLOCK": block}
+    return Launch(tag, args, constexprs, num_warps=max(1, min(8, block // 128)))
+
+
+def _grpo_loss(direction, *, packed=True, span=2048, policy=0, level=0, ref=False, beta=0.0, sampler=False,
+               is_mode=0, off_policy=False, entropy=False, adv_token=False, kl=3, delta=None, dual=False, tag=""):
+    # launch: fastrl.losses.grpo._launch, one program per sequence: BLOCK = clamp(next_pow2(mean span), 16, 1024),
+    # num_warps = clamp(BLOCK // 128, 1, 8); absent tensors are replaced by logps (fp32 per-token log-probs)
+    block = max(16, min(1024, 1 << (span - 1).bit_length()))
+    seqs = 64
+    lp = "*fp32"
+    mask, cu = (lp, "*i32") if packed else ("*i1", lp)
+    if direction == "fwd":  # logps, old, adv, ref, sampler, opsrc, entropy, mask, cu_seqlens, stats
+        pointers = (lp, lp, "*fp32", lp, lp, lp, lp, mask, cu, "*fp32")
+    else:  # logps, old, adv, ref, sampler, mask, cu_seqlens, stats, grad_loss, grad_entropy, d_logps, d_entropy
+        pointers = (lp, lp, "*fp32", lp, lp, mask, cu, "*fp32", "*fp32", "*fp32", lp, lp)
+    scalars = (seqs * span if packed else seqs, 0 if packed else span,
+               0.8, 1.28, 0.28, delta or 0.0, 0.0, beta, 0.0, float("inf"), 0.0, 1.0, 1.05, 3.0, 3.0, 1.0, 1.0)
+    seq_pass = level != 0 or policy == 3 or off_policy or is_mode >= 3
+    constexprs = {"PACKED": packed, "ADV_TOKEN": adv_token, "POLICY": policy, "LEVEL": level, "KL": kl,
+                  "KL_ST": False, "BIAS": True, "HAS_REF": ref, "HAS_BETA": ref and beta != 0.0,
+                  "HAS_DELTA": delta is not None, "DUAL": dual, "IS_MODE": is_mode, "OFF_POLICY": off_policy,
+                  "HAS_ENT": entropy, "SEQ_PASS": seq_pass, "BLOCK": block}
+    name = f"{tag}-{'packed' if packed else 'padded'}-L{span}"
+    return Launch(name, (*pointers, *scalars), constexprs, num_warps=max(1, min(8, block // 128)))
+
+
+def _dpo(kernel, pairs=256, *, types=1, ref=True, lengths=False, nll=False, weights=False, tag="sigmoid"):
+    # launch: fastrl.losses.dpo, one program per BLOCK = clamp(next_pow2(pairs), 16, 256) pairs,
+    # num_warps = clamp(BLOCK // 64, 1, 4); absent tensors are replaced by pc (fp32 sequence log-probs)
+    block = max(16, min(256, 1 << (pairs - 1).bit_length()))
+    n_blocks = (pairs + block - 1) // block
+    t = "*fp32"
+    tensors = (t,) * 13
+    flags = {"HAS_REF": ref, "HAS_LC": lengths, "HAS_LR": lengths, "HAS_NLL": nll, "HAS_BETA": False,
+             "HAS_SOFT": False, "HAS_W": weights, "HAS_D1": False, "HAS_D2": False, "HAS_DELTA": False,
+             "HAS_RPO": False}
+    nll_coef = 1.0 if nll else 0.0
+    if kernel == "fwd":
+        args = (*tensors, t, t, pairs, 0.1, 0.0, 1.0, 0.5, 0.05, 0.0, 50.0)
+        constexprs = {"TYPES": types, "F_DIV": 0, **flags, "NORM_REWARDS": False, "NSTAT": 9, "BLOCK": block}
+        warps = max(1, min(4, block // 64))
+    elif kernel == "finish":
+        args = (t, t, n_blocks, pairs, nll_coef)
+        constexprs = {"BATCH_NLL": nll, "NSTAT": 9, "NSTAT_PAD": 16, "RBLOCK": max(16, min(256, n_blocks))}
+        warps = 1
+    else:
+        args = (t, t, *tensors, t, t, pairs, 0.1, 0.0, 1.0, 0.5, 0.05, 0.0, 50.0, nll_coef)
+        constexprs = {"TYPES": types, "F_DIV": 0, **flags, "BATCH_NLL": nll, "BLOCK": block}
+        warps = max(1, min(4, block // 64))
+    return Launch(f"{tag}-B{pairs}", args, constexprs, num_warps=warps)
+
+
+REAL_VOCAB = 151936  # Qwen2/3; 32000 and 128256 are multiples of 16 as well and compile the same
+ODD_VOCAB = 50257  # GPT-2: not a multiple of 16, so Triton cannot vectorise the row loads
+
+REGISTRY: dict[str, list[Launch]] = {
+    "selective_logprobs.selective_logprobs_fwd_kernel": [
+        _selective_fwd("bf16", REAL_VOCAB, True),
+        _selective_fwd("bf16", REAL_VOCAB, False),
+        _selective_fwd("bf16", ODD_VOCAB, True),
+        _selective_fwd("fp16", REAL_VOCAB, True, labels="*i32"),
+        # fused_linear_logprobs runs the same kernel over an fp32 logits chunk
+        _selective_fwd("fp32", REAL_VOCAB, True, note="fp32 inputs, fused_linear_logprobs chunks"),
+        _selective_fwd("fp32", REAL_VOCAB, False, note="fp32 inputs, fused_linear_logprobs chunks"),
+    ],
+    "selective_logprobs.selective_logprobs_bwd_kernel": [
+        _selective_bwd("bf16", REAL_VOCAB, True),
+        _selective_bwd("bf16", REAL_VOCAB, False),
+        _selective_bwd("bf16", ODD_VOCAB, True),
+        _selective_bwd("fp16", REAL_VOCAB, True, labels="*i32"),
+        _selective_bwd("fp32", REAL_VOCAB, True, note="fp32 inputs, fused_linear_logprobs chunks (in place)"),
+        _selective_bwd("fp32", ODD_VOCAB, False, note="fused_linear_logprobs vocabulary slices of any width"),
+    ],
+    "sequence_logps.sequence_logps_fwd_kernel": [
+        _sequence("fwd", True, False),
+        _sequence("fwd", True, True),
+        _sequence("fwd", False, False),
+        _sequence("fwd", False, True),
+        _sequence("fwd", True, True, span=200),  # short completions: BLOCK 256, one warp
+        _sequence("fwd", False, False, dtype="bf16"),
+    ],
+    "sequence_logps.sequence_logps_bwd_kernel": [
+        _sequence("bwd", True, False),
+        _sequence("bwd", True, True),
+        _sequence("bwd", False, False),
+        _sequence("bwd", False, True),
+        _sequence("bwd", True, True, span=200),
+        _sequence("bwd", False, False, dtype="bf16"),
+    ],
+    "group_advantages.group_advantages_kernel": [
+        _group_advantages("grpo"),
+        _group_advantages("grpo", ids=True),
+        _group_advantages("dr_grpo", batch=512),
+        _group_advantages("rloo", ids=True),
+        _group_advantages("reinforce_pp", scale="batch"),
+        _group_advantages("reinforce_pp_baseline"),
+        _group_advantages("remax", baseline=True),
+        _group_advantages("opo", lengths=True),
+        _group_advantages("pref_grpo", preferences=True),
+        _group_advantages("grpo", rewards=3, weights=True, split=True),
+    ],
+    "grpo_loss.grpo_loss_fwd_kernel": [
+        _grpo_loss("fwd", tag="dapo"),
+        _grpo_loss("fwd", packed=False, tag="dapo"),
+        _grpo_loss("fwd", ref=True, beta=0.04, entropy=True, tag="grpo-kl-entropy"),
+        _grpo_loss("fwd", level=1, tag="gspo"),
+        _grpo_loss("fwd", policy=1, tag="cispo"),
+        _grpo_loss("fwd", policy=2, adv_token=True, tag="sapo-token-adv"),
+        _grpo_loss("fwd", policy=3, tag="vespo"),
+        _grpo_loss("fwd", sampler=True, is_mode=3, off_policy=True, dual=True, delta=10.0, tag="is-seq-offpolicy"),
+        _grpo_loss("fwd", span=200, tag="dapo-short"),
+    ],
+    "grpo_loss.grpo_loss_bwd_kernel": [
+        _grpo_loss("bwd", tag="dapo"),
+        _grpo_loss("bwd", packed=False, tag="dapo"),
+        _grpo_loss("bwd", ref=True, beta=0.04, entropy=True, tag="grpo-kl-entropy"),
+        _grpo_loss("bwd", level=1, tag="gspo"),
+        _grpo_loss("bwd", policy=1, tag="cispo"),
+        _grpo_loss("bwd", policy=2, adv_token=True, tag="sapo-token-adv"),
+        _grpo_loss("bwd", policy=3, tag="vespo"),
+        _grpo_loss("bwd", sampler=True, is_mode=3, off_policy=True, dual=True, delta=10.0, tag="is-seq-offpolicy"),
+        _grpo_loss("bwd", span=200, tag="dapo-short"),
+    ],
+    "dpo_loss.dpo_loss_fwd_kernel": [
+        _dpo("fwd"),
+        _dpo("fwd", pairs=4096),
+        _dpo("fwd", types=1 << 4, lengths=True, tag="ipo"),
+        _dpo("fwd", types=1 << 18, ref=False, lengths=True, nll=True, tag="cpo"),
+        _dpo("fwd", pairs=16, weights=True, tag="sigmoid-weighted"),
+    ],
+    "dpo_loss.dpo_loss_finish_kernel": [
+        _dpo("finish"),
+        _dpo("finish", pairs=4096),
+        _dpo("finish", nll=True, tag="cpo"),
+    ],
+    "dpo_loss.dpo_loss_bwd_kernel": [
+        _dpo("bwd"),
+        _dpo("bwd", pairs=4096),
+        _dpo("bwd", types=1 << 4, lengths=True, tag="ipo"),
+        _dpo("bwd", types=1 << 18, ref=False, lengths=True, nll=True, tag="cpo"),
+        _dpo("bwd", pairs=16, weights=True, tag="sigmoid-weighted"),
+    ],
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discovery, compilation (cached for the session), checks
+
+
+def discover_kernels() -> tuple[dict, dict]:
+    """``({"module.name_kernel": JITFunction}, {module: import error})`` over ``fastrl.kernels.*``."""
+    import fastrl.kernels as package
+    from triton.runtime.jit import JITFunction
+
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover
+        InterpretedFunction = ()
+    found, errors = {}, {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module_name = f"{package.__name__}.{info.name}"
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # a kernel file that does not import is reported, not hidden
+            errors[module_name] = f"{type(e).__name__}: {e}"
+            continue
+        for attr, obj in vars(module).items():
+            if not attr.endswith("_kernel"):
+                continue
+            if isinstance(obj, InterpretedFunction):  # TRITON_INTERPRET=1 at import: compile the real thing
+                obj = JITFunction(obj.fn)
+            if isinstance(obj, JITFunction) and obj.fn.__module__ == module_name:
+                found[f"{info.name}.{attr}"] = obj
+    return found, errors
+
+
+@functools.cache
+def _kernels() -> dict:
+    return discover_kernels()[0]
+
+
+def _triton_version() -> str:
+    import triton
+
+    return ".".join(triton.__version__.split(".")[:2])
+
+
+@functools.cache
+def compile_one(name: str, launch_id: str, capability: int) -> dict:
+    """Resources of one registry entry at one compute capability (without the PTX)."""
+    from conftest import compile_for_gpu
+
+    kernel = _kernels()[name]
+    launch = next(entry for entry in REGISTRY[name] if entry.id == launch_id)
+    signature, constexprs, aligned = launch.compile_args(kernel)
+    res = compile_for_gpu(kernel, signature, constexprs, capability=capability, num_warps=launch.num_warps,
+                          aligned=aligned, num_stages=launch.num_stages)
+    ptx = res.pop("ptx")
+    res["ptx_target"] = f".target sm_{capability}" in ptx
+    if res.get("STACK", 0) > 0 or res.get("LOCAL", 0) > 0:
+        res["ptxas"] = _ptxas_verbose(ptx, capability)
+    return res
+
+
+def _ptxas_verbose(ptx: str, capability: int) -> str:
+    """ptxas -v's line on stack frame and spill stores / loads, from the ptxas inside Triton's wheel (the
+    one that reads this PTX version); "" when none does."""
+    import tempfile
+
+    import triton.backends.nvidia as nvidia
+
+    bin_dir = Path(nvidia.__file__).parent / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        for name in ("ptxas", "ptxas-blackwell"):
+            if not (bin_dir / name).exists():
+                continue
+            run = subprocess.run([str(bin_dir / name), f"-arch=sm_{capability}", "-v", str(src), "-o",
+                                  str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+            if run.returncode == 0:
+                return " ".join(line.strip() for line in run.stderr.splitlines() if "spill" in line)
+    return ""
+
+
+@functools.cache
+def compile_all() -> dict:
+    """Every registered (kernel, launch, capability) that exists, compiled once per session. Two
+    threads overlap one compile's ptxas / cuobjdump subprocesses with the next one's Python work."""
+    jobs = [(name, launch.id, cap) for name in REGISTRY if name in _kernels() for launch in REGISTRY[name]
+            for cap in CAPABILITIES]
+
+    def run(job):
+        try:
+            return job, compile_one(*job)
+        except Exception as e:  # reported by the test of that entry
+            return job, e
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, jobs))
+
+
+def resource_problems(res: dict, capability: int) -> list[str]:
+    """What makes a compiled kernel unfit for the GPU: spills and shared memory over the limit."""
+    problems = []
+    if res.get("STACK", 0) > 0 or res.get("LOCAL", 0) > 0:
+        problems.append(f"register spills on sm_{capability}: REG={res.get('REG')} STACK={res.get('STACK')} "
+                        f"LOCAL={res.get('LOCAL')} (bytes per thread)"
+                        + (f"; ptxas -v: {res['ptxas']}" if res.get("ptxas") else ""))
+    limit = SHARED_LIMIT[capability]
+    dynamic, static = res.get("DYNAMIC_SHARED", 0), res.get("SHARED", 0)
+    if dynamic > limit or dynamic + static > limit + RESERVED_SHARED:
+        problems.append(f"shared memory on sm_{capability}: {dynamic} B dynamic + {static} B static, the limit "
+                        f"per block is {limit} B ({limit // KiB} KiB)")
+    return problems
+
+
+def load_record() -> dict:
+    if RECORD.exists():
+        return json.loads(RECORD.read_text())
+    return {}
+
+
+def _dump_record(record: dict) -> str:
+    """One line per launch: ``"id": {"sm_80": REG, "sm_90": REG}``, so a diff shows the change."""
+    lines = ["{", f' "_about": {json.dumps(record.get("_about", ""))},']
+    versions = sorted(k for k in record if k != "_about")
+    for i, version in enumerate(versions):
+        lines.append(f" {json.dumps(version)}: {{")
+        kernels = sorted(record[version])
+        for j, name in enumerate(kernels):
+            lines.append(f"  {json.dumps(name)}: {{")
+            launches = sorted(record[version][name])
+            for k, launch_id in enumerate(launches):
+                regs = json.dumps(dict(sorted(record[version][name][launch_id].items())))
+                lines.append(f"   {json.dumps(launch_id)}: {regs}" + ("," if k < len(launches) - 1 else ""))
+            lines.append("  }" + ("," if j < len(kernels) - 1 else ""))
+        lines.append(" }" + ("," if i < len(versions) - 1 else ""))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _cases():
+    return [pytest.param(name, launch.id, cap, id=f"{name.split('.')[-1]}[{launch.id}]-sm_{cap}")
+            for name in REGISTRY for launch in REGISTRY[name] for cap in CAPABILITIES]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tests
+
+
+def test_every_kernel_has_a_registry_entry():
+    found, errors = discover_kernels()
+    assert not errors, f"kernel modules that do not import: {errors}"
+    assert found, "no @triton.jit *_kernel found in fastrl.kernels"
+    missing = sorted(set(found) - set(REGISTRY))
+    assert not missing, (
+        f"Triton kernels without an entry in REGISTRY of {Path(__file__).name}: {missing}. Add the "
+        "configurations each launches with at real GPU shapes (signature, constexprs, num_warps; read "
+        "the op's launch code), then run `make gpu-resources` and commit tests/gpu_resources.json.")
+
+
+def test_registry_names_only_existing_kernels():
+    stale = sorted(set(REGISTRY) - set(_kernels()))
+    assert not stale, f"REGISTRY entries for kernels that no longer exist: {stale}"
+
+
+def test_registry_entries_match_the_kernel_parameters():
+    for name, launches in REGISTRY.items():
+        if name not in _kernels():
+            continue
+        ids = [launch.id for launch in launches]
+        assert len(ids) == len(set(ids)), f"{name}: duplicate launch ids {ids}"
+        for launch in launches:
+            launch.compile_args(_kernels()[name])  # raises on a mismatch
+
+
+@pytest.mark.parametrize("name,launch_id,capability", _cases())
+def test_kernel_compiles_for_the_gpu_without_spills(name, launch_id, capability):
+    if name not in _kernels():
+        pytest.skip(f"{name} does not exist (test_registry_names_only_existing_kernels fails for it)")
+    res = compile_all()[(name, launch_id, capability)]
+    if isinstance(res, Exception):
+        raise res
+    assert res["ptx_target"], f"PTX not for sm_{capability}"
+    assert res.get("REG", 0) > 0, res
+    problems = resource_problems(res, capability)
+    assert not problems, f"{name}[{launch_id}]: " + "; ".join(problems)
+    if os.environ.get(UPDATE_ENV):
+        return  # test_resource_record writes the new values
+    version = load_record().get(f"triton {_triton_version()}")
+    if version is None:
+        pytest.skip(f"no registers recorded for Triton {_triton_version()} in {RECORD.name} (make gpu-resources)")
+    recorded = version.get(name, {}).get(launch_id, {}).get(f"sm_{capability}")
+    assert recorded is not None, (f"{name}[{launch_id}] sm_{capability} has no registers recorded in "
+                                  f"{RECORD.name}: run `make gpu-resources` and commit it")
+    assert res["REG"] <= recorded, (
+        f"{name}[{launch_id}] uses {res['REG']} registers per thread on sm_{capability}, up from the recorded "
+        f"{recorded}: if intended, run `make gpu-resources` and commit {RECORD.name}")
+
+
+def test_resource_record():
+    """With FASTRL_UPDATE_GPU_RESOURCES=1, write this Triton version's registers into the record;
+    otherwise check that it names only registered launches."""
+    key = f"triton {_triton_version()}"
+    record = load_record()
+    if os.environ.get(UPDATE_ENV):
+        results = compile_all()
+        failed = {job: r for job, r in results.items() if isinstance(r, Exception)}
+        assert not failed, f"cannot record, compiles failed: {failed}"
+        section = {}
+        for (name, launch_id, cap), res in sorted(results.items()):
+            section.setdefault(name, {}).setdefault(launch_id, {})[f"sm_{cap}"] = res["REG"]
+        record[key] = section
+        record["_about"] = ("Registers per thread of each kernel launch in REGISTRY of tests/test_gpu_compile.py, "
+                            "compiled ahead of time for sm_90 and sm_80, per Triton version. A test fails when "
+                            "registers rise above these; refresh with `make gpu-resources`.")
+        RECORD.write_text(_dump_record(record))
+        return
+    section = record.get(key)
+    if section is None:
+        pytest.skip(f"no record for {key} in {RECORD.name}")
+    registered = {(name, launch.id) for name in REGISTRY for launch in REGISTRY[name]}
+    stale = sorted((name, lid) for name, launches in section.items() for lid in launches
+                   if (name, lid) not in registered)
+    assert not stale, f"{RECORD.name} records launches not in REGISTRY: {stale} (make gpu-resources)"
+
+
+def test_a_spilling_kernel_is_caught():
+    """A 4096-wide fp32 online-softmax tile on one warp needs 4096 / 32 = 128 fp32 values per thread
+    for each live tile: more than 255 registers hold, so ptxas spills to the stack."""
+    import triton
+    import triton.language as tl
+    from conftest import compile_for_gpu
+
+    @triton.jit
+    def oversized_softmax_kernel(x_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        m = tl.full((), float("-inf"), tl.float32)
+        z = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            s = tl.load(x_ptr + row * n_cols + start + offs, mask=start + offs < n_cols, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            acc = acc * tl.exp(m - m_new) + p * s
+            z = z * tl.exp(m - m_new) + tl.sum(p, axis=0)
+            m = m_new
+        tl.store(out_ptr + row * BLOCK + offs, acc / z)
+
+    res = compile_for_gpu(oversized_softmax_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "n_cols": "i32",
+                                                     "BLOCK": "constexpr"}, {"BLOCK": 4096}, capability=90,
+                          num_warps=1, aligned=("x_ptr", "out_ptr"))
+    assert res["REG"] == 255 and res["STACK"] > 0, res
+    problems = resource_problems(res, 90)
+    assert problems and "register spills" in problems[0]
+
+
+def test_shared_memory_over_the_limit_is_caught():
+    ok = {"REG": 128, "STACK": 0, "LOCAL": 0, "SHARED": 1024, "DYNAMIC_SHARED": 227 * KiB}
+    assert resource_problems(ok, 90) == []
+    assert resource_problems({**ok, "DYNAMIC_SHARED": 227 * KiB + 16}, 90)
+    assert resource_problems({**ok, "SHARED": 0, "DYNAMIC_SHARED": 164 * KiB}, 80)
+    assert resource_problems({**ok, "LOCAL": 8}, 80)
+
+
+GPU_TRITON_VENV = ROOT / ".venv-triton36"  # `make gpu-compile-triton-gpu` creates it (Triton 3.6, as on the GPUs)
+
+
+def test_the_same_checks_with_the_gpu_machines_triton():
+    """The GPU machines run Triton 3.6: where its venv exists, run this file's checks with it too."""
+    if os.environ.get("FASTRL_GPU_COMPILE_INNER"):
+        pytest.skip("inside the Triton 3.6 run")
+    python = GPU_TRITON_VENV / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"no {GPU_TRITON_VENV.name}: `make gpu-compile-triton-gpu` creates it (downloads Triton 3.6)")
+    env = dict(os.environ, FASTRL_GPU_COMPILE_INNER="1")
+    run = subprocess.run([str(python), "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider"],
+                         capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0, f"with {GPU_TRITON_VENV.name}:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA C++ sources
+
+CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return None
+
+
+def test_cuda_sources_compile_for_sm90a_without_spills(tmp_path):
+    if not CUDA_SOURCES:
+        pytest.skip("no csrc/cuda/*.cu yet: nothing to compile (this check is ready for them)")
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): the CUDA sources are not compile-checked")
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], str(ROOT / "csrc")]]
+
+    def build(src: Path):
+        cmd = [nvcc, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), "-arch=sm_90a", "-std=c++17", "-O3",
+               "-Xptxas", "-v", "--expt-relaxed-constexpr", "-DTORCH_EXTENSION_NAME=_C", *includes]
+        return src, subprocess.run(cmd, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(build, CUDA_SOURCES))
+    failures = [f"{src.name}:\n{r.stderr[-4000:]}" for src, r in results if r.returncode != 0]
+    assert not failures, "nvcc failed:\n" + "\n".join(failures)
+    spills = [f"{src.name}: {line.strip()}" for src, r in results for line in r.stderr.splitlines()
+              if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]
+    assert not spills, "register spills:\n" + "\n".join(spills)
+
+
+if __name__ == "__main__":  # a quick listing: python tests/test_gpu_compile.py
+    sys.path.insert(0, str(Path(__file__).parent))
+    for (name, launch_id, cap), res in sorted(compile_all().items()):
+        print(f"{name}[{launch_id}] sm_{cap}: {res}")
