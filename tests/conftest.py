@@ -75,3 +75,20 @@ def compile_for_gpu(kernel, signature: dict, constexprs: dict, *, capability: in
     found = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
     return {"ptx": compiled.asm["ptx"], **{k: int(v) for k, v in found.items()},
             "DYNAMIC_SHARED": int(compiled.metadata.shared)}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every Triton launch made through ``fastrl.kernels.launch`` during the test, as
+    ``(kernel name, grid)`` in order (the list is live: clear it between phases)."""
+    import fastrl.kernels
+
+    calls = []
+    real = fastrl.kernels.launch
+
+    def counting(kernel, grid, *args, **kwargs):
+        calls.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, grid))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(fastrl.kernels, "launch", counting)
+    return calls
