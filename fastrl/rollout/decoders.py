@@ -1,0 +1,266 @@
+"""The two decoders behind :func:`fastrl.rollout.generate`: one prefill, then one step per token.
+
+Both prefill every prompt once with the model's own forward (left-padded batch [P, Lp], Hugging Face
+``DynamicCache``, logits of the last position only) and then hold ``P * G`` rows, prompt-major: the
+prompt's keys and values are copied ``G`` times, once.
+
+- :class:`LeanDecoder` (Llama, Qwen2, Qwen3, Mistral): its own static KV cache, one
+  ``[N, kv_heads, L, head_dim]`` buffer per layer and a boolean mask of the slots each row may attend
+  to. A step calls the model's own sub-modules (norms, projections, MLP, so LoRA or quantised linears
+  still work) and does rotary embedding from a precomputed table, the cache write and the attention
+  itself in a handful of ops: Hugging Face's per-step work (mask construction, cache bookkeeping,
+  output dataclasses) is what costs the time at small sizes. On CUDA the step is captured once in a
+  CUDA graph (static shapes: the whole cache is attended to, unwritten slots masked) and replayed.
+- :class:`HFDecoder`: any causal LM: the model's forward with its ``DynamicCache`` each step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+
+LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# RoPE variants whose frequencies do not depend on the sequence length (a table built once is exact).
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+_GRAPH_LENGTH_BUCKET = 128  # CUDA-graph caches are this many slots long (rounded up): fewer re-captures
+
+
+def _cache_kwarg(model) -> str:
+    """``cache`` (transformers >= 5.24) or ``past_key_values`` (before)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _cache_layers(cache):
+    """(keys, values) per layer of a filled Hugging Face cache, each [P, kv_heads, Lp, head_dim]."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def hf_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+    """One forward over the left-padded prompts [P, Lp]: (logits of the last position [P, V], cache)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, _cache_kwarg(model): cache,
+              "use_cache": True}
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    out = model(**kwargs)
+    return out.logits[:, -1], cache
+
+
+def lean_unsupported_reason(model, total_length: int) -> str | None:
+    """Why :class:`LeanDecoder` cannot run ``model`` (None when it can)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LEAN_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {LEAN_MODEL_TYPES}"
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
+        return "the model has no .model.layers / .lm_head"
+    rope = getattr(base, "rotary_emb", None)
+    if rope is None or getattr(rope, "rope_type", "default") not in _STATIC_ROPE:
+        return f"rope type {getattr(rope, 'rope_type', None)!r} depends on the sequence length"
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return "sharded (DTensor) parameters: their all-gather hooks sit on modules the lean step bypasses"
+    for module in (base, *base.layers, *(getattr(layer, "self_attn", base) for layer in base.layers)):
+        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
+            return f"{type(module).__name__} has forward hooks, which the lean step would bypass"
+    for layer in base.layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
+            return "a decoder layer lacks the Llama attention layout"
+        window = getattr(attn, "sliding_window", None)
+        if window is not None and window < total_length:
+            return f"sliding-window attention ({window}) shorter than the sequence ({total_length})"
+    return None
+
+
+class LeanDecoder:
+    """Static-KV decode of a Llama-family model for ``rows`` sequences of up to ``length`` tokens."""
+
+    def __init__(self, model, rows: int, length: int, *, cuda_graph: bool, static_shapes: bool | None = None):
+        # no reference to ``model`` itself: a decoder kept for the next call must not keep it alive
+        self.base = model.model
+        self.lm_head = model.lm_head
+        self.layers = list(self.base.layers)
+        config = model.config
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.kv_heads = config.num_key_value_heads
+        self.q_heads = config.num_attention_heads
+        self.rows = rows
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, self.base.embed_tokens.weight.dtype
+        self.cuda_graph = cuda_graph and self.device.type == "cuda"
+        # static shapes: what a CUDA graph runs (slot as a tensor, the whole cache attended to). Without
+        # a graph only for tests, which check on CPU the very computation the graph captures.
+        self.static_shapes = self.cuda_graph if static_shapes is None else static_shapes
+        if self.static_shapes:  # one graph serves every prompt length up to the bucket
+            length = -(-length // _GRAPH_LENGTH_BUCKET) * _GRAPH_LENGTH_BUCKET
+        self.length = length
+        shape = (rows, self.kv_heads, length, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # additive attention mask shared by all layers: 0 on slots a row may attend to, -inf elsewhere
+        # (one copy per KV head, so that it broadcasts in a batched matmul over rows x KV heads)
+        self.bias = torch.full((rows, self.kv_heads, 1, length), float("-inf"), dtype=self.dtype, device=self.device)
+        # rotary tables [L, D]; ``sin`` with its first half negated: rotate_half(x) * sin == swap_halves(x) * this
+        self.cos = torch.empty(length, self.head_dim, dtype=self.dtype, device=self.device)
+        self.sin = torch.empty_like(self.cos)
+        self._graph = None
+        self._static = None  # tokens [N], positions [N], slot [1], logits [N, V] of the captured step
+        self.signature = None  # what a cached decoder must match to be reused (set by the caller)
+
+    # -- prefill --------------------------------------------------------------------------------------
+    def prefill(self, model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                repeats: int) -> torch.Tensor:
+        """Run the prompts [P, Lp] once, copy their keys/values ``repeats`` times into slots [0, Lp).
+        Returns the last position's logits [P, V]."""
+        logits, cache = hf_prefill(model, ids, mask, positions)
+        prompt_len = ids.shape[1]
+        # Every slot a row may not attend to holds 0: masked scores are -inf, so their weights are 0, and
+        # 0 * value is only 0 for finite values (padding or a previous batch's slots could hold NaN).
+        keep = mask.bool().repeat_interleave(repeats, 0)[:, None, :, None]  # [N, 1, Lp, 1]
+        for (k, v), kc, vc in zip(_cache_layers(cache), self.keys, self.values):
+            kc.zero_()
+            vc.zero_()
+            kc[:, :, :prompt_len] = torch.where(keep, k.repeat_interleave(repeats, 0), 0.0)
+            vc[:, :, :prompt_len] = torch.where(keep, v.repeat_interleave(repeats, 0), 0.0)
+        self.bias.fill_(float("-inf"))
+        self.bias[..., :prompt_len].masked_fill_(keep.view(-1, 1, 1, prompt_len), 0.0)
+        cos, sin = self.base.rotary_emb(self.cos[None], torch.arange(self.length, device=self.device)[None])
+        self.cos.copy_(cos[0])
+        self.sin.copy_(sin[0])
+        self.sin[:, : self.head_dim // 2].neg_()
+        return logits
+
+    # -- decode ---------------------------------------------------------------------------------------
+    def _forward(self, tokens, positions, slot, kv_len):
+        """Logits [N, V] for one new token per row, written to cache slot ``slot`` (int, or a [1] tensor
+        on the graph path, where ``kv_len`` is the whole cache)."""
+        n, d, kv = self.rows, self.head_dim, self.kv_heads
+        groups = self.q_heads // kv
+        if isinstance(slot, int):
+            self.bias[..., slot] = 0.0
+        else:
+            self.bias.index_fill_(3, slot, 0.0)
+        bias = self.bias.view(n * kv, 1, self.length)[..., :kv_len]
+        cos = self.cos[positions][:, None, :]  # [N, 1, D]
+        sin = self.sin[positions][:, None, :]
+        x = self.base.embed_tokens(tokens)  # [N, H]
+        for layer, kc, vc in zip(self.layers, self.keys, self.values):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(n, self.q_heads, d)
+            k = attn.k_proj(h).view(n, kv, d)
+            v = attn.v_proj(h).view(n, kv, d)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            # rotary embedding of queries and keys together: x * cos + rotate_half(x) * sin
+            qk = torch.cat((q, k), dim=1)
+            swapped = qk.view(n, self.q_heads + kv, 2, d // 2).flip(2).view(n, self.q_heads + kv, d)
+            qk = torch.addcmul(qk * cos, swapped, sin)
+            q, k = qk[:, : self.q_heads], qk[:, self.q_heads:]
+            if isinstance(slot, int):
+                kc[:, :, slot] = k
+                vc[:, :, slot] = v
+            else:
+                kc.index_copy_(2, slot, k[:, :, None])
+                vc.index_copy_(2, slot, v[:, :, None])
+            # grouped-query attention without repeating the cache: rows x KV heads as the batch,
+            # the G query heads of a KV head as the M dimension; scale and mask fused into baddbmm
+            keys = kc.view(n * kv, self.length, d)[:, :kv_len]
+            values = vc.view(n * kv, self.length, d)[:, :kv_len]
+            scores = torch.baddbmm(bias, q.reshape(n * kv, groups, d), keys.transpose(1, 2), alpha=attn.scaling)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+            x = x + attn.o_proj(torch.bmm(probs, values).view(n, self.q_heads * d))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.base.norm(x))
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
+        """Feed ``tokens`` [N] at rotary ``positions`` [N] into cache slot ``slot``; logits [N, V]."""
+        if not self.cuda_graph:
+            if self.static_shapes:
+                return self._forward(tokens, positions, torch.tensor([slot], device=self.device), self.length)
+            return self._forward(tokens, positions, slot, slot + 1)
+        if self._graph is None:
+            self._capture(tokens, positions, slot)
+            if self._graph is None:  # capture failed: eager from now on
+                return self._forward(tokens, positions, slot, slot + 1)
+        static_tokens, static_positions, static_slot, logits = self._static
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
+        static_slot.fill_(slot)
+        self._graph.replay()
+        return logits
+
+    def _capture(self, tokens, positions, slot):
+        """Capture the decode step on its first call. Warm-up and capture run the step for these very
+        inputs (writing the same slot twice is harmless), so the cache is never disturbed."""
+        static_tokens, static_positions = tokens.clone(), positions.clone()
+        static_slot = torch.full((1,), slot, dtype=torch.long, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward(static_tokens, static_positions, static_slot, self.length)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(static_tokens, static_positions, static_slot, self.length)
+        except Exception as exc:  # a model whose sub-modules cannot be captured: run eagerly instead
+            warnings.warn(f"fastrl.rollout: CUDA-graph capture failed ({exc}); decoding eagerly", stacklevel=3)
+            self.cuda_graph = False
+            return
+        self._graph = graph
+        self._static = (static_tokens, static_positions, static_slot, logits)
+
+    def release(self) -> None:
+        self.keys = self.values = []
+        self._graph = self._static = None
+
+
+class HFDecoder:
+    """Any Hugging Face causal LM: its own forward and ``DynamicCache`` for every step."""
+
+    def __init__(self, model, rows: int, length: int):
+        self.model = model
+        self.rows = rows
+        self.cache = None
+        self.cache_kwarg = _cache_kwarg(model)
+        self.logits_to_keep = _accepts(model, "logits_to_keep")
+        self.mask = None
+        self.length = length
+
+    def prefill(self, model, ids, mask, positions, repeats: int) -> torch.Tensor:
+        logits, cache = hf_prefill(model, ids, mask, positions)
+        cache.batch_repeat_interleave(repeats)
+        self.cache = cache
+        self.mask = torch.zeros(self.rows, self.length, dtype=mask.dtype, device=mask.device)
+        self.mask[:, : ids.shape[1]] = mask.repeat_interleave(repeats, 0)
+        return logits
+
+    def step(self, tokens, positions, slot: int) -> torch.Tensor:
+        self.mask[:, slot] = 1
+        kwargs = {"input_ids": tokens[:, None], "attention_mask": self.mask[:, : slot + 1],
+                  "position_ids": positions[:, None], self.cache_kwarg: self.cache, "use_cache": True}
+        if self.logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(**kwargs).logits[:, -1]
+
+    def release(self) -> None:
+        self.cache = self.mask = None
