@@ -1,0 +1,103 @@
+"""Pictures: canvases drawn as coloured shapes, and reward curves. Needs matplotlib (imported on call)."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fastrl.tasks.t2i.grid import Canvas
+
+COLOUR_RGB = {"red": "#d62728", "green": "#2ca02c", "blue": "#1f77b4", "yellow": "#f2c500"}
+
+
+def _figure(width: float, height: float):
+    """A matplotlib Figure with an Agg canvas, without pyplot (no global state, no display needed)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("rendering needs matplotlib: pip install matplotlib") from e
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def draw_canvas(ax, canvas: Canvas) -> None:
+    """Draw ``canvas`` on a matplotlib Axes: grid lines, circles, squares and triangles (row 0 at the top)."""
+    from matplotlib.patches import Circle, Polygon, Rectangle
+
+    n = canvas.size
+    ax.set_xlim(0, n)
+    ax.set_ylim(n, 0)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for k in range(n + 1):
+        ax.axhline(k, color="#dddddd", lw=0.6, zorder=0)
+        ax.axvline(k, color="#dddddd", lw=0.6, zorder=0)
+    for o in canvas.objects():
+        x, y, colour = o.col + 0.5, o.row + 0.5, COLOUR_RGB[o.colour]
+        if o.shape == "circle":
+            patch = Circle((x, y), 0.36)
+        elif o.shape == "square":
+            patch = Rectangle((x - 0.34, y - 0.34), 0.68, 0.68)
+        else:
+            patch = Polygon([(x, y - 0.38), (x - 0.38, y + 0.32), (x + 0.38, y + 0.32)])
+        patch.set_facecolor(colour)
+        patch.set_edgecolor("black")
+        patch.set_linewidth(0.6)
+        ax.add_patch(patch)
+
+
+def render_canvases(path: str | Path, panels: Mapping[str, Sequence[tuple[str, Canvas]]], *,
+                    title: str | None = None, panel_size: float = 1.9, dpi: int = 110) -> Path:
+    """A PNG grid of canvases: one row per method (``panels[method]`` = its ``(prompt text, canvas)``
+    list), the prompt above each canvas. Returns the path written."""
+    rows = list(panels.items())
+    if not rows or not any(items for _, items in rows):
+        raise ValueError("panels: nothing to draw")
+    ncols = max(len(items) for _, items in rows)
+    fig = _figure(panel_size * ncols + 0.6, (panel_size + 0.45) * len(rows) + (0.4 if title else 0))
+    for r, (method, items) in enumerate(rows):
+        for c in range(ncols):
+            ax = fig.add_subplot(len(rows), ncols, r * ncols + c + 1)
+            if c < len(items):
+                prompt, canvas = items[c]
+                draw_canvas(ax, canvas)
+                ax.set_title("\n".join(textwrap.wrap(prompt, 26)), fontsize=7)
+            else:
+                ax.axis("off")
+            if c == 0:
+                ax.set_ylabel(method, fontsize=10, fontweight="bold")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def plot_reward_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+                       title: str = "Training reward", xlabel: str = "step", ylabel: str = "mean reward",
+                       dpi: int = 110) -> Path:
+    """A PNG of ``curves[method] = (steps, values)``, one line per method. Returns the path written."""
+    if not curves:
+        raise ValueError("curves: nothing to plot")
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for method, (steps, values) in curves.items():
+        if len(steps) != len(values):
+            raise ValueError(f"curves[{method!r}]: {len(steps)} steps but {len(values)} values")
+        ax.plot(list(steps), list(values), label=method, marker="o" if len(steps) < 20 else None, markersize=3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path

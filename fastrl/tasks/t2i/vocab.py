@@ -1,0 +1,199 @@
+"""The tokenizer of the text-to-image-token task: prompt words, plan words, image tokens, special tokens.
+
+A training sequence is ``<bos> prompt words <sep> [<plan> plan </plan>] image tokens <eos>``:
+
+- the prompt (``encode_prompt``) ends with ``<sep>``; the completion the model writes starts after it;
+- the optional plan (chain of thought, ``--cot``) lists objects as ``<obj> red circle at 2 3`` (row, column);
+- then exactly size × size image tokens, row-major, one per cell: ``<empty>`` or ``<red-circle>`` etc.
+
+Ids are plain ints: special tokens first (``<pad>`` is 0), then prompt words, plan words, and the image
+tokens as one contiguous block (``Vocab.image_ids``). For the default 6 × 6 canvas: 7 special tokens,
+21 prompt words, 7 plan words (``at`` and the coordinates 0-5), 13 image tokens; 48 in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from fastrl.tasks.t2i.grid import COLOURS, ITEMS, SHAPES, Canvas, Placed
+
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+RELATIONS = ("left of", "right of", "above", "below")
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<plan>", "</plan>", "<obj>")
+PROMPT_WORDS = ("a", "and", *NUMBER_WORDS.values(), *COLOURS, *SHAPES, *PLURALS.values(),
+                "left", "right", "of", "above", "below")
+EMPTY_TOKEN = "<empty>"
+
+
+def image_token(item: tuple[str, str] | None) -> str:
+    """The image token of a cell: ``<empty>`` or ``<colour-shape>``."""
+    return EMPTY_TOKEN if item is None else f"<{item[0]}-{item[1]}>"
+
+
+class Completion(NamedTuple):
+    """What a completion says, read leniently (see :meth:`Vocab.decode_completion`)."""
+
+    canvas: Canvas  # always size × size; cells that could not be read are empty
+    plan: tuple[Placed, ...] | None  # None when no plan section was written
+    problems: tuple[str, ...]  # empty when the completion is well formed
+
+    @property
+    def malformed(self) -> bool:
+        return bool(self.problems)
+
+
+class Vocab:
+    """Token ids of the task for a ``grid_size`` × ``grid_size`` canvas (the plan's coordinates depend on it)."""
+
+    def __init__(self, grid_size: int = 6):
+        if not 1 <= grid_size <= 16:
+            raise ValueError(f"grid_size must be in [1, 16], got {grid_size}")
+        self.grid_size = grid_size
+        self.plan_words = ("at", *(str(i) for i in range(grid_size)))
+        self.tokens: tuple[str, ...] = (*SPECIAL_TOKENS, *PROMPT_WORDS, *self.plan_words,
+                                        EMPTY_TOKEN, *(image_token(item) for item in ITEMS))
+        self._ids = {t: i for i, t in enumerate(self.tokens)}
+        self.pad_id, self.bos_id, self.eos_id, self.sep_id, self.plan_id, self.plan_end_id, self.obj_id = (
+            self._ids[t] for t in SPECIAL_TOKENS)
+        self.empty_id = self._ids[EMPTY_TOKEN]
+        self.image_ids = range(self.empty_id, len(self.tokens))
+        self._items: dict[int, tuple[str, str] | None] = {self._ids[image_token(it)]: it for it in (None, *ITEMS)}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"Vocab(grid_size={self.grid_size}, size={len(self)})"
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Token counts by kind: special, prompt words, plan words, image, total."""
+        return {"special": len(SPECIAL_TOKENS), "prompt_words": len(PROMPT_WORDS), "plan_words": len(self.plan_words),
+                "image": len(self.image_ids), "total": len(self)}
+
+    def id(self, token: str) -> int:
+        try:
+            return self._ids[token]
+        except KeyError:
+            raise ValueError(f"token {token!r} is not in the vocabulary") from None
+
+    # -- plain text --------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of whitespace-separated tokens (words, special or image tokens); an unknown one raises ``ValueError``."""
+        return [self.id(t) for t in text.split()]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Tokens joined by spaces; an id outside the vocabulary shows as ``<unk:ID>``."""
+        return " ".join(self.tokens[i] if 0 <= i < len(self.tokens) else f"<unk:{i}>" for i in _ints(ids))
+
+    # -- image tokens ------------------------------------------------------------------------------------
+
+    def is_image(self, token_id: int) -> bool:
+        return token_id in self._items
+
+    def image_id(self, item: tuple[str, str] | None) -> int:
+        """The id of a cell's image token (``None`` = empty)."""
+        return self._ids[image_token(item)]
+
+    def image_item(self, token_id: int) -> tuple[str, str] | None:
+        """The cell an image token draws (``None`` = empty); a non-image id raises ``ValueError``."""
+        if token_id not in self._items:
+            raise ValueError(f"token id {token_id} is not an image token")
+        return self._items[token_id]
+
+    # -- sequences ---------------------------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """``<bos> words <sep>``: the prompt the model continues."""
+        return [self.bos_id, *self.encode(text), self.sep_id]
+
+    def decode_prompt(self, ids: Iterable[int]) -> str:
+        """The prompt's words (padding, ``<bos>`` and everything from ``<sep>`` on are dropped)."""
+        words = []
+        for i in _ints(ids):
+            if i == self.sep_id:
+                break
+            if i not in (self.pad_id, self.bos_id):
+                words.append(self.tokens[i] if 0 <= i < len(self.tokens) else f"<unk:{i}>")
+        return " ".join(words)
+
+    def encode_plan(self, plan: Sequence[Placed]) -> list[int]:
+        """``<plan> <obj> red circle at 2 3 ... </plan>``."""
+        ids = [self.plan_id]
+        for p in plan:
+            ids += [self.obj_id, self._ids[p.colour], self._ids[p.shape], self._ids["at"], self._ids[str(p.row)],
+                    self._ids[str(p.col)]]
+        return ids + [self.plan_end_id]
+
+    def encode_completion(self, canvas: Canvas, plan: Sequence[Placed] | None = None) -> list[int]:
+        """``[plan] image tokens <eos>``: what the model should write after the prompt."""
+        if canvas.size != self.grid_size:
+            raise ValueError(f"canvas: this vocabulary is for {self.grid_size}x{self.grid_size} canvases, "
+                             f"got {canvas.size}x{canvas.size}")
+        head = self.encode_plan(plan) if plan is not None else []
+        return head + [self.image_id(item) for item in canvas.cells] + [self.eos_id]
+
+    def decode_completion(self, ids: Iterable[int]) -> Completion:
+        """Read a generated completion leniently; never raises on bad content.
+
+        Reading stops at the first ``<eos>`` (a missing ``<eos>`` is accepted: generation may stop at its
+        token budget) and trailing ``<pad>`` are dropped. An optional plan section comes first. Then the
+        image tokens: any other token is a problem and its cell stays empty; fewer or more than
+        size × size tokens is a problem (the canvas is cut or filled with empty cells). ``problems``
+        lists what was wrong; the scorer treats any problem as a malformed completion.
+        """
+        seq = _ints(ids)
+        if self.eos_id in seq:
+            seq = seq[:seq.index(self.eos_id)]
+        while seq and seq[-1] == self.pad_id:
+            seq.pop()
+        problems: list[str] = []
+        plan = None
+        if seq and seq[0] == self.plan_id:
+            if self.plan_end_id in seq:
+                end = seq.index(self.plan_end_id)
+                plan, plan_problems = self._read_plan(seq[1:end])
+                problems += plan_problems
+                seq = seq[end + 1:]
+            else:
+                problems.append("plan section without </plan>")
+                seq = []
+        n = self.grid_size * self.grid_size
+        bad = sum(1 for t in seq if t not in self._items)
+        if bad:
+            problems.append(f"{bad} non-image token(s) among the image tokens")
+        if len(seq) != n:
+            problems.append(f"{len(seq)} image tokens, expected {n}")
+        cells = [self._items.get(t) for t in seq[:n]] + [None] * max(0, n - len(seq))
+        return Completion(Canvas(self.grid_size, tuple(cells)), plan, tuple(problems))
+
+    def _read_plan(self, body: list[int]) -> tuple[tuple[Placed, ...], list[str]]:
+        """Plan entries ``<obj> colour shape at row col``; entries that do not parse are problems."""
+        entries: list[list[int]] = []
+        for t in body:
+            if t == self.obj_id:
+                entries.append([])
+            elif entries:
+                entries[-1].append(t)
+            else:
+                return (), ["plan does not start with <obj>"]
+        plan, problems = [], []
+        coords = {self._ids[w]: int(w) for w in self.plan_words[1:]}
+        for e in entries:
+            words = [self.tokens[t] if 0 <= t < len(self.tokens) else "" for t in e]
+            if (len(e) == 5 and words[0] in COLOURS and words[1] in SHAPES and words[2] == "at"
+                    and e[3] in coords and e[4] in coords):
+                plan.append(Placed(coords[e[3]], coords[e[4]], words[0], words[1]))
+            else:
+                problems.append(f"bad plan entry {' '.join(words)!r}")
+        return tuple(plan), problems
+
+
+def _ints(ids: Iterable[int]) -> list[int]:
+    """A list of Python ints from a list, tuple or 1-D tensor."""
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    return [int(i) for i in ids]
