@@ -1,4 +1,4 @@
-"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``."""
+"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train dpo|grpo|online-dpo``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,44 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+TRAIN_METHODS = ("dpo", "grpo", "online-dpo")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``fastrl train METHOD [--config FILE.yaml] [--field value ...]``: the YAML file, then the
+    overrides (one ``--field value`` per config field; see ``fastrl train METHOD --help``)."""
+    from fastrl.train import ConfigError, DataError, config_class, load_config, train
+
+    if args.help:
+        from transformers import HfArgumentParser
+
+        prog = f"fastrl train {args.method} [--config FILE.yaml]"
+        HfArgumentParser(config_class(args.method), prog=prog).print_help()
+        return 0
+    try:
+        config = load_config(args.method, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"fastrl train {args.method}: {e}", file=sys.stderr)
+        return 2
+    if args.method != "dpo":
+        print(f"fastrl train {args.method}: the config is valid, but this method is not implemented yet "
+              f"(it lands with the rollout engine); only `fastrl train dpo` trains today", file=sys.stderr)
+        return 2
+    from fastrl.train.distributed import close_world
+
+    try:
+        result = train(config)
+    except DataError as e:
+        print(f"fastrl train {args.method}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        close_world()  # the command owns the process (and the torchrun process group)
+    last = result.history[-1] if result.history else {}
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_s") if k in last)
+    print(f"fastrl train {args.method}: {result.steps} steps ({shown}); checkpoint {result.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrl", description="fastrl: fast DPO- and GRPO-family training")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -39,11 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=200_000, help="sampler draws per setting (default 200000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("train", help="train with GRPO, DPO or online DPO from a YAML config", add_help=False,
+                       allow_abbrev=False, usage="fastrl train {dpo,grpo,online-dpo} [--config FILE.yaml] "
+                       "[--FIELD VALUE ...] (see fastrl train METHOD --help)")
+    p.add_argument("method", choices=TRAIN_METHODS)
+    p.add_argument("--config", help="YAML file of config fields")
+    p.add_argument("-h", "--help", action="store_true", help="list the config fields of METHOD")
+    p.set_defaults(func=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = extra  # config fields, parsed by the config's own parser
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "steps", 1) < 1 or getattr(args, "draws", 1) < 1:
         print("fastrl: --steps and --draws must be >= 1", file=sys.stderr)
         return 2

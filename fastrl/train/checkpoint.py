@@ -1,0 +1,175 @@
+"""Checkpoints that a crash cannot corrupt, and a resume that continues bit for bit.
+
+Layout of ``<output_dir>/checkpoints/step-00000042/``::
+
+    model.safetensors    full (unsharded) weights under the Hugging Face names
+    config.json          the model config (with model.safetensors: a from_pretrained directory)
+    tokenizer files      when the run has a tokenizer
+    optimizer.pt         full optimiser state, keyed by parameter name (any process count can load it)
+    trainer_state.pt     scheduler, every process's RNG states, step, data position, counters
+    trainer_state.json   the same counters and the config, for people
+
+A checkpoint is written under ``step-00000042.tmp`` (files fsynced), then renamed into place — a
+rename is atomic — and only then does ``checkpoints/latest`` (also replaced atomically) name it
+and are the oldest checkpoints beyond ``keep`` removed. A crash mid-write leaves a ``.tmp``
+directory, removed by the next save, and every earlier checkpoint intact. Under FSDP2 the full
+state dicts are gathered collectively (every process calls :func:`save_checkpoint`) and process 0
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrl.train import distributed
+
+__all__ = ["find_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+_PREFIX = "model."  # Policy wraps the Hugging Face model as .model
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_tensors(full: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """HF names, each storage once (tied weights: the later name points at the first)."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in full.items():
+        name = name.removeprefix(_PREFIX)
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and ident in seen:
+            tied[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = t.contiguous()
+    return tensors, tied
+
+
+def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimizer, scheduler,
+                    trainer_state: dict[str, Any], config: dict[str, Any], world: distributed.World,
+                    keep: int, tokenizer=None) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically (see the module docstring); every process calls it."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(policy, options=options)
+    optim_sd = get_optimizer_state_dict(policy, optimizer, options=options)
+    rngs = distributed.all_gather_object(rng_state())
+    root = Path(output_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f"step-{step:08d}.tmp"
+        tmp.mkdir()
+        tensors, tied = _model_tensors(model_sd)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "tied": json.dumps(tied)})
+        policy.model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(optim_sd, tmp / "optimizer.pt")
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rngs, "trainer": trainer_state},
+                   tmp / "trainer_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "config": config}, indent=2, default=str))
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        if final.exists():  # the same step saved again: keep the old one until the new one is in place
+            old = root / f"step-{step:08d}.old"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        latest = root / "latest.tmp"
+        latest.write_text(final.name)
+        os.replace(latest, root / "latest")
+        _fsync(root)
+        complete = sorted(p for p in root.glob("step-*") if p.is_dir() and p.suffix == "")
+        for old in complete[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return final
+
+
+def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``resume`` itself if it is a directory; for ``"auto"`` the one
+    ``checkpoints/latest`` names, else the highest complete ``step-*`` (None when there is none)."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        return Path(resume)
+    root = Path(output_dir) / "checkpoints"
+    latest = root / "latest"
+    if latest.is_file() and (root / latest.read_text().strip() / "trainer_state.pt").is_file():
+        return root / latest.read_text().strip()
+    complete = sorted(p for p in root.glob("step-*") if p.suffix == "" and (p / "trainer_state.pt").is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
+                    world: distributed.World) -> dict[str, Any]:
+    """Restore weights, optimiser, scheduler and this process's RNG from ``path``; returns the
+    trainer state (step, data position, counters). Every process calls it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    path = Path(path)
+    for name in ("model.safetensors", "optimizer.pt", "trainer_state.pt"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no {name})")
+    tensors = load_file(str(path / "model.safetensors"))
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tied = json.loads((f.metadata() or {}).get("tied", "{}"))
+    for name, source in tied.items():
+        tensors[name] = tensors[source]
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(policy, {_PREFIX + k: v for k, v in tensors.items()}, options=options)
+    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(policy, optimizer, optim_sd, options=options)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    scheduler.load_state_dict(state["scheduler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[world.rank] if world.rank < len(rngs) else rngs[0])
+    return state["trainer"]

@@ -1,0 +1,462 @@
+"""Trainer configs: one validated dataclass per method, loaded from YAML with command-line overrides.
+
+>>> import pathlib, tempfile
+>>> from fastrl.train.config import DPOConfig
+>>> data = pathlib.Path(tempfile.mkdtemp()) / "pairs.jsonl"
+>>> _ = data.write_text('{"prompt": [5, 6], "chosen": [1, 2], "rejected": [3]}')
+>>> cfg = DPOConfig(model_config={"model_type": "qwen2", "vocab_size": 64}, train_data=str(data), beta=0.2,
+...                 loss_type="ipo")
+>>> cfg.loss_type, cfg.loss_options()["beta"]
+(['ipo'], 0.2)
+>>> DPOConfig(model_config={"model_type": "qwen2"}, train_data=str(data), beta=-1.0)
+Traceback (most recent call last):
+...
+fastrl.train.config.ConfigError: DPOConfig.beta: beta must be finite and in (0.0, inf], got -1.0
+
+``GRPOConfig``, ``DPOConfig`` and ``OnlineDPOConfig`` share :class:`TrainConfig` (model, data,
+batch, optimiser, schedule, logging, checkpointing, seed, systems); the loss options are fields
+named as the keywords of :func:`fastrl.losses.dpo_loss` / :func:`fastrl.losses.grpo_loss`, checked
+by those functions themselves (one place for each check). Every field has a default, so a YAML
+file names only what it changes. :func:`load_config` reads the YAML and applies overrides such as
+``--beta 0.2 --loss_type sigmoid ipo`` with transformers' ``HfArgumentParser`` (argparse): YAML
+values become the parser's defaults and the command line wins. Dict fields (``model_config``) are
+YAML mappings or JSON strings on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "TrainConfig", "config_class", "load_config"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+REPORTERS = ("tensorboard", "wandb")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
+    if "default_factory" in kwargs:
+        return field(metadata={"help": text}, **kwargs)
+    return field(default=default, metadata={"help": text})
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with ``<ConfigClass>.<field>:``."""
+
+
+@dataclass
+class TrainConfig:
+    """Fields every method shares. Sizes are per process unless the name says otherwise."""
+
+    # --- model
+    model: str | None = _help("local directory of a Hugging Face causal LM (nothing is downloaded)", None)
+    model_config: dict | str | None = _help(
+        "a Hugging Face config for a randomly initialised model, e.g. {model_type: qwen2, vocab_size: 512, ...} "
+        "(a JSON string on the command line); exclusive with `model`", None)
+    tokenizer: str | None = _help("tokenizer directory (default: `model`); without one, data are token ids", None)
+    dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter dtype", "float32")
+    bf16: bool = _help("bf16 autocast for the forward (mixed precision over float32 parameters)", False)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _help(
+        "attention kernel; auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa", "auto")
+    gradient_checkpointing: bool = _help("recompute decoder layers in the backward", False)
+    compile: bool = _help("torch.compile each decoder layer", False)
+    # --- data
+    train_data: str | None = _help("local .jsonl / .json / .parquet file (or a directory of them)", None)
+    prompt_column: str = _help("column of the prompts (text, chat messages or token ids)", "prompt")
+    chat_template: bool = _help("apply the tokenizer's chat template when it has one", True)
+    max_prompt_length: int = _help("longest prompt in tokens", 512)
+    prompt_truncation: Literal["error", "left"] = _help(
+        "a longer prompt is an error, or keeps its last max_prompt_length tokens", "error")
+    max_completion_length: int = _help("completions are cut to this many tokens", 512)
+    shuffle: bool = _help("shuffle the examples every epoch (seeded)", True)
+    packing: bool = _help("pack sequences into one row with per-sequence attention (else pad)", True)
+    # --- batch and schedule
+    batch_size: int = _help("examples per micro-batch per process (pairs for DPO, prompts for GRPO)", 8)
+    gradient_accumulation_steps: int = _help("micro-batches per optimiser step", 1)
+    num_epochs: int = _help("passes over the data (when max_steps is 0)", 1)
+    max_steps: int = _help("optimiser steps; 0 = num_epochs passes", 0)
+    # --- optimiser
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _help(
+        "adamw (torch, fused where supported) or bitsandbytes 8-bit AdamW", "adamw")
+    learning_rate: float = _help("peak learning rate", 1e-6)
+    weight_decay: float = _help("AdamW weight decay (matrices only)", 0.0)
+    adam_beta1: float = _help("AdamW beta1", 0.9)
+    adam_beta2: float = _help("AdamW beta2", 0.999)
+    adam_epsilon: float = _help("AdamW epsilon", 1e-8)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _help("decay after warm-up", "linear")
+    warmup_steps: int = _help("linear warm-up steps", 0)
+    min_lr_ratio: float = _help("the decay ends at learning_rate * min_lr_ratio", 0.0)
+    max_grad_norm: float = _help("clip the gradient norm to this; 0 = no clipping", 1.0)
+    max_bad_steps: int = _help("stop after this many consecutive steps with a non-finite loss or gradient", 10)
+    # --- output, logging, checkpoints
+    output_dir: str = _help("metrics.jsonl, checkpoints/ and the reference cache go here", "runs/fastrl")
+    log_every: int = _help("log metrics every N steps", 1)
+    progress: bool = _help("progress bar (tqdm) on rank 0", True)
+    report_to: list[str] = _help("also log to: tensorboard, wandb (when installed)", default_factory=list)
+    run_name: str | None = _help("run name for TensorBoard / W&B", None)
+    peak_tflops: float | None = _help("device peak TFLOP/s for the MFU estimate (known GPUs are looked up)", None)
+    save_every: int = _help("checkpoint every N steps (0 = only at the end)", 0)
+    keep_checkpoints: int = _help("checkpoints kept (oldest removed)", 2)
+    resume: str | None = _help("'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory", None)
+    # --- misc
+    seed: int = _help("seed of the initialisation, data order and sampling", 0)
+    device: str | None = _help("cuda / cpu (default: cuda when available)", None)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------- validation
+    def _fail(self, name: str, message: str) -> None:
+        raise ConfigError(f"{type(self).__name__}.{name}: {message}")
+
+    def _positive(self, *names: str, zero_ok: bool = False) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                self._fail(name, f"must be an int, got {value!r}")
+            if value < 0 or (value == 0 and not zero_ok):
+                self._fail(name, f"must be {'>= 0' if zero_ok else '>= 1'}, got {value}")
+
+    def _real(self, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              optional: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            self._fail(name, f"must be a number, got {value!r}")
+        setattr(self, name, float(value))
+        if (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high):
+            lo = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+            hi = f"<= {high}" if high is not None else ""
+            self._fail(name, f"must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+
+    def _choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, f"must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+
+    def validate(self) -> None:
+        """Check every field once; raise :class:`ConfigError` (a ``ValueError``) naming the field."""
+        if isinstance(self.model_config, str):
+            try:
+                self.model_config = json.loads(self.model_config)
+            except json.JSONDecodeError as e:
+                self._fail("model_config", f"is not valid JSON ({e})")
+        if (self.model is None) == (self.model_config is None):
+            self._fail("model", "give exactly one of model (a local model directory) and model_config "
+                                "(a config for a random initialisation)")
+        if self.model is not None:
+            if not Path(self.model).is_dir():
+                self._fail("model", f"{self.model!r} is not a local directory (models are never downloaded)")
+            if not (Path(self.model) / "config.json").is_file():
+                self._fail("model", f"{self.model!r} has no config.json: not a Hugging Face model directory")
+        else:
+            if not isinstance(self.model_config, dict):
+                self._fail("model_config", f"must be a mapping, got {type(self.model_config).__name__}")
+            if not isinstance(self.model_config.get("model_type"), str):
+                self._fail("model_config", "needs model_type (e.g. qwen2, llama)")
+        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
+            self._fail("tokenizer", f"{self.tokenizer!r} is not a local directory")
+        self._choice("dtype", DTYPES)
+        self._choice("attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
+        if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            self._fail("attn_implementation", "flash_attention_2 needs the flash-attn package")
+        if self.train_data is None:
+            self._fail("train_data", "is required (a local .jsonl / .json / .parquet file or directory)")
+        self._check_data_path()
+        self._choice("prompt_truncation", ("error", "left"))
+        self._positive("max_prompt_length", "max_completion_length", "batch_size", "gradient_accumulation_steps",
+                       "num_epochs", "log_every", "keep_checkpoints", "max_bad_steps")
+        self._positive("max_steps", "warmup_steps", "save_every", "seed", zero_ok=True)
+        self._choice("optimizer", ("adamw", "adamw_8bit", "paged_adamw_8bit"))
+        if self.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+            self._fail("optimizer", f"{self.optimizer} needs bitsandbytes (pip install bitsandbytes)")
+        self._real("learning_rate", 0.0, low_open=True)
+        self._real("weight_decay", 0.0)
+        self._real("adam_beta1", 0.0, 1.0)
+        self._real("adam_beta2", 0.0, 1.0)
+        self._real("adam_epsilon", 0.0)
+        self._choice("lr_scheduler", ("constant", "linear", "cosine"))
+        self._real("min_lr_ratio", 0.0, 1.0)
+        self._real("max_grad_norm", 0.0)
+        self._real("peak_tflops", 0.0, low_open=True, optional=True)
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        for name in self.report_to:
+            if name not in REPORTERS:
+                self._fail("report_to", f"{name!r} is not one of {', '.join(REPORTERS)}")
+        if self.resume is not None and self.resume != "auto" and not Path(self.resume).is_dir():
+            self._fail("resume", f"{self.resume!r} is neither 'auto' nor a checkpoint directory")
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            self._fail("device", f"must be cpu or cuda[:N], got {self.device!r}")
+        if self.bf16 and self.dtype != "float32":
+            self._fail("bf16", f"autocast is for float32 parameters; dtype is {self.dtype}")
+
+    def _check_data_path(self) -> None:
+        path = Path(self.train_data)
+        if path.is_dir():
+            if not any(p.suffix in DATA_SUFFIXES for p in path.iterdir()):
+                self._fail("train_data", f"directory {str(path)!r} holds no {' / '.join(DATA_SUFFIXES)} file")
+        elif not path.is_file():
+            self._fail("train_data", f"{str(path)!r} does not exist (data are read from local files only)")
+        elif path.suffix not in DATA_SUFFIXES:
+            self._fail("train_data", f"{str(path)!r} is not a {' / '.join(DATA_SUFFIXES)} file")
+
+    # ---------------------------------------------------------------- helpers
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _dummy_check(config: TrainConfig, fn, *args, **kwargs) -> None:
+    """Let a loss function check its own options: it raises naming the argument, which is the field."""
+    try:
+        fn(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{type(config).__name__}.{str(e).split(' ', 1)[0]}: {e}") from None
+
+
+@dataclass
+class _DPOLossFields:
+    """The options of :func:`fastrl.losses.dpo_loss`, same names and defaults."""
+
+    loss_type: list[str] = _help("DPO-family loss type(s): sigmoid, ipo, hinge, robust, simpo, ... (LOSSES.md)",
+                                 default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = _help("weights of several loss types (default 1 each)", None)
+    beta: float = _help("β", 0.1)
+    label_smoothing: float = _help("ε of cdpo / robust / exo_pair", 0.0)
+    f_divergence: str = _help("reverse_kl, forward_kl, js or alpha", "reverse_kl")
+    f_alpha: float = _help("α of the alpha divergence", 1.0)
+    gamma_beta_ratio: float = _help("SimPO γ/β", 0.5)
+    rpo_alpha: float | None = _help("RPO: add rpo_alpha × the chosen per-token NLL", None)
+    discopop_tau: float = _help("DiscoPOP τ", 0.05)
+    cpo_alpha: float = _help("CPO NLL weight", 1.0)
+    dpop_lambda: float = _help("DPO-Positive λ", 50.0)
+    bco_delta: float = _help("bco_pair reward shift δ (TRL 1.16: 0)", 0.0)
+    ld_alpha: float | None = _help("LD-DPO: weight of the tokens beyond the shorter completion of a pair", None)
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keywords for :class:`fastrl.losses.FusedLinearDPOLoss`."""
+        names = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence", "f_alpha",
+                 "gamma_beta_ratio", "rpo_alpha", "discopop_tau", "cpo_alpha", "dpop_lambda", "bco_delta", "ld_alpha")
+        return {name: getattr(self, name) for name in names}
+
+    @property
+    def needs_reference(self) -> bool:
+        from fastrl.losses.dpo import REFERENCE_FREE
+
+        return any(t not in REFERENCE_FREE for t in self.loss_type)
+
+    def _validate_dpo_loss(self) -> None:
+        import torch
+
+        from fastrl.losses import dpo_loss
+
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        options = self.loss_options()
+        ld_alpha = options.pop("ld_alpha")
+        if ld_alpha is not None:
+            self._real("ld_alpha", 0.0, 1.0)
+        one = torch.full((1,), -1.0)
+        _dummy_check(self, dpo_loss, one, one, one, one, chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1),
+                     **options)
+
+
+@dataclass
+class _RolloutFields:
+    """Generation and reward settings of the online methods (GRPO, online DPO)."""
+
+    num_generations: int = _help("completions per prompt (the group size G)", 8)
+    temperature: float = _help("sampling temperature (log-probs are taken at the same temperature)", 1.0)
+    top_k: int = _help("top-k filter (0 = off)", 0)
+    top_p: float = _help("top-p filter (1 = off)", 1.0)
+    min_p: float = _help("min-p filter (0 = off)", 0.0)
+    reward_funcs: list[str] = _help("reward callables as 'module:function' (per sample or batched)",
+                                    default_factory=list)
+    reward_weights: list[float] | None = _help("one weight per reward (callables, then the reward model)", None)
+    reward_model: str | None = _help("local directory of an AutoModelForSequenceClassification reward model", None)
+    reward_batch_size: int = _help("completions per reward-model forward", 32)
+
+    def _validate_rollout(self, min_generations: int) -> None:
+        self._positive("num_generations", "reward_batch_size")
+        if self.num_generations < min_generations:
+            self._fail("num_generations", f"must be >= {min_generations}, got {self.num_generations}")
+        self._real("temperature", 0.0, low_open=True)
+        self._positive("top_k", zero_ok=True)
+        self._real("top_p", 0.0, 1.0, low_open=True)
+        self._real("min_p", 0.0, 1.0)
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [self.reward_funcs]
+        for spec in self.reward_funcs:
+            module, sep, name = spec.partition(":")
+            if not sep or not module or not name.isidentifier():
+                self._fail("reward_funcs", f"{spec!r} is not 'module:function'")
+        if self.reward_model is not None and not (Path(self.reward_model) / "config.json").is_file():
+            self._fail("reward_model", f"{self.reward_model!r} is not a local model directory with a config.json")
+        n_rewards = len(self.reward_funcs) + (self.reward_model is not None)
+        if n_rewards == 0:
+            self._fail("reward_funcs", "give at least one reward: reward_funcs and/or reward_model")
+        if self.reward_weights is not None:
+            if len(self.reward_weights) != n_rewards:
+                self._fail("reward_weights",
+                           f"needs one weight per reward ({n_rewards}), got {len(self.reward_weights)}")
+            self.reward_weights = [float(w) for w in self.reward_weights]
+
+
+@dataclass
+class DPOConfig(_DPOLossFields, TrainConfig):
+    """Offline DPO on preference pairs (columns prompt / chosen / rejected)."""
+
+    chosen_column: str = _help("column of the preferred completions", "chosen")
+    rejected_column: str = _help("column of the dispreferred completions", "rejected")
+    reference: Literal["precomputed", "live"] = _help(
+        "precomputed: reference log-probs in one pass before training, cached on disk; "
+        "live: a frozen reference model scores every batch", "precomputed")
+    reference_model: str | None = _help("local directory of the reference model (default: the initial policy)", None)
+    reference_cache_dir: str | None = _help("reference log-prob cache (default: <output_dir>/reference_cache)", None)
+    reference_batch_size: int = _help("pairs per forward of the reference pass (0 = batch_size)", 0)
+
+    def validate(self) -> None:
+        super().validate()
+        self._choice("reference", ("precomputed", "live"))
+        if self.reference_model is not None and not (Path(self.reference_model) / "config.json").is_file():
+            self._fail("reference_model", f"{self.reference_model!r} is not a local model directory with a config.json")
+        self._positive("reference_batch_size", zero_ok=True)
+        self._validate_dpo_loss()
+
+
+@dataclass
+class GRPOConfig(_RolloutFields, TrainConfig):
+    """GRPO-family RL on prompts with rewards (the step lands with the rollout engine)."""
+
+    num_iterations: int = _help("μ: optimiser passes over each rollout batch", 1)
+    loss_type: str = _help("grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo", "dapo")
+    epsilon: float = _help("lower clip ε", 0.2)
+    epsilon_high: float | None = _help("upper clip (default epsilon)", None)
+    delta: float | None = _help("two-sided clipping bound of the ratio", None)
+    clip_ratio_c: float | None = _help("dual-clip c (verl)", None)
+    beta: float = _help("KL coefficient (0 = no reference model)", 0.0)
+    kl: str = _help("KL estimator: k1, k2, k3, abs", "k3")
+    use_bias_correction_kl: bool = _help("TRL's KL × ratio", False)
+    importance_sampling_level: str = _help("token, sequence (GSPO) or sequence_token", "token")
+    is_mode: str = _help("sampler importance-weight mode", "token_truncate")
+    is_cap: float | None = _help("sampler importance-weight cap", None)
+    off_policy_mask_threshold: float | None = _help("drop negative-advantage sequences this far off-policy", None)
+    entropy_coef: float = _help("entropy bonus coefficient", 0.0)
+    loss_agg_mode: str | None = _help("verl aggregation name (overrides the loss type's)", None)
+    mask_truncated_completions: bool = _help("completions without EOS get no loss", False)
+    advantage_estimator: str = _help("group_advantages estimator: grpo, dr_grpo, rloo, reinforce_pp, ...", "grpo")
+    advantage_scale: str = _help("group, batch or none", "group")
+    advantage_eps: float = _help("ε added to the std", 1e-4)
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keywords for :class:`fastrl.losses.FusedLinearGRPOLoss`."""
+        names = ("loss_type", "epsilon", "epsilon_high", "delta", "clip_ratio_c", "beta", "kl",
+                 "use_bias_correction_kl", "importance_sampling_level", "is_mode", "is_cap",
+                 "off_policy_mask_threshold", "entropy_coef", "loss_agg_mode")
+        return {name: getattr(self, name) for name in names} | {"max_completion_length": self.max_completion_length}
+
+    def advantage_options(self) -> dict[str, Any]:
+        """Keywords for :func:`fastrl.ops.group_advantages`."""
+        return {"estimator": self.advantage_estimator, "scale": self.advantage_scale, "eps": self.advantage_eps}
+
+    def validate(self) -> None:
+        super().validate()
+        self._validate_rollout(min_generations=2)
+        self._positive("num_iterations")
+        import torch
+
+        from fastrl.losses import grpo_loss
+        from fastrl.ops import group_advantages
+
+        zeros = torch.zeros(1, 1)
+        tensors = {"ref_logps": zeros if self.beta else None,
+                   "sampler_logps": zeros if self.is_cap is not None or self.is_mode != "token_truncate" else None}
+        _dummy_check(self, grpo_loss, zeros, zeros, torch.zeros(1), torch.ones(1, 1), **tensors, **self.loss_options())
+        try:
+            group_advantages(torch.zeros(2), 2, **self.advantage_options())
+        except (TypeError, ValueError) as e:
+            name = {"estimator": "advantage_estimator", "scale": "advantage_scale", "eps": "advantage_eps"}.get(
+                str(e).split(" ", 1)[0], "advantage_estimator")
+            raise ConfigError(f"GRPOConfig.{name}: {e}") from None
+
+
+@dataclass
+class OnlineDPOConfig(_DPOLossFields, _RolloutFields, TrainConfig):
+    """Online / iterative DPO: pairs sampled from the current policy and scored by the rewards."""
+
+    num_generations: int = _help("completions per prompt (>= 2)", 2)
+    pairing: Literal["best_worst", "all_pairs"] = _help("pairs per prompt: best vs worst, or every ordered pair",
+                                                        "best_worst")
+    reference_update: Literal["fixed", "previous_iterate"] = _help(
+        "the reference stays the initial policy, or becomes the policy every reference_update_every steps "
+        "(iterative DPO)", "fixed")
+    reference_update_every: int = _help("steps between reference updates (previous_iterate)", 1)
+    min_reward_gap: float = _help("drop pairs whose reward gap is smaller (curriculum by gap)", 0.0)
+
+    def validate(self) -> None:
+        super().validate()
+        self._validate_rollout(min_generations=2)
+        self._choice("pairing", ("best_worst", "all_pairs"))
+        self._choice("reference_update", ("fixed", "previous_iterate"))
+        self._positive("reference_update_every")
+        self._real("min_reward_gap", 0.0)
+        self._validate_dpo_loss()
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"dpo": DPOConfig, "grpo": GRPOConfig, "online-dpo": OnlineDPOConfig}
+
+
+def config_class(method: str) -> type[TrainConfig]:
+    """``"dpo"`` / ``"grpo"`` / ``"online-dpo"`` (``online_dpo`` too) -> its config class."""
+    key = method.replace("_", "-")
+    if key not in CONFIGS:
+        raise ValueError(f"method must be one of {', '.join(CONFIGS)}; got {method!r}")
+    return CONFIGS[key]
+
+
+def load_config(cls: type[TrainConfig] | str, path: str | os.PathLike | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """The config of ``cls`` from the YAML file ``path`` (optional) with ``overrides`` applied.
+
+    ``overrides`` are argparse options of transformers' ``HfArgumentParser``, one per field:
+    ``["--beta", "0.2", "--loss_type", "sigmoid", "ipo", "--no_packing", "--model_config", '{"...": 1}']``.
+    Unknown YAML keys and unknown options raise ``ConfigError`` naming them; the result is validated.
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    if isinstance(cls, str):
+        cls = config_class(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    parser = HfArgumentParser(cls, prog=f"fastrl train {cls.__name__.removesuffix('Config').lower()}",
+                              exit_on_error=False, allow_abbrev=False)
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the YAML file must be a mapping of field: value")
+        for key in data:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"{path}: unknown key {key!r}: {cls.__name__} has no such field{hint}")
+        parser.set_defaults(**data)
+    try:
+        namespace, unknown = parser.parse_known_args(list(overrides))
+    except argparse.ArgumentError as e:  # a value of the wrong type or outside the choices
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+    if unknown:
+        flags = [u for u in unknown if u.startswith("-")]
+        word = (flags or unknown)[0]
+        near = difflib.get_close_matches(word.lstrip("-").replace("-", "_"), names, n=1)
+        hint = f" (did you mean --{near[0]}?)" if near else ""
+        raise ConfigError(f"{cls.__name__}: unknown option {word!r}{hint}")
+    config = cls(**{k: v for k, v in vars(namespace).items() if k in names})
+    return config

@@ -1,0 +1,126 @@
+"""Processes: one, or several launched by ``torchrun`` and sharded with FSDP2 (``fully_shard``).
+
+NCCL on CUDA, gloo on the CPU (2 CPU processes is how the multi-process path is tested). Every
+process reads the same data order and takes its own slice of each micro-batch
+(:class:`fastrl.train.data.BatchOrder`); FSDP2 averages gradients over processes, so a loss that is
+a mean over examples gives the same step as one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["World", "all_gather_object", "all_reduce", "barrier", "broadcast_object", "close_world", "init_world",
+           "gradient_sync", "reshard", "shard"]
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world(device: str | None = None) -> World:
+    """Join the process group that ``torchrun`` describes in the environment (if any) and pick
+    this process's device: ``device`` if given, else ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return World(rank, world_size, local_rank, dev)
+
+
+def close_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(module: nn.Module, layers: list[nn.Module], world: World) -> nn.Module:
+    """FSDP2: each decoder layer its own unit, the rest (embeddings, norm, lm-head) the root's.
+    A no-op in one process."""
+    if not world.distributed:
+        return module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device.type, (world.world_size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of ``module`` back in its sharded state. FSDP2 leaves the root unit
+    gathered after a forward (its backward would follow at once); after a no-grad forward, e.g.
+    the reference pass, that would keep a replicated copy of its parameters and hand an optimiser
+    built afterwards the gathered tensors instead of the sharded parameters."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Under FSDP2, whether the next backward reduce-scatters gradients: off for all but the last
+    micro-batch of a step, so that accumulation communicates once per step. A no-op otherwise."""
+    set_sync = getattr(module, "set_requires_gradient_sync", None)
+    if set_sync is not None:
+        set_sync(enabled)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or mean) over processes, in place; the tensor itself in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            tensor /= dist.get_world_size()
+    return tensor
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of process ``src`` on every process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,225 @@
+"""Offline DPO (every DPO-family loss) on a Hugging Face causal LM: the whole recipe, top to bottom.
+
+    from fastrl.train import DPOConfig, train_dpo
+    result = train_dpo(DPOConfig(model="path/to/model", train_data="pairs.jsonl", beta=0.1))
+
+Setup: processes and device, model and tokenizer, preference pairs (tokenised once), packing
+check, reference log-probs (precomputed once and cached on disk, or a live frozen model),
+sharding, optimiser and schedule, resume. Then each step (:func:`dpo_step`) builds the packed
+batch of every micro-batch — B chosen sequences then their B rejected ones — runs the policy to
+its last hidden states and hands them, with the lm-head weight, to
+:class:`fastrl.losses.FusedLinearDPOLoss`, which computes the loss and its gradients without a
+``[tokens, V]`` logits tensor. Each micro-batch loss is weighted by its share of the step's pairs
+(gradient accumulation gives the mean over the step's pairs; FSDP2 averages over processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrl.losses import FusedLinearDPOLoss
+from fastrl.train import distributed
+from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.train.config import ConfigError, DPOConfig
+from fastrl.train.data import BatchOrder, PreferencePairs, load_preference_pairs
+from fastrl.train.model import Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training
+from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from fastrl.train.packing import SequenceBatch, pack, pad
+from fastrl.train.reference import cache_key, model_fingerprint, pair_logps, precompute_pair_logps
+from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+
+__all__ = ["TrainResult", "dpo_step", "pair_batch", "train_dpo"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run returns: the logged records, the last checkpoint, the policy (unsharded in one
+    process) and the number of optimiser steps taken in this run."""
+
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    policy: Policy
+    steps: int
+
+
+def pair_batch(pairs: PreferencePairs, indices: list[int], *, packed: bool, device: torch.device) -> SequenceBatch:
+    """The 2B sequences of B pairs: prompt + chosen for each pair, then prompt + rejected."""
+    prompts = [pairs.prompts[i] for i in indices] * 2
+    completions = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
+    return (pack if packed else pad)(prompts, completions).to(device)
+
+
+def dpo_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss_fn: FusedLinearDPOLoss,
+             reference, autocast, telemetry: Telemetry) -> dict[str, float]:
+    """Forward and backward of one optimiser step's micro-batches (example indices of this
+    process); gradients accumulate in the parameters. ``reference(indices, batch)`` gives the
+    reference log-probs ``(chosen [B], rejected [B])`` or ``(None, None)``. Returns this process's
+    metrics: the pair-weighted mean of the loss's metrics, and token counts."""
+    step_pairs = sum(len(indices) for indices in micro_batches)
+    sums: dict[str, float] = defaultdict(float)
+    for k, indices in enumerate(micro_batches):
+        distributed.gradient_sync(policy, k == len(micro_batches) - 1)
+        with telemetry.phase("data"):
+            batch = make_batch(indices)
+        with telemetry.phase("reference"):
+            ref_chosen, ref_rejected = reference(indices, batch)
+        with telemetry.phase("train"):
+            with autocast():
+                loss, metrics = policy(batch, lambda hidden, weight, bias: loss_fn(
+                    hidden, weight, batch.labels, ref_chosen, ref_rejected, cu_seqlens=batch.cu_seqlens, bias=bias))
+            share = len(indices) / step_pairs
+            (loss * share).backward()
+        sums["loss"] += float(loss.detach()) * share
+        for name, value in metrics.items():
+            sums[name] += float(value) * share
+        sums["tokens"] += batch.tokens
+        sums["slots"] += batch.slots
+        sums["padded_slots"] += batch.padded_slots
+    return dict(sums)
+
+
+def _reduce(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Means over processes (token counts summed), in one collective."""
+    names = sorted(metrics)
+    values = distributed.all_reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=device))
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    counts = {"tokens", "slots", "padded_slots"}
+    return {k: float(v) if k in counts else float(v) / world for k, v in zip(names, values.tolist())}
+
+
+def train_dpo(config: DPOConfig) -> TrainResult:
+    """Run offline DPO as ``config`` says; see the module docstring."""
+    world = distributed.init_world(config.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+
+    # ---- model, tokenizer, data
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    model = build_model(config, world.device)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    pairs = load_preference_pairs(config, tokenizer, vocab_size)
+    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
+    packed = config.packing and packing_works(policy, vocab_size, world.device)
+
+    def make_batch(indices: list[int]) -> SequenceBatch:
+        return pair_batch(pairs, indices, packed=packed, device=world.device)
+
+    def autocast():
+        if config.bf16:
+            return torch.autocast(world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---- reference: the initial policy (or reference_model), precomputed once or run live
+    reference_model = None
+    if config.needs_reference and (config.reference == "live" or config.reference_model is not None):
+        reference_model = frozen_copy(policy, config, world, config.reference_model)
+    if config.needs_reference and config.reference == "precomputed":
+        weights_from = config.reference_model or config.model
+        settings = {"dtype": config.dtype, "bf16": config.bf16, "packed": packed, "ld_alpha": config.ld_alpha,
+                    "attn": model.config._attn_implementation}
+        key = cache_key(pairs.fingerprint(), model_fingerprint(weights_from, None if weights_from else model), settings)
+    prepare_for_training(policy, config, world)
+    policy.train()
+
+    order = BatchOrder(len(pairs), batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
+                       seed=config.seed, shuffle=config.shuffle)
+    steps_per_epoch = order.micro_batches_per_epoch() // config.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"DPOConfig.batch_size: train_data has {len(pairs)} pairs, fewer than one step takes "
+                         f"(batch_size {config.batch_size} × gradient_accumulation_steps "
+                         f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
+    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
+
+    ref_table = None
+    precompute_record: dict[str, Any] = {}
+    if config.needs_reference and config.reference == "precomputed":
+        started = time.perf_counter()
+        chosen, rejected, hit = precompute_pair_logps(
+            reference_model if reference_model is not None else policy, len(pairs), make_batch,
+            batch_size=config.reference_batch_size or config.batch_size,
+            cache_dir=config.reference_cache_dir or out / "reference_cache", key=key, ld_alpha=config.ld_alpha,
+            world=world, progress=config.progress)
+        ref_table = (chosen, rejected)
+        reference_model = None  # no second model in memory while training
+        precompute_record = {"reference/precompute_s": time.perf_counter() - started, "reference/cache_hit": float(hit)}
+
+    def reference(indices: list[int], batch: SequenceBatch):
+        if ref_table is not None:
+            idx = torch.tensor(indices)
+            return ref_table[0][idx].to(world.device), ref_table[1][idx].to(world.device)
+        if reference_model is not None:
+            with autocast():
+                return pair_logps(reference_model, batch, ld_alpha=config.ld_alpha)
+        return None, None
+
+    optimizer = build_optimizer(policy, config, world.device)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+    guard = NonFiniteSteps(config.max_bad_steps)
+    start_step = tokens_seen = 0
+    checkpoint_path = find_checkpoint(out, config.resume)
+    if checkpoint_path is not None:
+        state = load_checkpoint(checkpoint_path, policy=policy, optimizer=optimizer, scheduler=scheduler, world=world)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        order.load_state_dict(state["data"])
+        guard.load_state_dict(state["non_finite"])
+    telemetry = Telemetry(config, total_steps=total_steps, device=world.device, is_main=world.is_main,
+                          start_step=start_step)
+
+    loss_fn = FusedLinearDPOLoss(**config.loss_options())
+    train_flops_per_token = 3 * flops_per_token(model)
+    ref_flops_per_token = flops_per_token(model) if reference_model is not None else 0.0
+    peak = peak_flops(world.device, config.peak_tflops)
+    history: list[dict[str, Any]] = []
+    last_saved = None
+
+    def save(step: int) -> Path:
+        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": order.state_dict(),
+                         "non_finite": guard.state_dict()}
+        return save_checkpoint(out, step, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                               trainer_state=trainer_state, config=config.to_dict(), world=world,
+                               keep=config.keep_checkpoints, tokenizer=tokenizer)
+
+    try:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            micro_batches = [order.next() for _ in range(config.gradient_accumulation_steps)]
+            local = dpo_step(policy, micro_batches, make_batch=make_batch, loss_fn=loss_fn, reference=reference,
+                             autocast=autocast, telemetry=telemetry)
+            metrics = _reduce(local, world.device)
+            with telemetry.phase("optimizer"):
+                lr = scheduler.get_last_lr()[0]
+                grad_norm, stepped = optimizer_step(policy, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                                                    loss=torch.tensor(metrics["loss"]), guard=guard, step=step + 1)
+            elapsed = time.perf_counter() - started
+            tokens_seen += int(metrics["tokens"])
+            telemetry.advance()
+            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+                flops = metrics["tokens"] * (train_flops_per_token + ref_flops_per_token)
+                record = {
+                    **{k: v for k, v in metrics.items() if k not in ("tokens", "slots", "padded_slots")},
+                    "grad_norm": grad_norm, "lr": lr, "skipped": float(not stepped),
+                    "skipped_total": guard.total, "epoch": order.epoch,
+                    "tokens": metrics["tokens"], "tokens_seen": tokens_seen,
+                    "tokens_per_s": metrics["tokens"] / elapsed, "step_s": elapsed,
+                    "packing_efficiency": metrics["tokens"] / metrics["padded_slots"],
+                    "batch_fill": metrics["tokens"] / metrics["slots"],
+                    "tflops": flops / elapsed / 1e12,
+                    **({"mfu": flops / elapsed / (peak * world.world_size)} if peak else {}),
+                    **precompute_record,
+                }
+                precompute_record = {}  # reported once, on the first logged step
+                history.append(telemetry.log(step + 1, record))
+            if config.save_every and (step + 1) % config.save_every == 0:
+                last_saved = save(step + 1)
+        if total_steps > start_step and (last_saved is None or last_saved.name != f"step-{total_steps:08d}"):
+            last_saved = save(total_steps)
+    finally:
+        telemetry.close()
+    return TrainResult(history, last_saved, policy, total_steps - start_step)

@@ -1,0 +1,172 @@
+"""The policy: a Hugging Face causal LM, run up to its last hidden states, with the lm-head
+handed to a fused-linear loss (logits are never materialised in training).
+
+``load_model`` builds the model from a local directory (``local_files_only``) or from a config
+with a seeded random initialisation; :class:`Policy` wraps it so that one ``forward`` runs the
+decoder on a :class:`~fastrl.train.packing.SequenceBatch`, gathers the hidden states that predict
+completion tokens, and calls a *head* on them with the lm-head weight. Everything the head needs
+is used inside that forward, which is what FSDP2 needs: the root module's parameters (embeddings,
+final norm, lm-head) are gathered for the forward of the module that ``fully_shard`` wrapped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastrl.train.packing import SequenceBatch, pack, pad
+
+__all__ = ["Policy", "attention_implementation", "load_model", "load_tokenizer", "packing_works"]
+
+Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
+
+
+def attention_implementation(requested: str, device: torch.device) -> str:
+    """``auto`` -> flash_attention_2 on CUDA with flash-attn installed, else sdpa."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(path: str | None, model_config: dict | None, *, dtype: torch.dtype, attn_implementation: str,
+               seed: int) -> nn.Module:
+    """A causal LM from the local directory ``path`` or, with ``model_config`` (``model_type`` plus
+    the config's fields), randomly initialised under ``torch.manual_seed(seed)``. On the CPU; the
+    caller moves it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                    attn_implementation=attn_implementation)
+    fields = dict(model_config)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def load_tokenizer(path: str | None):
+    """The tokenizer of a local directory, or None (data are then token ids)."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+class Policy(nn.Module):
+    """``Policy(model)(batch, head)`` = ``head(hidden [T_c, H], lm_head.weight [V, H], lm_head.bias)``
+    where ``hidden`` holds, in ``batch.labels`` order, the last hidden states that predict the
+    completion tokens. ``compute_dtype`` (e.g. bf16 under autocast) casts hidden and weight for
+    the head; the cast is differentiable."""
+
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.compute_dtype = compute_dtype
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def forward(self, batch: SequenceBatch, head: Head):
+        out = self.decoder(**batch.model_inputs(), use_cache=False)
+        hidden = out.last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        if self.compute_dtype is not None and hidden.dtype != self.compute_dtype:
+            hidden, weight = hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
+            bias = None if bias is None else bias.to(self.compute_dtype)
+        elif weight.dtype != hidden.dtype:
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        return head(hidden, weight, bias)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks (the classes named in ``model._no_split_modules``), in order: the
+    units of FSDP sharding and of ``compile``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder-layer class in _no_split_modules")
+    return layers
+
+
+@torch.no_grad()
+def packing_works(policy: Policy, vocab_size: int, device: torch.device) -> bool:
+    """Whether this model keeps packed sequences apart: two short random sequences run packed and
+    padded must give the same hidden states. (A model whose attention ignores the position-id
+    restarts would let packed sequences see each other; the trainer then pads instead.)"""
+    gen = torch.Generator().manual_seed(0)
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+
+    prompts, completions = [tokens(3), tokens(2)], [tokens(2), tokens(4)]
+    a = policy(pack(prompts, completions).to(device), lambda h, w, b: h)
+    b = policy(pad(prompts, completions).to(device), lambda h, w, b: h)
+    # leakage between sequences changes hidden states by O(1); rounding by far less
+    atol = 1e-3 if a.dtype == torch.float32 else 5e-2
+    a, b = a.float(), b.float()
+    scale = max(1.0, float(b.abs().max()))
+    ok = bool((a - b).abs().max() <= atol * scale)
+    if not ok:
+        warnings.warn(f"{type(policy.model).__name__} does not separate packed sequences "
+                      f"(max hidden difference {float((a - b).abs().max()):.3g}); padding instead", stacklevel=2)
+    return ok
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_model(config, device: torch.device, path: str | None = None) -> nn.Module:
+    """The config's model (or the one at ``path``) on ``device`` in the config's dtype and
+    attention implementation, in training mode."""
+    attn = attention_implementation(config.attn_implementation, device)
+    if path is not None:
+        model = load_model(path, None, dtype=DTYPES[config.dtype], attn_implementation=attn, seed=config.seed)
+    else:
+        model = load_model(config.model, config.model_config, dtype=DTYPES[config.dtype], attn_implementation=attn,
+                           seed=config.seed)
+    return model.to(device).train()
+
+
+def prepare_for_training(policy: Policy, config, world) -> Policy:
+    """Gradient checkpointing, ``torch.compile`` of each decoder layer, FSDP2 sharding — the
+    features the config asks for, in the order they must be applied."""
+    from fastrl.train import distributed
+
+    model = policy.model
+    layers = decoder_layers(model)
+    if config.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:
+        for layer in layers:
+            layer.compile()
+    return distributed.shard(policy, layers, world)
+
+
+def frozen_copy(policy: Policy, config, world, path: str | None = None) -> Policy:
+    """A frozen reference: the model at ``path``, or a copy of ``policy`` as it is now (call it
+    before training or loading a checkpoint), sharded like the policy."""
+    import copy
+
+    from fastrl.train import distributed
+
+    model = build_model(config, world.device, path) if path is not None else copy.deepcopy(policy.model)
+    ref = Policy(model, policy.compute_dtype).requires_grad_(False).eval()
+    return distributed.shard(ref, decoder_layers(model), world)

@@ -1,0 +1,129 @@
+"""Sequences (prompt + completion) into one model batch: packed (the default) or padded.
+
+Packed: every sequence back to back in one row ``input_ids [1, T]`` with ``position_ids`` that
+restart at 0 for each sequence and no attention mask. Transformers (5.x) reads the restarts: with
+flash-attn it runs the varlen kernel on the ``cu_seqlens`` it derives from them; with SDPA / eager
+it builds a block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``), so no
+token attends outside its own sequence. Padded (the fallback): ``[N, L]`` rows, right-padded,
+with an ``attention_mask``.
+
+Either way the loss sees one layout: the hidden states that predict completion tokens, gathered
+flat ``[T_c, H]`` by ``score_index``, with ``labels [T_c]`` and ``cu_seqlens [N+1]`` over the
+completions — the packed input of the fused-linear losses. Padding never reaches the lm-head.
+
+>>> b = pack([[5, 6], [7]], [[1, 2, 3], [4]])
+>>> b.input_ids.tolist(), b.position_ids.tolist()
+([[5, 6, 1, 2, 3, 7, 4]], [[0, 1, 2, 3, 4, 0, 1]])
+>>> b.score_index.tolist(), b.labels.tolist(), b.cu_seqlens.tolist()
+([1, 2, 3, 5], [1, 2, 3, 4], [0, 3, 4])
+>>> p = pad([[5, 6], [7]], [[1, 2, 3], [4]])
+>>> p.input_ids.tolist(), p.score_index.tolist()
+([[5, 6, 1, 2, 3], [7, 4, 0, 0, 0]], [1, 2, 3, 5])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["SequenceBatch", "pack", "pad"]
+
+
+@dataclasses.dataclass
+class SequenceBatch:
+    """One forward's worth of sequences, laid out for the model and for the fused-linear losses.
+
+    ``input_ids`` [1, T] (packed) or [N, L] (padded); ``position_ids`` [1, T] (packed) or None;
+    ``attention_mask`` [N, L] (padded) or None; ``score_index`` [T_c] int64 indexes the flattened
+    ``[*, H]`` hidden states: entry j is the position whose hidden state predicts ``labels[j]``;
+    ``cu_seqlens`` [N+1] int32 bounds each completion in ``labels``; ``lengths`` [N] int64 is each
+    whole sequence's length. ``tokens`` counts prompt + completion tokens, ``slots`` the positions
+    the forward processes (T packed, N·L padded).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    score_index: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def num_sequences(self) -> int:
+        return self.lengths.numel()
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def slots(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def padded_slots(self) -> int:
+        """Positions a padded batch of these sequences would process (N · longest)."""
+        return self.num_sequences * int(self.lengths.max())
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the decoder's forward."""
+        if self.position_ids is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return dataclasses.replace(self, **{f.name: None if getattr(self, f.name) is None else
+                                            getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+
+
+def _check(prompts: list[list[int]], completions: list[list[int]]) -> None:
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"need one completion per prompt and at least one sequence; got {len(prompts)} prompts "
+                         f"and {len(completions)} completions")
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if not p or not c:
+            raise ValueError(f"sequence {i}: prompt and completion must each hold at least one token")
+
+
+def _scoring(prompt_lens: list[int], completions: list[list[int]], starts: list[int]):
+    index, labels = [], []
+    for start, p, c in zip(starts, prompt_lens, completions):
+        # position start + p - 1 + j predicts completion token j (at start + p + j)
+        index.append(torch.arange(start + p - 1, start + p - 1 + len(c)))
+        labels.extend(c)
+    cu = torch.zeros(len(completions) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor([len(c) for c in completions]).cumsum(0)
+    return torch.cat(index), torch.tensor(labels, dtype=torch.int64), cu
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatch:
+    """Sequence i = ``prompts[i] + completions[i]``, all in one row (see the module docstring)."""
+    _check(prompts, completions)
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    starts = (lengths.cumsum(0) - lengths).tolist()
+    index, labels, cu = _scoring([len(p) for p in prompts], completions, starts)
+    input_ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
+    return SequenceBatch(input_ids, position_ids, None, index, labels, cu, lengths)
+
+
+def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0) -> SequenceBatch:
+    """Sequence i = ``prompts[i] + completions[i]`` in row i, right-padded with ``pad_id``."""
+    _check(prompts, completions)
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    width = int(lengths.max())
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention_mask[i, :len(s)] = 1
+    index, labels, cu = _scoring([len(p) for p in prompts], completions, [i * width for i in range(len(seqs))])
+    return SequenceBatch(input_ids, None, attention_mask, index, labels, cu, lengths)

@@ -1,0 +1,146 @@
+"""Reference log-probs for DPO: per batch from a frozen model (live), or once for the whole
+dataset before training (precomputed, the default) and cached on disk.
+
+Both run the same no-grad forward, :func:`pair_logps`: the :class:`~fastrl.train.model.Policy`
+forward with a head that takes the completion tokens' log-probs with
+:func:`fastrl.ops.fused_linear_logprobs` and sums them per sequence with
+:func:`fastrl.ops.sequence_logps` (LD-DPO weights included) — the ops of
+:func:`fastrl.losses.precompute_reference_logps`, inside the policy's forward so that the same code
+runs sharded under FSDP2. The cache file is keyed by a hash of the tokenised data, the reference
+model (weights of a random initialisation, or the weight files of a model directory) and every
+setting that changes the numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from fastrl.ops import fused_linear_logprobs, sequence_logps
+from fastrl.train import distributed
+from fastrl.train.packing import SequenceBatch
+
+__all__ = ["cache_key", "completion_logps", "model_fingerprint", "pair_logps", "precompute_pair_logps"]
+
+
+@torch.no_grad()
+def completion_logps(policy, batch: SequenceBatch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs ``[T_c]`` fp32 of every completion token of ``batch`` (packed like
+    ``batch.labels``, bounded by ``batch.cu_seqlens``): the old / reference log-probs of a GRPO step."""
+    logps = policy(batch, lambda hidden, weight, bias: fused_linear_logprobs(hidden, weight, batch.labels, bias,
+                                                                             temperature=temperature)).float()
+    distributed.reshard(policy)
+    return logps
+
+
+@torch.no_grad()
+def pair_logps(policy, batch: SequenceBatch, *, ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs ``(chosen [B], rejected [B])`` fp32 of a batch of 2B sequences
+    laid out chosen first, then rejected (pair i = sequences i and B + i)."""
+    lengths = batch.completion_lengths.to(batch.labels.device)
+    pairs = lengths.numel() // 2
+    pair_lengths = None
+    if ld_alpha is not None:
+        shorter = torch.minimum(lengths[:pairs], lengths[pairs:])
+        pair_lengths = torch.cat([shorter, shorter])
+
+    def head(hidden, weight, bias):
+        token_logps = fused_linear_logprobs(hidden, weight, batch.labels, bias)
+        return sequence_logps(token_logps, batch.cu_seqlens, ld_alpha=ld_alpha, pair_lengths=pair_lengths)
+
+    seq = policy(batch, head).float()
+    distributed.reshard(policy)
+    return seq[:pairs], seq[pairs:]
+
+
+def model_fingerprint(path: str | None, model: torch.nn.Module | None) -> str:
+    """Identity of reference weights: for a model directory, its config and the name, size and
+    modification time of each weight file (hashing tens of GB would cost more than it saves); for
+    a model built in memory, the bytes of every tensor of its state dict."""
+    h = hashlib.sha256()
+    if path is not None:
+        root = Path(path).resolve()
+        h.update(str(root).encode())
+        for f in sorted(root.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".json"):
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(data_fingerprint: str, model_fingerprint: str, settings: dict) -> str:
+    blob = json.dumps({"format": 1, "data": data_fingerprint, "model": model_fingerprint, "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _load(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    table = load_file(str(path))
+    if table["chosen"].numel() != n:
+        return None
+    return table["chosen"], table["rejected"]
+
+
+def precompute_pair_logps(policy, num_pairs: int, make_batch, *, batch_size: int, cache_dir: str | os.PathLike,
+                          key: str, ld_alpha: float | None, world: distributed.World,
+                          progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Reference ``(chosen [num_pairs], rejected [num_pairs])`` fp32 on the CPU, and whether they
+    came from the cache. ``make_batch(indices)`` builds the :class:`SequenceBatch` of those pairs
+    (on the device). Processes split the batches; every process runs the same number of forwards
+    (FSDP2 gathers parameters collectively), the last ones repeating a batch whose result is dropped."""
+    from safetensors.torch import save_file
+
+    path = Path(cache_dir) / f"reference-{key[:32]}.safetensors"
+    cached = _load(path, num_pairs)
+    if cached is not None:
+        return cached[0], cached[1], True
+    chunks = [list(range(i, min(i + batch_size, num_pairs))) for i in range(0, num_pairs, batch_size)]
+    rounds = math.ceil(len(chunks) / world.world_size)
+    mine: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    bar = None
+    if progress and world.is_main:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=rounds, desc="reference log-probs", unit="batch", leave=False)
+        except ImportError:
+            pass
+    was_training = policy.training
+    policy.eval()
+    for r in range(rounds):
+        k = r * world.world_size + world.rank
+        indices = chunks[k] if k < len(chunks) else chunks[0]
+        chosen, rejected = pair_logps(policy, make_batch(indices), ld_alpha=ld_alpha)
+        if k < len(chunks):
+            mine.append((indices, chosen.cpu(), rejected.cpu()))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    policy.train(was_training)
+    chosen = torch.empty(num_pairs)
+    rejected = torch.empty(num_pairs)
+    for part in distributed.all_gather_object(mine):
+        for indices, c, r in part:
+            chosen[indices], rejected[indices] = c, r
+    if world.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)
+    distributed.barrier()
+    return chosen, rejected, False

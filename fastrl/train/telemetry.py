@@ -1,0 +1,177 @@
+"""What a run reports: a progress bar, ``metrics.jsonl``, TensorBoard / W&B when installed and
+asked for, phase timings, throughput, an MFU estimate and device memory / utilisation / power.
+
+Only process 0 writes. Metrics arrive already averaged over processes (the step reduces them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import resource
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Telemetry", "flops_per_token", "peak_flops"]
+
+# Dense bf16 tensor-core peaks (FLOP/s), by a substring of the CUDA device name.
+_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10": 125e12, "4090": 165e12, "3090": 71e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """The device's peak FLOP/s for the MFU: ``override_tflops`` if given, else the table's bf16
+    number for a known GPU, else None (no MFU, e.g. on the CPU)."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in _PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(model: torch.nn.Module) -> float:
+    """Forward FLOPs per token, 2 × the parameters that multiply (everything but the input
+    embedding, the lm-head included); training costs 3× this (PaLM's 6N; attention scores left out)."""
+    n = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    if emb is not head:
+        n -= emb.numel()
+    return 2.0 * n
+
+
+class _NVML:
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda" or importlib.util.find_spec("pynvml") is None:
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:  # no driver access (containers): report without NVML
+            self.handle = None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        try:
+            util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+            mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+            return {"gpu/util_pct": float(util.gpu), "gpu/mem_used_gib": mem.used / 2**30,
+                    "gpu/power_w": self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0}
+        except Exception:
+            return {}
+
+
+class Telemetry:
+    """``phase(name)`` times a block (synchronising CUDA so that GPU work is charged to the phase
+    that queued it); ``log(step, metrics)`` adds the phase breakdown and device figures and writes
+    every sink; ``close()`` flushes them."""
+
+    def __init__(self, config, *, total_steps: int, device: torch.device, is_main: bool, start_step: int = 0):
+        self.device, self.is_main = device, is_main
+        self.phases: dict[str, float] = defaultdict(float)
+        self.out = Path(config.output_dir)
+        self.jsonl = self.tb = self.wandb = self.bar = None
+        self.nvml = _NVML(device)
+        if not is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+        if config.progress:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            except ImportError:
+                pass
+        for sink in config.report_to:
+            if sink == "tensorboard":
+                if importlib.util.find_spec("tensorboard") is None:
+                    warnings.warn("report_to: tensorboard is not installed; skipped", stacklevel=2)
+                    continue
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+            elif sink == "wandb":
+                if importlib.util.find_spec("wandb") is None:
+                    warnings.warn("report_to: wandb is not installed; skipped", stacklevel=2)
+                    continue
+                import wandb
+
+                self.wandb = wandb.init(name=config.run_name, config=config.to_dict(), dir=str(self.out))
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.phases[name] += time.perf_counter() - start
+
+    def device_metrics(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            out = {"memory/peak_allocated_gib": torch.cuda.max_memory_allocated(self.device) / 2**30}
+            out.update(self.nvml.read())
+            return out
+        return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write ``metrics`` (plus ``time/<phase>`` seconds since the last log and device figures)."""
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record.update({f"time/{k}": v for k, v in self.phases.items()})
+        record.update(self.device_metrics())
+        self.phases.clear()
+        if not self.is_main:
+            return record
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+        if self.bar is not None:
+            shown = {"loss": "loss", "acc": "rewards/accuracies", "margin": "rewards/margins", "tok/s": "tokens_per_s",
+                     "reward": "reward/mean", "kl": "kl"}
+            self.bar.set_postfix({k: f"{record[v]:.4g}" for k, v in shown.items() if isinstance(record.get(v), float)},
+                                 refresh=False)
+        return record
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
