@@ -1,7 +1,8 @@
 """Build fastrl and its C++ extension ``fastrl._C``.
 
-The CPU sources (``csrc/*.cpp``) are always built. The CUDA sources (``csrc/cuda/*.cu``) are added
-when the installed torch has CUDA and nvcc is found; set ``FASTRL_NO_CUDA=1`` to skip them.
+The CPU sources (``csrc/*.cpp``) are always built. The CUDA sources (``csrc/cuda/*.cu``: kernels,
+and ``csrc/cuda/*.cpp``: their torch glue) are added when the installed torch has CUDA and nvcc is
+found; set ``FASTRL_NO_CUDA=1`` to skip them.
 Build against the installed torch: ``pip install -e . --no-build-isolation``.
 """
 
@@ -13,6 +14,9 @@ from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# nvcc flags of the CUDA sources (tests/test_gpu_compile.py compiles them with the same ones). No
+# --use_fast_math: the sampler's log-probs use precise logf and must not flush denormals.
+NVCC_FLAGS = ["-O3", "-lineinfo", "-std=c++17"]
 
 
 def _rel(pattern):
@@ -36,7 +40,7 @@ def _extension():
             define_macros=[("FASTRL_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"],
+                "nvcc": NVCC_FLAGS,
             },
             extra_link_args=["-fopenmp"],
         )

@@ -1,4 +1,9 @@
-"""Token sampling: temperature, top-k, top-p and min-p, per row, seeded; C++ on CPU.
+"""Token sampling: temperature, top-k, top-p and min-p, per row, seeded; C++ on CPU, CUDA on GPU.
+
+CUDA tensors run the CUDA kernel (``csrc/cuda/sampling.cu``) when the extension was built with it
+(``fastrl._C.cuda_enabled()``, shown by ``fastrl info``), else the torch reference. For the same seed,
+CPU and GPU draw the same uniform per row, so they pick the same tokens except where a draw falls
+within fp32 rounding of a CDF boundary.
 
 >>> import torch, fastrl
 >>> logits = torch.randn(4, 32000)
@@ -63,10 +68,13 @@ def sample(
     under the filtered, renormalised distribution it was drawn from.
 
     Draws are reproducible: the same ``generator`` state, logits and settings give the same tokens,
-    whatever the number of threads. (Under ``torch.compile`` the per-call seed comes from the
-    compiled graph's random stream: reproducible from ``torch.manual_seed``, but not the eager
-    draws; pass no ``generator`` there.) Settings may also be 0-d tensors. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
-    row of only ``-inf``, or a setting out of range raise ``ValueError``.
+    whatever the number of threads (on GPU bit for bit: the CUDA kernel sums masses in integers).
+    (Under ``torch.compile`` the per-call seed comes from the compiled graph's random stream:
+    reproducible from ``torch.manual_seed``, but not the eager draws; pass no ``generator`` there.)
+    Settings may also be 0-d tensors. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
+    row of only ``-inf``, or a setting out of range raise ``ValueError`` (on CUDA this costs one
+    small device-to-host copy per call; inside CUDA-graph capture nothing is checked and such a row
+    gets token -1 and NaN log-probs instead).
     """
     _checks.check_tensor("logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     rows, vocab = logits.shape
@@ -94,8 +102,9 @@ def sample(
 
 
 def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):
-    """The torch path (``FASTRL_BACKEND=torch``, and CUDA until the CUDA sampler lands): same
-    distribution and, through :func:`reference.philox_uniform`, the same uniforms as the C++ one."""
+    """The torch path (``FASTRL_BACKEND=torch``, and CUDA tensors when the extension was built
+    without its CUDA kernels): same distribution and, through :func:`reference.philox_uniform`, the
+    same uniforms as the C++ and CUDA samplers."""
     settings = {
         "temperature": temperature if temperatures is None else temperatures,
         "top_k": top_k if top_ks is None else top_ks,
@@ -129,7 +138,8 @@ def _check_row_values(logits: torch.Tensor, settings: dict) -> None:
 
 
 def _register_sample_op() -> None:
-    """Fake kernel (torch.compile) and, without the CUDA build, a CUDA kernel on the torch path."""
+    """Fake kernel (torch.compile) and, without the CUDA build, a CUDA kernel on the torch path
+    (with it, csrc/cuda/sampling_ops.cpp registers the CUDA kernel for the op)."""
 
     @torch.library.register_fake("fastrl::sample")
     def _(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):

@@ -14,7 +14,9 @@ in ``fastrl/ops``. Each entry is compiled for both targets and fails on
   ``FASTRL_UPDATE_GPU_RESOURCES=1 pytest tests/test_gpu_compile.py``) and commit it.
 
 A new kernel without a registry entry fails ``test_every_kernel_has_a_registry_entry``. CUDA
-sources (``csrc/cuda/*.cu``) are compiled with nvcc for sm_90a when nvcc is found.
+sources (``csrc/cuda/*.cu``) are compiled with nvcc for sm_90a and sm_80 when nvcc is found (no
+spills, registers recorded in ``CUDA_REGISTERS``), and their torch glue (``csrc/cuda/*.cpp``) is
+checked by the host compiler.
 """
 
 from __future__ import annotations
@@ -593,8 +595,32 @@ def test_the_same_checks_with_the_gpu_machines_triton():
 
 # ---------------------------------------------------------------------------------------------------
 # CUDA C++ sources
+#
+# csrc/cuda/*.cu are kernels with a plain C++ launcher (CUDA headers only); csrc/cuda/*.cpp are their
+# torch glue. A CPU torch wheel ships torch's CUDA headers but not the cmake-generated
+# c10/cuda/impl/cuda_cmake_macros.h that c10/cuda/CUDAStream.h includes, so here the kernels are
+# compiled for real (nvcc, ptxas resources) and the glue is only checked by the host compiler
+# (-fsyntax-only) with that one header stubbed; both build for real in a CUDA build (setup.py).
 
-CUDA_SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+CUDA_DIR = ROOT / "csrc" / "cuda"
+CUDA_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+CUDA_GLUE = sorted(CUDA_DIR.glob("*.cpp"))
+CUDA_TARGETS = ("sm_90a", "sm_80")
+# Per-SM limits the sampler's occupancy depends on (CUDA programming guide, compute capabilities):
+# registers, shared memory per SM, and shared memory the system reserves per block.
+SM_REGISTERS = 64 * 1024
+SM_SHARED = {"sm_90a": 228 * KiB, "sm_80": 164 * KiB}
+# Registers per thread of each kernel as nvcc compiled it on the CPU machines, per nvcc release: a
+# change that raises them fails below, so it shows in review (update the numbers when intended).
+CUDA_REGISTERS = {
+    "13.0": {
+        "sample_kernel<F32>": {"sm_90a": 102, "sm_80": 96},
+        "sample_kernel<BF16>": {"sm_90a": 123, "sm_80": 96},
+        "sample_kernel<F16>": {"sm_90a": 121, "sm_80": 96},
+    },
+}
+# The sampler runs two blocks of 256 threads per SM (its __launch_bounds__(256, 2)).
+SAMPLER_BLOCKS_PER_SM, SAMPLER_THREADS = 2, 256
 
 
 def _nvcc() -> str | None:
@@ -607,28 +633,183 @@ def _nvcc() -> str | None:
     return None
 
 
-def test_cuda_sources_compile_for_sm90a_without_spills(tmp_path):
-    if not CUDA_SOURCES:
-        pytest.skip("no csrc/cuda/*.cu yet: nothing to compile (this check is ready for them)")
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): the CUDA sources are not compile-checked")
+@functools.cache
+def _nvcc_release() -> str:
+    out = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else "unknown"
+
+
+def _setup_nvcc_flags() -> list[str]:
+    """NVCC_FLAGS of setup.py (read, not imported: importing setup.py runs setup())."""
+    import ast
+
+    for node in ast.parse((ROOT / "setup.py").read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py defines no NVCC_FLAGS")
+
+
+def _kernel_name(mangled: str) -> str:
+    """``sample_kernel<F32>`` from the mangled symbol (c++filt, without namespaces and arguments)."""
+    filt = shutil.which("c++filt")
+    name = subprocess.run([filt], input=mangled, capture_output=True, text=True).stdout.strip() if filt else mangled
+    name = re.sub(r"\([^()]*\)$", "", name)  # the argument list
+    return re.sub(r"[\w:]*::|\(anonymous namespace\)::", "", name.replace("void ", "", 1))
+
+
+def parse_ptxas(stderr: str) -> dict[str, dict]:
+    """Per kernel entry in ``ptxas -v`` output: registers, stack frame, spill stores and loads (bytes)."""
+    out, current = {}, None
+    for line in stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            current = _kernel_name(m.group(1))
+            out[current] = {}
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                                         line)):
+            out[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            out[current]["registers"] = int(m.group(1))
+    return out
+
+
+@functools.cache
+def compile_cuda_sources() -> dict:
+    """(source name, target) -> (nvcc return code, stderr, parsed resources), compiled once per session."""
+    import tempfile
+
     from torch.utils.cpp_extension import include_paths
 
+    nvcc = _nvcc()
     includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], str(ROOT / "csrc")]]
+    flags = _setup_nvcc_flags()
+    tmp = Path(tempfile.mkdtemp(prefix="fastrl-nvcc-"))
 
-    def build(src: Path):
-        cmd = [nvcc, "-c", str(src), "-o", str(tmp_path / (src.stem + ".o")), "-arch=sm_90a", "-std=c++17", "-O3",
-               "-Xptxas", "-v", "--expt-relaxed-constexpr", "-DTORCH_EXTENSION_NAME=_C", *includes]
+    def build(job):
+        src, target = job
+        cmd = [nvcc, "-c", str(src), "-o", str(tmp / f"{src.stem}-{target}.o"), f"-arch={target}", *flags,
+               "-Xptxas", "-v", "-DTORCH_EXTENSION_NAME=_C", *includes]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        return job, (run.returncode, run.stderr, parse_ptxas(run.stderr))
+
+    jobs = [(src, target) for src in CUDA_SOURCES for target in CUDA_TARGETS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {(src.name, target): res for (src, target), res in pool.map(build, jobs)}
+
+
+def _cuda_cases():
+    return [pytest.param(src.name, target, id=f"{src.name}-{target}")
+            for src in CUDA_SOURCES for target in CUDA_TARGETS]
+
+
+@pytest.mark.parametrize("source,target", _cuda_cases() or [pytest.param(None, None, id="none")])
+def test_cuda_sources_compile_without_spills(source, target):
+    """Every csrc/cuda/*.cu compiles with nvcc (setup.py's flags) for sm_90a and sm_80; ptxas reports
+    no spills and no stack frame (a stack frame without spills is a local-memory array) in any
+    kernel, and registers no higher than recorded in CUDA_REGISTERS for this nvcc release."""
+    if source is None:
+        pytest.skip("no csrc/cuda/*.cu: nothing to compile")
+    if _nvcc() is None:
+        pytest.skip("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda): the CUDA sources are not compile-checked")
+    rc, stderr, kernels = compile_cuda_sources()[(source, target)]
+    assert rc == 0, f"nvcc {source} for {target} failed:\n{stderr[-4000:]}"
+    assert kernels, f"ptxas reported no kernel for {source} ({target})"
+    for name, res in kernels.items():
+        print(f"{source} {target} {name}: {res}")  # the record, with pytest -s
+        assert res.get("spill_stores", 0) == 0 and res.get("spill_loads", 0) == 0, f"{name} spills on {target}: {res}"
+        assert res.get("stack", 0) == 0, f"{name} has a {res['stack']}-byte stack frame (local memory) on {target}"
+    recorded = CUDA_REGISTERS.get(_nvcc_release())
+    if recorded is None:
+        pytest.skip(f"no registers recorded for nvcc {_nvcc_release()} in CUDA_REGISTERS (compiled without spills)")
+    for name, res in kernels.items():
+        limit = recorded.get(name, {}).get(target)
+        assert limit is not None, f"{name} ({target}) has no registers recorded in CUDA_REGISTERS: add {res}"
+        assert res["registers"] <= limit, (f"{name} uses {res['registers']} registers on {target}, up from the "
+                                           f"recorded {limit}: if intended, update CUDA_REGISTERS")
+
+
+def test_ptxas_output_is_parsed_and_spills_are_seen():
+    mangled = "_ZN6fastrl3gpu12_GLOBAL__N_113sample_kernelINS1_3F32EEEvNS0_10SampleArgsE"
+    stderr = (f"ptxas info    : Compiling entry function '{mangled}' for 'sm_90a'\n"
+              f"ptxas info    : Function properties for {mangled}\n"
+              "    56 bytes stack frame, 128 bytes spill stores, 164 bytes spill loads\n"
+              "ptxas info    : Used 64 registers, used 1 barriers, 56 bytes cumulative stack size\n")
+    res = parse_ptxas(stderr)
+    name = "sample_kernel<F32>" if shutil.which("c++filt") else next(iter(res))
+    assert res == {name: {"stack": 56, "spill_stores": 128, "spill_loads": 164, "registers": 64}}
+
+
+def _sampler_sizes() -> tuple[int, int]:
+    """(shared memory bytes, threads) of a sampler block: sampling.cu built for the host (its SIMT
+    emulation, see tests/test_sampling.py), which reports sizeof its shared-memory struct."""
+    import ctypes
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastrl-emu-"))
+    (tmp / "sizes.cpp").write_text('#include "sampling.cu"\n'
+                                   'extern "C" int shared_bytes() { return fastrl::gpu::sample_shared_bytes(); }\n'
+                                   'extern "C" int threads() { return fastrl::gpu::sample_threads(); }\n')
+    cmd = ["g++", "-O0", "-std=c++17", "-shared", "-fPIC", "-DFASTRL_SIMT_EMULATION", f"-I{CUDA_DIR}",
+           str(tmp / "sizes.cpp"), "-o", str(tmp / "sizes.so")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    lib = ctypes.CDLL(str(tmp / "sizes.so"))
+    return lib.shared_bytes(), lib.threads()
+
+
+def test_cuda_sampler_occupancy_fits_both_targets():
+    """Two sampler blocks per SM: their registers (from ptxas) and shared memory (sizeof of the
+    kernel's shared struct, read from a host build of the same source) must fit an SM."""
+    if not (CUDA_DIR / "sampling.cu").exists() or shutil.which("g++") is None:
+        pytest.skip("no csrc/cuda/sampling.cu or no g++")
+    shared, threads = _sampler_sizes()
+    assert threads == SAMPLER_THREADS
+    for target, per_sm in SM_SHARED.items():
+        assert SAMPLER_BLOCKS_PER_SM * (shared + RESERVED_SHARED) <= per_sm, (
+            f"{SAMPLER_BLOCKS_PER_SM} blocks of {shared} B shared memory do not fit an {target} SM ({per_sm} B)")
+    if _nvcc() is None:
+        return
+    for target in CUDA_TARGETS:
+        rc, stderr, kernels = compile_cuda_sources()[("sampling.cu", target)]
+        assert rc == 0, stderr[-2000:]
+        for name, res in kernels.items():
+            assert SAMPLER_BLOCKS_PER_SM * SAMPLER_THREADS * res["registers"] <= SM_REGISTERS, (name, target, res)
+
+
+def test_cuda_glue_passes_the_host_compiler(tmp_path):
+    """csrc/cuda/*.cpp (torch glue) with g++ -fsyntax-only against the installed torch's headers and
+    the CUDA toolkit's; a CPU wheel lacks the cmake-generated c10/cuda/impl/cuda_cmake_macros.h,
+    which is stubbed with its one macro."""
+    if not CUDA_GLUE:
+        pytest.skip("no csrc/cuda/*.cpp")
+    nvcc, gxx = _nvcc(), shutil.which("g++")
+    if nvcc is None or gxx is None:
+        pytest.skip("needs nvcc (for the CUDA headers) and g++")
+    from torch.utils.cpp_extension import include_paths
+
+    homes = [Path(nvcc).resolve().parents[1],  # nvcc may also be a wrapper script outside the toolkit
+             *(Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if v in os.environ), Path("/usr/local/cuda")]
+    cuda_include = next((h / "include" for h in homes if (h / "include" / "cuda_runtime_api.h").exists()), None)
+    if cuda_include is None:
+        pytest.skip(f"no cuda_runtime_api.h under {[str(h / 'include') for h in homes]}")
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths()):
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    includes = [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include),
+                                   str(tmp_path)]]
+
+    def check(src: Path):
+        cmd = [gxx, "-fsyntax-only", "-std=c++17", "-Wall", "-Wno-c++20-extensions", *includes, str(src)]
         return src, subprocess.run(cmd, capture_output=True, text=True)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(build, CUDA_SOURCES))
+        results = list(pool.map(check, CUDA_GLUE))
     failures = [f"{src.name}:\n{r.stderr[-4000:]}" for src, r in results if r.returncode != 0]
-    assert not failures, "nvcc failed:\n" + "\n".join(failures)
-    spills = [f"{src.name}: {line.strip()}" for src, r in results for line in r.stderr.splitlines()
-              if re.search(r"[1-9]\d* bytes spill (stores|loads)", line)]
-    assert not spills, "register spills:\n" + "\n".join(spills)
+    assert not failures, "g++ -fsyntax-only failed:\n" + "\n".join(failures)
+    warnings = [f"{src.name}: {line}" for src, r in results for line in r.stderr.splitlines()
+                if "warning:" in line and str(CUDA_DIR) in line]
+    assert not warnings, "\n".join(warnings)
 
 
 if __name__ == "__main__":  # a quick listing: python tests/test_gpu_compile.py

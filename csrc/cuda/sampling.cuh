@@ -1,0 +1,57 @@
+// The CUDA token sampler's launcher API: plain pointers and numbers, no torch and no CUDA headers.
+//
+// sampling.cu (the kernel) needs only the CUDA toolkit; sampling_ops.cpp (the torch glue: checks,
+// stream, TORCH_LIBRARY_IMPL) includes this file. The split lets nvcc compile-check the kernel on
+// machines whose torch is a CPU build (its wheel lacks c10/cuda/impl/cuda_cmake_macros.h).
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;  // cudaStream_t is CUstream_st*
+
+namespace fastrl {
+namespace gpu {
+
+enum class LogitsType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Probability masses are summed as 40-bit fixed point in 64-bit integers (exact and
+// order-independent, hence deterministic); V * 2^40 must fit in 64 bits.
+constexpr int64_t kMaxVocab = int64_t{1} << 23;
+
+// What went wrong, reported as the minimum over rows of (kind << 60) | (row << 3) | which, so that a
+// bad setting in any row is reported before bad logits, and the first row first (as the CPU
+// sampler does). kNoError when every row was fine.
+constexpr unsigned long long kNoError = ~0ull;
+constexpr int kErrorSetting = 0;  // which: 0 temperature, 1 top_k, 2 top_p, 3 min_p
+constexpr int kErrorLogits = 1;   // which: 4 NaN or +inf, 5 no finite value
+constexpr int kWhichNonFinite = 4;
+constexpr int kWhichNoFinite = 5;
+
+struct SampleArgs {
+  const void* logits;  // [rows, vocab], element stride 1, row stride row_stride (elements)
+  LogitsType dtype;
+  int64_t rows, vocab, row_stride;
+  const int64_t* seed_ptr;  // device pointer to the seed, or nullptr: seed_value
+  uint64_t seed_value;
+  double temperature;  // per-row arrays (device, may be nullptr) override these scalars
+  int64_t top_k;
+  double top_p, min_p;
+  const double* temperatures;
+  const int64_t* top_ks;
+  const double* top_ps;
+  const double* min_ps;
+  int64_t* tokens;  // outputs [rows] (device); a bad row gets token -1 and NaN log-probs
+  float* logprobs;
+  float* filtered_logprobs;
+  unsigned long long* error;  // one word (device), set to kNoError here, then lowered by bad rows
+};
+
+// Enqueues the error reset and the kernel on `stream`; returns a cudaError_t (0 = success).
+int launch_sample(const SampleArgs& args, CUstream_st* stream);
+
+// Bytes of dynamic shared memory per block and threads per block (for tests and reports).
+int sample_shared_bytes();
+int sample_threads();
+
+}  // namespace gpu
+}  // namespace fastrl

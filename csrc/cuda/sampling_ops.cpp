@@ -1,0 +1,149 @@
+// Torch glue of the CUDA sampler: the checks of the CPU sampler, the current stream, errors raised
+// as ValueError, and the registration of fastrl::sample for CUDA tensors. The kernel and its launcher
+// are in sampling.cu (CUDA toolkit only); this file needs torch's CUDA headers, so it is compiled in
+// CUDA builds only (setup.py adds csrc/cuda/*.cpp with the .cu files).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "sampling.cuh"
+
+namespace fastrl {
+namespace {
+
+template <typename T>
+const T* row_setting(const std::optional<at::Tensor>& t, const at::Tensor& logits, at::ScalarType dtype,
+                     const char* name) {
+  if (!t.has_value()) return nullptr;
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK_VALUE(t->device() == logits.device(), name, " must be on the same device as logits (",
+                    logits.device(), "), got ", t->device());
+  TORCH_CHECK_VALUE(t->scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows, name, " must have shape [", rows,
+                    "] (one value per row of logits), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
+  return t->const_data_ptr<T>();
+}
+
+// The message the CPU sampler gives for a bad setting `which` (0 temperature, 1 top_k, 2 top_p,
+// 3 min_p) of `row`, raised as ValueError.
+[[noreturn]] void raise_setting(int which, double value, int64_t row) {
+  switch (which) {
+    case 0:
+      TORCH_CHECK_VALUE(false, "temperature must be finite and >= 0, got ", value, " for row ", row);
+    case 1:
+      TORCH_CHECK_VALUE(false, "top_k must be >= 0 (0 disables it), got ", static_cast<int64_t>(value), " for row ",
+                        row);
+    case 2:
+      TORCH_CHECK_VALUE(false, "top_p must be in (0, 1], got ", value, " for row ", row);
+    default:
+      TORCH_CHECK_VALUE(false, "min_p must be in [0, 1], got ", value, " for row ", row);
+  }
+}
+
+// Scalar settings (those without a per-row tensor) are checked here, before the launch.
+void check_scalar_settings(int64_t rows, double temperature, int64_t top_k, double top_p, double min_p,
+                           bool per_row_t, bool per_row_k, bool per_row_p, bool per_row_mp) {
+  if (rows == 0) return;
+  if (!per_row_t && !(temperature >= 0.0 && std::isfinite(temperature))) raise_setting(0, temperature, 0);
+  if (!per_row_k && top_k < 0) raise_setting(1, static_cast<double>(top_k), 0);
+  if (!per_row_p && !(top_p > 0.0 && top_p <= 1.0)) raise_setting(2, top_p, 0);
+  if (!per_row_mp && !(min_p >= 0.0 && min_p <= 1.0)) raise_setting(3, min_p, 0);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
+    const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
+    double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
+    const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps) {
+  TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be 2-D [rows, vocab], got shape ", logits_in.sizes());
+  const auto dtype = logits_in.scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                    "logits must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor here, got ", logits_in.device());
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
+                        (seed.device().is_cpu() || seed.device() == logits_in.device()),
+                    "seed must be an int64 tensor with one element, on the cpu or on logits' device");
+  const int64_t rows = logits_in.size(0), v = logits_in.size(1);
+  TORCH_CHECK_VALUE(v >= 1, "logits must have a non-empty vocabulary dimension");
+  TORCH_CHECK_VALUE(v <= gpu::kMaxVocab, "the CUDA sampler takes vocabularies of at most ", gpu::kMaxVocab,
+                    " tokens, got ", v);
+  TORCH_CHECK_VALUE(rows <= INT32_MAX, "the CUDA sampler takes at most 2^31 - 1 rows, got ", rows);
+
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const double* t_row = row_setting<double>(temperatures, logits_in, at::kDouble, "temperature");
+  const int64_t* k_row = row_setting<int64_t>(top_ks, logits_in, at::kLong, "top_k");
+  const double* p_row = row_setting<double>(top_ps, logits_in, at::kDouble, "top_p");
+  const double* mp_row = row_setting<double>(min_ps, logits_in, at::kDouble, "min_p");
+  check_scalar_settings(rows, temperature, top_k, top_p, min_p, t_row, k_row, p_row, mp_row);
+
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
+  auto filtered_logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
+  if (rows == 0) return {tokens, logprobs, filtered_logprobs};
+  auto error = at::empty({1}, logits.options().dtype(at::kLong));
+
+  gpu::SampleArgs a{};
+  a.logits = logits.const_data_ptr();
+  a.dtype = dtype == at::kFloat      ? gpu::LogitsType::kFloat32
+            : dtype == at::kBFloat16 ? gpu::LogitsType::kBFloat16
+                                     : gpu::LogitsType::kFloat16;
+  a.rows = rows;
+  a.vocab = v;
+  a.row_stride = logits.stride(0);
+  if (seed.device().is_cpu()) {
+    a.seed_value = static_cast<uint64_t>(seed.reshape(-1)[0].item<int64_t>());
+  } else {
+    a.seed_ptr = seed.const_data_ptr<int64_t>();  // read by the kernel: no sync, graph-capturable
+  }
+  a.temperature = temperature;
+  a.top_k = top_k;
+  a.top_p = top_p;
+  a.min_p = min_p;
+  a.temperatures = t_row;
+  a.top_ks = k_row;
+  a.top_ps = p_row;
+  a.min_ps = mp_row;
+  a.tokens = tokens.data_ptr<int64_t>();
+  a.logprobs = logprobs.data_ptr<float>();
+  a.filtered_logprobs = filtered_logprobs.data_ptr<float>();
+  a.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int rc = gpu::launch_sample(a, stream);
+  TORCH_CHECK(rc == 0, "fastrl.sample: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
+
+  // Raise like the CPU sampler: one small device-to-host copy (a sync). Not while the stream is
+  // captured into a CUDA graph, where a bad row shows as token -1 and NaN log-probs instead.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "fastrl.sample: cudaStreamIsCapturing failed");
+  if (capture == cudaStreamCaptureStatusNone) {
+    const auto code = static_cast<unsigned long long>(error.item<int64_t>());
+    if (code != gpu::kNoError) {
+      const int kind = static_cast<int>(code >> 60), which = static_cast<int>(code & 7u);
+      const int64_t row = static_cast<int64_t>((code >> 3) & ((1ull << 57) - 1));
+      if (kind == gpu::kErrorSetting) {
+        const std::optional<at::Tensor>* per_row[] = {&temperatures, &top_ks, &top_ps, &min_ps};
+        const double scalars[] = {temperature, static_cast<double>(top_k), top_p, min_p};
+        const auto& t = *per_row[which];
+        raise_setting(which, t.has_value() ? (*t)[row].item<double>() : scalars[which], row);
+      }
+      TORCH_CHECK_VALUE(which != gpu::kWhichNonFinite, "logits must not contain NaN or +inf (row ", row, ")");
+      TORCH_CHECK_VALUE(false, "logits row ", row, " has no finite value (every entry is -inf)");
+    }
+  }
+  return {tokens, logprobs, filtered_logprobs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrl, CUDA, m) { m.impl("sample", &sample_cuda); }
+
+}  // namespace fastrl
