@@ -1,4 +1,4 @@
-"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train dpo|grpo|online-dpo``."""
+"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train sft|dpo|grpo|online-dpo``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-TRAIN_METHODS = ("dpo", "grpo", "online-dpo")
+TRAIN_METHODS = ("sft", "dpo", "grpo", "online-dpo")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -47,21 +47,19 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastrl train {args.method}: {e}", file=sys.stderr)
         return 2
-    if args.method != "dpo":
-        print(f"fastrl train {args.method}: the config is valid, but this method is not implemented yet "
-              f"(it lands with the rollout engine); only `fastrl train dpo` trains today", file=sys.stderr)
-        return 2
+    from fastrl.train import RewardError
     from fastrl.train.distributed import close_world
 
     try:
         result = train(config)
-    except DataError as e:
+    except (ConfigError, DataError, RewardError) as e:  # found once the data, model or rewards are loaded
         print(f"fastrl train {args.method}: {e}", file=sys.stderr)
         return 2
     finally:
         close_world()  # the command owns the process (and the torchrun process group)
     last = result.history[-1] if result.history else {}
-    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "rewards/accuracies", "tokens_per_s") if k in last)
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "rewards/accuracies", "reward/mean", "tokens_per_s")
+                      if k in last)
     print(f"fastrl train {args.method}: {result.steps} steps ({shown}); checkpoint {result.checkpoint}")
     return 0
 
@@ -77,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=200_000, help="sampler draws per setting (default 200000)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
-    p = sub.add_parser("train", help="train with GRPO, DPO or online DPO from a YAML config", add_help=False,
-                       allow_abbrev=False, usage="fastrl train {dpo,grpo,online-dpo} [--config FILE.yaml] "
+    p = sub.add_parser("train", help="train with SFT, DPO, GRPO or online DPO from a YAML config", add_help=False,
+                       allow_abbrev=False, usage="fastrl train {sft,dpo,grpo,online-dpo} [--config FILE.yaml] "
                        "[--FIELD VALUE ...] (see fastrl train METHOD --help)")
     p.add_argument("method", choices=TRAIN_METHODS)
     p.add_argument("--config", help="YAML file of config fields")

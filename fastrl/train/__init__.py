@@ -1,32 +1,46 @@
-"""fastrl's trainer: offline DPO now; GRPO and online DPO configs are ready for their steps.
+"""fastrl's trainer: SFT, offline DPO, GRPO and online DPO on Hugging Face causal LMs.
 
     from fastrl.train import load_config, train
-    config = load_config("dpo", "examples/dpo_tiny.yaml", ["--max_steps", "4"])
+    config = load_config("grpo", "examples/grpo_tiny.yaml", ["--max_steps", "4"])
     result = train(config)   # result.history: the logged records; result.checkpoint: the last checkpoint
 
 Modules, each a piece the recipes compose: :mod:`~fastrl.train.config` (validated dataclasses,
 YAML + overrides), :mod:`~fastrl.train.data` (local JSONL / Parquet, tokenised once, seeded order),
 :mod:`~fastrl.train.packing` (packed or padded model batches), :mod:`~fastrl.train.model` (the HF
 model run to its last hidden states; the lm-head goes to a fused-linear loss),
-:mod:`~fastrl.train.reference` (reference log-probs, cached), :mod:`~fastrl.train.optim`,
-:mod:`~fastrl.train.checkpoint` (atomic, bit-exact resume), :mod:`~fastrl.train.telemetry`,
-:mod:`~fastrl.train.distributed` (torchrun + FSDP2), and the recipe :mod:`~fastrl.train.dpo`.
+:mod:`~fastrl.train.reference` (reference log-probs, cached), :mod:`~fastrl.train.rewards`
+(reward callables and reward models), :mod:`~fastrl.train.optim`, :mod:`~fastrl.train.checkpoint`
+(atomic, bit-exact resume), :mod:`~fastrl.train.telemetry`, :mod:`~fastrl.train.distributed`
+(torchrun + FSDP2), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
+:mod:`~fastrl.train.grpo`, :mod:`~fastrl.train.online_dpo`.
 """
 
-from fastrl.train.config import (ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, TrainConfig, config_class,
-                                 load_config)
+from fastrl.train.config import (ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, SFTConfig, TrainConfig,
+                                 config_class, load_config)
 from fastrl.train.data import DataError
 from fastrl.train.dpo import TrainResult, train_dpo
+from fastrl.train.grpo import train_grpo
+from fastrl.train.online_dpo import train_online_dpo
+from fastrl.train.rewards import RewardError, RewardModel
+from fastrl.train.sft import train_sft
 
-__all__ = ["ConfigError", "DPOConfig", "DataError", "GRPOConfig", "OnlineDPOConfig", "TrainConfig", "TrainResult",
-           "config_class", "load_config", "train", "train_dpo"]
+__all__ = ["ConfigError", "DPOConfig", "DataError", "GRPOConfig", "OnlineDPOConfig", "RewardError", "RewardModel",
+           "SFTConfig", "TrainConfig", "TrainResult", "config_class", "load_config", "train", "train_dpo",
+           "train_grpo", "train_online_dpo", "train_sft"]
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run the recipe of ``config``'s type."""
+def train(config: TrainConfig, reward_funcs=None) -> TrainResult:
+    """Run the recipe of ``config``'s type. ``reward_funcs`` (GRPO / online DPO only): reward
+    callables given from Python, in place of ``config.reward_funcs``."""
+    if reward_funcs is not None and not isinstance(config, (GRPOConfig, OnlineDPOConfig)):
+        raise TypeError(f"reward_funcs apply to GRPO and online DPO, not {type(config).__name__}")
+    if isinstance(config, SFTConfig):
+        return train_sft(config)
     if isinstance(config, DPOConfig):
         return train_dpo(config)
-    if isinstance(config, (GRPOConfig, OnlineDPOConfig)):
-        raise NotImplementedError(f"{type(config).__name__}: the config is validated, but the step lands with the "
-                                  f"rollout engine (fastrl.rollout); only dpo trains today")
-    raise TypeError(f"config must be a DPOConfig, GRPOConfig or OnlineDPOConfig, got {type(config).__name__}")
+    if isinstance(config, GRPOConfig):
+        return train_grpo(config, reward_funcs)
+    if isinstance(config, OnlineDPOConfig):
+        return train_online_dpo(config, reward_funcs)
+    raise TypeError(f"config must be an SFTConfig, DPOConfig, GRPOConfig or OnlineDPOConfig, "
+                    f"got {type(config).__name__}")

@@ -13,7 +13,7 @@ Traceback (most recent call last):
 ...
 fastrl.train.config.ConfigError: DPOConfig.beta: beta must be finite and in (0.0, inf], got -1.0
 
-``GRPOConfig``, ``DPOConfig`` and ``OnlineDPOConfig`` share :class:`TrainConfig` (model, data,
+``GRPOConfig``, ``DPOConfig``, ``OnlineDPOConfig`` and ``SFTConfig`` share :class:`TrainConfig` (model, data,
 batch, optimiser, schedule, logging, checkpointing, seed, systems); the loss options are fields
 named as the keywords of :func:`fastrl.losses.dpo_loss` / :func:`fastrl.losses.grpo_loss`, checked
 by those functions themselves (one place for each check). Every field has a default, so a YAML
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "TrainConfig", "config_class", "load_config"]
+__all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "SFTConfig", "TrainConfig", "config_class", "load_config"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPORTERS = ("tensorboard", "wandb")
@@ -278,11 +278,18 @@ class _RolloutFields:
     top_k: int = _help("top-k filter (0 = off)", 0)
     top_p: float = _help("top-p filter (1 = off)", 1.0)
     min_p: float = _help("min-p filter (0 = off)", 0.0)
-    reward_funcs: list[str] = _help("reward callables as 'module:function' (per sample or batched)",
-                                    default_factory=list)
+    stop_token_ids: list[int] | None = _help(
+        "tokens that end a completion (default: the tokenizer's and the model's EOS ids)", None)
+    rollout_engine: Literal["auto", "fastrl", "hf"] = _help(
+        "fastrl.rollout engine: the lean static-KV decoder (fastrl), the model's own forward (hf), or auto", "auto")
+    reward_funcs: list[str] = _help(
+        "reward callables as 'module:function' or 'path/to/file.py:function' (per sample or batched; from Python "
+        "also the callables themselves); see fastrl.train.rewards", default_factory=list)
     reward_weights: list[float] | None = _help("one weight per reward (callables, then the reward model)", None)
-    reward_model: str | None = _help("local directory of an AutoModelForSequenceClassification reward model", None)
+    reward_model: str | None = _help(
+        "local directory of an AutoModelForSequenceClassification reward model (from Python also an nn.Module)", None)
     reward_batch_size: int = _help("completions per reward-model forward", 32)
+    log_completions: int = _help("sample completions written to completions.jsonl at every log step", 2)
 
     def _validate_rollout(self, min_generations: int) -> None:
         self._positive("num_generations", "reward_batch_size")
@@ -292,14 +299,30 @@ class _RolloutFields:
         self._positive("top_k", zero_ok=True)
         self._real("top_p", 0.0, 1.0, low_open=True)
         self._real("min_p", 0.0, 1.0)
-        if isinstance(self.reward_funcs, str):
+        self._positive("log_completions", zero_ok=True)
+        self._choice("rollout_engine", ("auto", "fastrl", "hf"))
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, int):
+                self.stop_token_ids = [self.stop_token_ids]
+            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+                self._fail("stop_token_ids", f"must be non-negative token ids, got {self.stop_token_ids!r}")
+        if isinstance(self.reward_funcs, str) or callable(self.reward_funcs):
             self.reward_funcs = [self.reward_funcs]
         for spec in self.reward_funcs:
+            if not isinstance(spec, str):
+                if not callable(spec):
+                    self._fail("reward_funcs", f"{spec!r} is neither 'module:function' nor a callable")
+                continue
             module, sep, name = spec.partition(":")
             if not sep or not module or not name.isidentifier():
                 self._fail("reward_funcs", f"{spec!r} is not 'module:function'")
-        if self.reward_model is not None and not (Path(self.reward_model) / "config.json").is_file():
-            self._fail("reward_model", f"{self.reward_model!r} is not a local model directory with a config.json")
+        if isinstance(self.reward_model, (str, os.PathLike)):
+            if not (Path(self.reward_model) / "config.json").is_file():
+                self._fail("reward_model", f"{str(self.reward_model)!r} is not a local model directory with a "
+                                           f"config.json")
+        elif self.reward_model is not None and not callable(self.reward_model):
+            self._fail("reward_model", f"must be a model directory or an nn.Module, got "
+                                       f"{type(self.reward_model).__name__}")
         n_rewards = len(self.reward_funcs) + (self.reward_model is not None)
         if n_rewards == 0:
             self._fail("reward_funcs", "give at least one reward: reward_funcs and/or reward_model")
@@ -308,6 +331,19 @@ class _RolloutFields:
                 self._fail("reward_weights",
                            f"needs one weight per reward ({n_rewards}), got {len(self.reward_weights)}")
             self.reward_weights = [float(w) for w in self.reward_weights]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, with reward objects given from Python replaced by their names (no deep copy of a model)."""
+        def name(obj):
+            return obj if obj is None or isinstance(obj, (str, os.PathLike)) else \
+                f"<{getattr(obj, '__name__', type(obj).__name__)}>"
+
+        saved = self.reward_funcs, self.reward_model
+        self.reward_funcs, self.reward_model = [name(f) for f in self.reward_funcs], name(self.reward_model)
+        try:
+            return dataclasses.asdict(self)
+        finally:
+            self.reward_funcs, self.reward_model = saved
 
 
 @dataclass
@@ -334,7 +370,7 @@ class DPOConfig(_DPOLossFields, TrainConfig):
 
 @dataclass
 class GRPOConfig(_RolloutFields, TrainConfig):
-    """GRPO-family RL on prompts with rewards (the step lands with the rollout engine)."""
+    """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`)."""
 
     num_iterations: int = _help("μ: optimiser passes over each rollout batch", 1)
     loss_type: str = _help("grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo", "dapo")
@@ -352,9 +388,18 @@ class GRPOConfig(_RolloutFields, TrainConfig):
     entropy_coef: float = _help("entropy bonus coefficient", 0.0)
     loss_agg_mode: str | None = _help("verl aggregation name (overrides the loss type's)", None)
     mask_truncated_completions: bool = _help("completions without EOS get no loss", False)
-    advantage_estimator: str = _help("group_advantages estimator: grpo, dr_grpo, rloo, reinforce_pp, ...", "grpo")
+    advantage_estimator: str = _help(
+        "group_advantages estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, remax (baseline: the "
+        "reward of a greedy completion), opo (completion lengths), pref_grpo (preferences from the rewards)", "grpo")
     advantage_scale: str = _help("group, batch or none", "group")
     advantage_eps: float = _help("ε added to the std", 1e-4)
+    multi_reward: Literal["sum_then_normalize", "normalize_then_sum"] = _help(
+        "several rewards: weighted sum then the estimator, or the estimator per reward then the weighted sum (GDPO)",
+        "sum_then_normalize")
+    old_logps: Literal["auto", "policy", "sampler"] = _help(
+        "π_old of the ratio: auto = on-policy (the current log-probs, detached) when num_iterations is 1, else "
+        "policy; policy = a no-grad fused forward of the policy before the first update; sampler = the rollout "
+        "engine's log-probs (no extra forward)", "auto")
 
     def loss_options(self) -> dict[str, Any]:
         """Keywords for :class:`fastrl.losses.FusedLinearGRPOLoss`."""
@@ -365,7 +410,8 @@ class GRPOConfig(_RolloutFields, TrainConfig):
 
     def advantage_options(self) -> dict[str, Any]:
         """Keywords for :func:`fastrl.ops.group_advantages`."""
-        return {"estimator": self.advantage_estimator, "scale": self.advantage_scale, "eps": self.advantage_eps}
+        return {"estimator": self.advantage_estimator, "scale": self.advantage_scale, "eps": self.advantage_eps,
+                "multi_reward": self.multi_reward}
 
     def validate(self) -> None:
         super().validate()
@@ -380,11 +426,14 @@ class GRPOConfig(_RolloutFields, TrainConfig):
         tensors = {"ref_logps": zeros if self.beta else None,
                    "sampler_logps": zeros if self.is_cap is not None or self.is_mode != "token_truncate" else None}
         _dummy_check(self, grpo_loss, zeros, zeros, torch.zeros(1), torch.ones(1, 1), **tensors, **self.loss_options())
+        self._choice("old_logps", ("auto", "policy", "sampler"))
+        extras = {"remax": {"baseline_rewards": torch.zeros(2)}, "opo": {"lengths": torch.ones(2)},
+                  "pref_grpo": {"preferences": torch.zeros(2, 2)}}.get(self.advantage_estimator, {})
         try:
-            group_advantages(torch.zeros(2), 2, **self.advantage_options())
+            group_advantages(torch.zeros(2), 2, **self.advantage_options(), **extras)
         except (TypeError, ValueError) as e:
-            name = {"estimator": "advantage_estimator", "scale": "advantage_scale", "eps": "advantage_eps"}.get(
-                str(e).split(" ", 1)[0], "advantage_estimator")
+            name = {"estimator": "advantage_estimator", "scale": "advantage_scale", "eps": "advantage_eps",
+                    "multi_reward": "multi_reward"}.get(str(e).split(" ", 1)[0], "advantage_estimator")
             raise ConfigError(f"GRPOConfig.{name}: {e}") from None
 
 
@@ -411,11 +460,22 @@ class OnlineDPOConfig(_DPOLossFields, _RolloutFields, TrainConfig):
         self._validate_dpo_loss()
 
 
-CONFIGS: dict[str, type[TrainConfig]] = {"dpo": DPOConfig, "grpo": GRPOConfig, "online-dpo": OnlineDPOConfig}
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning: next-token NLL on the completion tokens (columns prompt / completion)."""
+
+    completion_column: str = _help("column of the completions (text, chat messages or token ids)", "completion")
+
+    def validate(self) -> None:
+        super().validate()
+
+
+CONFIGS: dict[str, type[TrainConfig]] = {"dpo": DPOConfig, "grpo": GRPOConfig, "online-dpo": OnlineDPOConfig,
+                                         "sft": SFTConfig}
 
 
 def config_class(method: str) -> type[TrainConfig]:
-    """``"dpo"`` / ``"grpo"`` / ``"online-dpo"`` (``online_dpo`` too) -> its config class."""
+    """``"dpo"`` / ``"grpo"`` / ``"online-dpo"`` (``online_dpo`` too) / ``"sft"`` -> its config class."""
     key = method.replace("_", "-")
     if key not in CONFIGS:
         raise ValueError(f"method must be one of {', '.join(CONFIGS)}; got {method!r}")

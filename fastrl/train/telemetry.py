@@ -156,6 +156,14 @@ class Telemetry:
                                  refresh=False)
         return record
 
+    def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Append sample completions (one JSON line each, with ``step``) to ``completions.jsonl``."""
+        if not self.is_main or not samples:
+            return
+        with open(self.out / "completions.jsonl", "a", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps({"step": step, **sample}) + "\n")
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)

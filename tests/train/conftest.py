@@ -65,3 +65,42 @@ def make_tokenizer(path: Path, *, chat_template: bool = True) -> Path:
                               "{% if add_generation_prompt %}<|assistant|> {% endif %}")
     fast.save_pretrained(path)
     return path
+
+
+# ---- online methods (GRPO, online DPO) and SFT
+
+TARGET = 7  # the toy verifiable task: emit token 7
+
+
+def toy_prompts(n: int = 32, seed: int = 0, vocab: int = 64) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": [rng.randrange(8, vocab) for _ in range(rng.randint(3, 6))], "target": TARGET}
+            for _ in range(n)]
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "prompts.jsonl", toy_prompts())
+
+
+def emits_target(prompt_ids, completion_ids, target=TARGET, **columns) -> float:
+    """Fraction of completion tokens equal to the row's target."""
+    return sum(t == target for t in completion_ids) / len(completion_ids)
+
+
+def online_fields(data: Path, out: Path, *, model: str = "qwen2", **overrides) -> dict:
+    fields = dict(model_config=dict(TINY[model]), train_data=str(data), output_dir=str(out), batch_size=4,
+                  num_generations=8, max_completion_length=8, max_steps=4, learning_rate=2e-2,
+                  lr_scheduler="constant", progress=False, seed=0, reward_funcs=[emits_target], log_completions=1)
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's waiting threads
+    slow them by 10x: the online-method tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

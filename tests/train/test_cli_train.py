@@ -34,21 +34,41 @@ def test_cli_errors_name_the_field(tmp_path, monkeypatch, capsys):
     assert "--loss_type" in capsys.readouterr().out
 
 
-def test_grpo_and_online_dpo_validate_then_say_not_yet(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["grpo", "online-dpo", "sft"])
+def test_online_and_sft_examples_train(method, tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(REPO)
+    example = f"examples/{method.replace('-', '_')}_tiny.yaml"
+    rc = main(["train", method, "--config", example, "--output_dir", str(tmp_path), "--max_steps", "3",
+               "--log_every", "1", "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert "3 steps" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(r["tokens_per_s"] > 0 for r in records)
+    assert (tmp_path / "checkpoints" / "step-00000003" / "model.safetensors").is_file()
+    if method != "sft":
+        assert "reward/count_token/mean" in records[-1]
+        assert (tmp_path / "completions.jsonl").is_file()
+
+
+def test_grpo_and_online_dpo_errors_name_the_field(tmp_path, capsys):
     data = tmp_path / "p.jsonl"
-    data.write_text('{"prompt": [1, 2]}\n')
-    base = ["--model_config", '{"model_type": "qwen2"}', "--train_data", str(data), "--reward_funcs", "m:f"]
-    for method in ("grpo", "online-dpo"):
+    data.write_text('{"prompt": [1, 2]}\n' * 8)
+    base = ["--model_config", '{"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, '
+            '"num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}', "--train_data", str(data),
+            "--reward_funcs", "m_missing:f", "--output_dir", str(tmp_path / "out"), "--no_progress"]
+    for method, name in (("grpo", "GRPOConfig"), ("online-dpo", "OnlineDPOConfig")):
         assert main(["train", method, *base]) == 2
-        assert "not implemented yet" in capsys.readouterr().err
+        assert f"{name}.reward_funcs[0] (m_missing:f): no module named 'm_missing'" in capsys.readouterr().err
     assert main(["train", "grpo", *base, "--num_generations", "1"]) == 2
     assert "GRPOConfig.num_generations" in capsys.readouterr().err
+    assert main(["train", "sft", "--help"]) == 0
+    assert "--completion_column" in capsys.readouterr().out
 
 
 def test_other_commands_still_parse():
     from fastrl.cli import build_parser
 
-    args, extra = build_parser().parse_known_args(["demo", "--steps", "3"])
-    assert args.command == "demo" and args.steps == 3 and not extra
+    args, extra = build_parser().parse_known_args(["demo", "--seed", "3"])
+    assert args.command == "demo" and args.seed == 3 and not extra
     with pytest.raises(SystemExit):
         main(["demo", "--bogus"])

@@ -1,0 +1,580 @@
+"""GRPO-family RL on a Hugging Face causal LM: the whole recipe, top to bottom.
+
+    from fastrl.train import GRPOConfig, train_grpo
+    result = train_grpo(GRPOConfig(model="path/to/model", train_data="prompts.jsonl",
+                                   reward_funcs=["my_rewards:exact_match"], num_generations=8))
+
+Setup as in :mod:`fastrl.train.dpo` (processes, model, tokenizer, prompts, packing check, a frozen
+reference when ``beta > 0``, sharding, optimiser, resume), plus the rewards
+(:mod:`fastrl.train.rewards`). Then every step (one rollout, ``num_iterations`` = μ updates):
+
+1. **rollout** — this process's ``batch_size × gradient_accumulation_steps`` prompts go through
+   :func:`fastrl.rollout.generate` in one call: each prompt is prefilled once and its KV cache
+   shared by its G = ``num_generations`` samples; the policy is in eval mode without gradients; the
+   sampler's per-token log-probs are kept.
+2. **reward** — every reward on every completion (``[N, R]``, NaN = unscorable); the rewards of all
+   processes are gathered so that the advantages use the statistics of the global batch.
+3. **advantages** — :func:`fastrl.ops.group_advantages` with the config's estimator, scale,
+   reward weights and multi-reward mode.
+4. **reference** — log-probs of the frozen initial model only when ``beta > 0``, and π_old: with
+   μ = 1 (``old_logps: auto``) none at all — the step is on-policy, so the loss takes the current
+   log-probs detached (ratio 1, as TRL when it skips the old-log-prob forward); with μ > 1 (or
+   ``old_logps: policy``) one no-grad fused-kernel forward of the policy before the first update;
+   ``old_logps: sampler`` reuses the rollout's log-probs. All from
+   :func:`fastrl.train.reference.completion_logps` (no ``[tokens, V]`` logits).
+5. **train** — μ passes over the micro-batches; each micro-batch (``batch_size`` prompts × G
+   completions, packed) runs the policy to its last hidden states with
+   :class:`fastrl.losses.FusedLinearGRPOLoss` as the head, and one optimiser step ends each pass.
+   ``max_steps`` counts rollouts; the learning-rate schedule (``warmup_steps`` included) counts
+   optimiser steps, μ per rollout.
+
+**Normalisation across accumulation and processes**: the step's loss is the loss type's
+aggregation over the whole step batch, as if it were one batch on one process (so 1 micro-batch of
+4 prompts and 2 of 2 give the same update). dapo / cispo / vespo / ``token-mean`` pass
+``num_items_in_batch`` = the active completion tokens of the step over every micro-batch and
+process, divided by the process count (FSDP averages gradients over processes); the others scale
+each micro-batch's loss by its share of the normaliser: bnpo by its tokens, grpo / sapo / dr_grpo /
+luspo by its sequences (the masked ones included, as TRL), verl's ``seq-mean-*`` by its non-empty
+sequences. ``mask_truncated_completions`` drops completions without a stop token from the loss
+(and from the token counts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrl.losses import FusedLinearGRPOLoss
+from fastrl.losses.reference import DEFAULT_AGG
+from fastrl.ops import group_advantages
+from fastrl.rollout import generate
+from fastrl.train import distributed, rewards as rewards_lib
+from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.train.config import ConfigError, GRPOConfig, TrainConfig
+from fastrl.train.data import BatchOrder, Prompts, load_prompts
+from fastrl.train.dpo import TrainResult
+from fastrl.train.model import Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training
+from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from fastrl.train.packing import SequenceBatch, pack, pad
+from fastrl.train.reference import completion_logps
+from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+
+__all__ = ["Completions", "advantages_of", "grpo_step", "loss_scales", "rollout", "score_completions",
+           "sequence_layout", "train_grpo"]
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+@dataclass
+class Completions:
+    """The N = P × G completions of one step on this process, prompt-major (rows ``[p G, (p+1) G)``
+    continue prompt p). Token lists are on the CPU; ``sampler_logps[i]`` is ``[len(completions[i])]``."""
+
+    prompts: list[list[int]]       # the prompt of each completion (repeated G times)
+    completions: list[list[int]]
+    sampler_logps: list[torch.Tensor]
+    stopped: torch.Tensor          # [N] bool: ended on a stop token
+    rows: list[int]                # data row of each completion's prompt
+    group_size: int
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.completions], dtype=torch.long)
+
+
+_FSDP_READY: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def full_weights(policy: Policy, world: distributed.World):
+    """Every FSDP2 unit of ``policy`` gathered for the rollout (which calls the layers' weights
+    directly); resharded after. A no-op in one process."""
+    units = []
+    if world.distributed:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+        if units and policy not in _FSDP_READY:
+            # FSDP2 initialises its units from the root's first forward; unsharding a layer first
+            # would make it a root of its own
+            with torch.no_grad():
+                policy(pack([[0]], [[0]]).to(world.device), lambda hidden, weight, bias: hidden)
+            distributed.reshard(policy)
+            _FSDP_READY.add(policy)
+        for unit in units:
+            unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+
+
+def stop_tokens(config, tokenizer, model) -> list[int]:
+    """``config.stop_token_ids``, else the tokenizer's and the model's EOS ids (possibly none)."""
+    if config.stop_token_ids is not None:
+        return list(config.stop_token_ids)
+    ids = set()
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in ([eos] if isinstance(eos, int) else list(eos or [])):
+        ids.add(int(i))
+    return sorted(ids)
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The sampling generator of one step on one process: a function of (seed, rank, step), so a
+    resumed run draws exactly what the uninterrupted one would."""
+    mixed = (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1)
+    return torch.Generator(device=device.type).manual_seed(mixed)
+
+
+def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config, world: distributed.World,
+            stop_ids: list[int], generator: torch.Generator, num_samples: int | None = None,
+            temperature: float | None = None) -> Completions:
+    """G completions of each prompt from the policy (eval mode, no grad; one prefill per prompt)."""
+    g = num_samples or config.num_generations
+    was_training = policy.training
+    policy.eval()
+    try:
+        with full_weights(policy, world):
+            out = generate(policy.model, [torch.tensor(p) for p in prompts],
+                           max_new_tokens=config.max_completion_length,
+                           num_samples=g, temperature=config.temperature if temperature is None else temperature,
+                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, stop_token_ids=stop_ids,
+                           generator=generator, engine=config.rollout_engine)
+    finally:
+        policy.train(was_training)
+    ids, logps, lengths = out.completion_ids.cpu(), out.logprobs.cpu(), out.lengths.cpu().tolist()
+    return Completions(prompts=[prompts[i // g] for i in range(len(lengths))],
+                       completions=[ids[i, :n].tolist() for i, n in enumerate(lengths)],
+                       sampler_logps=[logps[i, :n].clone() for i, n in enumerate(lengths)],
+                       stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g)
+
+
+def sequence_layout(model, packing_ok: bool):
+    """``layout(prompts, completions) -> SequenceBatch``: :func:`~fastrl.train.packing.pack` or
+    :func:`~fastrl.train.packing.pad`, whichever costs fewer FLOPs for that batch. With flash-attn's
+    varlen kernel packing always wins; with a mask-based attention (SDPA, eager) a packed row of T
+    tokens attends over all T² positions (its block-diagonal mask is dense), a padded batch of N
+    rows of length L over N·L², so many short sequences (G completions of short prompts) run
+    cheaper padded. Without working packing (``packing_ok`` False): always padded."""
+    if not packing_ok:
+        return pad
+    if model.config._attn_implementation == "flash_attention_2":
+        return pack
+    text = model.config.get_text_config()
+    per_slot = flops_per_token(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_area = 4.0 * text.num_hidden_layers * text.num_attention_heads * head_dim  # QKᵀ and AV
+
+    def layout(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatch:
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        total, rows, longest = sum(lengths), len(lengths), max(lengths)
+        packed = per_slot * total + per_area * total * total
+        padded = per_slot * rows * longest + per_area * rows * longest * longest
+        return (pack if packed <= padded else pad)(prompts, completions)
+
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[dict[str, Any]]:
+    """The keyword arguments of each completion's reward call: its data row, ``completion`` (text,
+    with a tokenizer) and ``finish_reason``."""
+    out = []
+    for i, row in enumerate(completions.rows):
+        columns = {k: v for k, v in data.rows[row].items() if k not in ("prompt_ids", "completion_ids")}
+        if tokenizer is not None:
+            columns["completion"] = tokenizer.decode(completions.completions[i], skip_special_tokens=True)
+        columns["finish_reason"] = "stop" if bool(completions.stopped[i]) else "length"
+        out.append(columns)
+    return out
+
+
+def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, completions: Completions,
+                      tokenizer) -> torch.Tensor:
+    """``[N, R]`` rewards of this process's completions (NaN = unscorable)."""
+    return rewards_lib.score(rewards, completions.prompts, completions.completions,
+                             reward_columns(data, completions, tokenizer))
+
+
+def gather_rows(local: torch.Tensor, world: distributed.World) -> torch.Tensor:
+    """Every process's rows of ``local`` (same row count on each), in rank order (CPU)."""
+    if not world.distributed:
+        return local
+    return torch.cat(distributed.all_gather_object(local.cpu()))
+
+
+def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *, weights: list[float] | None,
+                  lengths: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
+    """Advantages ``[N]`` of the global batch from its rewards ``[N, R]`` (the estimator's extra
+    inputs: completion lengths for opo, the greedy completions' rewards for remax, and for
+    pref_grpo the pairwise preferences of the combined reward: a win when higher, ½ when equal)."""
+    options = dict(config.advantage_options(),
+                   reward_weights=torch.tensor(weights) if weights is not None and rewards.shape[1] > 1 else None)
+    table = rewards if rewards.shape[1] > 1 else rewards[:, 0]
+    if config.advantage_estimator == "opo":
+        options["lengths"] = lengths.float()
+    elif config.advantage_estimator == "remax":
+        options["baseline_rewards"] = baseline if rewards.shape[1] > 1 else baseline[:, 0]
+    elif config.advantage_estimator == "pref_grpo":
+        combined = rewards_lib.combine(rewards, weights).view(-1, group_size)
+        wins = (combined[:, :, None] > combined[:, None, :]).float() + 0.5 * (
+            combined[:, :, None] == combined[:, None, :]).float()
+        options["preferences"] = wins.reshape(-1, group_size)
+        table = combined.reshape(-1)
+        options["reward_weights"] = None
+    elif weights is not None and rewards.shape[1] == 1:
+        table = table * weights[0]
+    return group_advantages(table, group_size, **options)
+
+
+def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:
+    """Mean / std of the combined reward and of each reward over the global batch (scorable
+    completions only), the unscorable fraction and the fraction of groups with one reward value."""
+    finite = ~torch.isnan(combined)
+    values = combined[finite]
+    out = {"reward/mean": float(values.mean()) if values.numel() else math.nan,
+           "reward/std": float(values.std()) if values.numel() > 1 else 0.0,
+           "reward/unscorable": float((~finite).float().mean())}
+    groups = combined.view(-1, group_size)
+    spread = torch.nan_to_num(groups.amax(1) - groups.amin(1), nan=0.0)
+    out["reward/frac_zero_std_groups"] = float((spread == 0).float().mean())
+    for j, name in enumerate(names):
+        col = rewards[:, j][~torch.isnan(rewards[:, j])]
+        out[f"reward/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+def loss_scales(agg: str, micro: list[tuple[int, int, int]], step_totals: tuple[float, float, float],
+                world_size: int) -> tuple[list[float], float | None]:
+    """Per micro-batch loss multipliers and the ``num_items_in_batch`` that make the step's loss
+    the aggregation ``agg`` over the whole step batch (every micro-batch of every process).
+
+    ``micro[k] = (tokens, sequences kept, sequences in all)`` of micro-batch k on this process;
+    ``step_totals`` the same summed over the step and the processes. Gradients are averaged over
+    processes afterwards, hence the factor ``world_size``."""
+    tokens, kept, every = step_totals
+    if agg in ("dapo", "token-mean"):
+        return [1.0] * len(micro), tokens / world_size
+    if agg == "bnpo":
+        return [t * world_size / max(tokens, 1) for t, _, _ in micro], None
+    if agg in ("grpo", "dr_grpo", "luspo"):
+        return [n * world_size / max(every, 1) for _, n, _ in micro], None
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
+        return [n * world_size / max(kept, 1) for _, n, _ in micro], None
+    return [float(world_size)] * len(micro), None  # seq-mean-token-sum-norm, token-sum: plain sums
+
+
+@dataclass
+class MicroBatch:
+    """One forward's worth of a step: the packed sequences and their per-token / per-sequence inputs."""
+
+    batch: SequenceBatch
+    advantages: torch.Tensor       # [n]
+    sampler_logps: torch.Tensor    # [T_c]
+    every: int                     # sequences before masking (for the sequence-count normalisers)
+    empty: bool = False            # every sequence masked: a placeholder forward (loss × 0) keeps FSDP in step
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+
+
+def micro_batches(completions: Completions, advantages: torch.Tensor, *, prompts_per_micro: int, layout,
+                  mask_truncated: bool, device: torch.device) -> list[MicroBatch]:
+    """The step's completions in micro-batches of ``prompts_per_micro`` prompts × G completions, laid
+    out by ``layout`` (:func:`sequence_layout`); with ``mask_truncated`` the completions that never
+    hit a stop token are left out."""
+    rows_per_micro = prompts_per_micro * completions.group_size
+    out = []
+    for start in range(0, len(completions), rows_per_micro):
+        rows = list(range(start, min(start + rows_per_micro, len(completions))))
+        keep = [i for i in rows if not mask_truncated or bool(completions.stopped[i])]
+        empty = not keep
+        if empty:
+            keep = rows[:1]
+        batch = layout([completions.prompts[i] for i in keep], [completions.completions[i] for i in keep]).to(device)
+        out.append(MicroBatch(batch=batch, advantages=advantages[keep].to(device),
+                              sampler_logps=torch.cat([completions.sampler_logps[i] for i in keep]).to(device),
+                              every=len(rows), empty=empty))
+    return out
+
+
+def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearGRPOLoss, config: GRPOConfig,
+              world: distributed.World, autocast, telemetry: Telemetry, optimize) -> dict[str, float]:
+    """μ passes of forward + backward over the micro-batches, each pass ended by ``optimize(loss)``
+    (the optimiser step; returns ``(grad_norm, stepped)``). Returns this step's metrics: the
+    loss (the step aggregate, mean over passes), the loss's metrics (token-weighted), grad norms."""
+    agg = config.loss_agg_mode or DEFAULT_AGG[config.loss_type]
+    counts = [(0 if m.empty else m.batch.labels.numel(), 0 if m.empty else m.batch.num_sequences, m.every)
+              for m in micros]
+    totals = distributed.all_reduce(torch.tensor([sum(c[i] for c in counts) for i in range(3)],
+                                                 dtype=torch.float64, device=world.device))
+    totals = tuple(totals.tolist())
+    scales, num_items = loss_scales(agg, counts, totals, world.world_size)
+    use_sampler = config.is_cap is not None or config.is_mode != "token_truncate" \
+        or config.off_policy_mask_threshold is not None
+    sums: dict[str, float] = defaultdict(float)
+    weight_sum = 0.0
+    for _ in range(config.num_iterations):
+        step_loss = 0.0
+        for k, (m, scale) in enumerate(zip(micros, scales)):
+            distributed.gradient_sync(policy, k == len(micros) - 1)
+            batch = m.batch
+            with telemetry.phase("train"):
+                with autocast():
+                    loss, metrics = policy(batch, lambda hidden, weight, bias: loss_fn(
+                        hidden, weight, batch.labels, m.old_logps, m.advantages, cu_seqlens=batch.cu_seqlens,
+                        bias=bias, ref_logps=m.ref_logps, sampler_logps=m.sampler_logps if use_sampler else None,
+                        num_items_in_batch=num_items))
+                scale = 0.0 if m.empty else scale
+                (loss * scale).backward()
+            step_loss += float(loss.detach()) * scale / world.world_size
+            w = 0.0 if m.empty else float(batch.labels.numel())
+            weight_sum += w
+            for name, value in metrics.items():
+                sums[name] += float(value) * w
+        with telemetry.phase("optimizer"):
+            global_loss = float(distributed.all_reduce(torch.tensor([step_loss], dtype=torch.float64,
+                                                                    device=world.device))[0])
+            grad_norm, stepped = optimize(global_loss)
+        sums["loss"] += global_loss / config.num_iterations
+        sums["grad_norm"] += grad_norm / config.num_iterations
+        sums["skipped"] += float(not stepped)
+    out = {name: value / max(weight_sum, 1.0) for name, value in sums.items()
+           if name not in ("loss", "grad_norm", "skipped")}
+    out.update(loss=sums["loss"], grad_norm=sums["grad_norm"], skipped=sums["skipped"],
+               train_tokens=totals[0])
+    return out
+
+
+def _mean_over_processes(metrics: dict[str, float], device: torch.device, world: distributed.World) -> dict:
+    if not world.distributed:
+        return metrics
+    names = sorted(metrics)
+    values = distributed.all_reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=device))
+    return {k: float(v) / world.world_size for k, v in zip(names, values.tolist())}
+
+
+def _check_lengths(config: TrainConfig, data: Prompts, model) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max(len(p) for p in data.prompts)
+    if limit is not None and longest + config.max_completion_length > limit:
+        raise ConfigError(f"{type(config).__name__}.max_completion_length: the longest prompt ({longest} tokens) + "
+                          f"max_completion_length ({config.max_completion_length}) exceeds the model's "
+                          f"max_position_embeddings ({limit})")
+
+
+def sample_records(completions: Completions, rewards: torch.Tensor, advantages: torch.Tensor | None, tokenizer,
+                   count: int) -> list[dict[str, Any]]:
+    """The first ``count`` completions of the step, for ``completions.jsonl``."""
+    out = []
+    for i in range(min(count, len(completions))):
+        record = {"prompt": completions.prompts[i], "completion": completions.completions[i],
+                  "rewards": [None if math.isnan(r) else r for r in rewards[i].tolist()],
+                  "finish_reason": "stop" if bool(completions.stopped[i]) else "length"}
+        if advantages is not None:
+            record["advantage"] = float(advantages[i])
+        if tokenizer is not None:
+            record["prompt_text"] = tokenizer.decode(completions.prompts[i])
+            record["completion_text"] = tokenizer.decode(completions.completions[i])
+        out.append(record)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> list[rewards_lib.RewardFunction]:
+    """The run's rewards: ``reward_funcs`` (Python objects) when given, else the config's; then the
+    reward model. Import problems raise :class:`ConfigError` naming the field."""
+    name = type(config).__name__
+    funcs = list(reward_funcs) if reward_funcs is not None else list(config.reward_funcs)
+    if not funcs and config.reward_model is None:
+        raise ConfigError(f"{name}.reward_funcs: give at least one reward: reward_funcs and/or reward_model")
+    n = len(funcs) + (config.reward_model is not None)
+    if config.reward_weights is not None and len(config.reward_weights) != n:
+        raise ConfigError(f"{name}.reward_weights: needs one weight per reward ({n}), got {len(config.reward_weights)}")
+    from fastrl.train.model import DTYPES
+
+    try:
+        return rewards_lib.load_rewards(funcs, config.reward_model, field_name=f"{name}.reward_funcs",
+                                        tokenizer=tokenizer, batch_size=config.reward_batch_size, device=device,
+                                        dtype=DTYPES[config.dtype])
+    except rewards_lib.RewardError as e:
+        raise ConfigError(str(e)) from None
+
+
+def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
+    """Run GRPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional): reward
+    callables that replace ``config.reward_funcs`` (the reward model, if any, is added after them)."""
+    world = distributed.init_world(config.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.output_dir)
+
+    # ---- model, tokenizer, prompts, rewards
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    model = build_model(config, world.device)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    data = load_prompts(config, tokenizer, vocab_size)
+    _check_lengths(config, data, model)
+    rewards = load_run_rewards(config, reward_funcs, tokenizer, world.device)
+    names = [r.name for r in rewards]
+    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
+    layout = sequence_layout(model, config.packing and packing_works(policy, vocab_size, world.device))
+    stop_ids = stop_tokens(config, tokenizer, model)
+    group = config.num_generations
+
+    def autocast():
+        if config.bf16:
+            return torch.autocast(world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    reference_model = frozen_copy(policy, config, world) if config.beta > 0 else None  # the initial policy
+    prepare_for_training(policy, config, world)
+    policy.train()
+    old_source = config.old_logps if config.old_logps != "auto" else ("policy" if config.num_iterations > 1 else None)
+
+    order = BatchOrder(len(data), batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
+                       seed=config.seed, shuffle=config.shuffle)
+    steps_per_epoch = order.micro_batches_per_epoch() // config.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"GRPOConfig.batch_size: train_data has {len(data)} prompts, fewer than one step takes "
+                          f"(batch_size {config.batch_size} × gradient_accumulation_steps "
+                          f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
+    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
+
+    optimizer = build_optimizer(policy, config, world.device)
+    scheduler = build_scheduler(optimizer, config, total_steps * config.num_iterations)
+    guard = NonFiniteSteps(config.max_bad_steps)
+    start_step = tokens_seen = 0
+    checkpoint_path = find_checkpoint(out, config.resume)
+    if checkpoint_path is not None:
+        state = load_checkpoint(checkpoint_path, policy=policy, optimizer=optimizer, scheduler=scheduler, world=world)
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+        order.load_state_dict(state["data"])
+        guard.load_state_dict(state["non_finite"])
+    telemetry = Telemetry(config, total_steps=total_steps, device=world.device, is_main=world.is_main,
+                          start_step=start_step)
+
+    loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, **config.loss_options())
+    forward_flops = flops_per_token(model)
+    peak = peak_flops(world.device, config.peak_tflops)
+    history: list[dict[str, Any]] = []
+    last_saved = None
+
+    def save(step: int) -> Path:
+        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": order.state_dict(),
+                         "non_finite": guard.state_dict()}
+        return save_checkpoint(out, step, policy=policy, optimizer=optimizer, scheduler=scheduler,
+                               trainer_state=trainer_state, config=config.to_dict(), world=world,
+                               keep=config.keep_checkpoints, tokenizer=tokenizer)
+
+    def optimize(loss: float, step: int):
+        return optimizer_step(policy, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
+                              loss=torch.tensor(loss), guard=guard, step=step)
+
+    try:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            indices = [i for _ in range(config.gradient_accumulation_steps) for i in order.next()]
+            prompts = [data.prompts[i] for i in indices]
+
+            # 1. rollout: G samples per prompt, one prefill each
+            generator = step_generator(config.seed, world.rank, step, world.device)
+            with telemetry.phase("rollout"):
+                completions = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
+                                      generator=generator)
+                greedy = None
+                if config.advantage_estimator == "remax":  # the baseline: each prompt's greedy completion
+                    greedy = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
+                                     generator=generator, num_samples=1, temperature=0.0)
+
+            # 2. rewards of every completion, gathered over processes; 3. advantages
+            with telemetry.phase("reward"):
+                local_rewards = score_completions(rewards, data, completions, tokenizer)
+                all_rewards = gather_rows(local_rewards, world)
+                baseline = None
+                if greedy is not None:
+                    baseline = gather_rows(score_completions(rewards, data, greedy, tokenizer), world)
+                    baseline = baseline.repeat_interleave(group, 0)
+                all_lengths = gather_rows(completions.lengths, world)
+                advantages = advantages_of(all_rewards, group, config, weights=config.reward_weights,
+                                           lengths=all_lengths, baseline=baseline)
+                mine = slice(world.rank * len(completions), (world.rank + 1) * len(completions))
+                local_advantages = advantages[mine]
+                combined = rewards_lib.combine(all_rewards, config.reward_weights)
+                record = reward_metrics(all_rewards, combined, names, group)
+
+            micros = micro_batches(completions, local_advantages, prompts_per_micro=config.batch_size, layout=layout,
+                                   mask_truncated=config.mask_truncated_completions, device=world.device)
+
+            # 4. reference log-probs (beta > 0) and π_old (μ > 1), no grad, fused kernels
+            with telemetry.phase("reference"):
+                for m in micros:
+                    if reference_model is not None:
+                        with autocast():
+                            m.ref_logps = completion_logps(reference_model, m.batch, temperature=config.temperature)
+                    if old_source == "policy":
+                        with autocast():
+                            m.old_logps = completion_logps(policy, m.batch, temperature=config.temperature)
+                    elif old_source == "sampler":
+                        m.old_logps = m.sampler_logps
+
+            # 5. μ updates over the micro-batches
+            local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=autocast,
+                              telemetry=telemetry, optimize=lambda loss: optimize(loss, step + 1))
+
+            # ---- telemetry
+            elapsed = time.perf_counter() - started
+            lengths = all_lengths.float()
+            sequence_tokens = float(sum(len(p) + len(c) for p, c in zip(completions.prompts,
+                                                                          completions.completions)))
+            counts = distributed.all_reduce(torch.tensor(
+                [sequence_tokens, sum(m.batch.tokens for m in micros), sum(m.batch.slots for m in micros),
+                 sum(m.batch.padded_slots for m in micros), float(completions.stopped.sum())],
+                dtype=torch.float64, device=world.device)).tolist()
+            tokens_seen += int(counts[0])
+            telemetry.advance()
+            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+                metrics = _mean_over_processes({k: v for k, v in local.items() if k != "train_tokens"},
+                                               world.device, world)
+                flops = counts[0] * forward_flops * (1 + (reference_model is not None) + (old_source == "policy")
+                                                     + 3 * config.num_iterations)
+                record.update({
+                    **metrics, "lr": scheduler.get_last_lr()[0], "skipped_total": guard.total, "epoch": order.epoch,
+                    "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                    "completions/max_length": float(lengths.max()),
+                    "completions/clipped_ratio": 1.0 - counts[4] / lengths.numel(),
+                    "tokens": counts[0], "train_tokens": local["train_tokens"], "tokens_seen": tokens_seen,
+                    "tokens_per_s": counts[0] / elapsed, "step_s": elapsed,
+                    "packing_efficiency": counts[1] / max(counts[3], 1.0),
+                    "batch_fill": counts[1] / max(counts[2], 1.0),
+                    "tflops": flops / elapsed / 1e12,
+                    **({"mfu": flops / elapsed / (peak * world.world_size)} if peak else {}),
+                })
+                history.append(telemetry.log(step + 1, record))
+                if config.log_completions:
+                    telemetry.log_completions(step + 1, sample_records(
+                        completions, local_rewards, local_advantages, tokenizer, config.log_completions))
+            if config.save_every and (step + 1) % config.save_every == 0:
+                last_saved = save(step + 1)
+        if total_steps > start_step and (last_saved is None or last_saved.name != f"step-{total_steps:08d}"):
+            last_saved = save(total_steps)
+    finally:
+        telemetry.close()
+    return TrainResult(history, last_saved, policy, total_steps - start_step)

@@ -1,0 +1,349 @@
+"""Rewards of the online methods: Python callables (verifiers) and learned reward models.
+
+>>> from fastrl.train.rewards import load_rewards, score
+>>> def has_seven(prompt_ids, completion_ids, **columns):
+...     return float(7 in completion_ids)
+>>> async def length(prompt_ids, completion_ids, **columns):
+...     return None if not completion_ids else len(completion_ids) / 4
+>>> rewards = load_rewards([has_seven, length])
+>>> score(rewards, [[1], [1]], [[3, 7], []], [{}, {}]).tolist()
+[[1.0, 0.5], [0.0, nan]]
+
+A **reward function** is given as ``"module:function"`` in a config (a dotted module importable from
+the working directory, or a file path such as ``examples/rewards.py:count_token``) or as the object
+itself from Python. Two call forms:
+
+- per sample: ``f(prompt_ids, completion_ids, **columns) -> float``, called once per completion;
+- batched: ``f(prompt_ids, completion_ids, **columns) -> list[float]`` where every argument is a
+  list with one entry per completion. A function is batched when ``f.batched`` is true, when its
+  first parameter is annotated as a list / sequence, or when that parameter is named ``prompts``
+  or ``batch`` (TRL's ``f(prompts, completions, ...)`` style).
+
+``columns`` are the data row's columns (a reference answer, a target, ...), plus ``completion``
+(the decoded text, when the run has a tokenizer) and ``finish_reason`` (``"stop"`` / ``"length"``).
+A function without ``**kwargs`` receives only the keywords its signature names. ``async def``
+functions are awaited, every call of every async function concurrently, in one event loop (a
+fresh one in a worker thread when the caller already runs a loop, e.g. a notebook). ``None`` or
+NaN means *unscorable*: the sample is left out of the reward statistics and gets advantage 0
+(GRPO) or is never paired (online DPO). An inf, a non-number or a wrong number of values raises
+:class:`RewardError` naming the reward.
+
+A **reward model** is a local ``AutoModelForSequenceClassification`` directory (``reward_model``)
+or, from Python, any ``nn.Module`` whose ``forward(input_ids, attention_mask)`` returns a score per
+row (a tensor ``[N]`` / ``[N, 1]``, or an output with ``.logits [N, 1]``); it reads prompt +
+completion token ids (the policy's vocabulary unless it has its own tokenizer, then the text is
+re-tokenised), right-padded, ``reward_batch_size`` sequences per forward, without gradients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["RewardError", "RewardFunction", "RewardModel", "load_rewards", "reward_function", "score"]
+
+
+class RewardError(ValueError):
+    """A reward that cannot be loaded or returned something unusable; the message names it."""
+
+
+@dataclass
+class RewardFunction:
+    """One reward: ``fn`` and how to call it. ``name`` labels its metrics (``reward/<name>``);
+    ``where`` names it in errors (e.g. ``reward_funcs[1] (examples/rewards.py:count_token)``)."""
+
+    fn: Callable
+    name: str
+    where: str
+    batched: bool = False
+    is_async: bool = False
+    keywords: frozenset[str] | None = None  # None: the function takes **kwargs
+    is_model: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, columns: dict[str, Any]) -> dict[str, Any]:
+        if self.keywords is None:
+            return columns
+        return {k: v for k, v in columns.items() if k in self.keywords}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _import(spec: str, where: str) -> Callable:
+    module_name, _, attr = spec.partition(":")
+    if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+        path = Path(module_name)
+        if not path.is_file():
+            raise RewardError(f"{where}: file {module_name!r} does not exist (paths are relative to the working "
+                              f"directory {os.getcwd()})")
+        name = f"_fastrl_reward_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception as e:
+                raise RewardError(f"{where}: importing {module_name!r} failed: {type(e).__name__}: {e}") from e
+            sys.modules[name] = module
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name.split(".")[0] and e.name != module_name:
+                raise RewardError(f"{where}: importing {module_name!r} failed: {e}") from e
+            if os.getcwd() in sys.path:  # already searched
+                raise RewardError(f"{where}: no module named {module_name!r}") from None
+            sys.path.insert(0, os.getcwd())  # `fastrl train` runs from a script whose path[0] is not the cwd
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError:
+                raise RewardError(f"{where}: no module named {module_name!r} (searched sys.path and the working "
+                                  f"directory)") from None
+            finally:
+                sys.path.remove(os.getcwd())
+        except Exception as e:
+            raise RewardError(f"{where}: importing {module_name!r} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise RewardError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+    return fn
+
+
+def _is_list_annotation(annotation: Any) -> bool:
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "").lower().startswith(("list", "sequence", "typing.list", "typing.sequence"))
+    origin = typing.get_origin(annotation) or annotation
+    return origin in (list, Sequence, typing.List) or (isinstance(origin, type) and issubclass(origin, (list,)))
+
+
+def reward_function(spec: str | Callable, where: str = "reward_funcs") -> RewardFunction:
+    """The :class:`RewardFunction` of ``spec`` (a ``"module:function"`` string or a callable)."""
+    label = f"{where} ({spec if isinstance(spec, str) else getattr(spec, '__name__', type(spec).__name__)})"
+    fn = _import(spec, label) if isinstance(spec, str) else spec
+    if not callable(fn):
+        raise RewardError(f"{label}: {spec!r} is not callable")
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        signature = None
+    keywords = None
+    batched = bool(getattr(fn, "batched", False))
+    if signature is not None:
+        params = list(signature.parameters.values())
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+            raise RewardError(f"{label}: must take (prompt_ids, completion_ids, **columns); its signature is "
+                              f"{signature}")
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            keywords = frozenset(p.name for p in params[2:] if p.kind != p.VAR_POSITIONAL)
+        if positional and not hasattr(fn, "batched"):
+            first = positional[0]
+            batched = _is_list_annotation(first.annotation) or first.name in ("prompts", "batch")
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return RewardFunction(fn=fn, name=name, where=label, batched=batched, is_async=is_async, keywords=keywords)
+
+
+def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None, *, field_name: str = "reward_funcs",
+                 tokenizer=None, batch_size: int = 32, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> list[RewardFunction]:
+    """Every reward of a run, in config order: the functions, then the reward model (a local
+    directory or a module). ``field_name`` prefixes the error messages (``GRPOConfig.reward_funcs``)."""
+    rewards = []
+    for i, spec in enumerate(reward_funcs):
+        rewards.append(reward_function(spec, f"{field_name}[{i}]"))
+    if reward_model is not None:
+        where = field_name.rsplit(".", 1)[0] + ".reward_model" if "." in field_name else "reward_model"
+        model = RewardModel(reward_model, batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
+                            where=where)
+        rewards.append(RewardFunction(fn=model, name="reward_model", where=where, batched=True, is_model=True))
+    names = [r.name for r in rewards]
+    for i, r in enumerate(rewards):  # metrics need distinct names
+        if names.count(r.name) > 1:
+            r.name = f"{r.name}_{i}"
+    return rewards
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+class RewardModel:
+    """A learned reward model scored in batches: ``RewardModel(model_or_dir)(prompt_ids,
+    completion_ids) -> list[float]`` (lists of token-id lists; no gradient).
+
+    ``to_ids(prompt_ids, completion_ids) -> ids`` (optional) builds the sequence the model reads
+    (default: prompt + completion, re-tokenised through the text when the model directory has its
+    own tokenizer whose vocabulary differs from the policy's ``tokenizer``)."""
+
+    batched = True
+
+    def __init__(self, model, *, batch_size: int = 32, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, tokenizer=None, to_ids: Callable | None = None,
+                 where: str = "reward_model"):
+        self.where, self.batch_size, self.to_ids = where, batch_size, to_ids
+        self.device = torch.device(device)
+        self.own_tokenizer = None
+        self.policy_tokenizer = tokenizer
+        if isinstance(model, (str, os.PathLike)):
+            from transformers import AutoModelForSequenceClassification
+
+            path = Path(model)
+            if not (path / "config.json").is_file():
+                raise RewardError(f"{where}: {str(path)!r} is not a local model directory with a config.json")
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, dtype=dtype)
+            except Exception as e:
+                raise RewardError(f"{where}: cannot load {str(path)!r} as AutoModelForSequenceClassification: "
+                                  f"{e}") from e
+            if tokenizer is not None and any(path.glob("tokenizer*")):
+                from transformers import AutoTokenizer
+
+                own = AutoTokenizer.from_pretrained(path, local_files_only=True)
+                if own.get_vocab() != tokenizer.get_vocab():
+                    self.own_tokenizer = own
+            model = model.to(device)
+        if not isinstance(model, torch.nn.Module):
+            raise RewardError(f"{where}: must be a model directory or a torch.nn.Module, got {type(model).__name__}")
+        self.model = model.eval().requires_grad_(False)
+        config = getattr(model, "config", None)
+        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        self.pad_id = getattr(text, "pad_token_id", None) if text is not None else None
+        self.hf = config is not None and hasattr(model, "base_model_prefix")
+        self.__name__ = "reward_model"
+
+    def _sequence(self, prompt: list[int], completion: list[int]) -> list[int]:
+        if self.to_ids is not None:
+            return list(self.to_ids(prompt, completion))
+        if self.own_tokenizer is not None:
+            text = self.policy_tokenizer.decode(prompt + completion, skip_special_tokens=False)
+            return self.own_tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(prompt) + list(completion)
+
+    @torch.no_grad()
+    def __call__(self, prompt_ids: list[list[int]], completion_ids: list[list[int]], **columns) -> list[float]:
+        seqs = [self._sequence(p, c) for p, c in zip(prompt_ids, completion_ids)]
+        first = next(self.model.parameters(), None)
+        device = first.device if first is not None else self.device
+        # HF sequence classifiers pool the last token that is not the pad id; without a pad id they
+        # can only score one row at a time
+        size = self.batch_size if (self.pad_id is not None or not self.hf) else 1
+        out: list[float] = []
+        for start in range(0, len(seqs), size):
+            chunk = seqs[start:start + size]
+            width = max(len(s) for s in chunk)
+            pad = self.pad_id if self.pad_id is not None else 0
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, s in enumerate(chunk):
+                ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[i, :len(s)] = 1
+            result = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            scores = getattr(result, "logits", result)
+            if isinstance(scores, (tuple, list)):
+                scores = scores[0]
+            if not isinstance(scores, torch.Tensor):
+                raise RewardError(f"{self.where}: the model returned {type(result).__name__}, not a score tensor")
+            if scores.dim() == 2 and scores.shape[1] == 1:
+                scores = scores[:, 0]
+            if scores.dim() != 1 or scores.shape[0] != len(chunk):
+                raise RewardError(f"{self.where}: expected one score per sequence ({len(chunk)}), got a tensor of "
+                                  f"shape {tuple(scores.shape)} (a classifier needs num_labels=1)")
+            out.extend(scores.float().cpu().tolist())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def _value(reward: RewardFunction, v: Any, index: int) -> float:
+    if v is None:
+        return math.nan
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise RewardError(f"{reward.where}: returned {type(v).__name__} {v!r} for completion {index}; "
+                          f"expected a number (or None for unscorable)") from None
+    if math.isinf(v):
+        raise RewardError(f"{reward.where}: returned {v} for completion {index}; rewards must be finite "
+                          f"(None or NaN marks an unscorable completion)")
+    return v
+
+
+def _as_list(reward: RewardFunction, values: Any, n: int) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        values = values.reshape(-1).tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise RewardError(f"{reward.where}: a batched reward must return a list of {n} numbers, got "
+                          f"{type(values).__name__}") from None
+    if len(values) != n:
+        raise RewardError(f"{reward.where}: returned {len(values)} values for {n} completions")
+    return [_value(reward, v, i) for i, v in enumerate(values)]
+
+
+def _run(coroutine):
+    """Run a coroutine to completion, also when this thread already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
+          columns: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """Rewards ``[N, R]`` fp32 (NaN = unscorable) of N completions under R rewards. ``columns[i]``
+    are the keyword arguments of completion i (its data row and extras)."""
+    n = len(completion_ids)
+    table = torch.full((n, len(rewards)), math.nan, dtype=torch.float32)
+    names = sorted({k for c in columns for k in c})
+    lists = {k: [c.get(k) for c in columns] for k in names}
+    pending: list[tuple[int, Any]] = []
+    for j, reward in enumerate(rewards):
+        if reward.batched:
+            out = reward.fn(list(prompt_ids), list(completion_ids), **reward.select(lists))
+            if inspect.isawaitable(out):
+                pending.append((j, out))
+            else:
+                table[:, j] = torch.tensor(_as_list(reward, out, n))
+        else:
+            outs = [reward.fn(p, c, **reward.select(kw)) for p, c, kw in zip(prompt_ids, completion_ids, columns)]
+            if outs and inspect.isawaitable(outs[0]):
+                pending.append((j, outs))
+            else:
+                table[:, j] = torch.tensor([_value(reward, v, i) for i, v in enumerate(outs)])
+    if pending:
+        async def gather_all():
+            jobs = []
+            for _, out in pending:
+                jobs.append(asyncio.gather(*out) if isinstance(out, list) else out)
+            return await asyncio.gather(*jobs)
+
+        for (j, _), out in zip(pending, _run(gather_all())):
+            table[:, j] = torch.tensor(_as_list(rewards[j], out, n))
+    return table
+
+
+def combine(table: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
+    """The weighted sum ``[N]`` of each row's scorable rewards; NaN where none is scorable."""
+    w = torch.tensor(weights if weights is not None else [1.0] * table.shape[1], dtype=table.dtype)
+    finite = ~torch.isnan(table)
+    total = torch.where(finite, table * w, torch.zeros_like(table)).sum(1)
+    return torch.where(finite.any(1), total, torch.full_like(total, math.nan))
