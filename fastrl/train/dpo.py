@@ -5,8 +5,9 @@
 
 Setup: processes and device, model and tokenizer, preference pairs (tokenised once), packing
 check, reference log-probs (precomputed once and cached on disk, or a live frozen model),
-sharding, optimiser and schedule, resume. Then each step (:func:`dpo_step`) builds the packed
-batch of every micro-batch — B chosen sequences then their B rejected ones — runs the policy to
+sharding, optimiser and schedule, resume. Then each step (:func:`dpo_step`) builds the batch of
+every micro-batch — B chosen sequences then their B rejected ones, packed or padded, whichever
+costs fewer FLOPs (:func:`~fastrl.train.model.sequence_layout`) — runs the policy to
 its last hidden states and hands them, with the lm-head weight, to
 :class:`fastrl.losses.FusedLinearDPOLoss`, which computes the loss and its gradients without a
 ``[tokens, V]`` logits tensor. Each micro-batch loss is weighted by its share of the step's pairs
@@ -29,9 +30,10 @@ from fastrl.train import distributed
 from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.train.config import ConfigError, DPOConfig
 from fastrl.train.data import BatchOrder, PreferencePairs, load_preference_pairs
-from fastrl.train.model import Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training
+from fastrl.train.model import (Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training,
+                                sequence_layout)
 from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
-from fastrl.train.packing import SequenceBatch, pack, pad
+from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, pair_logps, precompute_pair_logps
 from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
 
@@ -49,11 +51,13 @@ class TrainResult:
     steps: int
 
 
-def pair_batch(pairs: PreferencePairs, indices: list[int], *, packed: bool, device: torch.device) -> SequenceBatch:
-    """The 2B sequences of B pairs: prompt + chosen for each pair, then prompt + rejected."""
+def pair_batch(pairs: PreferencePairs, indices: list[int], *, layout=pack, device: torch.device) -> SequenceBatch:
+    """The 2B sequences of B pairs: prompt + chosen for each pair, then prompt + rejected, laid out
+    by ``layout`` (:func:`~fastrl.train.packing.pack`, ``pad`` or a
+    :func:`~fastrl.train.model.sequence_layout`)."""
     prompts = [pairs.prompts[i] for i in indices] * 2
     completions = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
-    return (pack if packed else pad)(prompts, completions).to(device)
+    return layout(prompts, completions).to(device)
 
 
 def dpo_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss_fn: FusedLinearDPOLoss,
@@ -107,9 +111,10 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     pairs = load_preference_pairs(config, tokenizer, vocab_size)
     policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
     packed = config.packing and packing_works(policy, vocab_size, world.device)
+    layout = sequence_layout(model, packed)
 
     def make_batch(indices: list[int]) -> SequenceBatch:
-        return pair_batch(pairs, indices, packed=packed, device=world.device)
+        return pair_batch(pairs, indices, layout=layout, device=world.device)
 
     def autocast():
         if config.bf16:

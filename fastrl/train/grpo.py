@@ -61,14 +61,14 @@ from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_check
 from fastrl.train.config import ConfigError, GRPOConfig, TrainConfig
 from fastrl.train.data import BatchOrder, Prompts, load_prompts
 from fastrl.train.dpo import TrainResult
-from fastrl.train.model import Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training
+from fastrl.train.model import (Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training,
+                                 sequence_layout)
 from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
-from fastrl.train.packing import SequenceBatch, pack, pad
+from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import completion_logps
 from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
 
-__all__ = ["Completions", "advantages_of", "grpo_step", "loss_scales", "rollout", "score_completions",
-           "sequence_layout", "train_grpo"]
+__all__ = ["Completions", "advantages_of", "grpo_step", "loss_scales", "rollout", "score_completions", "train_grpo"]
 
 
 # ---------------------------------------------------------------------------------------------- rollout
@@ -162,32 +162,6 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
                        completions=[ids[i, :n].tolist() for i, n in enumerate(lengths)],
                        sampler_logps=[logps[i, :n].clone() for i, n in enumerate(lengths)],
                        stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g)
-
-
-def sequence_layout(model, packing_ok: bool):
-    """``layout(prompts, completions) -> SequenceBatch``: :func:`~fastrl.train.packing.pack` or
-    :func:`~fastrl.train.packing.pad`, whichever costs fewer FLOPs for that batch. With flash-attn's
-    varlen kernel packing always wins; with a mask-based attention (SDPA, eager) a packed row of T
-    tokens attends over all T² positions (its block-diagonal mask is dense), a padded batch of N
-    rows of length L over N·L², so many short sequences (G completions of short prompts) run
-    cheaper padded. Without working packing (``packing_ok`` False): always padded."""
-    if not packing_ok:
-        return pad
-    if model.config._attn_implementation == "flash_attention_2":
-        return pack
-    text = model.config.get_text_config()
-    per_slot = flops_per_token(model)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_area = 4.0 * text.num_hidden_layers * text.num_attention_heads * head_dim  # QKᵀ and AV
-
-    def layout(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatch:
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-        total, rows, longest = sum(lengths), len(lengths), max(lengths)
-        packed = per_slot * total + per_area * total * total
-        padded = per_slot * rows * longest + per_area * rows * longest * longest
-        return (pack if packed <= padded else pad)(prompts, completions)
-
-    return layout
 
 
 # ---------------------------------------------------------------------------------------------- rewards

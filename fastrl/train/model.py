@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from fastrl.train.packing import SequenceBatch, pack, pad
+from fastrl.train.telemetry import flops_per_token
 
-__all__ = ["Policy", "attention_implementation", "load_model", "load_tokenizer", "packing_works"]
+__all__ = ["Policy", "attention_implementation", "load_model", "load_tokenizer", "packing_works", "sequence_layout"]
 
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
 
@@ -125,6 +126,32 @@ def packing_works(policy: Policy, vocab_size: int, device: torch.device) -> bool
         warnings.warn(f"{type(policy.model).__name__} does not separate packed sequences "
                       f"(max hidden difference {float((a - b).abs().max()):.3g}); padding instead", stacklevel=2)
     return ok
+
+
+def sequence_layout(model, packing_ok: bool):
+    """``layout(prompts, completions) -> SequenceBatch``: :func:`~fastrl.train.packing.pack` or
+    :func:`~fastrl.train.packing.pad`, whichever costs fewer FLOPs for that batch. With flash-attn's
+    varlen kernel packing always wins; with a mask-based attention (SDPA, eager) a packed row of T
+    tokens attends over all T² positions (its block-diagonal mask is dense), a padded batch of N
+    rows of length L over N·L², so many short sequences (G completions of short prompts) run
+    cheaper padded. Without working packing (``packing_ok`` False): always padded."""
+    if not packing_ok:
+        return pad
+    if model.config._attn_implementation == "flash_attention_2":
+        return pack
+    text = model.config.get_text_config()
+    per_slot = flops_per_token(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_area = 4.0 * text.num_hidden_layers * text.num_attention_heads * head_dim  # QKᵀ and AV
+
+    def layout(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatch:
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        total, rows, longest = sum(lengths), len(lengths), max(lengths)
+        packed = per_slot * total + per_area * total * total
+        padded = per_slot * rows * longest + per_area * rows * longest * longest
+        return (pack if packed <= padded else pad)(prompts, completions)
+
+    return layout
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

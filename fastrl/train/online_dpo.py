@@ -45,9 +45,10 @@ from fastrl.train.config import ConfigError, OnlineDPOConfig
 from fastrl.train.data import BatchOrder, load_prompts
 from fastrl.train.dpo import TrainResult
 from fastrl.train.grpo import (Completions, _check_lengths, _mean_over_processes, gather_rows, load_run_rewards,
-                               reward_metrics, rollout, sample_records, score_completions, sequence_layout,
-                               step_generator, stop_tokens)
-from fastrl.train.model import Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training
+                               reward_metrics, rollout, sample_records, score_completions, step_generator,
+                               stop_tokens)
+from fastrl.train.model import (Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training,
+                                sequence_layout)
 from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.reference import pair_logps

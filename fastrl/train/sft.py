@@ -31,9 +31,8 @@ from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_check
 from fastrl.train.config import ConfigError, SFTConfig
 from fastrl.train.data import BatchOrder, DataError, _Encoder, _fingerprint, _fit_prompt, load_table
 from fastrl.train.dpo import TrainResult
-from fastrl.train.model import Policy, build_model, load_tokenizer, packing_works, prepare_for_training
+from fastrl.train.model import Policy, build_model, load_tokenizer, packing_works, prepare_for_training, sequence_layout
 from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
-from fastrl.train.grpo import sequence_layout
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
 

@@ -1,5 +1,6 @@
 """fastrl.train.packing and the Policy forward: packed and padded batches give the same loss and
-gradients; the reference pass agrees with fastrl.losses.precompute_reference_logps."""
+gradients; sequence_layout picks the cheaper of the two; the reference pass agrees with
+fastrl.losses.precompute_reference_logps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from fastrl.losses import FusedLinearDPOLoss, precompute_reference_logps
-from fastrl.train.model import Policy, load_model, packing_works
+from fastrl.train.model import Policy, load_model, packing_works, sequence_layout
 from fastrl.train.packing import pack, pad
 from fastrl.train.reference import pair_logps
 
@@ -52,6 +53,16 @@ def test_packed_batches_waste_nothing():
     assert packed.slots == packed.tokens == padded.tokens
     assert padded.slots == padded.padded_slots == packed.padded_slots > packed.tokens
     assert packed.labels.tolist() == padded.labels.tolist() == [t for c in completions for t in c]
+
+
+def test_sequence_layout_picks_the_cheaper_layout():
+    """With SDPA a packed row's block-diagonal mask is dense: many short sequences run cheaper padded
+    (16 x 12 tokens: 192² positions packed, 16 x 12² padded), a long and a short one packed."""
+    model = _policy("qwen2").model
+    layout = sequence_layout(model, packing_ok=True)
+    assert layout([[5] * 4] * 16, [[6] * 8] * 16).position_ids is None  # padded
+    assert layout([[5] * 60, [5]], [[6] * 4, [6]]).position_ids is not None  # packed
+    assert sequence_layout(model, packing_ok=False) is pad
 
 
 def test_reference_pass_matches_the_library_precompute():
