@@ -78,11 +78,14 @@ class _NVML:
 
 class Telemetry:
     """``phase(name)`` times a block (synchronising CUDA so that GPU work is charged to the phase
-    that queued it); ``log(step, metrics)`` adds the phase breakdown and device figures and writes
-    every sink; ``close()`` flushes them."""
+    that queued it); ``log(step, metrics)`` adds the phase breakdown, ``elapsed_s`` (wall-clock
+    seconds since the telemetry started: differences between records measure throughput over
+    everything a step does, logging included) and device figures and writes every sink;
+    ``close()`` flushes them."""
 
     def __init__(self, config, *, total_steps: int, device: torch.device, is_main: bool, start_step: int = 0):
         self.device, self.is_main = device, is_main
+        self.started = time.perf_counter()
         self.phases: dict[str, float] = defaultdict(float)
         self.out = Path(config.output_dir)
         self.jsonl = self.tb = self.wandb = self.bar = None
@@ -137,6 +140,7 @@ class Telemetry:
         """Write ``metrics`` (plus ``time/<phase>`` seconds since the last log and device figures)."""
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         record.update({f"time/{k}": v for k, v in self.phases.items()})
+        record["elapsed_s"] = time.perf_counter() - self.started
         record.update(self.device_metrics())
         self.phases.clear()
         if not self.is_main:
