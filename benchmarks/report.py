@@ -46,6 +46,8 @@ def _contenders(benchmarks: list[dict]) -> list[str]:
 
 
 def _rate(extra: dict) -> str:
+    if "tokens_per_s" in extra and "achieved_bytes_per_s" not in extra and "achieved_flops" not in extra:
+        return f"{extra['tokens_per_s']:.3g} tokens/s"
     if "achieved_bytes_per_s" in extra:
         value, unit = extra["achieved_bytes_per_s"], "B/s"
     elif "achieved_flops" in extra:
