@@ -16,16 +16,27 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fastrl.tasks import showcase
+    """``fastrl demo``: SFT, then DPO and GRPO from the same checkpoint on the text-to-image-token task,
+    evaluated in-domain and out of domain (:mod:`fastrl.tasks.t2i.pipeline`)."""
+    from fastrl.tasks.t2i.pipeline import DemoSettings, run_demo
 
-    print("fastrl demo (a showcase of the sampler and a group-relative policy gradient; the\n"
-          "text-to-image-token DPO vs GRPO demo replaces it when it lands)\n")
-    worst = showcase.sampler_accuracy(draws=args.draws, seed=args.seed)
-    print()
-    first, last = showcase.policy_gradient(steps=args.steps, seed=args.seed)
-    ok = worst < 0.01 and last > first
-    print(f"\n{'OK' if ok else 'UNEXPECTED'}: worst TV distance {worst:.4f}; reward {first:.3f} -> {last:.3f}")
-    return 0 if ok else 1
+    if args.seed < 0:
+        print("fastrl demo: --seed must be >= 0", file=sys.stderr)
+        return 2
+    settings = DemoSettings.preset(quick=args.quick, cot=args.cot, reward=args.reward, seed=args.seed,
+                                   device=args.device)
+    try:
+        settings.resolved_device()
+    except ValueError as e:
+        print(f"fastrl demo: {e}", file=sys.stderr)
+        return 2
+    result = run_demo(settings, args.out)
+    print(f"\n{result.markdown}")
+    print(f"{sum(result.timings.values()):.0f} s in all ("
+          + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in result.timings.items()) + ")")
+    print("Written: " + ", ".join(str(result.files[k]) for k in ("results_md", "results_json", "curves_png",
+                                                                 "canvases_png") if k in result.files))
+    return 0
 
 
 TRAIN_METHODS = ("sft", "dpo", "grpo", "online-dpo")
@@ -70,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="versions, GPUs and available backends")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_info)
-    p = sub.add_parser("demo", help="run the embedded demo on the CPU")
-    p.add_argument("--steps", type=int, default=60, help="policy-gradient steps (default 60)")
-    p.add_argument("--draws", type=int, default=200_000, help="sampler draws per setting (default 200000)")
+    p = sub.add_parser("demo", help="DPO vs GRPO on a small text-to-image-token task, end to end (minutes on a CPU)")
+    p.add_argument("--quick", action="store_true", help="fewer samples and steps (about a minute; the tests run it)")
+    p.add_argument("--cot", action="store_true", help="the model writes a plan (objects and cells) before the image")
+    p.add_argument("--reward", choices=("scorer", "learned"), default="scorer",
+                   help="training reward: the scorer, or a Bradley-Terry reward model trained on its preferences "
+                        "(evaluation always uses the scorer)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): cuda when available, else cpu")
     p.set_defaults(func=_demo)
     p = sub.add_parser("train", help="train with SFT, DPO, GRPO or online DPO from a YAML config", add_help=False,
                        allow_abbrev=False, usage="fastrl train {sft,dpo,grpo,online-dpo} [--config FILE.yaml] "
@@ -92,7 +109,4 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra  # config fields, parsed by the config's own parser
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if getattr(args, "steps", 1) < 1 or getattr(args, "draws", 1) < 1:
-        print("fastrl: --steps and --draws must be >= 1", file=sys.stderr)
-        return 2
     return args.func(args)

@@ -29,7 +29,7 @@ from fastrl.tasks.t2i.evaluate import EvalRecord, SplitEval, evaluate, markdown_
 from fastrl.tasks.t2i.grid import COLOURS, SHAPES, Canvas, Placed
 from fastrl.tasks.t2i.prompts import (IN_DOMAIN_CATEGORIES, OOD_CATEGORIES, HeldOut, ObjectSpec, PromptSets, PromptSpec,
                                       Relation, make_prompt_sets, parse_prompt)
-from fastrl.tasks.t2i.render import draw_canvas, plot_reward_curves, render_canvases
+from fastrl.tasks.t2i.render import draw_canvas, plot_reward_curves, plot_training_curves, render_canvases
 from fastrl.tasks.t2i.scorer import Check, Score, canvas_reward, make_reward_fn, score_canvas, score_completion
 from fastrl.tasks.t2i.vocab import RELATIONS, Completion, Vocab
 
@@ -37,5 +37,5 @@ __all__ = ["COLOURS", "CORRUPTIONS", "IN_DOMAIN_CATEGORIES", "OOD_CATEGORIES", "
            "Completion", "EvalRecord", "Example", "HeldOut", "ObjectSpec", "Placed", "PromptSets", "PromptSpec",
            "Relation", "Score", "SplitEval", "Vocab", "canvas_reward", "draw_canvas", "evaluate", "flawed_canvas",
            "make_prompt_sets", "make_reward_fn", "markdown_table", "parse_prompt", "perfect_canvas", "plan_for",
-           "plan_matches_canvas", "plot_reward_curves", "preference_pair", "render_canvases", "results_table",
-           "reward_model_ids", "sample_canvas", "score_canvas", "score_completion", "sft_examples"]
+           "plan_matches_canvas", "plot_reward_curves", "plot_training_curves", "preference_pair", "render_canvases",
+           "results_table", "reward_model_ids", "sample_canvas", "score_canvas", "score_completion", "sft_examples"]

@@ -85,17 +85,34 @@ def plot_reward_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[flo
     """A PNG of ``curves[method] = (steps, values)``, one line per method. Returns the path written."""
     if not curves:
         raise ValueError("curves: nothing to plot")
-    fig = _figure(6.0, 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    for method, (steps, values) in curves.items():
-        if len(steps) != len(values):
-            raise ValueError(f"curves[{method!r}]: {len(steps)} steps but {len(values)} values")
-        ax.plot(list(steps), list(values), label=method, marker="o" if len(steps) < 20 else None, markersize=3)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    return plot_training_curves(path, {title: curves}, xlabel=xlabel, ylabel=ylabel, dpi=dpi)
+
+
+def plot_training_curves(path: str | Path, panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                         *, title: str | None = None, xlabel: str = "step", ylabel: str = "",
+                         dpi: int = 110) -> Path:
+    """A PNG with one panel per ``panels[panel title]``, each ``{label: (steps, values)}`` drawn as lines
+    (a panel or a curve without points is left out). Returns the path written."""
+    panels = {name: {label: c for label, c in curves.items() if len(c[0])} for name, curves in panels.items()}
+    panels = {name: curves for name, curves in panels.items() if curves}
+    if not panels:
+        raise ValueError("panels: nothing to plot")
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = _figure(6.0 * ncols, 3.6 * nrows + (0.4 if title and len(panels) > 1 else 0))
+    for k, (name, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        for label, (steps, values) in curves.items():
+            if len(steps) != len(values):
+                raise ValueError(f"curves[{label!r}]: {len(steps)} steps but {len(values)} values")
+            ax.plot(list(steps), list(values), label=label, marker="o" if len(steps) < 20 else None, markersize=3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title and len(panels) > 1:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,18 @@ class Vocab:
         """Tokens joined by spaces; an id outside the vocabulary shows as ``<unk:ID>``."""
         return " ".join(self.tokens[i] if 0 <= i < len(self.tokens) else f"<unk:{i}>" for i in _ints(ids))
 
+    def hf_tokenizer(self):
+        """This vocabulary as a Hugging Face fast tokenizer (whitespace-split words, one id per token, the same
+        ids), so that a model trained on it saves and loads like any other: ``tok.save_pretrained(dir)``,
+        ``tok.decode(ids)`` gives :meth:`decode`'s text. Needs ``transformers`` (and its ``tokenizers``)."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        backend = Tokenizer(models.WordLevel(dict(self._ids), unk_token=SPECIAL_TOKENS[0]))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
+                                       pad_token="<pad>", sep_token="<sep>")
+
     # -- image tokens ------------------------------------------------------------------------------------
 
     def is_image(self, token_id: int) -> bool:

@@ -1,0 +1,586 @@
+"""The embedded demo (``fastrl demo``): SFT, then DPO and GRPO from the same SFT checkpoint, on the
+text-to-image-token task, evaluated in-domain and out of domain. Every model is trained by fastrl's own
+trainer (:func:`~fastrl.train.train_sft`, :func:`~fastrl.train.train_dpo`, :func:`~fastrl.train.train_grpo`)
+and every sample drawn by :func:`fastrl.rollout.generate`.
+
+    from fastrl.tasks.t2i.pipeline import DemoSettings, run_demo
+    result = run_demo(DemoSettings.preset(quick=True), "runs/demo")
+    print(result.markdown)                      # the paper-style tables; result.files: what was written
+
+The stages, top to bottom (:func:`run_demo`):
+
+1. **SFT** — the prompt sets (in-domain train / test, out-of-domain) and sequences from an imperfect
+   teacher (:func:`~fastrl.tasks.t2i.data.sft_examples`: half of the canvases flawed; with ``cot`` a
+   plan first), written as JSONL of token ids; a tiny Llama (random init, seeded) trained on them with
+   ``train_sft``.
+2. **reward** — the training reward: the scorer, or with ``reward="learned"`` a tiny Bradley–Terry
+   reward model (a Llama sequence classifier over :func:`~fastrl.tasks.t2i.data.reward_model_ids`)
+   fitted with :func:`fastrl.losses.bradley_terry_loss` to the scorer's preferences between canvases;
+   it then replaces the scorer in both RL methods. Evaluation always uses the scorer.
+3. **DPO** — ``dpo_samples`` completions per training prompt sampled from the SFT model, ``dpo_rounds``
+   times; in each group the best and the worst by the reward make a pair
+   (:func:`~fastrl.tasks.t2i.data.preference_pair`); the pairs (JSONL) train ``train_dpo`` from the SFT
+   checkpoint.
+4. **GRPO** — ``train_grpo`` from the SFT checkpoint on the training prompts, G = ``group_size`` samples
+   per prompt, the reward a Python callable. By default both RL methods draw the same number of
+   completions from their policy.
+5. **evaluation** — every model samples ``eval_samples`` canvases per prompt of the in-domain test split
+   and of the out-of-domain split (temperature ``eval_temperature``, seeded, the same random numbers
+   for every model); the scorer scores them; tables (pass rate, mean reward) go to ``results.md`` and
+   ``results.json``, training curves and a grid of canvases to PNGs.
+
+Evaluation samples at temperature 1 by default. A canvas that satisfies a prompt is a few objects on
+free cells, so the likeliest token of almost every cell is "empty": greedy decoding of the SFT model
+writes near-empty canvases, a pass rate near 0 that measures argmax rather than the model. Sampling
+measures the distribution each method trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastrl.tasks.t2i.data import preference_pair, reward_model_ids, sample_canvas, sft_examples
+from fastrl.tasks.t2i.evaluate import SplitEval, evaluate, markdown_table, results_table
+from fastrl.tasks.t2i.grid import COLOURS, ITEMS, Canvas, Placed
+from fastrl.tasks.t2i.prompts import PromptSpec, make_prompt_sets, parse_prompt
+from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, score_canvas, score_completion
+from fastrl.tasks.t2i.vocab import Vocab
+
+__all__ = ["DemoResult", "DemoSettings", "run_demo", "scorer_reward"]
+
+REWARDS = ("scorer", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSettings:
+    """Every size of one demo run; :meth:`preset` gives the full and the quick run."""
+
+    quick: bool = False
+    cot: bool = False  # the model writes a plan (objects and cells) before the image tokens
+    reward: str = "scorer"  # "scorer", or "learned": a Bradley–Terry reward model replaces it in training
+    seed: int = 0
+    device: str = "auto"  # auto = cuda when available, else cpu
+    # the policy: a tiny Llama, randomly initialised
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    init_std: float = 0.1  # larger than HF's 0.02: the tiny model leaves the prompt-blind plateau sooner
+    # SFT warm-up on the imperfect teacher: many distinct canvases, few epochs (a few epochs over few
+    # canvases per prompt memorise them)
+    sft_samples_per_prompt: int = 64
+    perfect_rate: float = 0.5
+    sft_epochs: int = 4
+    sft_batch: int = 32
+    sft_lr: float = 3e-3
+    # the training reward: (1 - w) * scorer reward (clutter penalty c per object) + w * passed
+    reward_pass_weight: float = 0.5  # partial credit alone pays RL to trade clutter for coverage
+    reward_clutter_penalty: float = CLUTTER_PENALTY
+    sample_temperature: float = 1.0  # DPO pair sampling and GRPO rollouts
+    # DPO: best vs worst of dpo_samples completions per prompt, dpo_rounds groups per prompt
+    dpo_samples: int = 4
+    dpo_rounds: int = 16
+    dpo_beta: float = 2.0  # smaller betas let DPO drift to malformed canvases (both log-probs fall)
+    dpo_lr: float = 3e-4
+    dpo_epochs: int = 1
+    dpo_batch: int = 16
+    # GRPO: group_size completions of grpo_batch prompts per step
+    group_size: int = 4
+    grpo_batch: int = 16
+    grpo_steps: int = 270  # 270 x 16 x 4 = 17280 completions, as DPO's 270 prompts x 16 x 4
+    grpo_lr: float = 3e-4
+    grpo_beta: float = 0.0
+    # learned reward model (reward="learned"), started from the SFT checkpoint
+    rm_canvases_per_prompt: int = 16  # teacher canvases, as many scattered ones, and half as many SFT samples
+    rm_steps: int = 600
+    rm_batch: int = 64
+    rm_lr: float = 2e-3
+    # evaluation
+    eval_samples: int = 16
+    eval_temperature: float = 1.0
+    grid_prompts: int = 3  # canvases drawn per split and method
+
+    def __post_init__(self) -> None:
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.group_size < 2 or self.dpo_samples < 2:
+            raise ValueError("group_size and dpo_samples must be >= 2")
+        if not 0.0 <= self.reward_pass_weight <= 1.0:
+            raise ValueError(f"reward_pass_weight must be in [0, 1], got {self.reward_pass_weight}")
+
+    @classmethod
+    def preset(cls, *, quick: bool = False, **changes: Any) -> DemoSettings:
+        """The full run (``make demo``) or the quick one (``--quick``, what the tests run), then ``changes``."""
+        return cls(quick=quick, **{**(QUICK if quick else {}), **changes})
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda was asked for, but torch sees no CUDA device")
+        return self.device
+
+
+QUICK: dict[str, Any] = {"sft_samples_per_prompt": 24, "dpo_rounds": 4, "grpo_steps": 68,
+                         "rm_canvases_per_prompt": 8, "rm_steps": 300, "eval_samples": 4}
+"""What ``--quick`` changes: fewer samples and steps; the same task, model and methods."""
+
+
+@dataclasses.dataclass
+class DemoResult:
+    """What :func:`run_demo` returns: the tables (:func:`~fastrl.tasks.t2i.evaluate.results_table`
+    layout; pass rate and mean reward), their Markdown, the per-split summaries, each stage's seconds,
+    and the files written."""
+
+    table: dict[str, Any]
+    reward_table: dict[str, Any]
+    markdown: str
+    summaries: dict[str, dict[str, Any]]
+    timings: dict[str, float]
+    files: dict[str, Path]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+def model_config(vocab: Vocab, settings: DemoSettings, max_positions: int) -> dict[str, Any]:
+    """The policy's ``model_config``: a Llama over the task's tokens."""
+    return {"model_type": "llama", "vocab_size": len(vocab), "hidden_size": settings.hidden_size,
+            "intermediate_size": 2 * settings.hidden_size, "num_hidden_layers": settings.num_layers,
+            "num_attention_heads": settings.num_heads, "num_key_value_heads": settings.num_heads,
+            "max_position_embeddings": max_positions, "initializer_range": settings.init_std,
+            "tie_word_embeddings": False, "bos_token_id": vocab.bos_id, "eos_token_id": vocab.eos_id,
+            "pad_token_id": vocab.pad_id}
+
+
+def completion_budget(vocab: Vocab, cot: bool) -> int:
+    """Tokens a completion may take: the image tokens and ``<eos>``, plus with ``cot`` a plan of up to
+    ``grid_size`` objects (the teacher's longest plans list six)."""
+    n = vocab.grid_size
+    return n * n + 1 + ((2 + 6 * n) if cot else 0)
+
+
+def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def load_policy(checkpoint: str | Path, device: str):
+    """A trained checkpoint as an eval-mode Hugging Face causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True).to(device).eval()
+
+
+def sample_completions(model, prompts: Sequence[Sequence[int]], vocab: Vocab, *, num_samples: int, max_new_tokens: int,
+                       temperature: float, generator: torch.Generator, prompts_per_call: int = 128) -> list[list[int]]:
+    """``num_samples`` completions of each prompt (prompt-major), ``<eos>`` included, from
+    :func:`fastrl.rollout.generate`."""
+    from fastrl.rollout import generate
+
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), prompts_per_call):
+        chunk = [torch.tensor(p) for p in prompts[start:start + prompts_per_call]]
+        r = generate(model, chunk, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+                     stop_token_ids=[vocab.eos_id], pad_token_id=vocab.pad_id, generator=generator)
+        ids, lengths = r.completion_ids.cpu(), r.lengths.cpu().tolist()
+        out += [ids[i, :n].tolist() for i, n in enumerate(lengths)]
+    return out
+
+
+def scorer_reward(vocab: Vocab, *, pass_weight: float = 0.0,
+                  clutter_penalty: float = CLUTTER_PENALTY) -> Callable[..., list[float]]:
+    """The scorer as a batched reward callable named ``scorer`` (the name its metrics get), in the form
+    :class:`fastrl.train.RewardModel` has too: lists of prompts and completions in, one reward each out.
+    Each is ``(1 - pass_weight) * scorer reward + pass_weight * passed``; a prompt that does not parse
+    scores 0."""
+    specs: dict[str, PromptSpec | None] = {}
+
+    def one(prompt: Sequence[int], completion: Sequence[int]) -> float:
+        text = vocab.decode_prompt(prompt)
+        if text not in specs:
+            try:
+                specs[text] = parse_prompt(text)
+            except ValueError:
+                specs[text] = None
+        if specs[text] is None:
+            return 0.0
+        score = score_completion(specs[text], completion, vocab, clutter_penalty=clutter_penalty)
+        return (1.0 - pass_weight) * score.reward + pass_weight * float(score.passed)
+
+    def scorer(prompt_ids, completion_ids, **columns) -> list[float]:
+        return [one(p, c) for p, c in zip(prompt_ids, completion_ids)]
+
+    scorer.batched = True
+    return scorer
+
+
+# ---------------------------------------------------------------------------------------------- reward model
+
+Pair = tuple[list[int], list[int]]  # (chosen, rejected) reward-model inputs
+
+
+def reward_model_pairs(prompts: Sequence[PromptSpec], vocab: Vocab, samples: dict[str, list[list[int]]], *,
+                       canvases_per_prompt: int, seed: int) -> list[Pair]:
+    """The scorer's preferences between canvases of one prompt, as reward-model inputs: per prompt,
+    ``canvases_per_prompt`` teacher canvases (perfect, or flawed in one of the teacher's ways), as many
+    scattered ones (:func:`scattered_canvas`: what a policy that games the reward writes), and the
+    policy's completions ``samples[prompt text]``, paired at random; ties are dropped."""
+    rng = random.Random(f"{seed}:reward_model")
+    pairs = []
+    for spec in prompts:
+        prompt_ids = vocab.encode_prompt(spec.text)
+        canvases = [sample_canvas(spec, rng, size=vocab.grid_size, perfect=rng.random() < 0.5)[0]
+                    for _ in range(canvases_per_prompt)]
+        canvases += [scattered_canvas(spec, rng, size=vocab.grid_size) for _ in range(canvases_per_prompt)]
+        completions = [vocab.encode_completion(c) for c in canvases] + list(samples.get(spec.text, []))
+        seqs = [reward_model_ids(vocab, prompt_ids, c) for c in completions]
+        scores = [score_canvas(spec, vocab.decode_completion(s[len(prompt_ids):]).canvas).reward for s in seqs]
+        order = list(range(len(seqs)))
+        rng.shuffle(order)
+        for a, b in zip(order[0::2], order[1::2]):
+            if scores[a] != scores[b]:
+                pairs.append((seqs[a], seqs[b]) if scores[a] > scores[b] else (seqs[b], seqs[a]))
+    return pairs
+
+
+def scattered_canvas(spec: PromptSpec, rng: random.Random, *, size: int = 6) -> Canvas:
+    """Objects the prompt names (up to 8, any number of each) and up to 3 it does not, on random cells."""
+    wanted = [(p.colour or rng.choice(COLOURS), p.shape)
+              for p in (rng.choice(spec.objects) for _ in range(rng.randint(0, 8)))]
+    others = [rng.choice(ITEMS) for _ in range(rng.randint(0, 3))]
+    cells = rng.sample(range(size * size), len(wanted) + len(others))
+    return Canvas.from_objects(size, [Placed(i // size, i % size, *item) for i, item in zip(cells, wanted + others)])
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def train_reward_model(pairs: list[Pair], vocab: Vocab, settings: DemoSettings, device: str,
+                       init: str | Path) -> tuple[torch.nn.Module, list[dict[str, float]]]:
+    """A reward model fitted to ``pairs`` with :func:`fastrl.losses.bradley_terry_loss`: a Llama sequence
+    classifier started from the checkpoint ``init`` (the SFT policy, as RLHF reward models are; the score
+    head is new), one score per sequence read at its last token (``<eos>``); AdamW, warm-up then linear
+    decay, random batches of ``rm_batch`` pairs. Returns it (eval mode, frozen) and its per-step history."""
+    from transformers import AutoModelForSequenceClassification
+
+    from fastrl.losses import bradley_terry_loss
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1, local_files_only=True)
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.rm_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1.0 - s / settings.rm_steps))
+    order = torch.Generator().manual_seed(settings.seed)
+    bar = _progress(settings.rm_steps, "reward model")
+    history = []
+    for step in range(settings.rm_steps):
+        batch = torch.randint(len(pairs), (min(settings.rm_batch, len(pairs)),), generator=order).tolist()
+        ids, mask = _right_pad([pairs[i][0] for i in batch] + [pairs[i][1] for i in batch], vocab.pad_id, device)
+        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+        loss, metrics = bradley_terry_loss(scores[:len(batch)], scores[len(batch):])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": float(loss.detach()), "accuracy": float(metrics["rewards/accuracies"])})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.2f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    return model.eval().requires_grad_(False), history
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+@torch.no_grad()
+def pair_accuracy(model: torch.nn.Module, pairs: list[Pair], pad_id: int, device: str) -> float:
+    """The share of ``pairs`` that the reward model orders as the scorer does."""
+    right = 0
+    for start in range(0, len(pairs), 256):
+        chunk = pairs[start:start + 256]
+        ids, mask = _right_pad([p[0] for p in chunk] + [p[1] for p in chunk], pad_id, device)
+        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+        right += int((scores[:len(chunk)] > scores[len(chunk):]).sum())
+    return right / max(len(pairs), 1)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+def evaluate_policy(model, prompts: Sequence[PromptSpec], vocab: Vocab, settings: DemoSettings, *, max_new_tokens: int,
+                    device: str, seed: int) -> SplitEval:
+    """``eval_samples`` sampled canvases per prompt, scored by the scorer. Pass the same ``seed`` for every
+    model: common random numbers make the comparison less noisy."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def generate(batch: list[list[int]]) -> list[list[int]]:
+        return sample_completions(model, batch, vocab, num_samples=1, max_new_tokens=max_new_tokens,
+                                  temperature=settings.eval_temperature, generator=generator, prompts_per_call=512)
+
+    return evaluate(generate, [p for p in prompts for _ in range(settings.eval_samples)], vocab, batch_size=512)
+
+
+def grid_panels(evals: dict[str, dict[str, SplitEval]], count: int) -> dict[str, list]:
+    """Per method, its first sampled canvas for ``count`` prompts of each split: the first prompt of each
+    category, in category order (the same prompts for every method)."""
+    panels: dict[str, list] = {}
+    for method, groups in evals.items():
+        items = []
+        for group in ("in_domain", "ood"):
+            first: dict[str, Any] = {}
+            for r in groups[group].records:
+                first.setdefault(r.prompt.category, r)
+            items += [(r.prompt.text, r.canvas) for r in list(first.values())[:count]]
+        panels[method] = items
+    return panels
+
+
+def curve_panels(histories: dict[str, list[dict[str, Any]]],
+                 rm_history: list[dict[str, float]] | None) -> dict[str, dict[str, tuple[list, list]]]:
+    """Training curves from the trainers' logged histories, as moving averages (window: a twentieth of the
+    run) so that the trend shows through the per-batch noise."""
+    def series(history: list[dict[str, Any]], key: str) -> tuple[list, list]:
+        points = [(r["step"], float(r[key])) for r in history
+                  if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        window = max(1, len(points) // 20)
+        values = [v for _, v in points]
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        return [s for s, _ in points], smooth
+
+    panels = {"SFT: completion NLL (nats per token)": {"SFT": series(histories["SFT"], "loss")},
+              "DPO: implicit-reward accuracy on its pairs": {"DPO": series(histories["DPO"], "rewards/accuracies")},
+              "GRPO: scorer reward of its rollouts": {"GRPO": series(histories["GRPO"], "reward/scorer/mean")}}
+    if rm_history:
+        panels["Reward model: Bradley–Terry accuracy on its batches"] = {"reward model": series(rm_history, "accuracy")}
+    return panels
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage (see the module docstring) into ``out_dir``; return the tables and the files written.
+
+    The stage folders and result files a previous run left in ``out_dir`` are replaced; nothing else in
+    the folder is touched."""
+    from fastrl.train import DPOConfig, GRPOConfig, RewardModel, SFTConfig, train_dpo, train_grpo, train_sft
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "sft", "dpo", "grpo", "reward_model"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    device = settings.resolved_device()
+    vocab = Vocab()
+    sets = make_prompt_sets(seed=settings.seed)
+    budget = completion_budget(vocab, settings.cot)
+    longest_prompt = max(len(vocab.encode_prompt(p.text)) for p in sets.train + sets.test + sets.ood)
+    # the task's vocabulary as a tokenizer: every checkpoint carries it, so the RL runs open the SFT
+    # checkpoint as a complete model directory (the data stay token ids)
+    tokenizer_dir = out / "data" / "tokenizer"
+    vocab.hf_tokenizer().save_pretrained(tokenizer_dir)
+    common = {"tokenizer": str(tokenizer_dir), "max_prompt_length": longest_prompt, "max_completion_length": budget,
+              "device": device, "seed": settings.seed, "progress": True, "keep_checkpoints": 1, "log_every": 1,
+              "lr_scheduler": "cosine"}
+    train_reward = scorer_reward(vocab, pass_weight=settings.reward_pass_weight,
+                                 clutter_penalty=settings.reward_clutter_penalty)
+    timings: dict[str, float] = {}
+    histories: dict[str, list[dict[str, Any]]] = {}
+    files: dict[str, Path] = {}
+    checkpoints: dict[str, Path] = {}
+
+    def done(stage: str, started: float) -> None:
+        timings[stage] = time.perf_counter() - started
+        log(f"  ({timings[stage]:.1f} s)")
+
+    run = ", ".join(x for x in ("quick run" if settings.quick else "full run", "plan first (--cot)" if settings.cot
+                                else "", f"training reward: {settings.reward}", f"seed {settings.seed}",
+                                f"device {device}") if x)
+    log(f"fastrl demo ({run})\nSFT, then DPO and GRPO from the same SFT checkpoint; evaluation by the scorer.\n"
+        f"Task: {vocab.grid_size}x{vocab.grid_size} canvas, {len(vocab)} tokens; prompts: {len(sets.train)} train, "
+        f"{len(sets.test)} in-domain test, {len(sets.ood)} out-of-domain. Policy: Llama, hidden "
+        f"{settings.hidden_size}, {settings.num_layers} layers, random init. Output: {out}")
+
+    # 1. SFT on the imperfect teacher
+    started = time.perf_counter()
+    examples = sft_examples(sets.train, vocab, perfect_rate=settings.perfect_rate, cot=settings.cot,
+                            samples_per_prompt=settings.sft_samples_per_prompt, seed=settings.seed)
+    files["sft_data"] = write_jsonl(out / "data" / "sft.jsonl", [
+        {"prompt": list(e.prompt_ids), "completion": list(e.completion_ids), "text": e.prompt.text,
+         "corruption": e.corruption} for e in examples])
+    steps = settings.sft_epochs * (len(examples) // settings.sft_batch)
+    log(f"\n[1/5] SFT: {len(examples)} teacher sequences ({sum(e.perfect for e in examples)} perfect, the rest "
+        f"flawed{', each with its plan' if settings.cot else ''}), {steps} steps of {settings.sft_batch}")
+    result = train_sft(SFTConfig(model_config=model_config(vocab, settings, _positions(longest_prompt + budget)),
+                                 train_data=str(files["sft_data"]), output_dir=str(out / "sft"),
+                                 batch_size=settings.sft_batch, num_epochs=settings.sft_epochs,
+                                 learning_rate=settings.sft_lr, warmup_steps=max(1, steps // 20), **common))
+    histories["SFT"], checkpoints["SFT"] = result.history, result.checkpoint
+    sft_model = load_policy(checkpoints["SFT"], device)
+    train_prompts = [vocab.encode_prompt(p.text) for p in sets.train]
+    done("sft", started)
+
+    # 2. the training reward: the scorer, or a reward model fitted to its preferences
+    rm_history = None
+    if settings.reward == "scorer":
+        reward_fn = train_reward
+        log(f"\n[2/5] training reward: the scorer{_reward_formula(settings)}")
+    else:
+        started = time.perf_counter()
+        k = settings.rm_canvases_per_prompt // 2
+        drawn = sample_completions(sft_model, train_prompts, vocab, num_samples=k, max_new_tokens=budget,
+                                   temperature=settings.sample_temperature,
+                                   generator=torch.Generator(device=device).manual_seed(settings.seed + 101))
+        samples = {p.text: drawn[i * k:(i + 1) * k] for i, p in enumerate(sets.train)}
+        pairs = reward_model_pairs(sets.train, vocab, samples, canvases_per_prompt=settings.rm_canvases_per_prompt,
+                                   seed=settings.seed)
+        held_out = reward_model_pairs(sets.test, vocab, {}, canvases_per_prompt=settings.rm_canvases_per_prompt,
+                                      seed=settings.seed + 1)
+        log(f"\n[2/5] training reward: a Bradley–Terry reward model (the SFT model with a score head), "
+            f"{settings.rm_steps} steps on {len(pairs)} scorer preferences between canvases of the training prompts "
+            f"(teacher, scattered and SFT-sampled canvases)")
+        rm, rm_history = train_reward_model(pairs, vocab, settings, device, init=checkpoints["SFT"])
+        accuracy = pair_accuracy(rm, held_out, vocab.pad_id, device)
+        log(f"  it orders {accuracy:.1%} of {len(held_out)} held-out pairs (test prompts) as the scorer does")
+        files["reward_model"] = out / "reward_model"
+        rm.save_pretrained(files["reward_model"])
+        (files["reward_model"] / "history.json").write_text(json.dumps(
+            {"pairs": len(pairs), "held_out_pairs": len(held_out), "held_out_accuracy": accuracy,
+             "history": rm_history}, indent=1), encoding="utf-8")
+        reward_fn = RewardModel(rm, batch_size=256, device=device, to_ids=lambda p, c: reward_model_ids(vocab, p, c))
+        done("reward_model", started)
+
+    # 3. DPO on pairs sampled from the SFT model and ranked by the reward
+    started = time.perf_counter()
+    k = settings.dpo_samples
+    groups = [p for p in train_prompts for _ in range(settings.dpo_rounds)]
+    drawn = sample_completions(sft_model, groups, vocab, num_samples=k, max_new_tokens=budget,
+                               temperature=settings.sample_temperature,
+                               generator=torch.Generator(device=device).manual_seed(settings.seed + 202))
+    rewards = [float(r) for r in reward_fn([p for p in groups for _ in range(k)], drawn)]
+    rows = []
+    for g, prompt in enumerate(groups):
+        pair = preference_pair(rewards[g * k:(g + 1) * k])
+        if pair is not None:
+            rows.append({"prompt": prompt, "chosen": drawn[g * k + pair[0]], "rejected": drawn[g * k + pair[1]]})
+    files["dpo_data"] = write_jsonl(out / "data" / "dpo_pairs.jsonl", rows)
+    steps = settings.dpo_epochs * (len(rows) // settings.dpo_batch)
+    log(f"\n[3/5] DPO: {len(drawn)} completions sampled from the SFT model ({settings.dpo_rounds} groups of {k} per "
+        f"prompt); {len(rows)} best-vs-worst pairs (groups without a preference dropped); {steps} steps of "
+        f"{settings.dpo_batch} pairs, beta {settings.dpo_beta}")
+    result = train_dpo(DPOConfig(model=str(checkpoints["SFT"]), train_data=str(files["dpo_data"]),
+                                 output_dir=str(out / "dpo"), batch_size=settings.dpo_batch,
+                                 num_epochs=settings.dpo_epochs, learning_rate=settings.dpo_lr, beta=settings.dpo_beta,
+                                 warmup_steps=max(1, steps // 10), **common))
+    histories["DPO"], checkpoints["DPO"] = result.history, result.checkpoint
+    done("dpo", started)
+
+    # 4. GRPO: the policy's own rollouts, G per prompt, the reward as a callable
+    started = time.perf_counter()
+    files["grpo_data"] = write_jsonl(out / "data" / "grpo_prompts.jsonl", [
+        {"prompt": ids, "text": p.text, "category": p.category} for p, ids in zip(sets.train, train_prompts)])
+    log(f"\n[4/5] GRPO: {settings.grpo_steps} steps of {settings.grpo_batch} prompts x {settings.group_size} samples "
+        f"({settings.grpo_steps * settings.grpo_batch * settings.group_size} completions), beta {settings.grpo_beta}")
+    # with a reward model, the scorer rides along with weight 0: logged (the curves), never optimised
+    funcs = [train_reward] if settings.reward == "scorer" else [reward_fn, train_reward]
+    result = train_grpo(GRPOConfig(model=str(checkpoints["SFT"]), train_data=str(files["grpo_data"]),
+                                   output_dir=str(out / "grpo"), batch_size=settings.grpo_batch,
+                                   max_steps=settings.grpo_steps, learning_rate=settings.grpo_lr,
+                                   num_generations=settings.group_size, temperature=settings.sample_temperature,
+                                   stop_token_ids=[vocab.eos_id], beta=settings.grpo_beta, reward_funcs=funcs,
+                                   reward_weights=None if settings.reward == "scorer" else [1.0, 0.0],
+                                   warmup_steps=max(1, settings.grpo_steps // 20), **common))
+    histories["GRPO"], checkpoints["GRPO"] = result.history, result.checkpoint
+    del result
+    done("grpo", started)
+
+    # 5. evaluation by the scorer, the same prompts and random numbers for every model
+    started = time.perf_counter()
+    log(f"\n[5/5] evaluation: {settings.eval_samples} canvases per prompt sampled at temperature "
+        f"{settings.eval_temperature}, scored by the scorer: {len(sets.test)} in-domain test prompts, "
+        f"{len(sets.ood)} out-of-domain prompts")
+    evals: dict[str, dict[str, SplitEval]] = {}
+    for method, checkpoint in checkpoints.items():
+        model = sft_model if method == "SFT" else load_policy(checkpoint, device)
+        evals[method] = {split: evaluate_policy(model, prompts, vocab, settings, max_new_tokens=budget, device=device,
+                                                seed=settings.seed + offset)
+                         for split, prompts, offset in (("in_domain", sets.test, 303), ("ood", sets.ood, 404))}
+    done("eval", started)
+
+    summaries = {m: {g: s.summary() for g, s in groups.items()} for m, groups in evals.items()}
+    table = results_table(summaries, metric="pass")
+    reward_table = results_table(summaries, metric="reward")
+    markdown = markdown_table(table) + "\n" + markdown_table(reward_table)
+    files.update(_write_outputs(out, settings, table, reward_table, markdown, summaries, timings, checkpoints,
+                                curve_panels(histories, rm_history), grid_panels(evals, settings.grid_prompts), log))
+    return DemoResult(table, reward_table, markdown, summaries, timings, files)
+
+
+def _positions(tokens: int) -> int:
+    return 16 * math.ceil(tokens / 16)
+
+
+def _reward_formula(settings: DemoSettings) -> str:
+    parts = []
+    if settings.reward_clutter_penalty != CLUTTER_PENALTY:
+        parts.append(f"clutter penalty {settings.reward_clutter_penalty} per object")
+    if settings.reward_pass_weight:
+        parts.append(f"{1 - settings.reward_pass_weight:g} x reward + {settings.reward_pass_weight:g} x passed")
+    return f" ({'; '.join(parts)})" if parts else " (its reward: the share of checks that hold, minus clutter)"
+
+
+def _write_outputs(out: Path, settings: DemoSettings, table, reward_table, markdown: str, summaries, timings,
+                   checkpoints, curves, panels, log) -> dict[str, Path]:
+    files = {}
+    header = (f"# fastrl demo results\n\nSFT, then DPO and GRPO from the same SFT checkpoint "
+              f"({'quick' if settings.quick else 'full'} run; training reward: {settings.reward}"
+              f"{'; plan first (--cot)' if settings.cot else ''}; seed {settings.seed}). {settings.eval_samples} "
+              f"canvases sampled per prompt at temperature {settings.eval_temperature}, scored by the scorer. "
+              f"First table: pass rate (every check holds and no clutter); second: mean reward (the share of "
+              f"checks that hold, minus {CLUTTER_PENALTY} per clutter object). Each split's overall is the mean "
+              f"over its categories.\n\n")
+    files["results_md"] = out / "results.md"
+    files["results_md"].write_text(header + markdown, encoding="utf-8")
+    files["results_json"] = out / "results.json"
+    files["results_json"].write_text(json.dumps(
+        {"settings": dataclasses.asdict(settings), "pass": table, "reward": reward_table, "summaries": summaries,
+         "checkpoints": {m: str(c) for m, c in checkpoints.items()}}, indent=1, sort_keys=True), encoding="utf-8")
+    try:
+        from fastrl.tasks.t2i.render import plot_training_curves, render_canvases
+
+        files["curves_png"] = plot_training_curves(out / "reward_curves.png", curves,
+                                                   title="Training curves (from the trainers' logs)")
+        files["canvases_png"] = render_canvases(out / "canvases.png", panels,
+                                                title="Sampled canvases: in-domain test prompts, then out-of-domain")
+    except ImportError as e:  # matplotlib is optional
+        log(f"  no PNGs: {e}")
+    return files
