@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastrl.ops.fused_linear_logprobs import _backward as _linear_logprobs_backward
+from fastrl.ops.fused_linear_logprobs import _chunk_rows, terminal_single_pass
 from fastrl.ops.fused_linear_logprobs import _forward as _linear_logprobs
 
 
@@ -32,23 +33,42 @@ def two_pass(hidden, weight, bias, labels, loss_fn, *, temperature, ignore_index
     (autograd over ``loss_fn(logp [N], entropy [N] or None) -> (loss, metrics)``, cheap: no
     vocabulary), then the logits recomputed slice by slice into the weight gradients (second pass).
     Returns ``(loss, metrics, d_hidden, d_weight, d_bias or None)``."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    if 0 < rows <= _chunk_rows(rows, vocab, hidden.device, workspace_bytes or None):
+        # the whole logits fit the workspace: keep them between the two halves, three GEMMs not four
+        found = {}
+
+        def token_grads(lo, hi, logp, entropy):
+            found["loss"], found["metrics"], d_logp, d_entropy = _loss_grads(loss_fn, logp, entropy, need_entropy)
+            return d_logp, d_entropy
+
+        with torch.no_grad():
+            _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
+                hidden, weight, bias, labels, token_grads, temperature=temperature, ignore_index=ignore_index,
+                return_entropy=need_entropy, workspace_bytes=workspace_bytes)
+        return found["loss"], found["metrics"], d_hidden, d_weight, d_bias
     with torch.no_grad():
         logp, entropy, stats = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index,
                                                 need_entropy, workspace_bytes)
-    with torch.enable_grad():
-        leaves = [logp.requires_grad_(True)] + ([entropy.requires_grad_(True)] if need_entropy else [])
-        loss, metrics = loss_fn(*leaves, *([] if need_entropy else [None]))
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    loss = loss.detach()
-    d_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
-    d_entropy = None
-    if need_entropy and grads[1] is not None:
-        d_entropy = grads[1]
+    loss, metrics, d_logp, d_entropy = _loss_grads(loss_fn, logp, entropy, need_entropy)
     with torch.no_grad():
         d_hidden, d_weight, d_bias = _linear_logprobs_backward(d_logp, d_entropy, hidden, weight, bias, labels,
                                                                entropy.detach(), stats, temperature, ignore_index,
                                                                workspace_bytes)
     return loss, metrics, d_hidden, d_weight, d_bias if bias is not None else None
+
+
+def _loss_grads(loss_fn, logp, entropy, need_entropy):
+    """``(loss, metrics, d_logp, d_entropy or None)``: autograd over ``loss_fn`` alone (no vocabulary)."""
+    with torch.enable_grad():
+        leaves = [logp.detach().requires_grad_(True)]
+        if need_entropy:
+            leaves.append(entropy.detach().requires_grad_(True))
+        loss, metrics = loss_fn(*leaves, *([] if need_entropy else [None]))
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    d_logp = torch.zeros_like(logp) if grads[0] is None else grads[0]
+    d_entropy = grads[1] if need_entropy and grads[1] is not None else None
+    return loss.detach(), metrics, d_logp, d_entropy
 
 
 def terminal(hidden, weight, bias, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

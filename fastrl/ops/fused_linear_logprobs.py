@@ -187,8 +187,8 @@ def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     token-level GRPO loss: per-token terms times weights fixed by the mask), the gradient of the
     logits is known as soon as a slice's log-probs are: ``token_grads(lo, hi, logp, entropy)``
     returns ``(d_logp, d_entropy or None)`` for rows ``lo:hi``, and the slice's logits become their
-    gradient in place and go straight into ``d_hidden`` and ``d_weight`` (fp32 ``[V, H]``
-    accumulator). Three GEMMs in all, the cost of a plain linear layer forward and backward.
+    gradient in place and go straight into ``d_hidden`` and ``d_weight`` (an fp32 ``[V, H]``
+    accumulator over several slices; one GEMM, written once, when one slice holds every row). Three GEMMs in all, the cost of a plain linear layer forward and backward.
 
     ``hidden [N, H]``, ``labels [N]`` flat and checked by the caller. Returns
     ``(logp, entropy, d_hidden, d_weight, d_bias)``; ``entropy`` is zeros unless asked, ``d_bias``
@@ -198,9 +198,10 @@ def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros_like(logp)
     d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    d_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=weight.device)
     step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes or None)
+    one_slice = 0 < rows <= step  # then d_weight is one GEMM, written once: no fp32 [V, H] accumulator
+    d_weight = None if one_slice else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=weight.device)
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
         h, lab = hidden[lo:hi], labels[lo:hi]
@@ -211,9 +212,14 @@ def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         _grad_logits(g_lp, g_ent, logits, lab, ent, st, temperature, ignore_index, logits)
         d_low = logits.to(hidden.dtype)
         d_hidden[lo:hi] = d_low @ weight
-        _accumulate_fp32(d_weight, d_low.t(), h)
+        if one_slice:
+            d_weight = (d_low.t() @ h).to(weight.dtype)
+        else:
+            _accumulate_fp32(d_weight, d_low.t(), h)
         if d_bias is not None:
             d_bias += logits.sum(0)
+    if d_weight is None:  # no rows
+        d_weight = torch.zeros_like(weight)
     return logp, entropy, d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype)
 
 

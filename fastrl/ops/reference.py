@@ -125,14 +125,16 @@ def _row_chunks(rows: int, vocab: int, budget_bytes: int = 64 << 20):
 
 
 def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
-                       ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ignore_index: int = -100,
+                       return_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row of ``logits`` [N, V] with ``labels`` [N]: the log-prob of the label under
     ``softmax(logits / T)``, the entropy of that distribution, and ``stats`` [N, 2] = (max of
     logits / T, log of the sum of exp(logits / T - max)), what the backward needs.
 
     Returns fp32 ``(logp [N], entropy [N], stats [N, 2])``; rows whose label is ``ignore_index`` get 0
-    for logp and entropy. Works in fp32 on row chunks, so memory stays bounded whatever N is. The
-    max and the log-sum are kept apart so that huge scaled logits (|x / T| ~ 1e7) lose nothing.
+    for logp and entropy (entropy is all 0 with ``return_entropy=False``). Works in fp32 on row chunks,
+    so memory stays bounded whatever N is. The max and the log-sum are kept apart so that huge scaled
+    logits (|x / T| ~ 1e7) lose nothing.
     """
     rows, vocab = logits.shape
     logp = torch.zeros(rows, dtype=torch.float32, device=logits.device)
@@ -146,11 +148,13 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
         lab = labels[lo:hi]
         keep = lab != ignore_index
         picked = log_p.gather(-1, torch.where(keep, lab, 0).long()[:, None]).squeeze(-1)
-        ent = torch.special.entr(log_p.exp()).sum(-1)  # -p log p, 0 where p = 0
         logp[lo:hi] = torch.where(keep, picked, 0.0)
-        entropy[lo:hi] = torch.where(keep, ent, 0.0)
-        stats[lo:hi, 0] = s.max(dim=-1).values
-        stats[lo:hi, 1] = -log_p.max(dim=-1).values  # log p of the maximum is exactly -log z
+        if return_entropy:
+            ent = torch.special.entr(log_p.exp()).sum(-1)  # -p log p, 0 where p = 0
+            entropy[lo:hi] = torch.where(keep, ent, 0.0)
+        top = s.max(dim=-1)
+        stats[lo:hi, 0] = top.values
+        stats[lo:hi, 1] = -log_p.gather(-1, top.indices[:, None]).squeeze(-1)  # log p of the maximum is -log z
     return logp, entropy, stats
 
 

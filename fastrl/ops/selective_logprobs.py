@@ -34,9 +34,8 @@ def _launch_config(device: torch.device, vocab: int) -> dict:
 def _row_stats(logits, labels, temperature, ignore_index, return_entropy):
     """(logp, entropy, stats) of each row of a 2-D ``logits`` (entropy 0 unless asked)."""
     if resolve(logits.device) == "torch":
-        logp, entropy, stats = reference.selective_logprobs(logits, labels, temperature=temperature,
-                                                            ignore_index=ignore_index)
-        return logp, entropy if return_entropy else torch.zeros_like(entropy), stats
+        return reference.selective_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                                            return_entropy=return_entropy)  # entropy zeros unless asked
     from fastrl.kernels import launch
     from fastrl.kernels.selective_logprobs import selective_logprobs_fwd_kernel
 

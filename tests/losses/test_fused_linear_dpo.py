@@ -75,13 +75,17 @@ def _rel(a, b):
 @pytest.mark.parametrize("path", ["torch", "triton"])
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("ld_alpha", [None, 0.5])
-def test_loss_and_gradients_match_fp64(path, kind, ld_alpha):
+@pytest.mark.parametrize("slices", ["several", "one"])
+def test_loss_and_gradients_match_fp64(path, kind, ld_alpha, slices):
     hidden, weight, bias, labels, mask, ref_c, ref_r = _case(seed=len(kind))
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    with backend(path):  # several vocabulary slices in the backward
+    # several vocabulary slices in the backward (two passes), or the whole logits in the default
+    # workspace (one pass: the logits kept between the log-probs and the gradients)
+    workspace = 4 * 2 * PAIRS * L * 10 if slices == "several" else None
+    with backend(path):
         loss, metrics = fused_linear_dpo_loss(leaves[0], leaves[1], labels, ref_c, ref_r, mask=mask, bias=leaves[2],
                                               beta=0.2, temperature=0.8, ld_alpha=ld_alpha,
-                                              workspace_bytes=4 * 2 * PAIRS * L * 10, **KINDS[kind])
+                                              workspace_bytes=workspace, **KINDS[kind])
         loss.backward()
     refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
     seq, plain, counts = _fp64_sequences(*refs, labels, mask, temperature=0.8, ld_alpha=ld_alpha)

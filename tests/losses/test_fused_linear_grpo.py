@@ -67,16 +67,19 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("path", ["torch", "triton"])
 @pytest.mark.parametrize("name,mode", CASES)
-def test_loss_and_gradients_match_fp64(path, name, mode):
+@pytest.mark.parametrize("slices", ["several", "one"])
+def test_loss_and_gradients_match_fp64(path, name, mode, slices):
     hidden, weight, bias, labels, mask, old, ref, sampler, advantages = _case(seed=len(name))
     options = SETTINGS[name]
     extra = {"ref_logps": ref} if options.get("beta") else {}
     if "sampler" in name or "off-policy" in name:
         extra["sampler_logps"] = sampler
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-    with backend(path):  # workspace of 5 token rows / 5 vocabulary columns: several slices
+    # a workspace of 5 token rows / 5 vocabulary columns: several slices; or the default: one slice
+    workspace = 4 * 5 * V if slices == "several" else None
+    with backend(path):
         loss, metrics = fused_linear_grpo_loss(leaves[0], leaves[1], labels, old, advantages, mask, bias=leaves[2],
-                                               temperature=0.9, mode=mode, workspace_bytes=4 * 5 * V, **extra,
+                                               temperature=0.9, mode=mode, workspace_bytes=workspace, **extra,
                                                **options)
         loss.backward()
     refs = [t.double().requires_grad_(True) for t in (hidden, weight, bias)]
