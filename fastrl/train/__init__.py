@@ -11,17 +11,19 @@ model run to its last hidden states; the lm-head goes to a fused-linear loss),
 :mod:`~fastrl.train.reference` (reference log-probs, cached), :mod:`~fastrl.train.rewards`
 (reward callables and reward models), :mod:`~fastrl.train.optim`, :mod:`~fastrl.train.checkpoint`
 (atomic, bit-exact resume), :mod:`~fastrl.train.telemetry`, :mod:`~fastrl.train.distributed`
-(torchrun + FSDP2), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
+(torchrun + FSDP2), :mod:`~fastrl.train.run` (what every recipe does around its step: start, plan,
+resume, log, save, finish), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
 :mod:`~fastrl.train.grpo`, :mod:`~fastrl.train.online_dpo`.
 """
 
 from fastrl.train.config import (ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, SFTConfig, TrainConfig,
                                  config_class, load_config)
 from fastrl.train.data import DataError
-from fastrl.train.dpo import TrainResult, train_dpo
+from fastrl.train.dpo import train_dpo
 from fastrl.train.grpo import train_grpo
 from fastrl.train.online_dpo import train_online_dpo
 from fastrl.train.rewards import RewardError, RewardModel
+from fastrl.train.run import TrainResult
 from fastrl.train.sft import train_sft
 
 __all__ = ["ConfigError", "DPOConfig", "DataError", "GRPOConfig", "OnlineDPOConfig", "RewardError", "RewardModel",

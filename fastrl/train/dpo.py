@@ -16,39 +16,25 @@ its last hidden states and hands them, with the lm-head weight, to
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed
-from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from fastrl.train.config import ConfigError, DPOConfig
-from fastrl.train.data import BatchOrder, PreferencePairs, load_preference_pairs
-from fastrl.train.model import (Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training,
-                                sequence_layout)
-from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from fastrl.train.config import DPOConfig
+from fastrl.train.data import PreferencePairs, load_preference_pairs
+from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
+from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, pair_logps, precompute_pair_logps
-from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save_if_due, start_run,
+                              step_metrics)
+from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "dpo_step", "pair_batch", "train_dpo"]
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """What a run returns: the logged records, the last checkpoint, the policy (unsharded in one
-    process) and the number of optimiser steps taken in this run."""
-
-    history: list[dict[str, Any]]
-    checkpoint: Path | None
-    policy: Policy
-    steps: int
 
 
 def pair_batch(pairs: PreferencePairs, indices: list[int], *, layout=pack, device: torch.device) -> SequenceBatch:
@@ -100,26 +86,16 @@ def _reduce(metrics: dict[str, float], device: torch.device) -> dict[str, float]
 
 def train_dpo(config: DPOConfig) -> TrainResult:
     """Run offline DPO as ``config`` says; see the module docstring."""
-    world = distributed.init_world(config.device)
-    torch.manual_seed(config.seed)
-    out = Path(config.output_dir)
+    run = start_run(config)
+    policy, world, model = run.policy, run.world, run.model
 
-    # ---- model, tokenizer, data
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = build_model(config, world.device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    pairs = load_preference_pairs(config, tokenizer, vocab_size)
-    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
-    packed = config.packing and packing_works(policy, vocab_size, world.device)
+    # ---- data and its layout
+    pairs = load_preference_pairs(config, run.tokenizer, run.vocab_size)
+    packed = config.packing and packing_works(policy, run.vocab_size, world.device)
     layout = sequence_layout(model, packed)
 
     def make_batch(indices: list[int]) -> SequenceBatch:
         return pair_batch(pairs, indices, layout=layout, device=world.device)
-
-    def autocast():
-        if config.bf16:
-            return torch.autocast(world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     # ---- reference: the initial policy (or reference_model), precomputed once or run live
     reference_model = None
@@ -132,15 +108,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         key = cache_key(pairs.fingerprint(), model_fingerprint(weights_from, None if weights_from else model), settings)
     prepare_for_training(policy, config, world)
     policy.train()
-
-    order = BatchOrder(len(pairs), batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
-                       seed=config.seed, shuffle=config.shuffle)
-    steps_per_epoch = order.micro_batches_per_epoch() // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"DPOConfig.batch_size: train_data has {len(pairs)} pairs, fewer than one step takes "
-                         f"(batch_size {config.batch_size} × gradient_accumulation_steps "
-                         f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
-    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
+    plan_steps(run, len(pairs), "pairs")
 
     ref_table = None
     precompute_record: dict[str, Any] = {}
@@ -149,7 +117,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         chosen, rejected, hit = precompute_pair_logps(
             reference_model if reference_model is not None else policy, len(pairs), make_batch,
             batch_size=config.reference_batch_size or config.batch_size,
-            cache_dir=config.reference_cache_dir or out / "reference_cache", key=key, ld_alpha=config.ld_alpha,
+            cache_dir=config.reference_cache_dir or run.out / "reference_cache", key=key, ld_alpha=config.ld_alpha,
             world=world, progress=config.progress)
         ref_table = (chosen, rejected)
         reference_model = None  # no second model in memory while training
@@ -160,71 +128,43 @@ def train_dpo(config: DPOConfig) -> TrainResult:
             idx = torch.tensor(indices)
             return ref_table[0][idx].to(world.device), ref_table[1][idx].to(world.device)
         if reference_model is not None:
-            with autocast():
+            with run.autocast():
                 return pair_logps(reference_model, batch, ld_alpha=config.ld_alpha)
         return None, None
 
-    optimizer = build_optimizer(policy, config, world.device)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    guard = NonFiniteSteps(config.max_bad_steps)
-    start_step = tokens_seen = 0
-    checkpoint_path = find_checkpoint(out, config.resume)
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path, policy=policy, optimizer=optimizer, scheduler=scheduler, world=world)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        order.load_state_dict(state["data"])
-        guard.load_state_dict(state["non_finite"])
-    telemetry = Telemetry(config, total_steps=total_steps, device=world.device, is_main=world.is_main,
-                          start_step=start_step)
-
+    resume(run)
+    open_telemetry(run)
+    telemetry = run.telemetry
     loss_fn = FusedLinearDPOLoss(**config.loss_options())
-    train_flops_per_token = 3 * flops_per_token(model)
-    ref_flops_per_token = flops_per_token(model) if reference_model is not None else 0.0
-    peak = peak_flops(world.device, config.peak_tflops)
-    history: list[dict[str, Any]] = []
-    last_saved = None
-
-    def save(step: int) -> Path:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": order.state_dict(),
-                         "non_finite": guard.state_dict()}
-        return save_checkpoint(out, step, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                               trainer_state=trainer_state, config=config.to_dict(), world=world,
-                               keep=config.keep_checkpoints, tokenizer=tokenizer)
+    step_flops_per_token = 3 * run.forward_flops + (run.forward_flops if reference_model is not None else 0.0)
 
     try:
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
-            micro_batches = [order.next() for _ in range(config.gradient_accumulation_steps)]
+            micro_batches = [run.order.next() for _ in range(config.gradient_accumulation_steps)]
             local = dpo_step(policy, micro_batches, make_batch=make_batch, loss_fn=loss_fn, reference=reference,
-                             autocast=autocast, telemetry=telemetry)
+                             autocast=run.autocast, telemetry=telemetry)
             metrics = _reduce(local, world.device)
             with telemetry.phase("optimizer"):
-                lr = scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimizer_step(policy, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                                                    loss=torch.tensor(metrics["loss"]), guard=guard, step=step + 1)
+                lr = run.scheduler.get_last_lr()[0]
+                grad_norm, stepped = optimizer_step(policy, run.optimizer, run.scheduler,
+                                                    max_grad_norm=config.max_grad_norm,
+                                                    loss=torch.tensor(metrics["loss"]), guard=run.guard, step=step + 1)
             elapsed = time.perf_counter() - started
-            tokens_seen += int(metrics["tokens"])
+            run.tokens_seen += int(metrics["tokens"])
             telemetry.advance()
-            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
-                flops = metrics["tokens"] * (train_flops_per_token + ref_flops_per_token)
+            if log_due(run, step + 1):
+                tokens = metrics["tokens"]
                 record = {
                     **{k: v for k, v in metrics.items() if k not in ("tokens", "slots", "padded_slots")},
-                    "grad_norm": grad_norm, "lr": lr, "skipped": float(not stepped),
-                    "skipped_total": guard.total, "epoch": order.epoch,
-                    "tokens": metrics["tokens"], "tokens_seen": tokens_seen,
-                    "tokens_per_s": metrics["tokens"] / elapsed, "step_s": elapsed,
-                    "packing_efficiency": metrics["tokens"] / metrics["padded_slots"],
-                    "batch_fill": metrics["tokens"] / metrics["slots"],
-                    "tflops": flops / elapsed / 1e12,
-                    **({"mfu": flops / elapsed / (peak * world.world_size)} if peak else {}),
+                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=tokens,
+                                   step_s=elapsed, flops=tokens * step_flops_per_token,
+                                   layout=(tokens, metrics["slots"], metrics["padded_slots"])),
                     **precompute_record,
                 }
                 precompute_record = {}  # reported once, on the first logged step
-                history.append(telemetry.log(step + 1, record))
-            if config.save_every and (step + 1) % config.save_every == 0:
-                last_saved = save(step + 1)
-        if total_steps > start_step and (last_saved is None or last_saved.name != f"step-{total_steps:08d}"):
-            last_saved = save(total_steps)
+                run.history.append(telemetry.log(step + 1, record))
+            save_if_due(run, step + 1)
+        return finish(run)
     finally:
         telemetry.close()
-    return TrainResult(history, last_saved, policy, total_steps - start_step)

@@ -47,7 +47,6 @@ import time
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,16 +56,15 @@ from fastrl.losses.reference import DEFAULT_AGG
 from fastrl.ops import group_advantages
 from fastrl.rollout import generate
 from fastrl.train import distributed, rewards as rewards_lib
-from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.train.config import ConfigError, GRPOConfig, TrainConfig
-from fastrl.train.data import BatchOrder, Prompts, load_prompts
-from fastrl.train.dpo import TrainResult
-from fastrl.train.model import (Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training,
-                                 sequence_layout)
-from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from fastrl.train.data import Prompts, load_prompts
+from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
+from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import completion_logps
-from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save_if_due, start_run,
+                              step_metrics)
+from fastrl.train.telemetry import Telemetry
 
 __all__ = ["Completions", "advantages_of", "grpo_step", "loss_scales", "rollout", "score_completions", "train_grpo"]
 
@@ -396,76 +394,37 @@ def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> l
 def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     """Run GRPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional): reward
     callables that replace ``config.reward_funcs`` (the reward model, if any, is added after them)."""
-    world = distributed.init_world(config.device)
-    torch.manual_seed(config.seed)
-    out = Path(config.output_dir)
+    run = start_run(config)
+    policy, world, tokenizer = run.policy, run.world, run.tokenizer
 
-    # ---- model, tokenizer, prompts, rewards
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = build_model(config, world.device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    data = load_prompts(config, tokenizer, vocab_size)
-    _check_lengths(config, data, model)
+    # ---- prompts, rewards, layout
+    data = load_prompts(config, tokenizer, run.vocab_size)
+    _check_lengths(config, data, run.model)
     rewards = load_run_rewards(config, reward_funcs, tokenizer, world.device)
     names = [r.name for r in rewards]
-    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
-    layout = sequence_layout(model, config.packing and packing_works(policy, vocab_size, world.device))
-    stop_ids = stop_tokens(config, tokenizer, model)
+    layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
+    stop_ids = stop_tokens(config, tokenizer, run.model)
     group = config.num_generations
-
-    def autocast():
-        if config.bf16:
-            return torch.autocast(world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     reference_model = frozen_copy(policy, config, world) if config.beta > 0 else None  # the initial policy
     prepare_for_training(policy, config, world)
     policy.train()
     old_source = config.old_logps if config.old_logps != "auto" else ("policy" if config.num_iterations > 1 else None)
-
-    order = BatchOrder(len(data), batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
-                       seed=config.seed, shuffle=config.shuffle)
-    steps_per_epoch = order.micro_batches_per_epoch() // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"GRPOConfig.batch_size: train_data has {len(data)} prompts, fewer than one step takes "
-                          f"(batch_size {config.batch_size} × gradient_accumulation_steps "
-                          f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
-    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
-
-    optimizer = build_optimizer(policy, config, world.device)
-    scheduler = build_scheduler(optimizer, config, total_steps * config.num_iterations)
-    guard = NonFiniteSteps(config.max_bad_steps)
-    start_step = tokens_seen = 0
-    checkpoint_path = find_checkpoint(out, config.resume)
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path, policy=policy, optimizer=optimizer, scheduler=scheduler, world=world)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        order.load_state_dict(state["data"])
-        guard.load_state_dict(state["non_finite"])
-    telemetry = Telemetry(config, total_steps=total_steps, device=world.device, is_main=world.is_main,
-                          start_step=start_step)
-
+    plan_steps(run, len(data), "prompts")
+    resume(run, updates_per_step=config.num_iterations)
+    open_telemetry(run)
+    telemetry = run.telemetry
     loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, **config.loss_options())
-    forward_flops = flops_per_token(model)
-    peak = peak_flops(world.device, config.peak_tflops)
-    history: list[dict[str, Any]] = []
-    last_saved = None
-
-    def save(step: int) -> Path:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": order.state_dict(),
-                         "non_finite": guard.state_dict()}
-        return save_checkpoint(out, step, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                               trainer_state=trainer_state, config=config.to_dict(), world=world,
-                               keep=config.keep_checkpoints, tokenizer=tokenizer)
+    forwards_per_token = 1 + (reference_model is not None) + (old_source == "policy") + 3 * config.num_iterations
 
     def optimize(loss: float, step: int):
-        return optimizer_step(policy, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                              loss=torch.tensor(loss), guard=guard, step=step)
+        return optimizer_step(policy, run.optimizer, run.scheduler, max_grad_norm=config.max_grad_norm,
+                              loss=torch.tensor(loss), guard=run.guard, step=step)
 
     try:
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
-            indices = [i for _ in range(config.gradient_accumulation_steps) for i in order.next()]
+            indices = [i for _ in range(config.gradient_accumulation_steps) for i in run.order.next()]
             prompts = [data.prompts[i] for i in indices]
 
             # 1. rollout: G samples per prompt, one prefill each
@@ -501,16 +460,16 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
             with telemetry.phase("reference"):
                 for m in micros:
                     if reference_model is not None:
-                        with autocast():
+                        with run.autocast():
                             m.ref_logps = completion_logps(reference_model, m.batch, temperature=config.temperature)
                     if old_source == "policy":
-                        with autocast():
+                        with run.autocast():
                             m.old_logps = completion_logps(policy, m.batch, temperature=config.temperature)
                     elif old_source == "sampler":
                         m.old_logps = m.sampler_logps
 
             # 5. μ updates over the micro-batches
-            local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=autocast,
+            local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=run.autocast,
                               telemetry=telemetry, optimize=lambda loss: optimize(loss, step + 1))
 
             # ---- telemetry
@@ -522,33 +481,26 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
                 [sequence_tokens, sum(m.batch.tokens for m in micros), sum(m.batch.slots for m in micros),
                  sum(m.batch.padded_slots for m in micros), float(completions.stopped.sum())],
                 dtype=torch.float64, device=world.device)).tolist()
-            tokens_seen += int(counts[0])
+            run.tokens_seen += int(counts[0])
             telemetry.advance()
-            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+            if log_due(run, step + 1):
                 metrics = _mean_over_processes({k: v for k, v in local.items() if k != "train_tokens"},
                                                world.device, world)
-                flops = counts[0] * forward_flops * (1 + (reference_model is not None) + (old_source == "policy")
-                                                     + 3 * config.num_iterations)
                 record.update({
-                    **metrics, "lr": scheduler.get_last_lr()[0], "skipped_total": guard.total, "epoch": order.epoch,
+                    **metrics,
+                    **step_metrics(run, grad_norm=metrics["grad_norm"], lr=run.scheduler.get_last_lr()[0],
+                                   skipped=metrics["skipped"], tokens=counts[0], step_s=elapsed,
+                                   flops=counts[0] * run.forward_flops * forwards_per_token, layout=counts[1:4]),
+                    "train_tokens": local["train_tokens"],
                     "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                     "completions/max_length": float(lengths.max()),
                     "completions/clipped_ratio": 1.0 - counts[4] / lengths.numel(),
-                    "tokens": counts[0], "train_tokens": local["train_tokens"], "tokens_seen": tokens_seen,
-                    "tokens_per_s": counts[0] / elapsed, "step_s": elapsed,
-                    "packing_efficiency": counts[1] / max(counts[3], 1.0),
-                    "batch_fill": counts[1] / max(counts[2], 1.0),
-                    "tflops": flops / elapsed / 1e12,
-                    **({"mfu": flops / elapsed / (peak * world.world_size)} if peak else {}),
                 })
-                history.append(telemetry.log(step + 1, record))
+                run.history.append(telemetry.log(step + 1, record))
                 if config.log_completions:
                     telemetry.log_completions(step + 1, sample_records(
                         completions, local_rewards, local_advantages, tokenizer, config.log_completions))
-            if config.save_every and (step + 1) % config.save_every == 0:
-                last_saved = save(step + 1)
-        if total_steps > start_step and (last_saved is None or last_saved.name != f"step-{total_steps:08d}"):
-            last_saved = save(total_steps)
+            save_if_due(run, step + 1)
+        return finish(run)
     finally:
         telemetry.close()
-    return TrainResult(history, last_saved, policy, total_steps - start_step)

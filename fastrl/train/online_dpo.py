@@ -28,31 +28,29 @@ Setup as in :mod:`fastrl.train.grpo`. Each step:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed, rewards as rewards_lib
-from fastrl.train.checkpoint import _model_tensors, find_checkpoint, load_checkpoint, save_checkpoint
-from fastrl.train.config import ConfigError, OnlineDPOConfig
-from fastrl.train.data import BatchOrder, load_prompts
-from fastrl.train.dpo import TrainResult
+from fastrl.train.checkpoint import _model_tensors
+from fastrl.train.config import OnlineDPOConfig
+from fastrl.train.data import load_prompts
 from fastrl.train.grpo import (Completions, _check_lengths, _mean_over_processes, gather_rows, load_run_rewards,
                                reward_metrics, rollout, sample_records, score_completions, step_generator,
                                stop_tokens)
-from fastrl.train.model import (Policy, build_model, frozen_copy, load_tokenizer, packing_works, prepare_for_training,
-                                sequence_layout)
-from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
+from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.reference import pair_logps
-from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+from fastrl.train.run import (Run, TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save, save_if_due,
+                              start_run, step_metrics)
+from fastrl.train.telemetry import Telemetry
 
 __all__ = ["make_pairs", "online_dpo_step", "train_online_dpo"]
 
@@ -190,86 +188,50 @@ def copy_weights(target: Policy, source: Policy) -> None:
 def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
     """Run online DPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional)
     replaces ``config.reward_funcs`` with Python callables."""
-    world = distributed.init_world(config.device)
-    torch.manual_seed(config.seed)
-    out = Path(config.output_dir)
+    run = start_run(config)
+    policy, world, tokenizer = run.policy, run.world, run.tokenizer
 
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = build_model(config, world.device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    data = load_prompts(config, tokenizer, vocab_size)
-    _check_lengths(config, data, model)
+    # ---- prompts, rewards, layout
+    data = load_prompts(config, tokenizer, run.vocab_size)
+    _check_lengths(config, data, run.model)
     rewards = load_run_rewards(config, reward_funcs, tokenizer, world.device)
     names = [r.name for r in rewards]
-    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
-    layout = sequence_layout(model, config.packing and packing_works(policy, vocab_size, world.device))
-    stop_ids = stop_tokens(config, tokenizer, model)
+    layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
+    stop_ids = stop_tokens(config, tokenizer, run.model)
     group = config.num_generations
-
-    def autocast():
-        if config.bf16:
-            return torch.autocast(world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     reference_model = frozen_copy(policy, config, world) if config.needs_reference else None
     iterate = reference_model is not None and config.reference_update == "previous_iterate"
     prepare_for_training(policy, config, world)
     policy.train()
-
-    order = BatchOrder(len(data), batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
-                       seed=config.seed, shuffle=config.shuffle)
-    steps_per_epoch = order.micro_batches_per_epoch() // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"OnlineDPOConfig.batch_size: train_data has {len(data)} prompts, fewer than one step "
-                          f"takes (batch_size {config.batch_size} × gradient_accumulation_steps "
-                          f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
-    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
-
-    optimizer = build_optimizer(policy, config, world.device)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    guard = NonFiniteSteps(config.max_bad_steps)
-    start_step = tokens_seen = 0
-    checkpoint_path = find_checkpoint(out, config.resume)
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path, policy=policy, optimizer=optimizer, scheduler=scheduler, world=world)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        order.load_state_dict(state["data"])
-        guard.load_state_dict(state["non_finite"])
-        if iterate and start_step % config.reference_update_every:
-            load_reference(reference_model, Path(checkpoint_path))
-    telemetry = Telemetry(config, total_steps=total_steps, device=world.device, is_main=world.is_main,
-                          start_step=start_step)
-
+    plan_steps(run, len(data), "prompts")
+    checkpoint = resume(run)
+    if iterate and checkpoint is not None and run.start_step % config.reference_update_every:
+        load_reference(reference_model, checkpoint)
+    open_telemetry(run)
+    telemetry = run.telemetry
     loss_fn = FusedLinearDPOLoss(**config.loss_options())  # log-probs of the model itself (temperature: sampling only)
-    forward_flops = flops_per_token(model)
-    peak = peak_flops(world.device, config.peak_tflops)
-    history: list[dict[str, Any]] = []
-    last_saved = None
 
     def reference(batch: SequenceBatch):
         if reference_model is None:
             return None, None
-        with autocast():
+        with run.autocast():
             return pair_logps(reference_model, batch, ld_alpha=config.ld_alpha)
 
-    def save(step: int) -> Path:
+    def save_with_reference(run: Run, step: int) -> Path:
         if iterate and step % config.reference_update_every:
-            save_reference(reference_model, out, step, world)
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": order.state_dict(),
-                         "non_finite": guard.state_dict()}
-        path = save_checkpoint(out, step, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                               trainer_state=trainer_state, config=config.to_dict(), world=world,
-                               keep=config.keep_checkpoints, tokenizer=tokenizer)
+            save_reference(reference_model, run.out, step, world)
+        path = save(run, step)
         if world.is_main:
-            _prune_reference_files(out)
+            _prune_reference_files(run.out)
         return path
 
     try:
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             if iterate and step % config.reference_update_every == 0:
                 copy_weights(reference_model, policy)  # the reference becomes the current iterate
-            indices = [i for _ in range(config.gradient_accumulation_steps) for i in order.next()]
+            indices = [i for _ in range(config.gradient_accumulation_steps) for i in run.order.next()]
             prompts = [data.prompts[i] for i in indices]
 
             with telemetry.phase("rollout"):
@@ -287,17 +249,18 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
             micros = pair_micro_batches(completions, pairs, config.gradient_accumulation_steps, layout=layout,
                                         device=world.device)
             local = online_dpo_step(policy, micros, loss_fn=loss_fn, reference=reference, world=world,
-                                    autocast=autocast, telemetry=telemetry)
+                                    autocast=run.autocast, telemetry=telemetry)
             with telemetry.phase("optimizer"):
-                lr = scheduler.get_last_lr()[0]
+                lr = run.scheduler.get_last_lr()[0]
                 metrics = _mean_over_processes({k: v for k, v in local.items() if k != "pairs"}, world.device, world)
                 if local["pairs"] > 0:
-                    grad_norm, stepped = optimizer_step(policy, optimizer, scheduler,
+                    grad_norm, stepped = optimizer_step(policy, run.optimizer, run.scheduler,
                                                         max_grad_norm=config.max_grad_norm,
-                                                        loss=torch.tensor(metrics["loss"]), guard=guard, step=step + 1)
+                                                        loss=torch.tensor(metrics["loss"]), guard=run.guard,
+                                                        step=step + 1)
                 else:  # nothing to learn from: no optimiser step (Adam's moments would still move the weights)
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
+                    run.scheduler.step()
                     grad_norm, stepped = 0.0, False
 
             elapsed = time.perf_counter() - started
@@ -305,28 +268,23 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                 [float(sum(len(p) + len(c) for p, c in zip(completions.prompts, completions.completions))),
                  float(sum(b.tokens for b, n in micros if n)), float(sum(gaps)), float(completions.stopped.sum())],
                 dtype=torch.float64, device=world.device)).tolist()
-            tokens_seen += int(counts[0])
+            run.tokens_seen += int(counts[0])
             telemetry.advance()
-            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+            if log_due(run, step + 1):
                 lengths = gather_rows(completions.lengths, world).float()
-                flops = forward_flops * (counts[0] + counts[1] * (3 + (reference_model is not None)))
+                flops = run.forward_flops * (counts[0] + counts[1] * (3 + (reference_model is not None)))
                 record.update({
                     **metrics, "pairs": local["pairs"], "pairs/reward_gap": counts[2] / max(local["pairs"], 1),
-                    "grad_norm": grad_norm, "lr": lr, "skipped": float(not stepped), "skipped_total": guard.total,
-                    "epoch": order.epoch, "completions/mean_length": float(lengths.mean()),
+                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=counts[0],
+                                   step_s=elapsed, flops=flops),
+                    "train_tokens": counts[1], "completions/mean_length": float(lengths.mean()),
                     "completions/clipped_ratio": 1.0 - counts[3] / lengths.numel(),
-                    "tokens": counts[0], "train_tokens": counts[1], "tokens_seen": tokens_seen,
-                    "tokens_per_s": counts[0] / elapsed, "step_s": elapsed, "tflops": flops / elapsed / 1e12,
-                    **({"mfu": flops / elapsed / (peak * world.world_size)} if peak else {}),
                 })
-                history.append(telemetry.log(step + 1, record))
+                run.history.append(telemetry.log(step + 1, record))
                 if config.log_completions:
                     telemetry.log_completions(step + 1, sample_records(completions, local_rewards, None, tokenizer,
                                                                        config.log_completions))
-            if config.save_every and (step + 1) % config.save_every == 0:
-                last_saved = save(step + 1)
-        if total_steps > start_step and (last_saved is None or last_saved.name != f"step-{total_steps:08d}"):
-            last_saved = save(total_steps)
+            save_if_due(run, step + 1, save=save_with_reference)
+        return finish(run, save=save_with_reference)
     finally:
         telemetry.close()
-    return TrainResult(history, last_saved, policy, total_steps - start_step)

@@ -17,24 +17,21 @@ accumulation and process count do not change the update. The run ends with a che
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from fastrl.ops import fused_linear_logprobs
 from fastrl.train import distributed
-from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from fastrl.train.config import ConfigError, SFTConfig
-from fastrl.train.data import BatchOrder, DataError, _Encoder, _fingerprint, _fit_prompt, load_table
-from fastrl.train.dpo import TrainResult
-from fastrl.train.model import Policy, build_model, load_tokenizer, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
+from fastrl.train.config import SFTConfig
+from fastrl.train.data import DataError, _Encoder, _fingerprint, _fit_prompt, load_table
+from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
+from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save_if_due, start_run,
+                              step_metrics)
+from fastrl.train.telemetry import Telemetry
 
 __all__ = ["SFTExamples", "load_sft_examples", "sft_step", "train_sft"]
 
@@ -104,91 +101,47 @@ def sft_step(policy: Policy, batches: list[SequenceBatch], *, world: distributed
 
 def train_sft(config: SFTConfig) -> TrainResult:
     """Run SFT as ``config`` says; see the module docstring."""
-    world = distributed.init_world(config.device)
-    torch.manual_seed(config.seed)
-    out = Path(config.output_dir)
-
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
-    model = build_model(config, world.device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    examples = load_sft_examples(config, tokenizer, vocab_size)
-    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
-    layout = sequence_layout(model, config.packing and packing_works(policy, vocab_size, world.device))
+    run = start_run(config)
+    policy, world = run.policy, run.world
+    examples = load_sft_examples(config, run.tokenizer, run.vocab_size)
+    layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
 
     def make_batch(indices: list[int]) -> SequenceBatch:
         return layout([examples.prompts[i] for i in indices], [examples.completions[i] for i in indices]).to(
             world.device)
 
-    def autocast():
-        if config.bf16:
-            return torch.autocast(world.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     prepare_for_training(policy, config, world)
     policy.train()
-    order = BatchOrder(len(examples), batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
-                       seed=config.seed, shuffle=config.shuffle)
-    steps_per_epoch = order.micro_batches_per_epoch() // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(f"SFTConfig.batch_size: train_data has {len(examples)} examples, fewer than one step takes "
-                          f"(batch_size {config.batch_size} × gradient_accumulation_steps "
-                          f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
-    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
-
-    optimizer = build_optimizer(policy, config, world.device)
-    scheduler = build_scheduler(optimizer, config, total_steps)
-    guard = NonFiniteSteps(config.max_bad_steps)
-    start_step = tokens_seen = 0
-    checkpoint_path = find_checkpoint(out, config.resume)
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path, policy=policy, optimizer=optimizer, scheduler=scheduler, world=world)
-        start_step, tokens_seen = state["step"], state["tokens_seen"]
-        order.load_state_dict(state["data"])
-        guard.load_state_dict(state["non_finite"])
-    telemetry = Telemetry(config, total_steps=total_steps, device=world.device, is_main=world.is_main,
-                          start_step=start_step)
-    train_flops_per_token = 3 * flops_per_token(model)
-    peak = peak_flops(world.device, config.peak_tflops)
-    history: list[dict[str, Any]] = []
-    last_saved = None
-
-    def save(step: int) -> Path:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "data": order.state_dict(),
-                         "non_finite": guard.state_dict()}
-        return save_checkpoint(out, step, policy=policy, optimizer=optimizer, scheduler=scheduler,
-                               trainer_state=trainer_state, config=config.to_dict(), world=world,
-                               keep=config.keep_checkpoints, tokenizer=tokenizer)
+    plan_steps(run, len(examples), "examples")
+    resume(run)
+    open_telemetry(run)
+    telemetry = run.telemetry
 
     try:
-        for step in range(start_step, total_steps):
+        for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             with telemetry.phase("data"):
-                batches = [make_batch(order.next()) for _ in range(config.gradient_accumulation_steps)]
-            local = sft_step(policy, batches, world=world, autocast=autocast, telemetry=telemetry)
+                batches = [make_batch(run.order.next()) for _ in range(config.gradient_accumulation_steps)]
+            local = sft_step(policy, batches, world=world, autocast=run.autocast, telemetry=telemetry)
             counts = distributed.all_reduce(torch.tensor([local["tokens"], local["slots"], local["padded_slots"]],
                                                          dtype=torch.float64, device=world.device)).tolist()
             with telemetry.phase("optimizer"):
-                lr = scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimizer_step(policy, optimizer, scheduler, max_grad_norm=config.max_grad_norm,
-                                                    loss=torch.tensor(local["loss"]), guard=guard, step=step + 1)
+                lr = run.scheduler.get_last_lr()[0]
+                grad_norm, stepped = optimizer_step(policy, run.optimizer, run.scheduler,
+                                                    max_grad_norm=config.max_grad_norm,
+                                                    loss=torch.tensor(local["loss"]), guard=run.guard, step=step + 1)
             elapsed = time.perf_counter() - started
-            tokens_seen += int(counts[0])
+            run.tokens_seen += int(counts[0])
             telemetry.advance()
-            if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
-                flops = counts[0] * train_flops_per_token
-                history.append(telemetry.log(step + 1, {
-                    "loss": local["loss"], "ppl": math.exp(min(local["loss"], 50.0)), "grad_norm": grad_norm,
-                    "lr": lr, "skipped": float(not stepped), "skipped_total": guard.total, "epoch": order.epoch,
-                    "tokens": counts[0], "completion_tokens": local["completion_tokens"], "tokens_seen": tokens_seen,
-                    "tokens_per_s": counts[0] / elapsed, "step_s": elapsed,
-                    "packing_efficiency": counts[0] / counts[2], "batch_fill": counts[0] / counts[1],
-                    "tflops": flops / elapsed / 1e12,
-                    **({"mfu": flops / elapsed / (peak * world.world_size)} if peak else {}),
-                }))
-            if config.save_every and (step + 1) % config.save_every == 0:
-                last_saved = save(step + 1)
-        if total_steps > start_step and (last_saved is None or last_saved.name != f"step-{total_steps:08d}"):
-            last_saved = save(total_steps)
+            if log_due(run, step + 1):
+                record = {
+                    "loss": local["loss"], "ppl": math.exp(min(local["loss"], 50.0)),
+                    "completion_tokens": local["completion_tokens"],
+                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=counts[0],
+                                   step_s=elapsed, flops=counts[0] * (3 * run.forward_flops), layout=counts),
+                }
+                run.history.append(telemetry.log(step + 1, record))
+            save_if_due(run, step + 1)
+        return finish(run)
     finally:
         telemetry.close()
-    return TrainResult(history, last_saved, policy, total_steps - start_step)

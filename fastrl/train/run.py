@@ -1,0 +1,190 @@
+"""What every recipe does around its step: start the run, plan its steps, resume, log, save, finish.
+
+A recipe reads top to bottom with these in order::
+
+    run = start_run(config)                       # processes, seed, tokenizer, model, policy
+    ...                                           # the recipe's data, layout, reference, sharding
+    plan_steps(run, len(data), "pairs")           # data order and step count
+    resume(run)                                   # optimiser, schedule, guard; restored from a checkpoint
+    open_telemetry(run)
+    try:
+        for step in range(run.start_step, run.total_steps):
+            ...                                   # the recipe's step; run.tokens_seen += its tokens
+            if log_due(run, step + 1):
+                run.history.append(run.telemetry.log(step + 1, {..., **step_metrics(run, ...)}))
+            save_if_due(run, step + 1)
+        return finish(run)                        # the final checkpoint, if not just saved
+    finally:
+        run.telemetry.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fastrl.train import distributed
+from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from fastrl.train.config import ConfigError, TrainConfig
+from fastrl.train.data import BatchOrder
+from fastrl.train.model import Policy, build_model, load_tokenizer
+from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler
+from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
+
+__all__ = ["Run", "TrainResult", "finish", "log_due", "open_telemetry", "plan_steps", "resume", "save",
+           "save_if_due", "start_run", "step_metrics"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a run returns: the logged records, the last checkpoint, the policy (unsharded in one
+    process) and the number of optimiser steps taken in this run."""
+
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    policy: Policy
+    steps: int
+
+
+@dataclasses.dataclass
+class Run:
+    """One run's shared state. :func:`start_run` fills the first block; :func:`plan_steps`,
+    :func:`resume` and :func:`open_telemetry` the rest; the recipe's loop advances
+    ``tokens_seen``, ``history`` and ``last_saved``."""
+
+    config: TrainConfig
+    world: distributed.World
+    out: Path                      # config.output_dir
+    tokenizer: Any
+    model: torch.nn.Module
+    vocab_size: int
+    policy: Policy
+    # plan_steps
+    order: BatchOrder | None = None
+    total_steps: int = 0
+    # resume
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    guard: NonFiniteSteps | None = None
+    start_step: int = 0
+    tokens_seen: int = 0
+    # open_telemetry
+    telemetry: Telemetry | None = None
+    forward_flops: float = 0.0     # forward FLOPs per token (training: 3×)
+    peak: float | None = None      # the device's peak FLOP/s; None: no MFU
+    # the loop
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_saved: Path | None = None
+
+    def autocast(self):
+        """bf16 autocast when ``config.bf16``, else a no-op context."""
+        if self.config.bf16:
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def start_run(config: TrainConfig) -> Run:
+    """Processes and device, the seed, the tokenizer, the model and its :class:`Policy` (not yet
+    sharded: a recipe copies its reference and checks packing first)."""
+    world = distributed.init_world(config.device)
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    model = build_model(config, world.device)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
+    return Run(config=config, world=world, out=Path(config.output_dir), tokenizer=tokenizer, model=model,
+               vocab_size=vocab_size, policy=policy)
+
+
+def plan_steps(run: Run, num_examples: int, what: str) -> None:
+    """The data order over ``num_examples`` training rows (``what`` names them in the error: examples,
+    pairs, prompts) and the run's step count: ``max_steps``, else ``num_epochs`` epochs."""
+    config, world = run.config, run.world
+    run.order = BatchOrder(num_examples, batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
+                           seed=config.seed, shuffle=config.shuffle)
+    steps_per_epoch = run.order.micro_batches_per_epoch() // config.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{type(config).__name__}.batch_size: train_data has {num_examples} {what}, fewer than one "
+                          f"step takes (batch_size {config.batch_size} × gradient_accumulation_steps "
+                          f"{config.gradient_accumulation_steps} × {world.world_size} processes)")
+    run.total_steps = config.max_steps or steps_per_epoch * config.num_epochs
+
+
+def resume(run: Run, *, updates_per_step: int = 1) -> Path | None:
+    """The optimiser, the schedule (over ``total_steps × updates_per_step`` optimiser steps) and the
+    non-finite guard; then, if ``config.resume`` finds a checkpoint, weights, optimiser, schedule,
+    RNG, step, tokens seen, data position and guard restored from it. Returns that checkpoint."""
+    config, world = run.config, run.world
+    run.optimizer = build_optimizer(run.policy, config, world.device)
+    run.scheduler = build_scheduler(run.optimizer, config, run.total_steps * updates_per_step)
+    run.guard = NonFiniteSteps(config.max_bad_steps)
+    checkpoint = find_checkpoint(run.out, config.resume)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
+                                world=world)
+        run.start_step, run.tokens_seen = state["step"], state["tokens_seen"]
+        run.order.load_state_dict(state["data"])
+        run.guard.load_state_dict(state["non_finite"])
+    return checkpoint
+
+
+def open_telemetry(run: Run) -> None:
+    """The run's :class:`Telemetry` (from ``start_step``), and what the FLOP figures need."""
+    run.telemetry = Telemetry(run.config, total_steps=run.total_steps, device=run.world.device,
+                              is_main=run.world.is_main, start_step=run.start_step)
+    run.forward_flops = flops_per_token(run.model)
+    run.peak = peak_flops(run.world.device, run.config.peak_tflops)
+
+
+def log_due(run: Run, step: int) -> bool:
+    """Whether step ``step`` (1-based) is logged: every ``log_every`` steps and the last one."""
+    return step % run.config.log_every == 0 or step == run.total_steps
+
+
+def step_metrics(run: Run, *, grad_norm: float, lr: float, skipped: float, tokens: float, step_s: float,
+                 flops: float, layout: tuple[float, float, float] | None = None) -> dict[str, float]:
+    """The part of a step's record every recipe logs: ``grad_norm``, ``lr``, ``skipped`` (optimiser
+    steps skipped this step), ``skipped_total``, ``epoch``, ``tokens`` (the step's, every process),
+    ``tokens_seen``, ``tokens_per_s``, ``step_s`` (seconds), with ``layout`` = (tokens, slots,
+    padded slots) of the step's model batches ``packing_efficiency`` and ``batch_fill``, then
+    ``tflops`` and, when the device's peak is known, ``mfu`` (``flops``: the step's FLOPs, every
+    process)."""
+    record = {"grad_norm": grad_norm, "lr": lr, "skipped": skipped, "skipped_total": run.guard.total,
+              "epoch": run.order.epoch, "tokens": tokens, "tokens_seen": run.tokens_seen,
+              "tokens_per_s": tokens / step_s, "step_s": step_s}
+    if layout is not None:
+        laid_out, slots, padded_slots = layout
+        record["packing_efficiency"] = laid_out / max(padded_slots, 1.0)
+        record["batch_fill"] = laid_out / max(slots, 1.0)
+    record["tflops"] = flops / step_s / 1e12
+    if run.peak:
+        record["mfu"] = flops / step_s / (run.peak * run.world.world_size)
+    return record
+
+
+def save(run: Run, step: int) -> Path:
+    """Checkpoint ``checkpoints/step-<step>``: weights, optimiser, schedule, RNG and the trainer
+    state (step, tokens seen, data position, non-finite guard); every process calls it."""
+    trainer_state = {"step": step, "tokens_seen": run.tokens_seen, "data": run.order.state_dict(),
+                     "non_finite": run.guard.state_dict()}
+    return save_checkpoint(run.out, step, policy=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
+                           trainer_state=trainer_state, config=run.config.to_dict(), world=run.world,
+                           keep=run.config.keep_checkpoints, tokenizer=run.tokenizer)
+
+
+def save_if_due(run: Run, step: int, save: Callable[[Run, int], Path] = save) -> None:
+    """Checkpoint after step ``step`` (1-based) every ``save_every`` steps."""
+    if run.config.save_every and step % run.config.save_every == 0:
+        run.last_saved = save(run, step)
+
+
+def finish(run: Run, save: Callable[[Run, int], Path] = save) -> TrainResult:
+    """The final checkpoint (unless the last step was just saved, or no step ran) and the result."""
+    if run.total_steps > run.start_step and (run.last_saved is None
+                                             or run.last_saved.name != f"step-{run.total_steps:08d}"):
+        run.last_saved = save(run, run.total_steps)
+    return TrainResult(run.history, run.last_saved, run.policy, run.total_steps - run.start_step)
