@@ -105,6 +105,8 @@ def test_scorer_reward_mixes_reward_and_pass():
     one_object = VOCAB.encode_completion(perfect_canvas(parse_prompt("a red circle"), random.Random(0)))
     assert half([prompt], [one_object]) == pytest.approx([0.5 * (1 / 3)])  # present 1 of 3 checks, no pass
     assert half([[VOCAB.bos_id, VOCAB.sep_id]], [good]) == [0.0]  # a prompt that does not parse
+    with pytest.raises(ValueError, match="pass_weight"):
+        scorer_reward(VOCAB, pass_weight=1.5)
 
 
 def test_reward_model_pairs_follow_the_scorer():

@@ -52,8 +52,8 @@ import torch
 from fastrl.tasks.t2i.data import preference_pair, reward_model_ids, sample_canvas, sft_examples
 from fastrl.tasks.t2i.evaluate import SplitEval, evaluate, markdown_table, results_table
 from fastrl.tasks.t2i.grid import COLOURS, ITEMS, Canvas, Placed
-from fastrl.tasks.t2i.prompts import PromptSpec, make_prompt_sets, parse_prompt
-from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, score_canvas, score_completion
+from fastrl.tasks.t2i.prompts import PromptSpec, make_prompt_sets
+from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, make_reward_fn, score_canvas
 from fastrl.tasks.t2i.vocab import Vocab
 
 __all__ = ["DemoResult", "DemoSettings", "run_demo", "scorer_reward"]
@@ -205,21 +205,9 @@ def scorer_reward(vocab: Vocab, *, pass_weight: float = 0.0,
                   clutter_penalty: float = CLUTTER_PENALTY) -> Callable[..., list[float]]:
     """The scorer as a batched reward callable named ``scorer`` (the name its metrics get), in the form
     :class:`fastrl.train.RewardModel` has too: lists of prompts and completions in, one reward each out.
-    Each is ``(1 - pass_weight) * scorer reward + pass_weight * passed``; a prompt that does not parse
-    scores 0."""
-    specs: dict[str, PromptSpec | None] = {}
-
-    def one(prompt: Sequence[int], completion: Sequence[int]) -> float:
-        text = vocab.decode_prompt(prompt)
-        if text not in specs:
-            try:
-                specs[text] = parse_prompt(text)
-            except ValueError:
-                specs[text] = None
-        if specs[text] is None:
-            return 0.0
-        score = score_completion(specs[text], completion, vocab, clutter_penalty=clutter_penalty)
-        return (1.0 - pass_weight) * score.reward + pass_weight * float(score.passed)
+    Each is ``(1 - pass_weight) * scorer reward + pass_weight * passed``
+    (:func:`~fastrl.tasks.t2i.scorer.make_reward_fn`); a prompt that does not parse scores 0."""
+    one = make_reward_fn(vocab, clutter_penalty=clutter_penalty, pass_weight=pass_weight)
 
     def scorer(prompt_ids, completion_ids, **columns) -> list[float]:
         return [one(p, c) for p, c in zip(prompt_ids, completion_ids)]

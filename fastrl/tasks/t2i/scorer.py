@@ -111,12 +111,16 @@ def score_completion(spec: PromptSpec, completion_ids: Iterable[int], vocab: Voc
 
 
 def make_reward_fn(vocab: Vocab | None = None, *, clutter_penalty: float = CLUTTER_PENALTY,
-                   malformed_scale: float = MALFORMED_SCALE) -> Callable[[Iterable[int], Iterable[int]], float]:
-    """A reward callable ``(prompt_ids, completion_ids) -> float`` for a trainer.
+                   malformed_scale: float = MALFORMED_SCALE,
+                   pass_weight: float = 0.0) -> Callable[[Iterable[int], Iterable[int]], float]:
+    """A reward callable ``(prompt_ids, completion_ids) -> float`` for a trainer:
+    ``(1 - pass_weight) * reward + pass_weight * passed`` of :func:`score_completion`.
 
     The prompt spec is read back from the prompt's words (padding, ``<bos>`` and ``<sep>`` are
     ignored), so the callable needs nothing but token ids; a prompt that does not parse scores 0.
     """
+    if not 0.0 <= pass_weight <= 1.0:
+        raise ValueError(f"pass_weight must be in [0, 1], got {pass_weight}")
     vocab = vocab or Vocab()
     specs: dict[str, PromptSpec | None] = {}
 
@@ -130,8 +134,11 @@ def make_reward_fn(vocab: Vocab | None = None, *, clutter_penalty: float = CLUTT
         spec = specs[text]
         if spec is None:
             return 0.0
-        return score_completion(spec, completion_ids, vocab, clutter_penalty=clutter_penalty,
-                                malformed_scale=malformed_scale).reward
+        score = score_completion(spec, completion_ids, vocab, clutter_penalty=clutter_penalty,
+                                 malformed_scale=malformed_scale)
+        if not pass_weight:
+            return score.reward
+        return (1.0 - pass_weight) * score.reward + pass_weight * float(score.passed)
 
     return reward
 
