@@ -167,12 +167,16 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
 def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[dict[str, Any]]:
     """The keyword arguments of each completion's reward call: its data row, ``completion`` (text,
     with a tokenizer) and ``finish_reason``."""
+    texts = None
+    if tokenizer is not None:  # one call for the batch (a fast tokenizer decodes it in Rust)
+        texts = tokenizer.batch_decode(completions.completions, skip_special_tokens=True)
+    stopped = completions.stopped.tolist()
     out = []
     for i, row in enumerate(completions.rows):
         columns = {k: v for k, v in data.rows[row].items() if k not in ("prompt_ids", "completion_ids")}
-        if tokenizer is not None:
-            columns["completion"] = tokenizer.decode(completions.completions[i], skip_special_tokens=True)
-        columns["finish_reason"] = "stop" if bool(completions.stopped[i]) else "length"
+        if texts is not None:
+            columns["completion"] = texts[i]
+        columns["finish_reason"] = "stop" if stopped[i] else "length"
         out.append(columns)
     return out
 
