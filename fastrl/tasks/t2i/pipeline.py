@@ -533,6 +533,14 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str]
     return DemoResult(table, reward_table, markdown, summaries, timings, files)
 
 
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the output folder when it lies inside it (results.json stays valid when moved)."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _positions(tokens: int) -> int:
     return 16 * math.ceil(tokens / 16)
 
@@ -561,7 +569,7 @@ def _write_outputs(out: Path, settings: DemoSettings, table, reward_table, markd
     files["results_json"] = out / "results.json"
     files["results_json"].write_text(json.dumps(
         {"settings": dataclasses.asdict(settings), "pass": table, "reward": reward_table, "summaries": summaries,
-         "checkpoints": {m: str(c) for m, c in checkpoints.items()}}, indent=1, sort_keys=True), encoding="utf-8")
+         "checkpoints": {m: _relative(c, out) for m, c in checkpoints.items()}}, indent=1, sort_keys=True), encoding="utf-8")
     try:
         from fastrl.tasks.t2i.render import plot_training_curves, render_canvases
 
