@@ -60,8 +60,16 @@ $(STAMP): $(SOURCES)
 	fi
 	@touch $@
 
-demo: $(STAMP)
+demo: $(VENV)/.fastrl-demo
 	$(VENV)/bin/fastrl demo
+
+# The demo draws its curves and canvases with matplotlib: installed on a CPU machine (best effort; without
+# it the demo still writes its tables); on a GPU machine whatever is installed is used.
+$(VENV)/.fastrl-demo: $(STAMP)
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then :; \
+	else $(PY) -c "import matplotlib" 2>/dev/null || $(PIP) install -q matplotlib || \
+	  echo "fastrl: could not install matplotlib: the demo writes its tables without the PNGs" >&2; fi
+	@touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
