@@ -381,11 +381,16 @@ def _dpo_loss(opts: _Options, chosen_logps, rejected_logps, ref_chosen_logps, re
     if "aot_unpaired" in opts.types:
         d2 = reference.aot_unpaired_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     norm_rewards = ref_chosen_logps is None and any(t in ("simpo", "orpo") for t in opts.types)
-    stats = _dpo_loss_op(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
-                         rejected_lengths, chosen_nll, pair_beta, soft_labels, pair_weights, d1, d2, delta,
-                         opts.mask, opts.type_weights, opts.f_div_id, opts.beta, opts.label_smoothing, opts.f_alpha,
-                         opts.gamma_beta_ratio, opts.discopop_tau, opts.rpo_alpha, opts.cpo_alpha, opts.dpop_lambda,
-                         norm_rewards)
+    tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
+               chosen_nll, pair_beta, soft_labels, pair_weights, d1, d2, delta)
+    scalars = (opts.mask, opts.type_weights, opts.f_div_id, opts.beta, opts.label_smoothing, opts.f_alpha,
+               opts.gamma_beta_ratio, opts.discopop_tau, opts.rpo_alpha, opts.cpo_alpha, opts.dpop_lambda, norm_rewards)
+    if not torch.compiler.is_compiling() and resolve(chosen_logps.device) == "torch":
+        # eager torch path: the reference runs once and its vjp is kept for the backward (the operator's
+        # backward would run it again)
+        stats = _EagerReferenceStats.apply(scalars, *tensors)
+    else:
+        stats = _dpo_loss_op(*tensors, *scalars)
     detached = stats.detach()
     metrics = {name: detached[i] for i, name in enumerate(reference.DPO_STATS) if 3 <= i <= 8}
     if opts.nll_coef != 0.0 or opts.rpo_alpha is not None:
@@ -399,6 +404,36 @@ def _dpo_loss(opts: _Options, chosen_logps, rejected_logps, ref_chosen_logps, re
 
 def _out_dtype(*tensors) -> torch.dtype:
     return reference.compute_dtype(*tensors)
+
+
+_DIFFERENTIABLE = (0, 1, 6, 10, 11)  # pc, pr, nll, d1, d2: what the operator's backward differentiates
+
+
+class _EagerReferenceStats(torch.autograd.Function):
+    """The torch reference with the operator's gradient contract (d stats / d pc, pr, nll, d1, d2; zeros
+    for an input the loss type does not use), its vjp taken in the forward."""
+
+    @staticmethod
+    def forward(ctx, scalars, *tensors):
+        wanted = [k for k in _DIFFERENTIABLE if tensors[k] is not None]
+
+        def stats_of(*xs):
+            full = list(tensors)
+            for k, x in zip(wanted, xs):
+                full[k] = x
+            return _reference_stats(*full, *scalars)
+
+        stats, ctx.vjp = torch.func.vjp(stats_of, *(tensors[k] for k in wanted))
+        ctx.wanted, ctx.count = wanted, len(tensors)
+        return stats
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [None] * ctx.count
+        for k, g in zip(ctx.wanted, ctx.vjp(grad)):
+            grads[k] = g
+        ctx.vjp = None
+        return (None, *grads)
 
 
 def _reference_stats(pc, pr, qc, qr, lc, lr, nll, pair_beta, soft, weights, d1, d2, delta, types, type_weights,
