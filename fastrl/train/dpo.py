@@ -27,11 +27,10 @@ from fastrl.train import distributed
 from fastrl.train.config import DPOConfig
 from fastrl.train.data import PreferencePairs, load_preference_pairs
 from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, pair_logps, precompute_pair_logps
-from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save_if_due, start_run,
-                              step_metrics)
+from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save_if_due,
+                              start_run, step_metrics)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "dpo_step", "pair_batch", "train_dpo"]
@@ -147,9 +146,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
             metrics = _reduce(local, world.device)
             with telemetry.phase("optimizer"):
                 lr = run.scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimizer_step(policy, run.optimizer, run.scheduler,
-                                                    max_grad_norm=config.max_grad_norm,
-                                                    loss=torch.tensor(metrics["loss"]), guard=run.guard, step=step + 1)
+                grad_norm, stepped = optimize(run, metrics["loss"], step + 1)
             elapsed = time.perf_counter() - started
             run.tokens_seen += int(metrics["tokens"])
             telemetry.advance()

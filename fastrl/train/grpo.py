@@ -47,7 +47,7 @@ import time
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,14 +59,14 @@ from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import ConfigError, GRPOConfig, TrainConfig
 from fastrl.train.data import Prompts, load_prompts
 from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import completion_logps
-from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save_if_due, start_run,
-                              step_metrics)
+from fastrl.train.run import (Run, TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume,
+                              save_if_due, start_run, step_metrics)
 from fastrl.train.telemetry import Telemetry
 
-__all__ = ["Completions", "advantages_of", "grpo_step", "loss_scales", "rollout", "score_completions", "train_grpo"]
+__all__ = ["Completions", "OnlineSetup", "advantages_of", "grpo_step", "loss_scales", "online_setup", "rollout",
+           "score_completions", "train_grpo"]
 
 
 # ---------------------------------------------------------------------------------------------- rollout
@@ -395,6 +395,29 @@ def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> l
         raise ConfigError(str(e)) from None
 
 
+class OnlineSetup(NamedTuple):
+    """What the online recipes (GRPO, online DPO) set up alike."""
+
+    data: Prompts                                  # the prompts, lengths checked
+    rewards: list[rewards_lib.RewardFunction]
+    names: list[str]                               # the rewards' names (metric keys)
+    layout: Any                                    # packed or padded batches (sequence_layout)
+    stop_ids: list[int]
+    group: int                                     # completions per prompt
+
+
+def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
+    """Prompts (lengths checked against the model), rewards (``reward_funcs`` replace the config's),
+    the batch layout, stop tokens and group size of an online run."""
+    config, tokenizer, device = run.config, run.tokenizer, run.world.device
+    data = load_prompts(config, tokenizer, run.vocab_size)
+    _check_lengths(config, data, run.model)
+    rewards = load_run_rewards(config, reward_funcs, tokenizer, device)
+    layout = sequence_layout(run.model, config.packing and packing_works(run.policy, run.vocab_size, device))
+    return OnlineSetup(data, rewards, [r.name for r in rewards], layout, stop_tokens(config, tokenizer, run.model),
+                       config.num_generations)
+
+
 def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     """Run GRPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional): reward
     callables that replace ``config.reward_funcs`` (the reward model, if any, is added after them)."""
@@ -402,13 +425,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     policy, world, tokenizer = run.policy, run.world, run.tokenizer
 
     # ---- prompts, rewards, layout
-    data = load_prompts(config, tokenizer, run.vocab_size)
-    _check_lengths(config, data, run.model)
-    rewards = load_run_rewards(config, reward_funcs, tokenizer, world.device)
-    names = [r.name for r in rewards]
-    layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
-    stop_ids = stop_tokens(config, tokenizer, run.model)
-    group = config.num_generations
+    data, rewards, names, layout, stop_ids, group = online_setup(run, reward_funcs)
 
     reference_model = frozen_copy(policy, config, world) if config.beta > 0 else None  # the initial policy
     prepare_for_training(policy, config, world)
@@ -420,10 +437,6 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     telemetry = run.telemetry
     loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, **config.loss_options())
     forwards_per_token = 1 + (reference_model is not None) + (old_source == "policy") + 3 * config.num_iterations
-
-    def optimize(loss: float, step: int):
-        return optimizer_step(policy, run.optimizer, run.scheduler, max_grad_norm=config.max_grad_norm,
-                              loss=torch.tensor(loss), guard=run.guard, step=step)
 
     try:
         for step in range(run.start_step, run.total_steps):
@@ -474,7 +487,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
 
             # 5. μ updates over the micro-batches
             local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=run.autocast,
-                              telemetry=telemetry, optimize=lambda loss: optimize(loss, step + 1))
+                              telemetry=telemetry, optimize=lambda loss: optimize(run, loss, step + 1))
 
             # ---- telemetry
             elapsed = time.perf_counter() - started

@@ -40,16 +40,13 @@ from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import _model_tensors
 from fastrl.train.config import OnlineDPOConfig
-from fastrl.train.data import load_prompts
-from fastrl.train.grpo import (Completions, _check_lengths, _mean_over_processes, gather_rows, load_run_rewards,
-                               reward_metrics, rollout, sample_records, score_completions, step_generator,
-                               stop_tokens)
-from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.optim import optimizer_step
+from fastrl.train.grpo import (Completions, _mean_over_processes, gather_rows, online_setup, reward_metrics, rollout,
+                               sample_records, score_completions, step_generator)
+from fastrl.train.model import Policy, frozen_copy, prepare_for_training
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.reference import pair_logps
-from fastrl.train.run import (Run, TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save, save_if_due,
-                              start_run, step_metrics)
+from fastrl.train.run import (Run, TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save,
+                              save_if_due, start_run, step_metrics)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["make_pairs", "online_dpo_step", "train_online_dpo"]
@@ -192,13 +189,7 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
     policy, world, tokenizer = run.policy, run.world, run.tokenizer
 
     # ---- prompts, rewards, layout
-    data = load_prompts(config, tokenizer, run.vocab_size)
-    _check_lengths(config, data, run.model)
-    rewards = load_run_rewards(config, reward_funcs, tokenizer, world.device)
-    names = [r.name for r in rewards]
-    layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
-    stop_ids = stop_tokens(config, tokenizer, run.model)
-    group = config.num_generations
+    data, rewards, names, layout, stop_ids, group = online_setup(run, reward_funcs)
 
     reference_model = frozen_copy(policy, config, world) if config.needs_reference else None
     iterate = reference_model is not None and config.reference_update == "previous_iterate"
@@ -254,10 +245,7 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                 lr = run.scheduler.get_last_lr()[0]
                 metrics = _mean_over_processes({k: v for k, v in local.items() if k != "pairs"}, world.device, world)
                 if local["pairs"] > 0:
-                    grad_norm, stepped = optimizer_step(policy, run.optimizer, run.scheduler,
-                                                        max_grad_norm=config.max_grad_norm,
-                                                        loss=torch.tensor(metrics["loss"]), guard=run.guard,
-                                                        step=step + 1)
+                    grad_norm, stepped = optimize(run, metrics["loss"], step + 1)
                 else:  # nothing to learn from: no optimiser step (Adam's moments would still move the weights)
                     run.optimizer.zero_grad(set_to_none=True)
                     run.scheduler.step()

@@ -32,10 +32,10 @@ from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_check
 from fastrl.train.config import ConfigError, TrainConfig
 from fastrl.train.data import BatchOrder
 from fastrl.train.model import Policy, build_model, load_tokenizer
-from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler
+from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
 from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
 
-__all__ = ["Run", "TrainResult", "finish", "log_due", "open_telemetry", "plan_steps", "resume", "save",
+__all__ = ["Run", "TrainResult", "finish", "log_due", "open_telemetry", "optimize", "plan_steps", "resume", "save",
            "save_if_due", "start_run", "step_metrics"]
 
 
@@ -138,6 +138,13 @@ def open_telemetry(run: Run) -> None:
                               is_main=run.world.is_main, start_step=run.start_step)
     run.forward_flops = flops_per_token(run.model)
     run.peak = peak_flops(run.world.device, run.config.peak_tflops)
+
+
+def optimize(run: Run, loss: float, step: int) -> tuple[float, bool]:
+    """Clip and step the optimiser and schedule (skipped when ``loss`` or the gradient norm is not
+    finite): :func:`~fastrl.train.optim.optimizer_step` with the run's settings. ``(grad_norm, stepped)``."""
+    return optimizer_step(run.policy, run.optimizer, run.scheduler, max_grad_norm=run.config.max_grad_norm,
+                          loss=torch.tensor(loss), guard=run.guard, step=step)
 
 
 def log_due(run: Run, step: int) -> bool:

@@ -27,10 +27,9 @@ from fastrl.train import distributed
 from fastrl.train.config import SFTConfig
 from fastrl.train.data import DataError, _Encoder, _fingerprint, _fit_prompt, load_table
 from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.optim import optimizer_step
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, plan_steps, resume, save_if_due, start_run,
-                              step_metrics)
+from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save_if_due,
+                              start_run, step_metrics)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["SFTExamples", "load_sft_examples", "sft_step", "train_sft"]
@@ -127,9 +126,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
                                                          dtype=torch.float64, device=world.device)).tolist()
             with telemetry.phase("optimizer"):
                 lr = run.scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimizer_step(policy, run.optimizer, run.scheduler,
-                                                    max_grad_norm=config.max_grad_norm,
-                                                    loss=torch.tensor(local["loss"]), guard=run.guard, step=step + 1)
+                grad_norm, stepped = optimize(run, local["loss"], step + 1)
             elapsed = time.perf_counter() - started
             run.tokens_seen += int(counts[0])
             telemetry.advance()
