@@ -30,6 +30,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "sampling_checks.h"
+
 namespace fastrl {
 namespace {
 
@@ -449,46 +451,30 @@ const float* row_as_float(const T* src, int64_t n, Workspace& ws) {
   return dst;
 }
 
-// Reads the per-row override of a parameter if given, else the scalar.
-template <typename T>
-const T* row_param_ptr(const std::optional<at::Tensor>& t, int64_t rows, at::ScalarType dtype, const char* name) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK_VALUE(t->device().is_cpu(), name, " must be on the same device as logits (cpu), got ", t->device());
-  TORCH_CHECK_VALUE(t->scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows, name, " must have shape [", rows,
-                    "] (one value per row of logits), got ", t->sizes());
-  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
-  return t->data_ptr<T>();
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
     double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
     const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be 2-D [rows, vocab], got shape ", logits_in.sizes());
+  check_logits(logits_in);
   const auto dtype = logits_in.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                    "logits must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() >= 1,
                     "seed must be a cpu int64 tensor with one element");
   const int64_t rows = logits_in.size(0), v = logits_in.size(1);
   TORCH_CHECK_VALUE(v >= 1, "logits must have a non-empty vocabulary dimension");
 
-  const double* t_row = row_param_ptr<double>(temperatures, rows, at::kDouble, "temperature");
-  const int64_t* k_row = row_param_ptr<int64_t>(top_ks, rows, at::kLong, "top_k");
-  const double* p_row = row_param_ptr<double>(top_ps, rows, at::kDouble, "top_p");
-  const double* mp_row = row_param_ptr<double>(min_ps, rows, at::kDouble, "min_p");
+  const double* t_row = row_setting<double>(temperatures, logits_in, at::kDouble, "temperature");
+  const int64_t* k_row = row_setting<int64_t>(top_ks, logits_in, at::kLong, "top_k");
+  const double* p_row = row_setting<double>(top_ps, logits_in, at::kDouble, "top_p");
+  const double* mp_row = row_setting<double>(min_ps, logits_in, at::kDouble, "min_p");
   std::vector<RowParams> params(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) {
     RowParams prm{t_row ? t_row[r] : temperature, k_row ? k_row[r] : top_k, p_row ? p_row[r] : top_p,
                   mp_row ? mp_row[r] : min_p};
-    TORCH_CHECK_VALUE(prm.temperature >= 0.0 && std::isfinite(prm.temperature),
-                      "temperature must be finite and >= 0, got ", prm.temperature, " for row ", r);
-    TORCH_CHECK_VALUE(prm.top_k >= 0, "top_k must be >= 0 (0 disables it), got ", prm.top_k, " for row ", r);
-    TORCH_CHECK_VALUE(prm.top_p > 0.0 && prm.top_p <= 1.0, "top_p must be in (0, 1], got ", prm.top_p,
-                      " for row ", r);
-    TORCH_CHECK_VALUE(prm.min_p >= 0.0 && prm.min_p <= 1.0, "min_p must be in [0, 1], got ", prm.min_p,
-                      " for row ", r);
+    check_temperature(prm.temperature, r);
+    check_top_k(prm.top_k, r);
+    check_top_p(prm.top_p, r);
+    check_min_p(prm.min_p, r);
     params[static_cast<size_t>(r)] = prm;
   }
 

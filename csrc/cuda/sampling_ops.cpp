@@ -13,24 +13,11 @@
 #include <optional>
 #include <tuple>
 
+#include "../sampling_checks.h"
 #include "sampling.cuh"
 
 namespace fastrl {
 namespace {
-
-template <typename T>
-const T* row_setting(const std::optional<at::Tensor>& t, const at::Tensor& logits, at::ScalarType dtype,
-                     const char* name) {
-  if (!t.has_value()) return nullptr;
-  const int64_t rows = logits.size(0);
-  TORCH_CHECK_VALUE(t->device() == logits.device(), name, " must be on the same device as logits (",
-                    logits.device(), "), got ", t->device());
-  TORCH_CHECK_VALUE(t->scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == rows, name, " must have shape [", rows,
-                    "] (one value per row of logits), got ", t->sizes());
-  TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous");
-  return t->const_data_ptr<T>();
-}
 
 // The message the CPU sampler gives for a bad setting `which` (0 temperature, 1 top_k, 2 top_p,
 // 3 min_p) of `row`, raised as ValueError.
@@ -52,20 +39,18 @@ const T* row_setting(const std::optional<at::Tensor>& t, const at::Tensor& logit
 void check_scalar_settings(int64_t rows, double temperature, int64_t top_k, double top_p, double min_p,
                            bool per_row_t, bool per_row_k, bool per_row_p, bool per_row_mp) {
   if (rows == 0) return;
-  if (!per_row_t && !(temperature >= 0.0 && std::isfinite(temperature))) raise_setting(0, temperature, 0);
-  if (!per_row_k && top_k < 0) raise_setting(1, static_cast<double>(top_k), 0);
-  if (!per_row_p && !(top_p > 0.0 && top_p <= 1.0)) raise_setting(2, top_p, 0);
-  if (!per_row_mp && !(min_p >= 0.0 && min_p <= 1.0)) raise_setting(3, min_p, 0);
+  if (!per_row_t) check_temperature(temperature, 0);
+  if (!per_row_k) check_top_k(top_k, 0);
+  if (!per_row_p) check_top_p(top_p, 0);
+  if (!per_row_mp) check_min_p(min_p, 0);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
     double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
     const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "logits must be 2-D [rows, vocab], got shape ", logits_in.sizes());
+  check_logits(logits_in);
   const auto dtype = logits_in.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                    "logits must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor here, got ", logits_in.device());
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
                         (seed.device().is_cpu() || seed.device() == logits_in.device()),
