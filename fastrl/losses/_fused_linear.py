@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastrl.ops.fused_linear_logprobs import _backward as _linear_logprobs_backward
-from fastrl.ops.fused_linear_logprobs import _chunk_rows, terminal_single_pass
+from fastrl.ops.fused_linear_logprobs import terminal_single_pass, token_chunks
 from fastrl.ops.fused_linear_logprobs import _forward as _linear_logprobs
 
 
@@ -28,24 +28,36 @@ def token_logprobs(hidden, weight, bias, labels, *, temperature, ignore_index, n
     return logp, entropy if need_entropy else None
 
 
-def two_pass(hidden, weight, bias, labels, loss_fn, *, temperature, ignore_index, need_entropy, workspace_bytes):
+def two_pass(hidden, weight, bias, labels, loss_fn, *, temperature, ignore_index, need_entropy, workspace_bytes,
+             chunks=None):
     """Log-probs (one pass over the vocabulary), the loss and its gradient with respect to them
     (autograd over ``loss_fn(logp [N], entropy [N] or None) -> (loss, metrics)``, cheap: no
     vocabulary), then the logits recomputed slice by slice into the weight gradients (second pass).
+    When the scored rows fit one chunk of the workspace (``chunks``, default
+    :func:`~fastrl.ops.fused_linear_logprobs.token_chunks`), their logits are kept between the two
+    halves instead: three GEMMs, not four. Rows labelled ``ignore_index`` go through no GEMM.
     Returns ``(loss, metrics, d_hidden, d_weight, d_bias or None)``."""
     rows, vocab = hidden.shape[0], weight.shape[0]
-    if 0 < rows <= _chunk_rows(rows, vocab, hidden.device, workspace_bytes or None):
-        # the whole logits fit the workspace: keep them between the two halves, three GEMMs not four
+    if chunks is None:
+        chunks = token_chunks(labels, ignore_index, vocab, hidden.device, workspace_bytes)
+    if len(chunks) == 1:
         found = {}
 
-        def token_grads(lo, hi, logp, entropy):
-            found["loss"], found["metrics"], d_logp, d_entropy = _loss_grads(loss_fn, logp, entropy, need_entropy)
-            return d_logp, d_entropy
+        def token_grads(idx, logp, entropy):
+            logp_all = torch.zeros(rows, dtype=logp.dtype, device=logp.device)
+            logp_all[idx] = logp
+            entropy_all = None
+            if need_entropy:
+                entropy_all = torch.zeros_like(logp_all)
+                entropy_all[idx] = entropy
+            found["loss"], found["metrics"], d_logp, d_entropy = _loss_grads(loss_fn, logp_all, entropy_all,
+                                                                               need_entropy)
+            return d_logp[idx], None if d_entropy is None else d_entropy[idx]
 
         with torch.no_grad():
             _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
                 hidden, weight, bias, labels, token_grads, temperature=temperature, ignore_index=ignore_index,
-                return_entropy=need_entropy, workspace_bytes=workspace_bytes)
+                return_entropy=need_entropy, workspace_bytes=workspace_bytes, chunks=chunks)
         return found["loss"], found["metrics"], d_hidden, d_weight, d_bias
     with torch.no_grad():
         logp, entropy, stats = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index,

@@ -24,7 +24,7 @@ import torch
 from fastrl import _checks
 from fastrl.losses._fused_linear import grads_wanted, terminal, token_logprobs, two_pass
 from fastrl.losses.grpo import _settings, grpo_loss, grpo_loss_grad
-from fastrl.ops.fused_linear_logprobs import check_inputs, terminal_single_pass
+from fastrl.ops.fused_linear_logprobs import check_inputs, terminal_single_pass, token_chunks, workspace_budget
 
 __all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss"]
 
@@ -72,8 +72,10 @@ def fused_linear_grpo_loss(
             GEMM pass), the loss and its gradient, then recomputes the logits slice by slice for the
             gradients (the backward of :func:`fastrl.ops.fused_linear_logprobs`, whose accumulator
             is the smaller of fp32 ``[tokens, H]`` and ``[V, H]``): four GEMMs, any loss setting.
-            ``"auto"``: single pass where it applies and the ``[V, H]`` accumulator is the smaller
-            one (at least as many tokens as vocabulary entries), else two passes.
+            ``"auto"``: single pass where it applies and one chunk holds every scored token (no
+            accumulator), or the fp32 ``[V, H]`` accumulator fits the workspace, or it is the
+            smaller one (at least as many scored tokens as vocabulary entries); else two passes.
+            Either way only the scored (unmasked) positions go through the lm-head GEMMs.
         workspace_bytes: cap on the fp32 logits slice (default 1 GiB on CUDA, 64 MiB on CPU).
 
     Returns:
@@ -105,9 +107,6 @@ def fused_linear_grpo_loss(
     if mode == "single_pass" and not separable:
         raise ValueError("mode='single_pass' needs importance_sampling_level='token', no off_policy_mask_threshold "
                          "and a loss_type other than vespo (the gradient at a token must depend on that token only)")
-    tokens, vocab = labels.numel(), weight.shape[0]
-    single = mode == "single_pass" or (mode == "auto" and separable and tokens >= vocab)
-
     loss_kwargs = dict(options, ref_logps=ref_logps, sampler_logps=sampler_logps,
                        num_items_in_batch=num_items_in_batch)
     shape = labels.shape
@@ -124,6 +123,14 @@ def fused_linear_grpo_loss(
     if not grads_wanted(hidden, weight, bias):
         with torch.no_grad():
             return loss_fn(*token_logprobs(flat_hidden, weight, bias, flat_labels, **common))
+    # the scored (unmasked) rows, in balanced chunks that fit the workspace: padding goes through no GEMM
+    chunks = token_chunks(flat_labels, ignore_index, weight.shape[0], hidden.device, workspace_bytes)
+    vocab, h_bytes = weight.shape[0], h_size * 4
+    tokens = sum((c.stop - c.start) if isinstance(c, slice) else c.numel() for c in chunks)
+    # single pass: one chunk (no accumulator), or an fp32 [V, H] accumulator no larger than the
+    # workspace or than the [tokens, H] one of the two-pass backward
+    single = mode == "single_pass" or (mode == "auto" and separable and (
+        len(chunks) == 1 or vocab * h_bytes <= workspace_budget(hidden.device, workspace_bytes) or tokens >= vocab))
 
     def single_pass():
         # The gradient at a token depends on that token alone, so the loss's gradient for a slice
@@ -137,19 +144,20 @@ def fused_linear_grpo_loss(
             return grpo_loss_grad(logp_all.view(shape), old_logps, advantages, mask, cu_seqlens,
                                   entropy=entropy_all.view(shape) if need_entropy else None, **loss_kwargs)
 
-        def token_grads(lo, hi, logp, entropy):
-            logp_all[lo:hi] = logp
+        def token_grads(rows, logp, entropy):
+            logp_all[rows] = logp
             if entropy is not None:
-                entropy_all[lo:hi] = entropy
+                entropy_all[rows] = entropy
             result["out"] = loss_and_grads()
             _, d_logp, d_entropy, _ = result["out"]
-            return (d_logp.reshape(-1)[lo:hi].float(),
-                    None if d_entropy is None else d_entropy.reshape(-1)[lo:hi].float())
+            return (d_logp.reshape(-1)[rows].float(),
+                    None if d_entropy is None else d_entropy.reshape(-1)[rows].float())
 
         with torch.no_grad():
             _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
                 flat_hidden, weight, bias, flat_labels, token_grads, temperature=temperature,
-                ignore_index=ignore_index, return_entropy=need_entropy, workspace_bytes=workspace_bytes or 0)
+                ignore_index=ignore_index, return_entropy=need_entropy, workspace_bytes=workspace_bytes or 0,
+                chunks=chunks)
             if "out" not in result:  # no tokens at all
                 result["out"] = loss_and_grads()
         loss, _, _, metrics = result["out"]
@@ -158,7 +166,7 @@ def fused_linear_grpo_loss(
     def compute():
         if single:
             return single_pass()
-        return two_pass(flat_hidden, weight, bias, flat_labels, loss_fn, **common)
+        return two_pass(flat_hidden, weight, bias, flat_labels, loss_fn, chunks=chunks, **common)
 
     return terminal(flat_hidden, weight, bias, compute)
 

@@ -11,13 +11,18 @@
 >>> hidden.grad.shape, weight.grad.shape
 (torch.Size([2, 6, 64]), torch.Size([500, 64]))
 
-The forward runs over token chunks: the logits of one chunk, ``[chunk, V]`` in fp32, are the only
-vocabulary-sized buffer (the workspace, ``chunk * V * 4`` bytes capped by ``workspace_bytes``), and
-each chunk's log-probs come from the :mod:`selective_logprobs` kernels (online log-sum-exp, entropy).
-The backward recomputes the logits one slice at a time, turns the slice into its gradient in place
-(the same kernels) and multiplies it into the two weight gradients. Two gradients need a sum over
-slices, and that sum runs in fp32, so the backward slices along whichever axis makes the fp32
-accumulator smaller:
+Only the scored rows (label not ``ignore_index``) go through the lm-head: they are gathered once
+(one host sync for their count) and the results scattered back; ignored rows get log-prob 0 and an
+exact zero gradient. The forward runs over token chunks: the logits of one chunk, ``[chunk, V]`` in
+fp32, are the only vocabulary-sized buffer (the workspace, ``chunk * V * 4`` bytes capped by
+``workspace_bytes``), and each chunk's log-probs come from the :mod:`selective_logprobs` kernels
+(online log-sum-exp, entropy). Chunks are balanced (:func:`chunk_spans`): token chunks are
+multiples of 128 rows and vocabulary slices multiples of 256 columns, so that every GEMM operand and
+the workspace have 16-byte aligned leading dimensions. The backward recomputes the logits one slice
+at a time, writes their gradient (the same kernels) into a buffer of the model's dtype (over the
+fp32 slice itself for fp32 models) and multiplies it into the two weight gradients. Two gradients
+need a sum over slices, and that sum runs in fp32, so the backward slices along whichever axis
+makes the fp32 accumulator smaller:
 
 - fewer tokens than vocabulary entries (the usual case: 16k tokens, V = 152k): vocabulary slices
   ``[tokens, v]``; each slice's ``d_weight`` rows come from one GEMM over all tokens (fp32
@@ -26,8 +31,9 @@ accumulator smaller:
 - otherwise token slices ``[t, V]``; ``d_hidden`` rows come from one GEMM each and ``d_weight`` is
   summed in an fp32 ``[V, H]`` buffer.
 
-Peak extra memory: the gradients themselves, ``min(tokens, V) * H * 4`` bytes of accumulator, and
-1.5x the workspace (the fp32 slice and its copy in the model's dtype for the GEMMs).
+One slice holding everything needs no accumulator. Peak extra memory: the gradients themselves,
+``min(tokens, V) * H * 4`` bytes of accumulator, 1.5x the workspace (the fp32 slice and its
+gradient in the model's dtype for the GEMMs), and a copy of the scored rows of ``hidden``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 from fastrl import _checks
 from fastrl.ops.selective_logprobs import _grad_logits, _row_stats
 
-__all__ = ["check_inputs", "fused_linear_logprobs", "terminal_single_pass"]
+__all__ = ["check_inputs", "chunk_spans", "fused_linear_logprobs", "terminal_single_pass", "token_chunks"]
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30  # fp32 chunk logits on the GPU; CPU uses 64 MiB
 
@@ -63,6 +69,11 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b in the inputs' dtype (fp32 accumulation inside the GEMM), into ``out`` when given."""
+    return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b with fp32 accumulation, without an fp32 copy of a or b on CUDA."""
     if a.dtype != torch.float32 and _mm_has_out_dtype(a.device.type):
@@ -75,9 +86,50 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
     acc.addmm_(a.float(), b.float())
 
 
-def _chunk_rows(rows: int, vocab: int, device: torch.device, workspace_bytes: int | None) -> int:
-    budget = workspace_bytes or (DEFAULT_WORKSPACE_BYTES if device.type == "cuda" else 64 << 20)
-    return max(1, min(rows, budget // (4 * vocab)))
+TOKEN_ALIGN = 128  # token chunks: multiples of 128 rows
+VOCAB_ALIGN = 256  # vocabulary slices: multiples of 256 columns (16-byte aligned leading dimensions)
+
+
+def workspace_budget(device: torch.device, workspace_bytes: int | None) -> int:
+    """Bytes of the fp32 logits workspace: ``workspace_bytes``, else 1 GiB on CUDA and 64 MiB elsewhere."""
+    return workspace_bytes or (DEFAULT_WORKSPACE_BYTES if device.type == "cuda" else 64 << 20)
+
+
+def chunk_spans(n: int, width: int, budget: int, align: int) -> list[tuple[int, int]]:
+    """Splits ``n`` rows of ``width`` fp32 entries into ``(lo, hi)`` chunks that fit ``budget`` bytes.
+
+    One chunk when everything fits. Otherwise the fewest chunks of at most ``budget // (4 * width)``
+    rows, each a multiple of ``align`` (a power of two, halved while a chunk cannot hold it) except
+    the last, and balanced: they differ by at most one ``align`` unit (plus the last one's partial
+    unit), so that a 12288-row batch is not cut into 1766-row chunks and a short tail.
+    """
+    if n <= 0:
+        return []
+    step = max(1, budget // (4 * width))
+    if n <= step:
+        return [(0, n)]
+    unit = align
+    while unit > step:
+        unit //= 2
+    per_chunk = step // unit  # units a chunk may hold
+    units = -(-n // unit)
+    count = -(-units // per_chunk)
+    small, extra = divmod(units, count)  # count - extra chunks of small units, then extra of small + 1
+    spans, lo = [], 0
+    for i in range(count):
+        hi = min(n, lo + (small + (i >= count - extra)) * unit)
+        spans.append((lo, hi))
+        lo = hi
+    return spans
+
+
+def scored_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the rows whose label is not ``ignore_index``, or None when every row is scored.
+    One host sync (the count is data-dependent)."""
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,20 +139,38 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return out
 
 
+def _grad_buffer(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where the gradient of fp32 ``logits`` goes: over the logits themselves for an fp32 model, else
+    its own buffer in the model's dtype (the dtype the two GEMMs read), written once by the gradient
+    kernel: no fp32 write followed by a conversion pass."""
+    if dtype == torch.float32:
+        return logits
+    return torch.empty(logits.shape, dtype=dtype, device=logits.device)
+
+
+def token_chunks(labels: torch.Tensor, ignore_index: int, vocab: int, device: torch.device,
+                 workspace_bytes: int | None) -> list:
+    """The token chunks of a pass over flat ``labels [N]``: slices tiling ``[0, N)`` when every row is
+    scored, else index tensors of the scored rows only (rows labelled ``ignore_index`` go through
+    no GEMM). Chunks are balanced multiples of 128 rows whose fp32 logits fit the workspace."""
+    sel = scored_rows(labels, ignore_index)
+    n = labels.shape[0] if sel is None else sel.numel()
+    spans = chunk_spans(n, vocab, workspace_budget(device, workspace_bytes or None), TOKEN_ALIGN)
+    return [slice(lo, hi) if sel is None else sel[lo:hi] for lo, hi in spans]
+
+
 @torch.library.custom_op("fastrl::fused_linear_logprobs", mutates_args=())
 def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
              temperature: float, ignore_index: int, return_entropy: bool,
              workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, vocab = hidden.shape[0], weight.shape[0]
-    logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    logp = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros_like(logp)
-    stats = torch.empty(rows, 2, dtype=torch.float32, device=hidden.device)
-    step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes)
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        lp, ent, st = _row_stats(_logits(hidden[lo:hi], weight, bias), labels[lo:hi], temperature, ignore_index,
+    stats = torch.zeros(rows, 2, dtype=torch.float32, device=hidden.device)  # ignored rows: unused
+    for idx in token_chunks(labels, ignore_index, vocab, hidden.device, workspace_bytes):
+        lp, ent, st = _row_stats(_logits(hidden[idx], weight, bias), labels[idx], temperature, ignore_index,
                                  return_entropy)
-        logp[lo:hi], entropy[lo:hi], stats[lo:hi] = lp, ent, st
+        logp[idx], entropy[idx], stats[idx] = lp, ent, st
     return logp, entropy, stats
 
 
@@ -116,58 +186,80 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden
               weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, entropy: torch.Tensor,
               stats: torch.Tensor, temperature: float, ignore_index: int,
               workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
-    if rows < vocab:
-        d_hidden, d_weight = _backward_vocab_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy,
-                                                    stats, temperature, ignore_index, workspace_bytes, d_bias)
+    args = (temperature, ignore_index, workspace_bytes, d_bias)
+    sel = scored_rows(labels, ignore_index)  # rows labelled ignore_index have zero gradient: no GEMM for them
+    if sel is None:
+        d_hidden, d_weight = _backward_rows(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats,
+                                            *args)
     else:
-        d_hidden, d_weight = _backward_token_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy,
-                                                    stats, temperature, ignore_index, workspace_bytes, d_bias)
+        d_hidden = torch.zeros_like(hidden)
+        d_weight = torch.zeros_like(weight)
+        if sel.numel():
+            d_scored, d_weight = _backward_rows(grad_logp[sel], None if grad_entropy is None else grad_entropy[sel],
+                                                hidden[sel], weight, bias, labels[sel], entropy[sel], stats[sel],
+                                                *args)
+            d_hidden.index_copy_(0, sel, d_scored)
     return d_hidden, d_weight, d_bias.to(bias.dtype if bias is not None else weight.dtype)
+
+
+def _backward_rows(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
+                   workspace_bytes, d_bias):
+    slices = _backward_vocab_slices if hidden.shape[0] < weight.shape[0] else _backward_token_slices
+    return slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
+                  workspace_bytes, d_bias)
 
 
 def _backward_token_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature,
                            ignore_index, workspace_bytes, d_bias):
     rows, vocab = hidden.shape[0], weight.shape[0]
     d_hidden = torch.empty_like(hidden)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes)
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
+    spans = chunk_spans(rows, vocab, workspace_budget(hidden.device, workspace_bytes), TOKEN_ALIGN)
+    one_slice = len(spans) == 1  # then d_weight is one GEMM, written once: no fp32 [V, H] accumulator
+    d_weight = None if one_slice else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for lo, hi in spans:
         h = hidden[lo:hi]
-        d_logits = _logits(h, weight, bias)  # recomputed, then overwritten by its gradient
-        _grad_logits(grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi], d_logits,
-                     labels[lo:hi], entropy[lo:hi], stats[lo:hi], temperature, ignore_index, d_logits)
-        d_low = d_logits.to(hidden.dtype)  # the two GEMMs run in the model's dtype
-        d_hidden[lo:hi] = d_low @ weight
-        _accumulate_fp32(d_weight, d_low.t(), h)
+        logits = _logits(h, weight, bias)  # recomputed
+        d_low = _grad_buffer(logits, hidden.dtype)  # the two GEMMs run in the model's dtype
+        _grad_logits(grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi], logits,
+                     labels[lo:hi], entropy[lo:hi], stats[lo:hi], temperature, ignore_index, d_low)
+        _mm(d_low, weight, out=d_hidden[lo:hi])
+        if one_slice:
+            d_weight = _mm(d_low.t(), h)
+        else:
+            _accumulate_fp32(d_weight, d_low.t(), h)
         if bias is not None:
-            d_bias += d_logits.sum(0)
+            d_bias += d_low.sum(0, dtype=torch.float32)
+    if d_weight is None:  # no rows
+        d_weight = torch.zeros_like(weight)
     return d_hidden, d_weight.to(weight.dtype)
 
 
 def _backward_vocab_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature,
                            ignore_index, workspace_bytes, d_bias):
     rows, vocab = hidden.shape[0], weight.shape[0]
-    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     d_weight = torch.empty_like(weight)
-    step = _chunk_rows(vocab, rows, hidden.device, workspace_bytes)
+    spans = chunk_spans(vocab, rows, workspace_budget(hidden.device, workspace_bytes), VOCAB_ALIGN)
+    one_slice = len(spans) == 1  # then d_hidden is one GEMM: no fp32 [tokens, H] accumulator
+    d_hidden = None if one_slice else torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     # a label outside the slice scores no one-hot term; -1 (or -2) is never a column and never ignore_index
     outside = -1 if ignore_index != -1 else -2
     ignored = labels == ignore_index
-    for lo in range(0, vocab, step):
-        hi = min(vocab, lo + step)
+    for lo, hi in spans:
         w = weight[lo:hi]
-        d_logits = _logits(hidden, w, None if bias is None else bias[lo:hi])
+        logits = _logits(hidden, w, None if bias is None else bias[lo:hi])
         local = torch.where((labels >= lo) & (labels < hi), labels - lo, outside)
         local = torch.where(ignored, ignore_index, local)
-        _grad_logits(grad_logp, grad_entropy, d_logits, local, entropy, stats, temperature, ignore_index, d_logits)
-        d_low = d_logits.to(hidden.dtype)
-        torch.mm(d_low.t(), hidden, out=d_weight[lo:hi])  # fp32 accumulation inside the GEMM
-        _accumulate_fp32(d_hidden, d_low, w)
+        d_low = _grad_buffer(logits, hidden.dtype)
+        _grad_logits(grad_logp, grad_entropy, logits, local, entropy, stats, temperature, ignore_index, d_low)
+        _mm(d_low.t(), hidden, out=d_weight[lo:hi])  # fp32 accumulation inside the GEMM
+        if one_slice:
+            d_hidden = _mm(d_low, w)
+        else:
+            _accumulate_fp32(d_hidden, d_low, w)
         if bias is not None:
-            d_bias[lo:hi] = d_logits.sum(0)
+            d_bias[lo:hi] = d_low.sum(0, dtype=torch.float32)
     return d_hidden.to(hidden.dtype), d_weight
 
 
@@ -180,44 +272,52 @@ def _(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, tem
 
 def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          labels: torch.Tensor, token_grads, *, temperature: float, ignore_index: int,
-                         return_entropy: bool, workspace_bytes: int = 0):
-    """Log-probs and the gradients of a terminal loss in one pass over token slices.
+                         return_entropy: bool, workspace_bytes: int = 0, chunks: list | None = None):
+    """Log-probs and the gradients of a terminal loss in one pass over token chunks.
 
     For a loss whose gradient at each token depends only on that token's log-prob and entropy (a
-    token-level GRPO loss: per-token terms times weights fixed by the mask), the gradient of the
-    logits is known as soon as a slice's log-probs are: ``token_grads(lo, hi, logp, entropy)``
-    returns ``(d_logp, d_entropy or None)`` for rows ``lo:hi``, and the slice's logits become their
-    gradient in place and go straight into ``d_hidden`` and ``d_weight`` (an fp32 ``[V, H]``
-    accumulator over several slices; one GEMM, written once, when one slice holds every row). Three GEMMs in all, the cost of a plain linear layer forward and backward.
+    token-level GRPO loss: per-token terms times weights fixed by the mask), or only on values of
+    its own chunk (a DPO loss chunked by pairs), the gradient of the logits is known as soon as a
+    chunk's log-probs are: ``token_grads(rows, logp, entropy)`` returns ``(d_logp, d_entropy or
+    None)`` for ``rows`` (a slice or an index tensor into the ``N`` rows), and the chunk's logits
+    become their gradient (in the model's dtype) and go straight into ``d_hidden`` and ``d_weight``
+    (an fp32 ``[V, H]`` accumulator over several chunks; one GEMM, written once, when one chunk holds
+    every row). Three GEMMs in all, the cost of a plain linear layer forward and backward.
 
-    ``hidden [N, H]``, ``labels [N]`` flat and checked by the caller. Returns
-    ``(logp, entropy, d_hidden, d_weight, d_bias)``; ``entropy`` is zeros unless asked, ``d_bias``
-    None without a bias.
+    ``hidden [N, H]``, ``labels [N]`` flat and checked by the caller. ``chunks``: the row chunks
+    (slices tiling ``[0, N)`` or index tensors; rows in no chunk get log-prob 0 and zero gradient);
+    default :func:`token_chunks` (the scored rows, in balanced chunks that fit the workspace).
+    Returns ``(logp, entropy, d_hidden, d_weight, d_bias)``; ``entropy`` is zeros unless asked,
+    ``d_bias`` None without a bias.
     """
     rows, vocab = hidden.shape[0], weight.shape[0]
-    logp = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    if chunks is None:
+        chunks = token_chunks(labels, ignore_index, vocab, hidden.device, workspace_bytes)
+    logp = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros_like(logp)
-    d_hidden = torch.empty_like(hidden)
-    step = _chunk_rows(rows, vocab, hidden.device, workspace_bytes or None)
-    one_slice = 0 < rows <= step  # then d_weight is one GEMM, written once: no fp32 [V, H] accumulator
+    tiled = all(isinstance(c, slice) for c in chunks) and sum(c.stop - c.start for c in chunks) == rows
+    d_hidden = torch.empty_like(hidden) if tiled else torch.zeros_like(hidden)
+    one_slice = len(chunks) == 1  # then d_weight is one GEMM, written once: no fp32 [V, H] accumulator
     d_weight = None if one_slice else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     d_bias = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=weight.device)
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        h, lab = hidden[lo:hi], labels[lo:hi]
+    for idx in chunks:
+        h, lab = hidden[idx], labels[idx]
         logits = _logits(h, weight, bias)
         lp, ent, st = _row_stats(logits, lab, temperature, ignore_index, return_entropy)
-        logp[lo:hi], entropy[lo:hi] = lp, ent
-        g_lp, g_ent = token_grads(lo, hi, lp, ent if return_entropy else None)
-        _grad_logits(g_lp, g_ent, logits, lab, ent, st, temperature, ignore_index, logits)
-        d_low = logits.to(hidden.dtype)
-        d_hidden[lo:hi] = d_low @ weight
+        logp[idx], entropy[idx] = lp, ent
+        g_lp, g_ent = token_grads(idx, lp, ent if return_entropy else None)
+        d_low = _grad_buffer(logits, hidden.dtype)
+        _grad_logits(g_lp, g_ent, logits, lab, ent, st, temperature, ignore_index, d_low)
+        if isinstance(idx, slice):
+            _mm(d_low, weight, out=d_hidden[idx])
+        else:
+            d_hidden.index_copy_(0, idx, _mm(d_low, weight))
         if one_slice:
-            d_weight = (d_low.t() @ h).to(weight.dtype)
+            d_weight = _mm(d_low.t(), h)
         else:
             _accumulate_fp32(d_weight, d_low.t(), h)
         if d_bias is not None:
-            d_bias += logits.sum(0)
+            d_bias += d_low.sum(0, dtype=torch.float32)
     if d_weight is None:  # no rows
         d_weight = torch.zeros_like(weight)
     return logp, entropy, d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype)

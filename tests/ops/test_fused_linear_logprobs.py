@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -178,3 +180,132 @@ def test_backward_fake_kernel_matches_bias_dtype():
     args = (torch.randn(6), torch.randn(6), hidden, weight, bias, labels, entropy, stats, 1.0, -100, 0)
     torch.library.opcheck(_backward, args, test_utils=("test_schema", "test_faketensor"))
     assert _backward(*args)[2].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunk shapes (aligned, balanced), GEMMs only on scored rows, the gradient written in the model's dtype
+
+
+def gemm_counter(monkeypatch):
+    """Records ``(m, k, n)`` of every matrix product through the torch entry points the fused-linear
+    code calls (torch.mm / addmm, Tensor @ / addmm_): the lm-head GEMMs and nothing else here."""
+    record = []
+
+    def wrap(fn, operands):
+        def inner(*args, **kwargs):
+            a, b = operands(*args)
+            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
+            return fn(*args, **kwargs)
+        return inner
+
+    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
+    return record
+
+
+def _check_spans(spans, n, width, budget, align):
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # every row once, in order
+    sizes = [hi - lo for lo, hi in spans]
+    step = max(1, budget // (4 * width))
+    assert max(sizes) <= max(step, 1) and min(sizes) > 0  # never more than the workspace holds
+    assert len(spans) == -(-n // (step // align * align or step)) or step < align  # fewest aligned chunks
+    if step >= align:
+        assert all(s % align == 0 for s in sizes[:-1])
+        assert max(sizes) - min(sizes) <= align  # balanced: no short tail
+    return sizes
+
+
+@pytest.mark.parametrize("n,width,budget,align", [
+    (12288, 151936, 1 << 30, 128),    # token chunks of 12288 tokens at V = 151936, 1 GiB
+    (151936, 12288, 1 << 30, 256),    # vocabulary slices of the same batch
+    (8192, 128256, 256 << 20, 128), (128256, 8192, 256 << 20, 256),
+    (16384, 50257, 1 << 30, 128), (50257, 16384, 1 << 30, 256),
+    (1000, 50, 4 * 50 * 700, 128), (5000, 77, 4 * 77 * 300, 256), (300, 64, 4 * 64 * 200, 128),
+])
+def test_chunk_spans_are_aligned_balanced_and_fit_the_workspace(n, width, budget, align):
+    from fastrl.ops.fused_linear_logprobs import chunk_spans
+
+    sizes = _check_spans(chunk_spans(n, width, budget, align), n, width, budget, align)
+    if (n, width) == (12288, 151936):
+        assert sizes == [1536] * 8  # not 6 x 1766 + 1692
+    if (n, width) == (151936, 12288):
+        assert sizes == [21504] + [21760] * 5 + [21632]  # not 6 x 21845 + 20866: odd widths
+
+
+@pytest.mark.parametrize("n,width,budget", [(7, 3, 1), (10, 5, 4 * 5 * 3), (129, 2, 4 * 2 * 128), (50, 515, 10**9)])
+def test_chunk_spans_small_workspaces(n, width, budget):
+    from fastrl.ops.fused_linear_logprobs import chunk_spans
+
+    spans = chunk_spans(n, width, budget, 128)
+    _check_spans(spans, n, width, budget, 128)
+    assert chunk_spans(0, width, budget, 128) == []
+
+
+def test_forward_token_chunks_and_backward_vocabulary_slices_are_aligned(monkeypatch):
+    fl = importlib.import_module("fastrl.ops.fused_linear_logprobs")
+
+    forward_rows, backward_cols = [], []
+    row_stats, grad_logits = fl._row_stats, fl._grad_logits
+    monkeypatch.setattr(fl, "_row_stats", lambda logits, *a: forward_rows.append(logits.shape[0]) or row_stats(logits, *a))
+    monkeypatch.setattr(fl, "_grad_logits",
+                        lambda g, ge, logits, *a: backward_cols.append(logits.shape[1]) or grad_logits(g, ge, logits, *a))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1000, 16, generator=g)
+    weight = torch.randn(50, 16, generator=g)
+    fused_linear_logprobs(hidden, weight, torch.randint(0, 50, (1000,), generator=g), workspace_bytes=4 * 50 * 700)
+    assert forward_rows == [512, 488]  # was [700, 300]
+    h = torch.randn(40, 16, generator=g)
+    w = (torch.randn(1000, 16, generator=g) * 0.3).requires_grad_(True)
+    fused_linear_logprobs(h, w, torch.randint(0, 1000, (40,), generator=g), workspace_bytes=4 * 40 * 600).sum().backward()
+    assert backward_cols == [512, 488]  # was [600, 400]
+
+
+@pytest.mark.parametrize("rows,vocab", SHAPES)
+@pytest.mark.parametrize("workspace", [None, 4 * 8 * 515])
+def test_only_scored_rows_go_through_the_lm_head(monkeypatch, rows, vocab, workspace):
+    hidden, weight, bias, labels = _case(rows=rows, vocab=vocab, bias=False)
+    labels[: rows // 2] = -100  # more than half of the rows score nothing (prompt / padding)
+    scored = int((labels != -100).sum())
+    want = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    # the ungathered result: every row through the head, ignored rows zeroed afterwards
+    s = want[0] @ want[1].T
+    lp_all = torch.log_softmax(s, -1).gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
+    ref = torch.where(labels != -100, lp_all, 0.0)
+    ref.sum().backward()
+    record = gemm_counter(monkeypatch)
+    got = [t.clone().requires_grad_(True) for t in (hidden, weight)]
+    lp = fused_linear_logprobs(got[0], got[1], labels, workspace_bytes=workspace)
+    lp.sum().backward()
+    monkeypatch.undo()
+    # forward logits, recomputed logits, d_hidden, d_weight: each over the scored rows only
+    assert sum(m * k * n for m, k, n in record) == 4 * scored * vocab * 32
+    torch.testing.assert_close(lp, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert (got[0].grad[labels == -100] == 0).all()  # exact zeros
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_writes_the_gradient_in_the_model_dtype_into_its_own_buffer(monkeypatch):
+    fl = importlib.import_module("fastrl.ops.fused_linear_logprobs")
+
+    seen = []
+    grad_logits = fl._grad_logits
+
+    def spy(g, ge, logits, labels, entropy, stats, temperature, ignore_index, out):
+        seen.append((logits.dtype, out.dtype, out.data_ptr() == logits.data_ptr()))
+        grad_logits(g, ge, logits, labels, entropy, stats, temperature, ignore_index, out)
+
+    monkeypatch.setattr(fl, "_grad_logits", spy)
+    for rows, vocab in SHAPES:  # both backward layouts
+        for dtype in (torch.bfloat16, torch.float32):
+            hidden, weight, _, labels = _case(rows=rows, vocab=vocab, dtype=dtype, bias=False)
+            w = weight.clone().requires_grad_(True)
+            seen.clear()
+            fused_linear_logprobs(hidden, w, labels, workspace_bytes=32 * max(rows, vocab)).sum().backward()
+            assert len(seen) > 1
+            for logits_dtype, out_dtype, same in seen:
+                assert logits_dtype == torch.float32 and out_dtype == dtype
+                assert same == (dtype == torch.float32)  # fp32 models: in place; else its own bf16 buffer
