@@ -39,7 +39,7 @@ WHEELS_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x
 TRITON_GPU_VERSION ?= 3.6.0
 VENV_TRITON_GPU ?= .venv-triton$(subst .,,$(basename $(TRITON_GPU_VERSION)))
 
-.PHONY: install demo test bench bench-gpu bench-baseline bench-compare bench-report wheels wheels-install \
+.PHONY: install demo test bench bench-gpu gpu-smoke bench-baseline bench-compare bench-report wheels wheels-install \
   gpu-test gpu-all gpu-resources gpu-compile-triton-gpu info clean
 
 install: $(STAMP)
@@ -84,9 +84,15 @@ info: $(STAMP)
 BENCH_FILES := $(wildcard benchmarks/bench_*.py)
 BENCH_PYTEST = --benchmark-only --benchmark-max-time=$(BENCH_MAX_TIME) --benchmark-min-rounds=$(BENCH_MIN_ROUNDS) \
   $(BENCH_ARGS) $(PYTEST_ARGS)
-# run each suite with extra pytest arguments $(1) (suite name as $$name); fail at the end if one failed
+# On a GPU the suites run in order of value (a visit may end before the last); FASTRL_BENCH_DEADLINE (Unix
+# seconds, set by gpu-all) skips the benchmarks that would start after it, so each suite still writes its JSON.
+BENCH_GPU_FILES := $(addprefix benchmarks/,bench_logprobs.py bench_grpo.py bench_dpo.py bench_sampling.py \
+  bench_rollout.py bench_trainer.py)
+BENCH_GPU_FILES += $(filter-out $(BENCH_GPU_FILES),$(BENCH_FILES))
+# run each suite with extra pytest arguments $(1) (suite name as $$name) at scale $(2), the suites $(3) (default
+# all, alphabetically); fail at the end if one failed
 define run_suites
-	@status=0; for f in $(BENCH_FILES); do name=$$(basename $$f .py); \
+	@status=0; for f in $(or $(3),$(BENCH_FILES)); do name=$$(basename $$f .py); \
 	  FASTRL_BENCH_SCALE=$(2) $(PY) -m pytest $$f $(BENCH_PYTEST) $(1) || status=1; \
 	done; exit $$status
 endef
@@ -100,7 +106,7 @@ bench: $(STAMP) $(VENV)/.fastrl-bench
 bench-gpu: $(STAMP) wheels-install
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench-gpu needs a CUDA device')"
 	@mkdir -p $(BENCH_DIR)
-	$(call run_suites,--benchmark-json=$(BENCH_DIR)/$$name.json,gpu)
+	$(call run_suites,--benchmark-json=$(BENCH_DIR)/$$name.json,gpu,$(BENCH_GPU_FILES))
 	@$(MAKE) --no-print-directory bench-report
 
 # Tables of this machine's results (README "Benchmarks"), plots next to the JSON when matplotlib is there.
@@ -147,6 +153,15 @@ wheels-install: $(STAMP)
 gpu-test: $(STAMP)
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-test needs a CUDA device')"
 	$(PY) -m pytest tests -m gpu $(PYTEST_ARGS)
+
+# The first command of a GPU visit (about 4 minutes, GPU_SMOKE_BUDGET_S): build, then every op once at a real
+# shape against its torch reference and the headline ratios, each result written to
+# benchmarks/results/<gpu>/smoke/ (and $$OUT/smoke/) as it finishes. `make gpu-smoke SMOKE_ARGS="--only sampler"`.
+# On a CPU machine `benchmarks/gpu_smoke.py --scale cpu` runs the same checks at tiny shapes (the tests do).
+GPU_SMOKE_BUDGET_S ?= 240
+SMOKE_ARGS ?=
+gpu-smoke:
+	@GPU_SMOKE_BUDGET_S=$(GPU_SMOKE_BUDGET_S) bash benchmarks/gpu_smoke.sh "$(MAKE)" "$(PY)" $(SMOKE_ARGS)
 
 # One command for a GPU machine's short visit (about 10 minutes on an H100): build, peers from wheels/, the GPU
 # tests, the benchmarks at real shapes, report and plots; JSON, REPORT.md, PNGs and gpu-all.log go into
