@@ -211,3 +211,60 @@ def test_real_shapes_on_the_gpu_match_the_composed_ops(mode):
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
     assert _rel(h1.grad.float(), h2.grad.double()) < 1e-2
     assert _rel(w1.grad.float(), w2.grad.double()) < 1e-2
+
+
+def gemm_counter(monkeypatch):
+    """Records ``(m, k, n)`` of every matrix product through torch.mm / addmm and Tensor @ / addmm_
+    (the entry points of the lm-head GEMMs; the GRPO loss itself runs none)."""
+    record = []
+
+    def wrap(fn, operands):
+        def inner(*args, **kwargs):
+            a, b = operands(*args)
+            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
+            return fn(*args, **kwargs)
+        return inner
+
+    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
+    return record
+
+
+@pytest.mark.parametrize("name", ["dapo", "grpo+k3+entropy", "gspo"])
+@pytest.mark.parametrize("workspace", ["one chunk", "accumulator fits", "accumulator too big"])
+def test_gemm_passes_and_only_unmasked_positions(monkeypatch, name, workspace):
+    b, length, h, v = 4, 16, 16, 101
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(b, length, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[:, :3] = False  # prompt positions
+    mask[1, 10:] = mask[3, 7:] = False  # padding
+    scored = int(mask.sum())  # 37 of 64 positions; fewer than V
+    old = torch.randn(b, length, generator=g) - 4.0
+    ref = old + 0.1 * torch.randn(b, length, generator=g)
+    advantages = torch.tensor([1.0, -0.5, 0.3, -1.2])
+    options = dict(SETTINGS[name], **({"ref_logps": ref} if SETTINGS[name].get("beta") else {}))
+    # the whole logits in one chunk; several chunks with the fp32 [V, H] accumulator inside the
+    # workspace; several chunks with a workspace smaller than the accumulator
+    ws = {"one chunk": None, "accumulator fits": v * h * 4, "accumulator too big": v * h * 2}[workspace]
+    record = gemm_counter(monkeypatch)
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    loss, _ = fused_linear_grpo_loss(*leaves, labels, old, advantages, mask, workspace_bytes=ws, **options)
+    loss.backward()
+    monkeypatch.undo()
+    # one chunk: its logits kept between log-probs and gradients (any setting); several: one pass for a
+    # token-separable loss whenever the accumulator fits, else the two-pass backward
+    passes = 3 if workspace == "one chunk" or (name != "gspo" and workspace != "accumulator too big") else 4
+    assert sum(m * k * n for m, k, n in record) == passes * scored * v * h  # padding and prompt: no GEMM
+    refs = [t.double().requires_grad_(True) for t in (hidden, weight)]
+    want, _ = _fp64_loss(refs[0], refs[1], None, labels, mask, old, advantages, 1.0, SETTINGS[name],
+                         ref=options.get("ref_logps"))
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for got, exp in zip(leaves, refs):
+        assert _rel(got.grad, exp.grad) < 1e-5
+    assert (leaves[0].grad[~mask] == 0).all()
