@@ -8,8 +8,8 @@
 #      share of the budget given to them, so every suite still writes its JSON
 #   4. the GPU tests (make gpu-test) in what is left, stopped at the budget (their log says what passed)
 #   5. REPORT.md and the plots
-# Everything lands in benchmarks/results/<gpu>/: bench_*.json, REPORT.md, *.png and gpu-all.log (copied to
-# $OUT/ when it is set, as each step ends). A failing step does not stop the later ones; the exit status says
+# Everything lands in benchmarks/results/<gpu>/: bench_*.json, REPORT.md, *.png and gpu-all.log (when $OUT is set,
+# as each step ends: that folder as $OUT/gpu-all-results.tar.gz, and the log). A failing step does not stop the later ones; the exit status says
 # whether all passed.
 set -uo pipefail
 MAKE=${1:-make}
@@ -28,9 +28,11 @@ start=$(date +%s)
 declare -a summary
 status=0
 
-mirror() {  # copy what exists so far to $OUT (the device machine's return folder)
+mirror() {  # what exists so far, to $OUT (the device machine's return folder: at most 8 files come back)
   [ -n "${OUT:-}" ] || return 0
-  mkdir -p "$OUT/results" && cp -f "$dir"/*.json "$dir"/*.md "$dir"/*.log "$OUT/results/" 2>/dev/null
+  tar czf "$OUT/gpu-all-results.tar.gz.tmp" -C "$dir" . 2>/dev/null && mv -f "$OUT/gpu-all-results.tar.gz.tmp" \
+    "$OUT/gpu-all-results.tar.gz"
+  cp -f "$log" "$OUT/" 2>/dev/null
   return 0
 }
 trap mirror EXIT

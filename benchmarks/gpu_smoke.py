@@ -9,8 +9,8 @@ Checks run in order of value (``CHECKS``); each writes ``<out>/<NN>-<name>.json`
 error | skipped, the errors it measured against the reference with their tolerances, the timings and
 ratios, ``seconds`` it took) and one line of ``<out>/smoke.jsonl`` as soon as it ends, so a time-out or
 a crash of a later check loses nothing already measured. ``<out>`` defaults to
-``benchmarks/results/<device>/smoke/``; when ``$OUT`` is set (the device machine's return folder) every
-file is copied there as well. A check that would start after ``--budget-s`` seconds is recorded as
+``benchmarks/results/<device>/smoke/``; when ``$OUT`` is set (the device machine's return folder, which
+brings back at most 8 files) ``smoke.jsonl`` is copied to ``$OUT/smoke/`` after every check. A check that would start after ``--budget-s`` seconds is recorded as
 skipped. The exit status is 1 when any check failed or raised.
 
 Correctness first: each op is compared with fastrl's torch implementation (``fastrl.ops.reference``,
@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -359,11 +360,16 @@ def sampler(ctx: Context) -> dict:
     settings = dict(temperature=0.8, top_k=0, top_p=0.9, min_p=0.0)
     # the same seed on both devices: the CUDA kernel and the CPU sampler draw the same uniforms per row,
     # so they pick the same tokens except where a uniform lands within fp32 rounding of a CDF boundary
-    seed = torch.tensor([123456789], dtype=torch.int64)
-    args = (settings["temperature"], settings["top_k"], settings["top_p"], settings["min_p"], None, None, None, None)
-    tokens, logprobs = torch.ops.fastrl.sample(logits, seed.to(ctx.device), *args)[:2]
-    again = torch.ops.fastrl.sample(logits, seed.to(ctx.device), *args)[0]
-    cpu_tokens, cpu_logprobs = torch.ops.fastrl.sample(logits.cpu(), seed, *args)[:2]
+    import fastrl.sampling as sampling_module
+
+    def with_seed(x):  # sample() with the per-call seed fixed instead of drawn from a generator
+        fixed = torch.tensor([123456789], dtype=torch.int64, device=x.device)
+        with mock.patch.object(sampling_module, "_draw_seed", lambda generator, device: fixed):
+            return sample(x, **settings)
+
+    tokens, logprobs = with_seed(logits)
+    again = with_seed(logits)[0]
+    cpu_tokens, cpu_logprobs = with_seed(logits.cpu())
     info = {"rows": rows, "vocab": vocab, "settings": settings, "deterministic": bool(torch.equal(tokens, again))}
     # distribution: many draws of one row; the top 30 tokens' counts against their probabilities
     draws, dvocab = ctx.shapes["draws"]
@@ -523,10 +529,11 @@ def run(scale: str, out: Path, only: list[str] | None = None, budget_s: float = 
                   "elapsed_s": round(time.perf_counter() - start, 3), "scale": scale}
         result = _jsonable(result)
         text = json.dumps(result, indent=1)
-        _write(out / f"{i:02d}-{name}.json", text + "\n", mirror)
+        _write(out / f"{i:02d}-{name}.json", text + "\n", None)
         with open(log, "a") as f:
             f.write(json.dumps(result) + "\n")
         if mirror is not None:
+            mirror.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(log, mirror / log.name)
         ratio_key = next((k for k in result if k.startswith("ratio_vs")), None)
         extra = f"  {ratio_key} {result[ratio_key]:.2f}" if ratio_key and isinstance(result[ratio_key], float) else ""
