@@ -27,6 +27,11 @@ trap mirror EXIT
 echo "gpu-smoke: budget ${BUDGET} s, results into $dir ($(date -u +%H:%M:%S) UTC)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,memory.used \
   --format=csv || true
+# ninja (carried in wheels/) lets torch compile the extension's sources in parallel
+if ! command -v ninja >/dev/null && ls wheels/ninja-*.whl >/dev/null 2>&1; then
+  "${PYTHON:-python3}" -m pip install -q --no-index --no-deps --target /tmp/fastrl-ninja wheels/ninja-*.whl \
+    && export PATH=/tmp/fastrl-ninja/bin:$PATH && echo "gpu-smoke: ninja from wheels/"
+fi
 t0=$(date +%s)
 $MAKE --no-print-directory install || { echo "gpu-smoke: build failed after $(( $(date +%s) - t0 )) s"; exit 1; }
 echo "gpu-smoke: build took $(( $(date +%s) - t0 )) s"
