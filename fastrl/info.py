@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import platform
 from typing import Any
 
@@ -29,7 +28,9 @@ OPTIONAL_PACKAGES = {
 
 def package_version(dist: str, module: str) -> str | None:
     """Installed version of ``dist`` if its module ``module`` can be found, else None."""
-    if importlib.util.find_spec(module) is None:
+    from fastrl.train.attention import installed
+
+    if not installed(module):
         return None
     try:
         return importlib.metadata.version(dist)
@@ -93,9 +94,17 @@ def collect() -> dict[str, Any]:
             "triton": packages["triton"] is not None,
             "triton_gpu": packages["triton"] is not None and cuda,
             "requested": _requested_backend(),
+            "attention": _attention(cuda),
         },
         "packages": packages,
     }
+
+
+def _attention(cuda: bool) -> str:
+    """The kernel ``attention: auto`` gives packed bf16 batches here: flash, xformers or sdpa."""
+    from fastrl.train import attention
+
+    return attention.select("auto", "cuda" if cuda else "cpu", half=True)
 
 
 def _requested_backend() -> str:
@@ -128,6 +137,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"  CUDA extension  {yes(b['cuda_extension'])}",
         f"  Triton          {yes(b['triton'])}" + (" (GPU)" if b["triton_gpu"] else " (interpreter only)" if b["triton"] else ""),
         f"  requested       {b['requested']}  (FASTRL_BACKEND or fastrl.ops.backend())",
+        f"  attention       {b['attention']}  (packed batches, attention: auto; flash-attn > xformers > sdpa)",
         "optional packages",
     ]
     for dist, version in report["packages"].items():

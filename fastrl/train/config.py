@@ -65,7 +65,11 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter dtype", "float32")
     bf16: bool = _help("bf16 autocast for the forward (mixed precision over float32 parameters)", False)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _help(
-        "attention kernel; auto = flash_attention_2 on CUDA when flash-attn is installed, else sdpa", "auto")
+        "transformers attention implementation; auto = the one `attention` selects", "auto")
+    attention: Literal["auto", "flash", "xformers", "sdpa"] = _help(
+        "attention kernel of packed batches: flash (flash-attn varlen), xformers (memory_efficient_attention, "
+        "block-diagonal causal mask), sdpa (dense block-diagonal mask); auto = the first installed of the three "
+        "(flash and xformers on CUDA with bf16/fp16 compute)", "auto")
     gradient_checkpointing: bool = _help("recompute decoder layers in the backward", False)
     compile: bool = _help("torch.compile each decoder layer", False)
     # --- data
@@ -168,6 +172,7 @@ class TrainConfig:
         self._choice("attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             self._fail("attn_implementation", "flash_attention_2 needs the flash-attn package")
+        self._check_attention()
         if self.train_data is None:
             self._fail("train_data", "is required (a local .jsonl / .json / .parquet file or directory)")
         self._check_data_path()
@@ -198,6 +203,20 @@ class TrainConfig:
             self._fail("device", f"must be cpu or cuda[:N], got {self.device!r}")
         if self.bf16 and self.dtype != "float32":
             self._fail("bf16", f"autocast is for float32 parameters; dtype is {self.dtype}")
+
+    def _check_attention(self) -> None:
+        from fastrl.train import attention as backends
+
+        self._choice("attention", backends.ATTENTION_CHOICES)
+        if self.attention != "auto" and self.attn_implementation != "auto" and \
+                backends.HF_NAMES[self.attention] != self.attn_implementation:
+            self._fail("attention", f"{self.attention!r} contradicts attn_implementation="
+                                    f"{self.attn_implementation!r}; set one of them and leave the other 'auto'")
+        if self.attention in backends.PACKAGES:
+            dist, module, how = backends.PACKAGES[self.attention]
+            if not backends.installed(module):
+                self._fail("attention", f"{self.attention!r} needs the {dist} package, which is not installed: "
+                                        f"{how}; or use attention: auto or sdpa")
 
     def _check_data_path(self) -> None:
         path = Path(self.train_data)

@@ -11,7 +11,6 @@ final norm, lm-head) are gathered for the forward of the module that ``fully_sha
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastrl.train import attention as attention_backends
 from fastrl.train.packing import SequenceBatch, pack, pad
 from fastrl.train.telemetry import flops_per_token
 
@@ -27,13 +27,18 @@ __all__ = ["Policy", "attention_implementation", "load_model", "load_tokenizer",
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
 
 
-def attention_implementation(requested: str, device: torch.device) -> str:
-    """``auto`` -> flash_attention_2 on CUDA with flash-attn installed, else sdpa."""
+def attention_implementation(requested: str, device: torch.device, attention: str = "auto", *,
+                             model_config: Any = None, half: bool = True) -> str:
+    """The transformers ``attn_implementation`` to build the model with. An explicit ``requested``
+    one (flash_attention_2, sdpa, eager) is used as is; ``auto`` follows ``attention``, the
+    packed-attention switch (auto | flash | xformers | sdpa, see :func:`fastrl.train.attention.select`):
+    auto -> flash_attention_2 on CUDA with flash-attn installed, else xformers' memory-efficient
+    attention when installed, else sdpa (the fused kernels only for bf16/fp16 compute, ``half``).
+    A switch whose package is missing raises ``ValueError`` naming ``attention``."""
     if requested != "auto":
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+    return attention_backends.hf_implementation(
+        attention_backends.select(attention, device, model_config=model_config, half=half))
 
 
 def load_model(path: str | None, model_config: dict | None, *, dtype: torch.dtype, attn_implementation: str,
@@ -131,13 +136,14 @@ def packing_works(policy: Policy, vocab_size: int, device: torch.device) -> bool
 def sequence_layout(model, packing_ok: bool):
     """``layout(prompts, completions) -> SequenceBatch``: :func:`~fastrl.train.packing.pack` or
     :func:`~fastrl.train.packing.pad`, whichever costs fewer FLOPs for that batch. With flash-attn's
-    varlen kernel packing always wins; with a mask-based attention (SDPA, eager) a packed row of T
-    tokens attends over all T² positions (its block-diagonal mask is dense), a padded batch of N
-    rows of length L over N·L², so many short sequences (G completions of short prompts) run
-    cheaper padded. Without working packing (``packing_ok`` False): always padded."""
+    varlen kernel or xformers' block-diagonal mask packing always wins; with a mask-based attention
+    (SDPA, eager) a packed row of T tokens attends over all T² positions (its block-diagonal mask
+    is dense), a padded batch of N rows of length L over N·L², so many short sequences (G
+    completions of short prompts) run cheaper padded. Without working packing (``packing_ok``
+    False): always padded."""
     if not packing_ok:
         return pad
-    if model.config._attn_implementation == "flash_attention_2":
+    if model.config._attn_implementation in attention_backends.VARLEN:  # no dense mask: packing always wins
         return pack
     text = model.config.get_text_config()
     per_slot = flops_per_token(model)
@@ -160,7 +166,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_model(config, device: torch.device, path: str | None = None) -> nn.Module:
     """The config's model (or the one at ``path``) on ``device`` in the config's dtype and
     attention implementation, in training mode."""
-    attn = attention_implementation(config.attn_implementation, device)
+    model_config = None
+    if config.attn_implementation == "auto":  # the HF config, for the checks of the attention switch
+        from transformers import AutoConfig
+
+        if path is not None or config.model is not None:
+            model_config = AutoConfig.from_pretrained(path or config.model, local_files_only=True)
+        else:
+            fields = dict(config.model_config)
+            model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    attn = attention_implementation(config.attn_implementation, device, getattr(config, "attention", "auto"),
+                                    model_config=model_config,
+                                    half=config.dtype in ("bfloat16", "float16") or bool(config.bf16))
     if path is not None:
         model = load_model(path, None, dtype=DTYPES[config.dtype], attn_implementation=attn, seed=config.seed)
     else:
