@@ -23,9 +23,9 @@ from collections.abc import Iterable
 import torch
 
 from fastrl import _checks
-from fastrl.losses._fused_linear import grads_wanted, terminal, token_logprobs, two_pass
-from fastrl.losses.dpo import dpo_loss
-from fastrl.ops.fused_linear_logprobs import check_inputs, fused_linear_logprobs
+from fastrl.losses._fused_linear import _loss_grads, grads_wanted, terminal, token_logprobs, two_pass
+from fastrl.losses.dpo import SORTED_TYPES, dpo_loss
+from fastrl.ops.fused_linear_logprobs import check_inputs, fused_linear_logprobs, terminal_single_pass, workspace_budget
 from fastrl.ops.sequence_logps import sequence_logps
 
 __all__ = ["FusedLinearDPOLoss", "fused_linear_dpo_loss", "precompute_reference_logps"]
@@ -92,10 +92,17 @@ def fused_linear_dpo_loss(
             ``chosen_lengths`` / ``rejected_lengths`` / ``chosen_nll`` come from the layout.
 
     Returns:
-        ``(loss, metrics)`` as :func:`~fastrl.losses.dpo_loss`. The forward computes the log-probs
-        (one pass over the vocabulary), the loss and, when a gradient is wanted, the gradients of
-        ``hidden``, ``weight`` and ``bias`` (a second pass that recomputes the logits slice by slice,
-        the backward of :func:`fastrl.ops.fused_linear_logprobs`); ``loss.backward()`` hands them on.
+        ``(loss, metrics)`` as :func:`~fastrl.losses.dpo_loss`; the forward also computes, when a
+        gradient is wanted, the gradients of ``hidden``, ``weight`` and ``bias``, and
+        ``loss.backward()`` hands them on. Only the scored (unmasked) positions go through the
+        lm-head GEMMs. The batch is cut into chunks of whole pairs that fit the workspace; each
+        chunk's logits give its log-probs and, since a pair's loss depends on that pair alone, at
+        once its gradients: three GEMMs, what a linear layer's forward and backward cost (several
+        chunks sum ``d_weight`` in an fp32 ``[V, H]`` accumulator). Two passes (four GEMMs: the
+        log-probs, the loss, then the logits recomputed slice by slice, the backward of
+        :func:`fastrl.ops.fused_linear_logprobs`) when a pair alone overflows the workspace, when
+        the accumulator would exceed both the workspace and the ``[tokens, H]`` one of the
+        two-pass backward, or for the types that sort the batch (aot, aot_unpaired).
     """
     for name in ("chosen_lengths", "rejected_lengths", "chosen_nll"):
         if name in options:
@@ -129,8 +136,87 @@ def fused_linear_dpo_loss(
     if not grads_wanted(hidden, weight, bias):
         with torch.no_grad():
             return loss_fn(*token_logprobs(flat_hidden, weight, bias, flat_labels, **common))
-    return terminal(flat_hidden, weight, bias,
-                    lambda: two_pass(flat_hidden, weight, bias, flat_labels, loss_fn, **common))
+    loss_type = options.get("loss_type", "sigmoid")
+    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type) if isinstance(loss_type, (list, tuple)) \
+        else ()
+    # a pair's loss and gradient depend on that pair alone (the batch means divide by known counts),
+    # except for the types that sort the batch
+    separable = bool(types) and not any(t in SORTED_TYPES for t in types)
+    chunks = _pair_chunks(flat_labels, counts, pairs, mask, weight.shape[0], h_size, hidden.device, workspace_bytes,
+                          ignore_index) if separable else None
+
+    def compute():
+        if chunks is None:
+            return two_pass(flat_hidden, weight, bias, flat_labels, loss_fn, **common)
+        return _pair_chunked_pass(flat_hidden, weight, bias, flat_labels, loss_fn, chunks, common)
+
+    return terminal(flat_hidden, weight, bias, compute)
+
+
+def _pair_chunks(flat_labels, counts, pairs, mask, vocab, h_size, device, workspace_bytes, ignore_index):
+    """The scored rows grouped by pair (chosen and rejected sequence of each pair together) in chunks of
+    whole pairs whose fp32 logits fit the workspace: index tensors, or None when a single pair does not
+    fit or the several chunks would need an fp32 ``[V, H]`` accumulator larger than both the
+    workspace and the two-pass backward's ``[tokens, H]`` one. One host sync (the per-pair counts)."""
+    rows = flat_labels.shape[0]
+    position = torch.arange(rows, device=device)
+    if mask is not None:
+        sequence = position // mask.shape[1]
+    else:
+        ends = counts.cumsum(0)
+        sequence = torch.searchsorted(ends, position, right=True)
+    sel = (flat_labels != ignore_index).nonzero().squeeze(1)
+    pair = sequence[sel] % pairs
+    order = torch.argsort(pair, stable=True)
+    sel = sel[order]
+    per_pair = torch.bincount(pair, minlength=pairs).tolist()
+    total = len(sel)
+    budget = workspace_budget(device, workspace_bytes)
+    step = max(1, budget // (4 * vocab))
+    if total == 0 or max(per_pair) > step:
+        return None
+
+    def greedy(cap):
+        bounds, size = [0], 0
+        for n in per_pair:
+            if size + n > cap and size:
+                bounds.append(bounds[-1] + size)
+                size = 0
+            size += n
+        bounds.append(total)
+        return bounds
+
+    bounds = greedy(step)
+    if len(bounds) > 2:  # several chunks: balance them (no short tail) when that costs no extra chunk
+        balanced = greedy(max(max(per_pair), -(-total // (len(bounds) - 1))))
+        bounds = balanced if len(balanced) <= len(bounds) else bounds
+        if vocab * h_size * 4 > budget and total < vocab:
+            return None  # the [V, H] accumulator would be the larger one: two passes
+    return [sel[lo:hi] for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _pair_chunked_pass(hidden, weight, bias, labels, loss_fn, chunks, common):
+    """One pass over chunks of whole pairs: each chunk's logits give its log-probs, the loss's gradient
+    at its tokens (the loss of the whole batch with not-yet-seen tokens at a placeholder log-prob of -1,
+    which does not change the gradient of this chunk's pairs), and at once their products into
+    ``d_hidden`` and ``d_weight``: three GEMMs. The last chunk's call sees every real value and gives
+    the loss and metrics."""
+    logp_all = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
+    for idx in chunks:
+        logp_all[idx] = -1.0
+    found = {}
+
+    def token_grads(idx, logp, entropy):
+        logp_all[idx] = logp
+        found["loss"], found["metrics"], d_logp, _ = _loss_grads(loss_fn, logp_all, None, False)
+        return d_logp[idx], None
+
+    with torch.no_grad():
+        _, _, d_hidden, d_weight, d_bias = terminal_single_pass(
+            hidden, weight, bias, labels, token_grads, temperature=common["temperature"],
+            ignore_index=common["ignore_index"], return_entropy=False, workspace_bytes=common["workspace_bytes"],
+            chunks=chunks)
+    return found["loss"], found["metrics"], d_hidden, d_weight, d_bias
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
@@ -188,7 +274,12 @@ def precompute_reference_logps(backbone, weight: torch.Tensor, batches: Iterable
             raise ValueError(f"batches[{i}]: input_ids, attention_mask and completion_mask must share one [N, L] shape")
         hidden = backbone(ids, attention)[:, :-1]
         score = completion[:, 1:].bool() & attention[:, 1:].bool()
-        labels = torch.where(score, ids[:, 1:], -100)
-        token_logps = fused_linear_logprobs(hidden.contiguous(), weight, labels, bias, temperature=temperature)
+        # only the completion tokens go through the lm-head: gather them (prompt and padding rows
+        # would cost most of the GEMM work), then sum each sequence's log-probs
+        rows, cols = score.nonzero(as_tuple=True)
+        token_logps = torch.zeros(score.shape, dtype=torch.float32, device=hidden.device)
+        if rows.numel():
+            token_logps[rows, cols] = fused_linear_logprobs(hidden[rows, cols], weight, ids[:, 1:][rows, cols], bias,
+                                                            temperature=temperature)
         out.append(sequence_logps(token_logps, mask=score).float().cpu())
     return torch.cat(out) if out else torch.empty(0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastrl.losses import FusedLinearDPOLoss, fused_linear_dpo_loss, precompute_reference_logps
+from fastrl.losses import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, precompute_reference_logps
 from fastrl.ops import backend
 
 PAIRS, L, H, V = 3, 6, 32, 97
@@ -201,3 +201,110 @@ def test_real_shapes_on_the_gpu_match_the_composed_ops():
     torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
     assert _rel(h1.grad.float(), h2.grad.double()) < 1e-2
     assert _rel(w1.grad.float(), w2.grad.double()) < 1e-2
+
+
+def gemm_counter(monkeypatch):
+    """Records ``(m, k, n)`` of every matrix product through torch.mm / addmm and Tensor @ / addmm_
+    (the entry points of the lm-head GEMMs; the DPO loss itself runs none)."""
+    record = []
+
+    def wrap(fn, operands):
+        def inner(*args, **kwargs):
+            a, b = operands(*args)
+            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
+            return fn(*args, **kwargs)
+        return inner
+
+    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
+    return record
+
+
+CHUNK_KINDS = {"sigmoid": {}, "sigmoid+sft+ld": {"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5},
+               "ipo": {"loss_type": "ipo"}, "orpo": {"loss_type": "orpo"}, "apo_zero": {"loss_type": "apo_zero"},
+               "aot": {"loss_type": "aot"}}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("kind", list(CHUNK_KINDS))
+@pytest.mark.parametrize("workspace", ["one chunk", "pair chunks", "pair too big"])
+def test_chunks_of_pairs_take_three_gemms_on_scored_rows(monkeypatch, layout, kind, workspace):
+    pairs, length, h, v = 4, 10, 16, 50
+    g = torch.Generator().manual_seed(len(kind))
+    hidden = torch.randn(2 * pairs, length, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    labels = torch.randint(0, v, (2 * pairs, length), generator=g)
+    mask = torch.zeros(2 * pairs, length, dtype=torch.bool)
+    for row in range(2 * pairs):  # a prompt of 2-3 positions, then 3-8 completion tokens
+        start = 2 + row % 2
+        mask[row, start:start + 3 + (5 * row) % 6] = True
+    scored, counts = int(mask.sum()), mask.sum(1)
+    ref_c, ref_r = -torch.rand(pairs, generator=g) * 5 - 10, -torch.rand(pairs, generator=g) * 5 - 10
+    options = dict(CHUNK_KINDS[kind], beta=0.2)
+    ld_alpha = options.pop("ld_alpha", None)
+    # everything in one chunk; 16 rows of logits (the largest pair; the fp32 [V, H] accumulator fits
+    # too): several chunks of whole pairs; 8 rows: a pair does not fit, two passes
+    ws = {"one chunk": None, "pair chunks": 4 * v * 16, "pair too big": 4 * v * 8}[workspace]
+    assert v * h * 4 <= 4 * v * 16 and int((counts[:pairs] + counts[pairs:]).max()) <= 16
+    leaves = [hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)]
+    record = gemm_counter(monkeypatch)
+    if layout == "padded":
+        loss, metrics = fused_linear_dpo_loss(*leaves, labels, ref_c, ref_r, mask=mask, ld_alpha=ld_alpha,
+                                              workspace_bytes=ws, **options)
+    else:
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+        flat = leaves[0][mask]
+        loss, metrics = fused_linear_dpo_loss(flat, leaves[1], labels[mask], ref_c, ref_r, cu_seqlens=cu,
+                                              ld_alpha=ld_alpha, workspace_bytes=ws, **options)
+    loss.backward()
+    monkeypatch.undo()
+    passes = 3 if workspace == "one chunk" or (workspace == "pair chunks" and kind != "aot") else 4
+    assert sum(m * k * n for m, k, n in record) == passes * scored * v * h
+    # the unfused torch reference in fp64: materialised logits, sequence sums, dpo_loss
+    refs = [t.double().requires_grad_(True) for t in (hidden, weight)]
+    log_p = torch.log_softmax(refs[0] @ refs[1].T, -1)
+    token = log_p.gather(-1, labels[..., None]).squeeze(-1) * mask
+    plain = token.sum(1)
+    seq = plain
+    if ld_alpha is not None:
+        shorter = torch.minimum(counts[:pairs], counts[pairs:]).repeat(2)
+        seq = (token * torch.where(mask.cumsum(1) - 1 < shorter[:, None], 1.0, ld_alpha)).sum(1)
+    want, want_metrics = dpo_loss(seq[:pairs], seq[pairs:], ref_c.double(), ref_r.double(),
+                                  chosen_lengths=counts[:pairs], rejected_lengths=counts[pairs:],
+                                  chosen_nll=-plain[:pairs] if ld_alpha is not None else None, **options)
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/margins", "logps/chosen"):
+        torch.testing.assert_close(metrics[key].double(), want_metrics[key].double(), rtol=1e-5, atol=1e-5)
+    d_hidden = leaves[0].grad
+    assert _rel(d_hidden, refs[0].grad) < 1e-5 and _rel(leaves[1].grad, refs[1].grad) < 1e-5
+    assert (d_hidden[~mask] == 0).all()
+
+
+def test_precompute_reference_logps_runs_the_lm_head_on_completion_tokens_only(monkeypatch):
+    torch.manual_seed(1)
+    emb = torch.nn.Embedding(V, H)
+    weight = torch.randn(V, H) * 0.2
+
+    def backbone(ids, attention):  # no matrix product of its own: the counter sees the lm-head only
+        return torch.tanh(emb(ids)) * attention[..., None]
+
+    ids = torch.randint(0, V, (4, 12))
+    attention = torch.ones(4, 12, dtype=torch.long)
+    attention[1, 9:] = attention[2, 6:] = 0
+    completion = torch.zeros(4, 12, dtype=torch.long)
+    completion[:, 7:] = 1  # a 7-token prompt, 5 completion positions (fewer where padded)
+    completion[3] = 0  # a row with nothing to score
+    batches = [{"input_ids": ids, "attention_mask": attention, "completion_mask": completion}]
+    record = gemm_counter(monkeypatch)
+    got = precompute_reference_logps(backbone, weight, batches, progress=False)
+    monkeypatch.undo()
+    score = (completion[:, 1:] * attention[:, 1:]).bool()
+    assert sum(m * k * n for m, k, n in record) == int(score.sum()) * V * H  # not 4 * 11 rows
+    with torch.no_grad():
+        log_p = torch.log_softmax(backbone(ids, attention).double() @ weight.double().T, -1)[:, :-1]
+        want = (log_p.gather(-1, ids[:, 1:, None]).squeeze(-1) * score).sum(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert got[3] == 0
