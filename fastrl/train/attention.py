@@ -12,8 +12,9 @@ sequence (:func:`fastrl.train.packing.pack`). Three kernels keep the sequences a
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with a dense block-diagonal
   causal mask (transformers builds it), so a packed row of T tokens costs T² positions.
 
-``auto`` takes the first of flash, xformers, sdpa that is installed and fits (a CUDA device and
-bf16/fp16 compute for the first two; xformers also needs a model without sliding-window layers).
+``auto`` takes the first of flash, xformers, sdpa that is installed and fits: both fused kernels
+need a CUDA device, flash-attn also bf16/fp16 compute (xformers runs fp32 through PyTorch's
+memory-efficient kernel), xformers a model without sliding-window layers.
 Asking for a kernel that is not installed is a ``ValueError`` that names the ``attention`` option
 and how to install the package.
 
@@ -72,16 +73,16 @@ def sliding_window_layers(config: Any) -> bool:
 
 def select(attention: str, device: torch.device | str, *, model_config: Any = None, half: bool = True) -> str:
     """The packed-attention path for ``attention`` (auto | flash | xformers | sdpa) on ``device``:
-    ``"flash"``, ``"xformers"`` or ``"sdpa"``. ``half``: the attention inputs are bf16/fp16 (the
-    fused kernels' dtypes; ``auto`` takes SDPA for fp32). ``model_config``: the transformers config,
-    to refuse xformers for sliding-window models."""
+    ``"flash"``, ``"xformers"`` or ``"sdpa"``. ``half``: the attention inputs are bf16/fp16
+    (flash-attn's only dtypes: ``auto`` passes it over for fp32). ``model_config``: the
+    transformers config, to refuse xformers for sliding-window models."""
     if not isinstance(attention, str) or attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}")
     device = torch.device(device)
     if attention == "auto":
-        if device.type != "cuda" or not half:
+        if device.type != "cuda":
             return "sdpa"
-        if installed("flash_attn"):
+        if half and installed("flash_attn"):
             return "flash"
         if installed("xformers") and not sliding_window_layers(model_config):
             return "xformers"

@@ -69,7 +69,7 @@ class TrainConfig:
     attention: Literal["auto", "flash", "xformers", "sdpa"] = _help(
         "attention kernel of packed batches: flash (flash-attn varlen), xformers (memory_efficient_attention, "
         "block-diagonal causal mask), sdpa (dense block-diagonal mask); auto = the first installed of the three "
-        "(flash and xformers on CUDA with bf16/fp16 compute)", "auto")
+        "(flash and xformers on CUDA, flash with bf16/fp16 compute)", "auto")
     gradient_checkpointing: bool = _help("recompute decoder layers in the backward", False)
     compile: bool = _help("torch.compile each decoder layer", False)
     # --- data

@@ -33,7 +33,7 @@ def attention_implementation(requested: str, device: torch.device, attention: st
     one (flash_attention_2, sdpa, eager) is used as is; ``auto`` follows ``attention``, the
     packed-attention switch (auto | flash | xformers | sdpa, see :func:`fastrl.train.attention.select`):
     auto -> flash_attention_2 on CUDA with flash-attn installed, else xformers' memory-efficient
-    attention when installed, else sdpa (the fused kernels only for bf16/fp16 compute, ``half``).
+    attention when installed, else sdpa (flash-attn only for bf16/fp16 compute, ``half``).
     A switch whose package is missing raises ``ValueError`` naming ``attention``."""
     if requested != "auto":
         return requested
