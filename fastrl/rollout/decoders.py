@@ -9,8 +9,12 @@ prompt's keys and values are copied ``G`` times, once.
   to. A step calls the model's own sub-modules (norms, projections, MLP, so LoRA or quantised linears
   still work) and does rotary embedding from a precomputed table, the cache write and the attention
   itself in a handful of ops: Hugging Face's per-step work (mask construction, cache bookkeeping,
-  output dataclasses) is what costs the time at small sizes. On CUDA the step is captured once in a
-  CUDA graph (static shapes: the whole cache is attended to, unwritten slots masked) and replayed.
+  output dataclasses) is what costs the time at small sizes. Attention is
+  ``torch.nn.functional.scaled_dot_product_attention`` with the additive mask (fp32 scores and
+  softmax inside the fused kernel, whatever the model dtype). On CUDA the step is captured in CUDA
+  graphs with static shapes, one graph per kv-length bucket (every ``kv_bucket`` slots, 512 by
+  default): a step attends to the slots ``[0, ceil((slot + 1) / kv_bucket) * kv_bucket)``, not the
+  whole cache, unwritten slots masked. The static-shape path runs the same bucketing on CPU.
 - :class:`HFDecoder`: any causal LM: the model's forward with its ``DynamicCache`` each step.
 """
 
@@ -20,11 +24,13 @@ import inspect
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # RoPE variants whose frequencies do not depend on the sequence length (a table built once is exact).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 _GRAPH_LENGTH_BUCKET = 128  # CUDA-graph caches are this many slots long (rounded up): fewer re-captures
+KV_BUCKET = 512  # static-shape decode attends to a multiple of this many slots (one CUDA graph per multiple)
 
 
 def _cache_kwarg(model) -> str:
@@ -91,7 +97,8 @@ def lean_unsupported_reason(model, total_length: int) -> str | None:
 class LeanDecoder:
     """Static-KV decode of a Llama-family model for ``rows`` sequences of up to ``length`` tokens."""
 
-    def __init__(self, model, rows: int, length: int, *, cuda_graph: bool, static_shapes: bool | None = None):
+    def __init__(self, model, rows: int, length: int, *, cuda_graph: bool, static_shapes: bool | None = None,
+                 kv_bucket: int | None = None):
         # no reference to ``model`` itself: a decoder kept for the next call must not keep it alive
         self.base = model.model
         self.lm_head = model.lm_head
@@ -111,6 +118,10 @@ class LeanDecoder:
         if self.static_shapes:  # one graph serves every prompt length up to the bucket
             length = -(-length // _GRAPH_LENGTH_BUCKET) * _GRAPH_LENGTH_BUCKET
         self.length = length
+        kv_bucket = KV_BUCKET if kv_bucket is None else kv_bucket
+        if isinstance(kv_bucket, bool) or not isinstance(kv_bucket, int) or kv_bucket < 1:
+            raise ValueError(f"kv_bucket must be a positive int, got {kv_bucket!r}")
+        self.kv_bucket = kv_bucket
         shape = (rows, self.kv_heads, length, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
@@ -120,8 +131,9 @@ class LeanDecoder:
         # rotary tables [L, D]; ``sin`` with its first half negated: rotate_half(x) * sin == swap_halves(x) * this
         self.cos = torch.empty(length, self.head_dim, dtype=self.dtype, device=self.device)
         self.sin = torch.empty_like(self.cos)
-        self._graph = None
-        self._static = None  # tokens [N], positions [N], slot [1], logits [N, V] of the captured step
+        self._graphs = {}  # kv_len -> (CUDA graph, its logits [N, V]), one per kv-length bucket used
+        self._static = None  # tokens [N], positions [N], slot [1]: the inputs every graph reads
+        self._pool = None  # one memory pool for all the graphs (they never run at the same time)
         self.signature = None  # what a cached decoder must match to be reused (set by the caller)
 
     # -- prefill --------------------------------------------------------------------------------------
@@ -148,16 +160,21 @@ class LeanDecoder:
         return logits
 
     # -- decode ---------------------------------------------------------------------------------------
+    def kv_len(self, slot: int) -> int:
+        """Slots a static-shape step writing ``slot`` attends to: ``slot + 1`` rounded up to the bucket
+        (at most the whole cache). Each distinct value is one CUDA graph."""
+        return min(self.length, -(-(slot + 1) // self.kv_bucket) * self.kv_bucket)
+
     def _forward(self, tokens, positions, slot, kv_len):
         """Logits [N, V] for one new token per row, written to cache slot ``slot`` (int, or a [1] tensor
-        on the graph path, where ``kv_len`` is the whole cache)."""
+        on the static-shape path, where ``kv_len`` is the slot's bucket boundary)."""
         n, d, kv = self.rows, self.head_dim, self.kv_heads
         groups = self.q_heads // kv
         if isinstance(slot, int):
             self.bias[..., slot] = 0.0
         else:
             self.bias.index_fill_(3, slot, 0.0)
-        bias = self.bias.view(n * kv, 1, self.length)[..., :kv_len]
+        bias = self.bias[..., :kv_len]  # [N, KV, 1, kv_len]: broadcast over each KV head's query heads
         cos = self.cos[positions][:, None, :]  # [N, 1, D]
         sin = self.sin[positions][:, None, :]
         x = self.base.embed_tokens(tokens)  # [N, H]
@@ -180,13 +197,13 @@ class LeanDecoder:
             else:
                 kc.index_copy_(2, slot, k[:, :, None])
                 vc.index_copy_(2, slot, v[:, :, None])
-            # grouped-query attention without repeating the cache: rows x KV heads as the batch,
-            # the G query heads of a KV head as the M dimension; scale and mask fused into baddbmm
-            keys = kc.view(n * kv, self.length, d)[:, :kv_len]
-            values = vc.view(n * kv, self.length, d)[:, :kv_len]
-            scores = torch.baddbmm(bias, q.reshape(n * kv, groups, d), keys.transpose(1, 2), alpha=attn.scaling)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
-            x = x + attn.o_proj(torch.bmm(probs, values).view(n, self.q_heads * d))
+            # grouped-query attention without repeating the cache: the G query heads of a KV head as the
+            # query-length dimension of a [N, KV] batch. SDPA keeps the scores and softmax in fp32 (its
+            # fused kernels, and on CPU its bf16 path); scores written in bf16 would be rounded to 0.125
+            # at |score| ~ 20.
+            out = F.scaled_dot_product_attention(q.view(n, kv, groups, d), kc[:, :, :kv_len], vc[:, :, :kv_len],
+                                                 attn_mask=bias, scale=attn.scaling)
+            x = x + attn.o_proj(out.reshape(n, self.q_heads * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.base.norm(x))
 
@@ -194,44 +211,53 @@ class LeanDecoder:
         """Feed ``tokens`` [N] at rotary ``positions`` [N] into cache slot ``slot``; logits [N, V]."""
         if not self.cuda_graph:
             if self.static_shapes:
-                return self._forward(tokens, positions, torch.tensor([slot], device=self.device), self.length)
+                return self._forward(tokens, positions, torch.tensor([slot], device=self.device), self.kv_len(slot))
             return self._forward(tokens, positions, slot, slot + 1)
-        if self._graph is None:
-            self._capture(tokens, positions, slot)
-            if self._graph is None:  # capture failed: eager from now on
-                return self._forward(tokens, positions, slot, slot + 1)
-        static_tokens, static_positions, static_slot, logits = self._static
+        kv_len = self.kv_len(slot)
+        if self._static is None:
+            self._static = (tokens.clone(), positions.clone(), torch.full((1,), slot, dtype=torch.long,
+                                                                          device=self.device))
+        static_tokens, static_positions, static_slot = self._static
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
         static_slot.fill_(slot)
-        self._graph.replay()
+        if kv_len not in self._graphs:
+            self._capture(kv_len)
+            if not self.cuda_graph:  # capture failed: eager from now on
+                return self._forward(tokens, positions, slot, slot + 1)
+        graph, logits = self._graphs[kv_len]
+        graph.replay()
         return logits
 
-    def _capture(self, tokens, positions, slot):
-        """Capture the decode step on its first call. Warm-up and capture run the step for these very
-        inputs (writing the same slot twice is harmless), so the cache is never disturbed."""
-        static_tokens, static_positions = tokens.clone(), positions.clone()
-        static_slot = torch.full((1,), slot, dtype=torch.long, device=self.device)
+    def _capture(self, kv_len: int):
+        """Capture the decode step of one kv-length bucket on its first use. Warm-up and capture run the
+        step for the current inputs (writing the same slot twice is harmless), so the cache is never
+        disturbed."""
+        static_tokens, static_positions, static_slot = self._static
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._forward(static_tokens, static_positions, static_slot, self.length)
+                    self._forward(static_tokens, static_positions, static_slot, kv_len)
             torch.cuda.current_stream(self.device).wait_stream(stream)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self._forward(static_tokens, static_positions, static_slot, self.length)
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(static_tokens, static_positions, static_slot, kv_len)
         except Exception as exc:  # a model whose sub-modules cannot be captured: run eagerly instead
             warnings.warn(f"fastrl.rollout: CUDA-graph capture failed ({exc}); decoding eagerly", stacklevel=3)
             self.cuda_graph = False
+            self._graphs = {}
             return
-        self._graph = graph
-        self._static = (static_tokens, static_positions, static_slot, logits)
+        self._graphs[kv_len] = (graph, logits)
 
     def release(self) -> None:
         self.keys = self.values = []
-        self._graph = self._static = None
+        self.bias = self.cos = self.sin = None
+        self._graphs = {}
+        self._static = self._pool = None
 
 
 class HFDecoder:

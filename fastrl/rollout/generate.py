@@ -22,8 +22,9 @@ __all__ = ["Rollout", "generate", "release"]
 
 ENGINES = ("auto", "fastrl", "hf", "vllm")
 
-# The CUDA-graph decoder of each model, kept between calls (capturing costs a few steps' time): only
-# the last one per model, reused while rows, cache length, dtype and parameter addresses all match.
+# The lean decoder (static KV cache, CUDA graphs on GPU) of each model that a ``keep_graph=True`` call
+# kept for the next one: only the last one per model, reused while rows, cache length, graph use and
+# parameter addresses all match. Empty unless asked for: a kept cache holds its memory through training.
 _GRAPHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CUDA_EXIT_CHECK = 4  # steps between early-exit checks on an accelerator (each is a host-device sync)
 
@@ -42,7 +43,9 @@ class Rollout:
       or -log of the number of tied maxima);
     - ``prompt_index`` [N] int64: the prompt each row continues;
     - ``stopped`` [N] bool: True where the row ended on a stop token, False where it ran out of
-      ``max_new_tokens``.
+      ``max_new_tokens``;
+    - ``engine``: the decoder that ran: ``"fastrl"`` (the lean static-KV decoder), ``"hf"`` (the
+      model's own forward) or ``"vllm"``.
     """
 
     completion_ids: torch.Tensor
@@ -51,6 +54,7 @@ class Rollout:
     prompt_index: torch.Tensor
     stopped: torch.Tensor
     num_samples: int
+    engine: str = "fastrl"
 
     @property
     def completion_mask(self) -> torch.Tensor:
@@ -103,6 +107,7 @@ def generate(
     max_length: int | None = None,
     engine: str = "auto",
     cuda_graph: bool | None = None,
+    keep_graph: bool = False,
     progress: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` (G) completions of each of P prompts from a causal LM.
@@ -121,10 +126,17 @@ def generate(
     token, else its first stop token, else 0).
 
     ``engine``: ``"fastrl"`` - the lean static-KV decoder (Llama, Qwen2, Qwen3, Mistral), with the
-    decode step captured in a CUDA graph on GPU (``cuda_graph=False`` to run it eagerly; the graph
-    and cache are kept for the next call with the same shapes, :func:`release` frees them);
+    decode step captured in CUDA graphs on GPU, one per kv-length bucket (``cuda_graph=False`` to run
+    it eagerly);
     ``"hf"`` - the model's own forward and dynamic cache, any causal LM; ``"auto"`` - the first
     that fits; ``"vllm"`` - ``model`` is a ``vllm.LLM`` (needs vLLM installed).
+
+    ``keep_graph``: the lean decoder's static KV cache and CUDA graphs are freed when the call returns
+    (default), so that a training step after it has the memory. ``True`` keeps them for the next call
+    with the same rows and cache-length bucket (capture costs a few steps' time), until a call with
+    ``keep_graph=False`` or :func:`release`; the cache alone is ``2 * layers * rows * slots * kv_heads
+    * head_dim * dtype bytes`` (~9 GB for a 7B Qwen2 at 64 rows x 2560 slots in bf16), plus the graphs'
+    memory pool.
 
     ``max_length`` caps prompt + completion (default: ``config.max_position_embeddings``).
     ``progress=True`` shows a tqdm bar over the steps when tqdm is installed.
@@ -170,6 +182,7 @@ def generate(
         "min_p": _row_setting("min_p", min_p, num_prompts, num_samples, device, integer=False),
     }
     _checks.check_bool("progress", progress)
+    _checks.check_bool("keep_graph", keep_graph)
 
     # left-padded prompts [P, Lp]; rotary positions count real tokens only, as in HF generate
     ids = torch.full((num_prompts, longest), pad if 0 <= pad < vocab else 0, dtype=torch.long)
@@ -182,7 +195,7 @@ def generate(
 
     total = longest + max_new_tokens
     with torch.no_grad():
-        decoder = _decoder(model, engine, cuda_graph, rows, total, device)
+        decoder = _decoder(model, engine, cuda_graph, rows, total, device, keep_graph)
         logits = decoder.prefill(model, ids, mask, positions, num_samples).repeat_interleave(num_samples, 0)
         out_ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
@@ -206,19 +219,22 @@ def generate(
                 logits = decoder.step(tokens, next_pos + step, longest + step)
         if bar is not None:
             bar.close()
-        if _GRAPHED.get(model) is not decoder:  # a kept CUDA-graph decoder lives on for the next call
+        if not keep_graph:  # a decoder kept by an earlier call goes too
+            release(model)
+        if _GRAPHED.get(model) is not decoder:
             decoder.release()
 
     width = int(lengths.max())
     prompt_index = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)
     return Rollout(completion_ids=out_ids[:, :width].contiguous(), lengths=lengths,
                    logprobs=out_logprobs[:, :width].contiguous(), prompt_index=prompt_index,
-                   stopped=done.clone(), num_samples=num_samples)
+                   stopped=done.clone(), num_samples=num_samples,
+                   engine="fastrl" if isinstance(decoder, decoders.LeanDecoder) else "hf")
 
 
 # -- pieces -----------------------------------------------------------------------------------------------
 
-def _decoder(model, engine, cuda_graph, rows, total, device):
+def _decoder(model, engine, cuda_graph, rows, total, device, keep):
     if cuda_graph is not None:
         _checks.check_bool("cuda_graph", cuda_graph)
     use_graph = device.type == "cuda" and cuda_graph is not False
@@ -227,14 +243,16 @@ def _decoder(model, engine, cuda_graph, rows, total, device):
         raise ValueError(f"engine='fastrl' cannot run this model: {reason}; use engine='hf' or 'auto'")
     if reason is not None:
         return decoders.HFDecoder(model, rows, total)
-    if not use_graph:
-        return decoders.LeanDecoder(model, rows, total, cuda_graph=False)
-    signature = (rows, -(-total // decoders._GRAPH_LENGTH_BUCKET), tuple(p.data_ptr() for p in model.parameters()))
+    if not keep:
+        return decoders.LeanDecoder(model, rows, total, cuda_graph=use_graph)
+    # a kept decoder serves every later call whose rows and cache-length bucket match
+    buckets = -(-total // decoders._GRAPH_LENGTH_BUCKET)
+    signature = (rows, buckets, use_graph, tuple(p.data_ptr() for p in model.parameters()))
     cached = _GRAPHED.get(model)
     if cached is not None and cached.signature == signature:
         return cached
-    release(model)  # one cached graph per model: free the old cache before allocating the new one
-    decoder = decoders.LeanDecoder(model, rows, total, cuda_graph=True)
+    release(model)  # one kept decoder per model: free the old cache before allocating the new one
+    decoder = decoders.LeanDecoder(model, rows, buckets * decoders._GRAPH_LENGTH_BUCKET, cuda_graph=use_graph)
     decoder.signature = signature
     _GRAPHED[model] = decoder
     return decoder

@@ -65,4 +65,5 @@ def generate(llm, prompt_ids, *, max_new_tokens, num_samples, temperature, top_k
             logprobs[r, : len(chosen)] = torch.tensor(chosen)
     return Rollout(completion_ids=ids, lengths=torch.tensor([len(c.token_ids) for c in rows]), logprobs=logprobs,
                    prompt_index=torch.arange(len(prompts)).repeat_interleave(num_samples),
-                   stopped=torch.tensor([c.finish_reason == "stop" for c in rows]), num_samples=num_samples)
+                   stopped=torch.tensor([c.finish_reason == "stop" for c in rows]), num_samples=num_samples,
+                   engine="vllm")

@@ -259,6 +259,93 @@ def test_progress_bar_runs():
     assert out.completion_ids.shape[0] == 1
 
 
+def test_bf16_sampler_logprobs_within_hf_bf16_error():
+    """A bf16 rollout's sampler log-probs are as close to an fp32 forward of the same tokens (same
+    weights) as HF's own bf16 forward is. Queries and keys scaled up so that scores reach ~|20|, where
+    bf16-rounded scores (step 0.125) put the rollout ~10% further off than HF."""
+    torch.manual_seed(1)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=MAX_POS, initializer_range=0.1)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(10.0)
+            layer.self_attn.k_proj.weight.mul_(10.0)
+    bf16 = model.to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).float()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g) for n in (5, 9, 14, 3)]
+    out = generate(bf16, prompts, max_new_tokens=40, num_samples=4, stop_token_ids=[], engine="fastrl",
+                   generator=torch.Generator().manual_seed(0))
+    ours, hf = [], []
+    for row in range(out.completion_ids.shape[0]):
+        prompt, completion = prompts[int(out.prompt_index[row])], out.completion_ids[row]
+        tokens = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            exact, rounded = (torch.log_softmax(m(tokens).logits[0, len(prompt) - 1: -1].float(), -1)
+                              .gather(-1, completion[:, None])[:, 0] for m in (fp32, bf16))
+        ours.append((out.logprobs[row] - exact).abs())
+        hf.append((rounded - exact).abs())
+    ours, hf = torch.cat(ours).mean(), torch.cat(hf).mean()
+    assert hf > 1e-3  # bf16 does cost accuracy here
+    assert ours <= 1.05 * hf, (float(ours), float(hf))
+
+
+# -- what a call keeps, which engine ran ------------------------------------------------------------------
+
+class _Constructed:
+    """Every LeanDecoder built while installed."""
+
+    def __init__(self, monkeypatch):
+        from fastrl.rollout import decoders
+
+        self.built = []
+        real = decoders.LeanDecoder
+        built = self.built
+
+        class Counting(real):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                built.append(self)
+
+        monkeypatch.setattr(decoders, "LeanDecoder", Counting)
+
+
+def test_decoder_is_released_unless_kept(monkeypatch):
+    import importlib
+
+    model = copy.deepcopy(model_of("llama"))
+    kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+    made = _Constructed(monkeypatch)
+    kw = dict(max_new_tokens=6, num_samples=2, temperature=0.0, stop_token_ids=[])
+    plain = generate(model, _prompts([5, 8]), **kw)
+    assert model not in kept and made.built[-1].keys == []  # the KV cache is gone when generate returns
+    first = generate(model, _prompts([5, 8]), keep_graph=True, **kw)
+    decoder = kept[model]
+    assert decoder is made.built[-1] and len(decoder.keys) == 2 and decoder.length == 128
+    again = generate(model, _prompts([9, 3], seed=1), keep_graph=True, **kw)  # same rows, same length bucket
+    assert kept[model] is decoder and len(made.built) == 2  # reused: nothing new allocated
+    assert torch.equal(first.completion_ids, plain.completion_ids)
+    assert torch.equal(again.completion_ids, generate(model, _prompts([9, 3], seed=1), **kw).completion_ids)
+    assert model not in kept and decoder.keys == []  # a call without keep_graph frees the kept one
+    generate(model, _prompts([5, 8]), keep_graph=True, **kw)
+    generate(model, _prompts([5]), keep_graph=True, **kw)  # other rows: the old one is freed, a new one kept
+    assert made.built[-2].keys == [] and kept[model] is made.built[-1]
+    from fastrl.rollout import release
+
+    release(model)
+    assert model not in kept and made.built[-1].keys == []
+    with pytest.raises(TypeError, match="keep_graph"):
+        generate(model, _prompts([5]), keep_graph=1, **kw)
+
+
+@pytest.mark.parametrize("kind,engine,ran", [("llama", "auto", "fastrl"), ("llama", "hf", "hf"),
+                                             ("gpt2", "auto", "hf")])
+def test_rollout_reports_the_engine_that_ran(kind, engine, ran):
+    out = generate(model_of(kind), _prompts([4]), max_new_tokens=3, temperature=0.0, engine=engine)
+    assert out.engine == ran
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 
 def _bad_generator_model():
@@ -316,14 +403,24 @@ def test_vllm_engine_without_vllm_says_so():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_cuda_graph_decode_equals_eager_and_hf(kind):
-    from fastrl.rollout import release
+def test_cuda_graph_decode_equals_eager_and_hf(kind, monkeypatch):
+    """One graph per kv-length bucket (16 slots here: prompts up to 11 + 20 tokens use the 16 and 32
+    buckets), equal to eager and HF; a kept decoder is reused, a plain call frees its graphs."""
+    import importlib
 
+    from fastrl.rollout import decoders, release
+
+    monkeypatch.setattr(decoders, "KV_BUCKET", 16)
+    kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
     model = copy.deepcopy(model_of(kind)).cuda()
     prompts = [p.cuda() for p in _prompts([5, 11, 1, 8], seed=13)]
-    graphed = generate(model, prompts, max_new_tokens=20, temperature=0.0, num_samples=2)
-    again = generate(model, prompts[::-1], max_new_tokens=20, temperature=0.0, num_samples=2)  # graph reused
+    graphed = generate(model, prompts, max_new_tokens=20, temperature=0.0, num_samples=2, keep_graph=True)
+    decoder = kept[model]
+    assert decoder.cuda_graph and sorted(decoder._graphs) == [16, 32]
+    again = generate(model, prompts[::-1], max_new_tokens=20, temperature=0.0, num_samples=2, keep_graph=True)
+    assert kept[model] is decoder  # graphs reused
     eager = generate(model, prompts, max_new_tokens=20, temperature=0.0, num_samples=2, cuda_graph=False)
+    assert model not in kept and decoder._graphs == {}  # released by the plain call
     assert torch.equal(graphed.completion_ids, eager.completion_ids)
     assert torch.equal(again.completion_ids.view(4, 2, -1).flip(0).reshape(8, -1), eager.completion_ids)
     for p, prompt in enumerate(prompts):
@@ -331,4 +428,5 @@ def test_cuda_graph_decode_equals_eager_and_hf(kind):
     sampled = [generate(model, prompts, max_new_tokens=16, num_samples=4, stop_token_ids=[],
                         generator=torch.Generator("cuda").manual_seed(0)) for _ in range(2)]
     assert torch.equal(sampled[0].completion_ids, sampled[1].completion_ids)
+    assert model not in kept
     release(model)
