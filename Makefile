@@ -31,8 +31,11 @@ BENCH_ARGS ?=
 # use; `make wheels WHEELS_FLASHINFER=` leaves it out where the folder must stay small).
 WHEELS_DIR ?= wheels
 WHEELS_PYTHON ?= 3.12
-# ninja: parallel compilation of the extension on the GPU machine (its image has none; 0.2 MB).
-WHEELS_PEERS ?= trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ninja==1.13.2
+# ninja: parallel compilation of the extension on the GPU machine (its image has none; 0.2 MB). xformers 0.0.35
+# (3.1 MB, torch>=2.10; its own compiled part needs CUDA 12's runtime, so on a CUDA 13 torch its
+# memory_efficient_attention runs through PyTorch's built-in kernels): the packed-batch `attention: xformers` path.
+WHEELS_PEERS ?= trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 ninja==1.13.2 \
+  xformers==0.0.35
 WHEELS_FLASHINFER ?= flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2
 WHEELS_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
   manylinux2014_x86_64 manylinux1_x86_64
