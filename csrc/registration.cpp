@@ -13,11 +13,16 @@ TORCH_LIBRARY(fastrl, m) {
   // Scalars apply to every row unless the matching per-row tensor ([B]) is given. `seed` is an int64
   // tensor of one element (a fresh draw from a torch.Generator per call). Returns tokens [B] int64,
   // the log-prob of each token under softmax(logits / T), and its log-prob under the filtered,
-  // renormalised distribution it was drawn from (both fp32).
+  // renormalised distribution it was drawn from (both fp32). Bad rows raise ValueError, unless an
+  // `error` word (int64 [2] on logits' device) is given: then a bad row gets token -1 and NaN log-probs,
+  // the word keeps the smallest error code (no host sync), and sample_check on a cpu copy raises it.
   m.def(
       "sample(Tensor logits, Tensor seed, float temperature, int top_k, float top_p, float min_p, "
-      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps) -> (Tensor, Tensor, Tensor)",
+      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor(a!)? error=None) "
+      "-> (Tensor, Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
+  // Raises the ValueError recorded in a (cpu) error word of fastrl::sample, if any.
+  m.def("sample_check(Tensor error) -> ()");
 }
 
 // Sampling has no gradient: its outputs never join the autograd graph, whatever the logits are.

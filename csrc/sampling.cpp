@@ -455,11 +455,16 @@ const float* row_as_float(const T* src, int64_t n, Workspace& ws) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
     double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
-    const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps) {
+    const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps,
+    const std::optional<at::Tensor>& error) {
   check_logits(logits_in);
   const auto dtype = logits_in.scalar_type();
   TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() >= 1,
                     "seed must be a cpu int64 tensor with one element");
+  // With an error word the row checks are deferred (as on CUDA): a bad row gets token -1 and NaN
+  // log-probs and lowers the word; settings given as numbers are still checked here.
+  const bool deferred = error.has_value();
+  if (deferred) check_error_word(*error, logits_in);
   const int64_t rows = logits_in.size(0), v = logits_in.size(1);
   TORCH_CHECK_VALUE(v >= 1, "logits must have a non-empty vocabulary dimension");
 
@@ -467,14 +472,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const int64_t* k_row = row_setting<int64_t>(top_ks, logits_in, at::kLong, "top_k");
   const double* p_row = row_setting<double>(top_ps, logits_in, at::kDouble, "top_p");
   const double* mp_row = row_setting<double>(min_ps, logits_in, at::kDouble, "min_p");
+  if (deferred && rows > 0) {
+    if (!t_row) check_temperature(temperature, 0);
+    if (!k_row) check_top_k(top_k, 0);
+    if (!p_row) check_top_p(top_p, 0);
+    if (!mp_row) check_min_p(min_p, 0);
+  }
   std::vector<RowParams> params(static_cast<size_t>(rows));
+  std::vector<char> bad_setting(static_cast<size_t>(rows), 0);
+  uint64_t setting_code = gpu::kNoError;  // the first bad row's, when deferred
+  int64_t setting_bits = 0;
   for (int64_t r = 0; r < rows; ++r) {
     RowParams prm{t_row ? t_row[r] : temperature, k_row ? k_row[r] : top_k, p_row ? p_row[r] : top_p,
                   mp_row ? mp_row[r] : min_p};
-    check_temperature(prm.temperature, r);
-    check_top_k(prm.top_k, r);
-    check_top_p(prm.top_p, r);
-    check_min_p(prm.min_p, r);
+    if (deferred) {
+      const int which = !(prm.temperature >= 0.0 && std::isfinite(prm.temperature)) ? 0
+                        : prm.top_k < 0                                            ? 1
+                        : !(prm.top_p > 0.0 && prm.top_p <= 1.0)                   ? 2
+                        : !(prm.min_p >= 0.0 && prm.min_p <= 1.0)                  ? 3
+                                                                                   : -1;
+      if (which >= 0) {
+        bad_setting[static_cast<size_t>(r)] = 1;
+        if (setting_code == gpu::kNoError) {
+          setting_code = error_code(gpu::kErrorSetting, r, which);
+          const double value = which == 0 ? prm.temperature : which == 2 ? prm.top_p : prm.min_p;
+          if (which == 1) {
+            setting_bits = prm.top_k;
+          } else {
+            std::memcpy(&setting_bits, &value, sizeof(value));
+          }
+        }
+      }
+    } else {
+      check_temperature(prm.temperature, r);
+      check_top_k(prm.top_k, r);
+      check_top_p(prm.top_p, r);
+      check_min_p(prm.min_p, r);
+    }
     params[static_cast<size_t>(r)] = prm;
   }
 
@@ -489,8 +523,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   float* flp = filtered_logprobs.data_ptr<float>();
-  // The first bad row and what is wrong with it, as row * 4 + kind (-1: none), kept as a minimum.
-  std::atomic<int64_t> first_error{-1};
+  // The first row with bad logits and what is wrong with it (error_code), kept as a minimum.
+  std::atomic<uint64_t> first_error{gpu::kNoError};
+  auto mark_bad = [&](int64_t r) {
+    tok[r] = -1;
+    lp[r] = std::numeric_limits<float>::quiet_NaN();
+    flp[r] = std::numeric_limits<float>::quiet_NaN();
+  };
 
   auto run = [&](auto* base) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
@@ -498,15 +537,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       static thread_local Workspace ws;
       ws.reserve(v, !std::is_same_v<scalar_t, float>);
       for (int64_t r = begin; r < end; ++r) {
+        if (bad_setting[static_cast<size_t>(r)]) {
+          mark_bad(r);
+          continue;
+        }
         const float* x = row_as_float(base + r * row_stride, v, ws);
         int64_t err = kOk;
         const RowResult res = sample_row(x, v, params[static_cast<size_t>(r)], seed_value, r, ws, &err);
         if (err != kOk) {
-          const int64_t code = r * 4 + err;
-          int64_t cur = first_error.load();
-          while ((cur < 0 || code < cur) && !first_error.compare_exchange_weak(cur, code)) {
+          const uint64_t code =
+              error_code(gpu::kErrorLogits, r, err == kNonFinite ? gpu::kWhichNonFinite : gpu::kWhichNoFinite);
+          uint64_t cur = first_error.load();
+          while (code < cur && !first_error.compare_exchange_weak(cur, code)) {
           }
-          return;
+          mark_bad(r);
+          if (!deferred) return;  // eager: the call raises, the other rows of this chunk do not matter
+          continue;
         }
         tok[r] = res.token;
         lp[r] = res.logprob;
@@ -522,14 +568,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     run(logits.const_data_ptr<at::Half>());
   }
 
-  const int64_t code = first_error.load();
-  TORCH_CHECK_VALUE(code < 0 || code % 4 != kNonFinite, "logits must not contain NaN or +inf (row ", code / 4, ")");
-  TORCH_CHECK_VALUE(code < 0, "logits row ", code / 4, " has no finite value (every entry is -inf)");
+  const uint64_t code = first_error.load();
+  if (deferred) {
+    int64_t* word = error->data_ptr<int64_t>();
+    lower_error_word(word, setting_code, setting_bits);  // a bad setting comes before bad logits
+    lower_error_word(word, code, 0);
+  } else {
+    raise_error_word(code, 0);
+  }
   return {tokens, logprobs, filtered_logprobs};
+}
+
+// Raises the error recorded in a word written by fastrl::sample (a cpu copy of it), if any.
+void sample_check(const at::Tensor& error) {
+  TORCH_CHECK_VALUE(error.device().is_cpu() && error.scalar_type() == at::kLong && error.numel() == 2,
+                    "error must be a cpu int64 tensor of two elements, got ", error.scalar_type(), " of shape ",
+                    error.sizes(), " on ", error.device());
+  const at::Tensor w = error.contiguous();
+  raise_error_word(static_cast<uint64_t>(w.data_ptr<int64_t>()[0]), w.data_ptr<int64_t>()[1]);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastrl, CPU, m) { m.impl("sample", &sample_cpu); }
+TORCH_LIBRARY_IMPL(fastrl, CPU, m) {
+  m.impl("sample", &sample_cpu);
+  m.impl("sample_check", &sample_check);
+}
 
 }  // namespace fastrl

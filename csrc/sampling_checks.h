@@ -6,7 +6,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
+
+#include "cuda/sampling.cuh"  // the error word's encoding (plain constants, no CUDA headers)
 
 namespace fastrl {
 
@@ -46,6 +49,56 @@ inline void check_top_p(double value, int64_t row) {
 }
 inline void check_min_p(double value, int64_t row) {
   TORCH_CHECK_VALUE(value >= 0.0 && value <= 1.0, "min_p must be in [0, 1], got ", value, " for row ", row);
+}
+
+// The error word of fastrl::sample (two int64: the code and a bad setting's value bits; see
+// csrc/cuda/sampling.cuh), written by both devices' ops. An error word passed in defers the checks
+// of a call's rows: it must be int64 with two elements on logits' device.
+inline void check_error_word(const at::Tensor& error, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(error.device() == logits.device(), "error must be on the same device as logits (",
+                    logits.device(), "), got ", error.device());
+  TORCH_CHECK_VALUE(error.scalar_type() == at::kLong && error.numel() == 2 && error.is_contiguous(),
+                    "error must be a contiguous int64 tensor of two elements (fastrl.sampling.SampleErrors), got ",
+                    error.scalar_type(), " of shape ", error.sizes());
+}
+
+inline uint64_t error_code(int kind, int64_t row, int which) {
+  return (static_cast<uint64_t>(kind) << 60) | (static_cast<uint64_t>(row) << 3) | static_cast<uint64_t>(which);
+}
+
+// Lowers the word [code, value bits] (host memory) with one call's first error.
+inline void lower_error_word(int64_t* word, uint64_t code, int64_t value_bits) {
+  if (code < static_cast<uint64_t>(word[0])) {
+    word[0] = static_cast<int64_t>(code);
+    word[1] = value_bits;
+  }
+}
+
+// Raises the ValueError an eager call gives for the error recorded in the word; nothing if none.
+inline void raise_error_word(uint64_t code, int64_t value_bits) {
+  if (code == gpu::kNoError) return;
+  const int kind = static_cast<int>(code >> 60), which = static_cast<int>(code & 7u);
+  const int64_t row = static_cast<int64_t>((code >> 3) & ((uint64_t{1} << 57) - 1));
+  if (kind == gpu::kErrorSetting) {
+    double value;
+    std::memcpy(&value, &value_bits, sizeof(value));
+    switch (which) {  // each raises for the out-of-range value it was recorded with
+      case 0:
+        check_temperature(value, row);
+        break;
+      case 1:
+        check_top_k(value_bits, row);
+        break;
+      case 2:
+        check_top_p(value, row);
+        break;
+      default:
+        check_min_p(value, row);
+    }
+    TORCH_CHECK_VALUE(false, "sampling setting ", which, " of row ", row, " is out of range");
+  }
+  TORCH_CHECK_VALUE(which != gpu::kWhichNonFinite, "logits must not contain NaN or +inf (row ", row, ")");
+  TORCH_CHECK_VALUE(false, "logits row ", row, " has no finite value (every entry is -inf)");
 }
 
 }  // namespace fastrl

@@ -20,7 +20,7 @@ import torch
 from fastrl import _checks, _extension
 from fastrl.ops import dispatch, reference
 
-__all__ = ["sample"]
+__all__ = ["SampleErrors", "sample"]
 
 _SEED_HIGH = 2**62  # seeds are drawn from [0, 2**62) of the generator's stream
 
@@ -43,6 +43,61 @@ def _draw_seed(generator: torch.Generator | None, device: torch.device) -> torch
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device, generator=generator)
 
 
+class SampleErrors:
+    """A deferred check of :func:`sample`'s rows, for loops that sample every step (a decode loop).
+
+    Passed as ``sample(..., errors=handle)``, a call raises nothing for bad rows (NaN or ``+inf``
+    logits, a row of only ``-inf``, an out-of-range value in a per-row setting tensor): such a row
+    gets token -1 and NaN log-probs, and the error is recorded in a two-word int64 tensor on the
+    device (``word``), with no host-device sync (an eager CUDA call syncs once to raise). Settings
+    given as numbers are still checked at the call. :meth:`check` (one small device-to-host copy)
+    then raises the ``ValueError`` that call would have raised eagerly, same message, and clears the
+    record. Of several errors since the last check the one kept is the smallest code: a bad setting
+    before bad logits, then the lowest row.
+
+    >>> import torch, fastrl
+    >>> errors = fastrl.sampling.SampleErrors("cpu")
+    >>> x = torch.randn(3, 10); x[1, 2] = float("nan")
+    >>> tokens, _ = fastrl.sampling.sample(x, errors=errors)  # no raise here
+    >>> int(tokens[1])
+    -1
+    >>> errors.check()
+    Traceback (most recent call last):
+    ...
+    ValueError: logits must not contain NaN or +inf (row 1)
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.word = torch.tensor([-1, 0], dtype=torch.int64, device=self.device)  # -1: no error
+        self._message: str | None = None  # the torch path checks on the host: its message, kept
+
+    def reset(self) -> None:
+        """Forget what was recorded (asynchronous on CUDA)."""
+        self.word[0] = -1
+        self._message = None
+
+    def check(self) -> None:
+        """Raise the recorded error, if any (and clear it); on CUDA this waits for the queued calls."""
+        if self._message is not None:
+            message = self._message
+            self.reset()
+            raise ValueError(message)
+        word = self.word.to("cpu", copy=True)  # a copy even on the cpu: reset() rewrites the word
+        if int(word[0]) != -1:
+            self.reset()
+            torch.ops.fastrl.sample_check(word)
+
+    def _record(self, message: str) -> None:
+        if self._message is None:
+            self._message = message
+
+    def __repr__(self) -> str:
+        return f"SampleErrors(device={self.device})"
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -52,6 +107,7 @@ def sample(
     min_p: float | torch.Tensor = 0.0,
     generator: torch.Generator | None = None,
     return_filtered_logprobs: bool = False,
+    errors: SampleErrors | None = None,
 ):
     """Draw one token per row of ``logits`` [B, V] (fp32, bf16 or fp16).
 
@@ -74,7 +130,8 @@ def sample(
     Settings may also be 0-d tensors. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
     row of only ``-inf``, or a setting out of range raise ``ValueError`` (on CUDA this costs one
     small device-to-host copy per call; inside CUDA-graph capture nothing is checked and such a row
-    gets token -1 and NaN log-probs instead).
+    gets token -1 and NaN log-probs instead). With ``errors`` (a :class:`SampleErrors` on the logits'
+    device) the row checks are deferred to ``errors.check()``: no sync per call.
     """
     _checks.check_tensor("logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     rows, vocab = logits.shape
@@ -90,14 +147,29 @@ def sample(
                          check=lambda n, v: _checks.check_real(n, v, low=0.0, high=1.0, low_open=True))
     m, m_rows = _setting("min_p", min_p, rows, dev, integer=False,
                          check=lambda n, v: _checks.check_real(n, v, low=0.0, high=1.0))
+    if errors is not None:
+        if not isinstance(errors, SampleErrors):
+            raise TypeError(f"errors must be a fastrl.sampling.SampleErrors, got {type(errors).__name__}")
+        if errors.device != dev and not (dev.type == "cuda" and errors.device.type == "cuda" and dev.index is None
+                                         and errors.device.index == torch.cuda.current_device()):
+            raise ValueError(f"errors is on {errors.device} but logits are on {dev}")
     seed = _draw_seed(generator, dev)
 
     # Compiled code always calls the operator (Dynamo cannot trace the backend setting).
-    if not torch.compiler.is_compiling() and dispatch.requested_backend() == "torch":
-        out = _sample_reference(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
+    if not torch.compiler.is_compiling() and (dispatch.requested_backend() == "torch"
+                                              or (dev.type == "cuda" and not _extension.cuda_enabled())):
+        try:
+            out = _sample_reference(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
+        except ValueError as e:
+            if errors is None:
+                raise
+            errors._record(str(e))  # this path has checked on the host already; every row is marked bad
+            out = (torch.full((rows,), -1, dtype=torch.int64, device=dev),
+                   torch.full((rows,), float("nan"), device=dev), torch.full((rows,), float("nan"), device=dev))
     else:
         _extension.require("fastrl.sampling.sample")
-        out = torch.ops.fastrl.sample(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
+        word = None if errors is None else errors.word
+        out = torch.ops.fastrl.sample(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows, word)
     return out if return_filtered_logprobs else out[:2]
 
 
@@ -142,13 +214,18 @@ def _register_sample_op() -> None:
     (with it, csrc/cuda/sampling_ops.cpp registers the CUDA kernel for the op)."""
 
     @torch.library.register_fake("fastrl::sample")
-    def _(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):
+    def _(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps, error=None):
         rows = logits.shape[0]
         return (logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32),
                 logits.new_empty(rows, dtype=torch.float32))
 
     if not _extension.cuda_enabled():
-        torch.library.register_kernel("fastrl::sample", "cuda", _sample_reference)
+        def _cuda_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps,
+                            error=None):  # checks on the host, so raises at once even with an error word
+            return _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps,
+                                     min_ps)
+
+        torch.library.register_kernel("fastrl::sample", "cuda", _cuda_reference)
 
 
 if _extension.available():

@@ -381,6 +381,139 @@ def test_bad_logits_raise(path):
         sample([[0.0, 1.0]])
 
 
+# -- deferred checks (fastrl.sampling.SampleErrors): no host sync per call -----------------------------
+
+DEFERRED_CASES = ["nan", "inf", "no_finite", "temperature", "top_k", "top_p", "min_p"]
+
+
+def _bad_call(case, device):
+    """(bad logits, bad settings, the same call with the bad rows fixed, fixed settings, bad rows)."""
+    g = torch.Generator().manual_seed(3)
+    good = torch.randn(6, 40, generator=g)
+    bad, kw_bad, kw_good, rows = good.clone(), {}, {}, []
+    if case == "nan":
+        bad[4, 7], rows = float("nan"), [4]
+    elif case == "inf":
+        bad[2, 0], bad[5, 1], rows = float("inf"), float("nan"), [2, 5]
+    elif case == "no_finite":
+        bad[3], rows = float("-inf"), [3]
+    else:
+        fine = {"temperature": 0.8, "top_k": 3, "top_p": 0.9, "min_p": 0.05}[case]
+        wrong = {"temperature": [(3, -0.5), (4, float("inf"))], "top_k": [(2, -2)], "top_p": [(1, 1.25), (4, 0.0)],
+                 "min_p": [(5, 1.5)]}[case]
+        values = torch.tensor([fine] * 6, dtype=torch.int64 if case == "top_k" else torch.float64)
+        kw_good[case] = values.clone().to(device)
+        for r, v in wrong:
+            values[r] = v
+        kw_bad[case], rows = values.to(device), [r for r, _ in wrong]
+    return bad.to(device), kw_bad, good.to(device), kw_good, rows
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", DEFERRED_CASES)
+def test_deferred_errors_raise_at_the_check_with_the_eager_message(case, path):
+    """With errors=SampleErrors(...) a call does not raise for bad rows: they get token -1 and NaN
+    log-probs, the other rows their usual draw, and errors.check() raises the eager call's ValueError."""
+    from fastrl.sampling import SampleErrors
+
+    dev = _path_device(path)
+    x, kw, x_good, kw_good, bad_rows = _bad_call(case, dev)
+    with backend("torch" if path == "torch" else "auto"):
+        with pytest.raises(ValueError) as eager:
+            sample(x, generator=_generator(dev, 1), **kw)
+        errors = SampleErrors(dev)
+        tokens, logp = sample(x, generator=_generator(dev, 1), errors=errors, **kw)  # does not raise
+        with pytest.raises(ValueError) as deferred:
+            errors.check()
+        assert str(deferred.value) == str(eager.value)
+        errors.check()  # a check clears what it raised
+        want, _ = sample(x_good, generator=_generator(dev, 1), **kw_good)
+    if path == "torch":  # the torch path checks on the host: every row of the call is marked
+        assert (tokens == -1).all()
+        return
+    bad = torch.zeros(6, dtype=torch.bool, device=dev)
+    bad[bad_rows] = True
+    assert (tokens[bad] == -1).all() and torch.isnan(logp[bad]).all()
+    assert torch.equal(tokens[~bad], want[~bad]) and torch.isfinite(logp[~bad]).all()
+
+
+def test_deferred_errors_keep_the_smallest_code_over_calls():
+    """The word keeps, over the calls since the last check, a bad setting before bad logits, then the
+    lowest row; good calls in between change nothing."""
+    from fastrl.sampling import SampleErrors
+
+    errors = SampleErrors()
+    x = torch.randn(8, 30)
+    sample(x, errors=errors)
+    errors.check()
+    late, early = x.clone(), x.clone()
+    late[5, 0], early[2, 3] = float("nan"), float("nan")
+    sample(late, errors=errors)
+    sample(x, errors=errors)
+    sample(early, errors=errors)
+    with pytest.raises(ValueError, match=r"NaN or \+inf \(row 2\)"):
+        errors.check()
+    sample(early, errors=errors)
+    top_p = torch.full((8,), 0.9, dtype=torch.float64)
+    top_p[6] = 2.0
+    sample(x, top_p=top_p, errors=errors)
+    with pytest.raises(ValueError, match="top_p must be in .0, 1., got 2 for row 6"):
+        errors.check()
+    with pytest.raises(ValueError, match="top_p"):  # numbers are checked at the call, deferred or not
+        sample(x, top_p=2.0, errors=errors)
+
+
+def test_deferred_errors_bad_handles():
+    from fastrl.sampling import SampleErrors
+
+    with pytest.raises(TypeError, match="errors"):
+        sample(torch.randn(2, 5), errors=torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match="errors"):
+        sample(torch.randn(2, 5), errors=SampleErrors("meta"))
+    seed = torch.tensor([1])
+    for word in (torch.tensor([-1]), torch.tensor([-1.0, 0.0]), torch.tensor([-1, 0, 0])):
+        with pytest.raises(ValueError, match="error"):
+            torch.ops.fastrl.sample(torch.randn(2, 5), seed, 1.0, 0, 1.0, 0.0, None, None, None, None, word)
+
+
+def test_rollout_defers_the_samplers_checks(monkeypatch):
+    """generate() passes one SampleErrors to every step (no sync per step on a GPU), feeds a bad row's
+    token -1 to the model as 0, and raises the sampler's eager message at its checks."""
+    pytest.importorskip("transformers")
+    import importlib
+
+    import transformers
+
+    from fastrl.rollout import generate
+    from fastrl.sampling import SampleErrors
+
+    module = importlib.import_module("fastrl.rollout.generate")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    top_p = torch.tensor([0.9, 1.5])
+    with pytest.raises(ValueError) as eager:
+        sample(torch.randn(2, 64), top_p=top_p.double())
+    seen = []
+    real = module.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("errors"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "sample", spy)
+    prompts = [torch.tensor([3, 4, 5]), torch.tensor([6, 7])]
+    with pytest.raises(ValueError) as deferred:
+        generate(model, prompts, max_new_tokens=5, top_p=top_p, stop_token_ids=[])  # no stops: checked at the end
+    assert str(deferred.value) == str(eager.value)
+    assert len(seen) == 5 and all(isinstance(e, SampleErrors) for e in seen) and len({id(e) for e in seen}) == 1
+    seen.clear()
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompts, max_new_tokens=5, top_p=top_p, stop_token_ids=[2])  # the first exit check
+    assert len(seen) == 1
+
+
 @pytest.mark.gpu
 def test_generator_on_another_device_is_refused():
     with pytest.raises(ValueError, match="generator"):
@@ -548,7 +681,7 @@ _ENTRY = """#include "sampling.cu"
 extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long rows, long long vocab,
     long long row_stride, long long seed, double temperature, long long top_k, double top_p, double min_p,
     const double* temperatures, const long long* top_ks, const double* top_ps, const double* min_ps,
-    long long* tokens, float* logprobs, float* filtered, unsigned long long* error) {
+    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int accumulate) {
   fastrl::gpu::SampleArgs a{};
   a.logits = logits;
   a.dtype = static_cast<fastrl::gpu::LogitsType>(dtype);
@@ -557,7 +690,7 @@ extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long r
   a.temperatures = temperatures; a.top_ks = reinterpret_cast<const int64_t*>(top_ks);
   a.top_ps = top_ps; a.min_ps = min_ps;
   a.tokens = reinterpret_cast<int64_t*>(tokens); a.logprobs = logprobs; a.filtered_logprobs = filtered;
-  a.error = error;
+  a.error = error; a.accumulate = accumulate != 0;
   return fastrl::gpu::launch_sample(a, nullptr);
 }
 """
@@ -577,26 +710,27 @@ def _emulated_kernel(config: str):
     assert run.returncode == 0, run.stderr[-4000:]
     fn = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_sample
     p, i64, f64 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double
-    fn.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, f64, i64, f64, f64, p, p, p, p, p, p, p, p]
+    fn.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, f64, i64, f64, f64, p, p, p, p, p, p, p, p, ctypes.c_int]
     return fn
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None,) * 4):
-    """The CUDA kernel on the CPU: (tokens, logprobs, filtered logprobs, error word)."""
+def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None,) * 4, word=None):
+    """The CUDA kernel on the CPU: (tokens, logprobs, filtered logprobs, error code). With ``word`` (int64
+    [2]) the launch lowers that caller-owned error word (the deferred form) instead of resetting its own."""
     assert logits.stride(1) == 1
     b = logits.shape[0]
     out = (torch.empty(b, dtype=torch.int64), torch.empty(b), torch.empty(b))
-    error = torch.zeros(1, dtype=torch.int64)
+    error = torch.zeros(2, dtype=torch.int64) if word is None else word
     rows = [None if r is None else (r.long() if i == 1 else r.double()).contiguous() for i, r in enumerate(rows)]
     ptr = [None if r is None else r.data_ptr() for r in rows]
     rc = _emulated_kernel(config)(logits.data_ptr(), _DTYPE_CODES[logits.dtype], b, logits.shape[1], logits.stride(0),
                                   seed, temperature, top_k, top_p, min_p, *ptr, *(t.data_ptr() for t in out),
-                                  error.data_ptr())
+                                  error.data_ptr(), word is not None)
     assert rc == 0
-    return (*out, error.item() & (2**64 - 1))
+    return (*out, int(error[0]) & (2**64 - 1))
 
 
 NO_ERROR = 2**64 - 1
@@ -671,3 +805,43 @@ def test_emulated_cuda_kernel_is_deterministic_and_reports_bad_rows():
     top_p = torch.full((40,), 0.9)
     top_p[17] = 1.5  # a bad setting is reported before bad logits, whatever the row
     assert _emulated("small", logits, 3, rows=(None, None, top_p, None))[3] == (17 << 3) | 2
+
+
+@pytest.mark.parametrize("case", DEFERRED_CASES)
+def test_emulated_cuda_kernel_writes_the_cpu_ops_error_word(case):
+    """The deferred form on both devices: the kernel lowers the caller's two-word error word exactly
+    as the CPU op does (code and the bad setting's value), so the later check raises the same message,
+    and it leaves a word it does not lower as it was (an eager launch resets its own)."""
+    x, kw, _, _, _ = _bad_call(case, "cpu")
+    rows = tuple(kw.get(name) for name in ("temperature", "top_k", "top_p", "min_p"))
+    cpu_word = torch.tensor([-1, 0])
+    torch.ops.fastrl.sample(x, torch.tensor([11]), 1.0, 0, 1.0, 0.0, *rows, cpu_word)
+    emu_word = torch.tensor([-1, 0])
+    got = _emulated("small", x, 11, rows=rows, word=emu_word)
+    assert int(cpu_word[0]) != -1 and torch.equal(emu_word, cpu_word), (emu_word, cpu_word)
+    assert got[3] == int(cpu_word[0]) & (2**64 - 1)
+    with pytest.raises(ValueError) as eager:
+        _op(x, 11, rows=rows)
+    with pytest.raises(ValueError) as deferred:
+        torch.ops.fastrl.sample_check(emu_word)
+    assert str(deferred.value) == str(eager.value)
+    earlier = torch.tensor([0, 12345])  # the smallest code (row 0's temperature), left by an earlier call
+    _emulated("small", x, 11, rows=rows, word=earlier)
+    assert earlier.tolist() == [0, 12345]
+    clean = torch.tensor([-1, 0])
+    _emulated("small", torch.randn(4, 50), 11, word=clean)
+    assert clean.tolist() == [-1, 0]
+
+
+def test_cuda_glue_does_not_sync_in_the_deferred_path():
+    """The torch glue of the CUDA sampler: with an error word, nothing between the entry of sample_cuda
+    and its deferred return reads device memory back (no .item(), no copy to the host, no stream or
+    device synchronisation); an eager call's one read-back is raise_if_error's 16-byte copy."""
+    src = (CUDA_DIR / "sampling_ops.cpp").read_text()
+    body = src[src.index("std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda("):]
+    deferred = body[: body.index("if (deferred) return {tokens, logprobs, filtered_logprobs};")]
+    for sync in (".item", ".cpu()", "Synchronize", "cudaMemcpy(", "raise_if_error", "kCPU", ".to("):
+        assert sync not in deferred, sync
+    assert ".item" not in src  # no per-call scalar read-back anywhere in the glue
+    eager = body[len(deferred):]
+    assert "raise_if_error(error, stream)" in eager

@@ -707,12 +707,17 @@ __device__ u32 scan_draw(Block& blk, const Row<D>& r, u32 thr, float m, float in
 // ---------------------------------------------------------------------------------------------
 // The kernel
 
-__device__ __forceinline__ void report(const SampleArgs& a, int64_t row, int kind, int which) {
-  const u64 code = (static_cast<u64>(kind) << 60) | (static_cast<u64>(row) << 3) | static_cast<u64>(which);
-  atomicMin(a.error, code);
+// A bad row's outputs: token -1 and NaN log-probs.
+__device__ __forceinline__ void mark_bad(const SampleArgs& a, int64_t row) {
   a.tokens[row] = -1;
   a.logprobs[row] = NAN;
   a.filtered_logprobs[row] = NAN;
+}
+
+__device__ __forceinline__ void report(const SampleArgs& a, int64_t row, int kind, int which) {
+  const u64 code = (static_cast<u64>(kind) << 60) | (static_cast<u64>(row) << 3) | static_cast<u64>(which);
+  atomicMin(a.error, code);
+  mark_bad(a, row);
 }
 
 // A row's settings: read again where needed rather than held in registers across the passes.
@@ -723,6 +728,43 @@ __device__ __forceinline__ int64_t top_k_of(const SampleArgs& a, int64_t r) { re
 __device__ __forceinline__ double top_p_of(const SampleArgs& a, int64_t r) { return a.top_ps ? a.top_ps[r] : a.top_p; }
 __device__ __forceinline__ double min_p_of(const SampleArgs& a, int64_t r) { return a.min_ps ? a.min_ps[r] : a.min_p; }
 
+// Which setting of row r is out of range (0 temperature, 1 top_k, 2 top_p, 3 min_p; the first of
+// them), or -1; and the bits of its value (error word 1).
+__device__ __forceinline__ int bad_setting(const SampleArgs& a, int64_t r) {
+  const double temperature = temperature_of(a, r), top_p = top_p_of(a, r), min_p = min_p_of(a, r);
+  return !(temperature >= 0.0 && temperature <= DBL_MAX) ? 0
+         : top_k_of(a, r) < 0                            ? 1
+         : !(top_p > 0.0 && top_p <= 1.0)                ? 2
+         : !(min_p >= 0.0 && min_p <= 1.0)               ? 3
+                                                         : -1;
+}
+__device__ __forceinline__ u64 setting_bits(const SampleArgs& a, int64_t r, int which) {
+  if (which == 1) return static_cast<u64>(top_k_of(a, r));
+  const double v = which == 0 ? temperature_of(a, r) : which == 2 ? top_p_of(a, r) : min_p_of(a, r);
+  return static_cast<u64>(__double_as_longlong(v));
+}
+
+// Block 0 reports the first row with a bad setting, with its value: one writer of error word 1, so
+// the value is the reported row's. (Settings given as numbers are the same for every row: row 0.)
+__device__ void report_settings(Block& blk, const SampleArgs& a) {
+  const bool per_row = a.temperatures || a.top_ks || a.top_ps || a.min_ps;
+  const int64_t rows = per_row ? a.rows : 1;
+  u64 code = kNoError;
+  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {  // increasing rows: a thread's first is its least
+    const int which = bad_setting(a, r);
+    if (which >= 0) {
+      code = (static_cast<u64>(kErrorSetting) << 60) | (static_cast<u64>(r) << 3) | static_cast<u64>(which);
+      break;
+    }
+  }
+  code = blk.reduce(code, [](u64 p, u64 q) { return p < q ? p : q; });
+  if (threadIdx.x == 0 && code != kNoError) {
+    const u64 old = atomicMin(a.error, code);
+    if (code < old) a.error[1] = setting_bits(a, static_cast<int64_t>((code >> 3) & ((1ull << 57) - 1)),
+                                              static_cast<int>(code & 7u));
+  }
+}
+
 template <class D>
 __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a) {
   Shared& sm = shared_memory();
@@ -730,18 +772,10 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
   const int64_t row_index = blockIdx.x;
   const u32 t = threadIdx.x;
 
-  {
-    const double temperature = temperature_of(a, row_index), top_p = top_p_of(a, row_index);
-    const double min_p = min_p_of(a, row_index);
-    const int bad = !(temperature >= 0.0 && temperature <= DBL_MAX) ? 0
-                    : top_k_of(a, row_index) < 0                    ? 1
-                    : !(top_p > 0.0 && top_p <= 1.0)                ? 2
-                    : !(min_p >= 0.0 && min_p <= 1.0)               ? 3
-                                                                    : -1;
-    if (bad >= 0) {
-      if (t == 0) report(a, row_index, kErrorSetting, bad);
-      return;
-    }
+  if (row_index == 0) report_settings(blk, a);
+  if (bad_setting(a, row_index) >= 0) {
+    if (t == 0) mark_bad(a, row_index);
+    return;
   }
   const bool greedy = temperature_of(a, row_index) == 0.0;
   float inv_t;
@@ -942,12 +976,14 @@ int launch(const SampleArgs& a, CUstream_st* stream) {
 
 int launch_sample(const SampleArgs& args, CUstream_st* stream) {
   if (args.rows <= 0) return 0;
+  if (!args.accumulate) {
 #ifdef FASTRL_SIMT_EMULATION
-  *args.error = kNoError;
+    *args.error = kNoError;
 #else
-  const cudaError_t err = cudaMemsetAsync(args.error, 0xFF, sizeof(unsigned long long), stream);
-  if (err != cudaSuccess) return static_cast<int>(err);
+    const cudaError_t err = cudaMemsetAsync(args.error, 0xFF, sizeof(unsigned long long), stream);
+    if (err != cudaSuccess) return static_cast<int>(err);
 #endif
+  }
   switch (args.dtype) {
     case LogitsType::kFloat32:
       return launch<F32>(args, stream);

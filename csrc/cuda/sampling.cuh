@@ -20,7 +20,9 @@ constexpr int64_t kMaxVocab = int64_t{1} << 23;
 
 // What went wrong, reported as the minimum over rows of (kind << 60) | (row << 3) | which, so that a
 // bad setting in any row is reported before bad logits, and the first row first (as the CPU
-// sampler does). kNoError when every row was fine.
+// sampler does). kNoError when every row was fine. The error word is two 64-bit words: [0] that
+// code, [1] the bits of the bad setting's value (a double; top_k: the int64 itself) when [0] is a
+// setting error. The CPU op writes the same two words (csrc/sampling_checks.h decodes them).
 constexpr unsigned long long kNoError = ~0ull;
 constexpr int kErrorSetting = 0;  // which: 0 temperature, 1 top_k, 2 top_p, 3 min_p
 constexpr int kErrorLogits = 1;   // which: 4 NaN or +inf, 5 no finite value
@@ -43,7 +45,12 @@ struct SampleArgs {
   int64_t* tokens;  // outputs [rows] (device); a bad row gets token -1 and NaN log-probs
   float* logprobs;
   float* filtered_logprobs;
-  unsigned long long* error;  // one word (device), set to kNoError here, then lowered by bad rows
+  // Two words (device, see kNoError). Word 0 is lowered by bad rows (atomicMin), word 1 written with
+  // it for a setting error. Without `accumulate` launch_sample first resets word 0 to kNoError (one
+  // call's errors, read back by an eager call); with it the caller's word keeps the smallest code
+  // over every call since the caller reset it (a deferred check: no host sync per call).
+  unsigned long long* error;
+  bool accumulate;
 };
 
 // Enqueues the error reset and the kernel on `stream`; returns a cudaError_t (0 = success).

@@ -1,5 +1,6 @@
 // Torch glue of the CUDA sampler: the checks of the CPU sampler, the current stream, errors raised
-// as ValueError, and the registration of fastrl::sample for CUDA tensors. The kernel and its launcher
+// as ValueError (eager calls: one small device-to-host copy; with an error word: none, the caller
+// checks the word later), and the registration of fastrl::sample for CUDA tensors. The kernel and its launcher
 // are in sampling.cu (CUDA toolkit only); this file needs torch's CUDA headers, so it is compiled in
 // CUDA builds only (setup.py adds csrc/cuda/*.cpp with the .cu files).
 #include <ATen/ATen.h>
@@ -19,22 +20,6 @@
 namespace fastrl {
 namespace {
 
-// The message the CPU sampler gives for a bad setting `which` (0 temperature, 1 top_k, 2 top_p,
-// 3 min_p) of `row`, raised as ValueError.
-[[noreturn]] void raise_setting(int which, double value, int64_t row) {
-  switch (which) {
-    case 0:
-      TORCH_CHECK_VALUE(false, "temperature must be finite and >= 0, got ", value, " for row ", row);
-    case 1:
-      TORCH_CHECK_VALUE(false, "top_k must be >= 0 (0 disables it), got ", static_cast<int64_t>(value), " for row ",
-                        row);
-    case 2:
-      TORCH_CHECK_VALUE(false, "top_p must be in (0, 1], got ", value, " for row ", row);
-    default:
-      TORCH_CHECK_VALUE(false, "min_p must be in [0, 1], got ", value, " for row ", row);
-  }
-}
-
 // Scalar settings (those without a per-row tensor) are checked here, before the launch.
 void check_scalar_settings(int64_t rows, double temperature, int64_t top_k, double top_p, double min_p,
                            bool per_row_t, bool per_row_k, bool per_row_p, bool per_row_mp) {
@@ -45,10 +30,22 @@ void check_scalar_settings(int64_t rows, double temperature, int64_t top_k, doub
   if (!per_row_mp) check_min_p(min_p, 0);
 }
 
+// An eager call raises like the CPU sampler: one 16-byte device-to-host copy (a sync), the only one
+// of the call. Not while the stream is captured into a CUDA graph, where a bad row shows as token -1
+// and NaN log-probs instead (pass an error word to check it later).
+void raise_if_error(const at::Tensor& error, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "fastrl.sample: cudaStreamIsCapturing failed");
+  if (capture != cudaStreamCaptureStatusNone) return;
+  const at::Tensor word = error.cpu();
+  raise_error_word(static_cast<uint64_t>(word.data_ptr<int64_t>()[0]), word.data_ptr<int64_t>()[1]);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
     double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
-    const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps) {
+    const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps,
+    const std::optional<at::Tensor>& error_word) {
   check_logits(logits_in);
   const auto dtype = logits_in.scalar_type();
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor here, got ", logits_in.device());
@@ -67,13 +64,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const double* p_row = row_setting<double>(top_ps, logits_in, at::kDouble, "top_p");
   const double* mp_row = row_setting<double>(min_ps, logits_in, at::kDouble, "min_p");
   check_scalar_settings(rows, temperature, top_k, top_p, min_p, t_row, k_row, p_row, mp_row);
+  const bool deferred = error_word.has_value();
+  if (deferred) check_error_word(*error_word, logits_in);
 
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
   auto filtered_logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
   if (rows == 0) return {tokens, logprobs, filtered_logprobs};
-  auto error = at::empty({1}, logits.options().dtype(at::kLong));
+  // Deferred: the caller's word, lowered in place. Eager: this call's own, reset by launch_sample.
+  const at::Tensor error = deferred ? *error_word : at::empty({2}, logits.options().dtype(at::kLong));
 
   gpu::SampleArgs a{};
   a.logits = logits.const_data_ptr();
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   a.vocab = v;
   a.row_stride = logits.stride(0);
   if (seed.device().is_cpu()) {
-    a.seed_value = static_cast<uint64_t>(seed.reshape(-1)[0].item<int64_t>());
+    a.seed_value = static_cast<uint64_t>(seed.contiguous().const_data_ptr<int64_t>()[0]);  // host memory
   } else {
     a.seed_ptr = seed.const_data_ptr<int64_t>();  // read by the kernel: no sync, graph-capturable
   }
@@ -100,30 +100,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   a.logprobs = logprobs.data_ptr<float>();
   a.filtered_logprobs = filtered_logprobs.data_ptr<float>();
   a.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
+  a.accumulate = deferred;
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int rc = gpu::launch_sample(a, stream);
   TORCH_CHECK(rc == 0, "fastrl.sample: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
 
-  // Raise like the CPU sampler: one small device-to-host copy (a sync). Not while the stream is
-  // captured into a CUDA graph, where a bad row shows as token -1 and NaN log-probs instead.
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess, "fastrl.sample: cudaStreamIsCapturing failed");
-  if (capture == cudaStreamCaptureStatusNone) {
-    const auto code = static_cast<unsigned long long>(error.item<int64_t>());
-    if (code != gpu::kNoError) {
-      const int kind = static_cast<int>(code >> 60), which = static_cast<int>(code & 7u);
-      const int64_t row = static_cast<int64_t>((code >> 3) & ((1ull << 57) - 1));
-      if (kind == gpu::kErrorSetting) {
-        const std::optional<at::Tensor>* per_row[] = {&temperatures, &top_ks, &top_ps, &min_ps};
-        const double scalars[] = {temperature, static_cast<double>(top_k), top_p, min_p};
-        const auto& t = *per_row[which];
-        raise_setting(which, t.has_value() ? (*t)[row].item<double>() : scalars[which], row);
-      }
-      TORCH_CHECK_VALUE(which != gpu::kWhichNonFinite, "logits must not contain NaN or +inf (row ", row, ")");
-      TORCH_CHECK_VALUE(false, "logits row ", row, " has no finite value (every entry is -inf)");
-    }
-  }
+  // Deferred: nothing more here; the caller reads the word when it checks (fastrl.sampling.SampleErrors).
+  if (deferred) return {tokens, logprobs, filtered_logprobs};
+  raise_if_error(error, stream);
   return {tokens, logprobs, filtered_logprobs};
 }
 

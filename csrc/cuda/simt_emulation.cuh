@@ -243,6 +243,7 @@ inline T __ldg(const T* p) {
 inline unsigned __float_as_uint(float x) { return simt::from_bits<unsigned>(simt::to_bits(x)); }
 inline float __uint_as_float(unsigned x) { return simt::from_bits<float>(simt::to_bits(x)); }
 inline float __int_as_float(int x) { return simt::from_bits<float>(simt::to_bits(x)); }
+inline long long __double_as_longlong(double x) { return simt::from_bits<long long>(simt::to_bits(x)); }
 inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((uint64_t{a} * b) >> 32); }
 inline unsigned long long __float2ull_rn(float x) { return static_cast<unsigned long long>(std::nearbyint(x)); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }

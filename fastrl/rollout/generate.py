@@ -16,7 +16,7 @@ import torch
 
 from fastrl import _checks
 from fastrl.rollout import decoders
-from fastrl.sampling import sample
+from fastrl.sampling import SampleErrors, sample
 
 __all__ = ["Rollout", "generate", "release"]
 
@@ -204,8 +204,9 @@ def generate(
         next_pos = prompt_lengths.to(device).repeat_interleave(num_samples)
         steps = range(max_new_tokens)
         bar = _progress_bar(steps) if progress else None
+        errors = SampleErrors(device)  # bad rows are recorded on the device and raised at the exit checks
         for step in steps if bar is None else bar:
-            tokens, logprobs = sample(logits, generator=generator, **settings)
+            tokens, logprobs = sample(logits, generator=generator, errors=errors, **settings)
             live = ~done
             out_ids[:, step] = torch.where(live, tokens, pad)
             out_logprobs[:, step] = torch.where(live, logprobs, 0.0)
@@ -213,10 +214,14 @@ def generate(
             if stops is not None:
                 done |= torch.isin(tokens, stops)
                 # the early-exit test waits for the device: on GPU only every few steps
-                if (device.type == "cpu" or step % _CUDA_EXIT_CHECK == _CUDA_EXIT_CHECK - 1) and bool(done.all()):
-                    break
+                if device.type == "cpu" or step % _CUDA_EXIT_CHECK == _CUDA_EXIT_CHECK - 1:
+                    errors.check()  # the sampler's ValueError for a bad row, if any (a sync like the next)
+                    if bool(done.all()):
+                        break
             if step + 1 < max_new_tokens:  # a finished row feeds whatever it drew: its logits go unused
-                logits = decoder.step(tokens, next_pos + step, longest + step)
+                # a bad row's token -1 (raised at the next check) is fed as 0, never as an index out of range
+                logits = decoder.step(tokens.clamp(min=0), next_pos + step, longest + step)
+        errors.check()
         if bar is not None:
             bar.close()
         if not keep_graph:  # a decoder kept by an earlier call goes too
