@@ -54,7 +54,7 @@ import torch
 from fastrl.losses import FusedLinearGRPOLoss
 from fastrl.losses.reference import DEFAULT_AGG
 from fastrl.ops import group_advantages
-from fastrl.rollout import generate
+from fastrl.rollout import generate, release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import ConfigError, GRPOConfig, TrainConfig
 from fastrl.train.data import Prompts, load_prompts
@@ -152,7 +152,8 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
                            max_new_tokens=config.max_completion_length,
                            num_samples=g, temperature=config.temperature if temperature is None else temperature,
                            top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, stop_token_ids=stop_ids,
-                           generator=generator, engine=config.rollout_engine)
+                           generator=generator, engine=config.rollout_engine,
+                           keep_graph=config.rollout_keep_cuda_graph)
     finally:
         policy.train(was_training)
     ids, logps, lengths = out.completion_ids.cpu(), out.logprobs.cpu(), out.lengths.cpu().tolist()
@@ -520,4 +521,5 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
             save_if_due(run, step + 1)
         return finish(run)
     finally:
+        release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
         telemetry.close()

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from fastrl.losses import FusedLinearDPOLoss
+from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import _model_tensors
 from fastrl.train.config import OnlineDPOConfig
@@ -275,4 +276,5 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
             save_if_due(run, step + 1, save=save_with_reference)
         return finish(run, save=save_with_reference)
     finally:
+        release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
         telemetry.close()

@@ -156,3 +156,49 @@ def test_two_gloo_processes(prompts_file, tmp_path):
     assert all(r["kl"] >= 0 and "reward/mean" in r for r in records)
     assert records[0]["completions/mean_length"] > 0
     assert (tmp_path / "two" / "checkpoints" / "step-00000002" / "model.safetensors").is_file()
+
+
+class _Decoders:
+    """Every lean decoder a run builds, and what ``generate`` keeps between calls."""
+
+    def __init__(self, monkeypatch):
+        import importlib
+
+        from fastrl.rollout import decoders
+
+        self.built = []
+        self.kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+        built, real = self.built, decoders.LeanDecoder
+
+        class Counting(real):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                built.append(self)
+
+        monkeypatch.setattr(decoders, "LeanDecoder", Counting)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_rollout_cache_released_unless_kept(prompts_file, tmp_path, monkeypatch, keep):
+    """By default each rollout frees its static KV cache (and, on GPU, CUDA graphs) before the training
+    step; rollout_keep_cuda_graph keeps one decoder across the steps; nothing outlives the run."""
+    spy = _Decoders(monkeypatch)
+    seen = []
+    real_step = __import__("fastrl.train.grpo", fromlist=["grpo_step"]).grpo_step
+
+    def grpo_step(policy, *args, **kwargs):  # what is kept while the policy trains
+        seen.append(policy.model in spy.kept and bool(spy.kept[policy.model].keys))
+        return real_step(policy, *args, **kwargs)
+
+    monkeypatch.setattr("fastrl.train.grpo.grpo_step", grpo_step)
+    result = train_grpo(GRPOConfig(**online_fields(prompts_file, tmp_path / "run", max_steps=3, batch_size=2,
+                                                   num_generations=4, max_completion_length=4,
+                                                   rollout_engine="fastrl", rollout_keep_cuda_graph=keep)))
+    assert len(result.history) == 3 and seen == [keep] * 3
+    assert len(spy.built) == (1 if keep else 3)  # kept: built once, reused by the next rollouts
+    assert all(d.keys == [] for d in spy.built) and result.policy.model not in spy.kept
+
+
+def test_rollout_keep_cuda_graph_must_be_a_bool(prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="rollout_keep_cuda_graph"):
+        GRPOConfig(**online_fields(prompts_file, tmp_path / "run", rollout_keep_cuda_graph="yes"))

@@ -41,3 +41,24 @@ def test_previous_iterate_reference_all_pairs_and_resume(prompts_file, tmp_path)
     assert [h["loss"] for h in straight.history[3:]] == [h["loss"] for h in resumed.history]
     for name, value in state(straight.policy).items():
         assert torch.equal(value, state(resumed.policy)[name]), name
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_rollout_cache_released_unless_kept(prompts_file, tmp_path, monkeypatch, keep):
+    from .test_grpo import _Decoders
+
+    spy = _Decoders(monkeypatch)
+    seen = []
+    real_step = __import__("fastrl.train.online_dpo", fromlist=["online_dpo_step"]).online_dpo_step
+
+    def online_dpo_step(policy, *args, **kwargs):  # what is kept while the policy trains
+        seen.append(policy.model in spy.kept and bool(spy.kept[policy.model].keys))
+        return real_step(policy, *args, **kwargs)
+
+    monkeypatch.setattr("fastrl.train.online_dpo.online_dpo_step", online_dpo_step)
+    fields = online_fields(prompts_file, tmp_path / "run", max_steps=3, num_generations=4, batch_size=2,
+                           max_completion_length=4, rollout_engine="fastrl", rollout_keep_cuda_graph=keep)
+    result = train_online_dpo(OnlineDPOConfig(**fields))
+    assert len(result.history) == 3 and seen == [keep] * 3
+    assert len(spy.built) == (1 if keep else 3)
+    assert all(d.keys == [] for d in spy.built) and result.policy.model not in spy.kept
