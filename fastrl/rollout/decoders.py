@@ -82,8 +82,9 @@ def lean_unsupported_reason(model, total_length: int) -> str | None:
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         return "sharded (DTensor) parameters: their all-gather hooks sit on modules the lean step bypasses"
     for module in (base, *base.layers, *(getattr(layer, "self_attn", base) for layer in base.layers)):
-        if module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"):
-            return f"{type(module).__name__} has forward hooks, which the lean step would bypass"
+        reason = _hook_reason(module)
+        if reason is not None:
+            return reason
     for layer in base.layers:
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")):
@@ -91,6 +92,30 @@ def lean_unsupported_reason(model, total_length: int) -> str | None:
         window = getattr(attn, "sliding_window", None)
         if window is not None and window < total_length:
             return f"sliding-window attention ({window}) shorter than the sequence ({total_length})"
+    return None
+
+
+def _fsdp_state(hook):
+    """The FSDP2 state a forward hook belongs to (``fully_shard`` registers bound methods of it), else None."""
+    owner = getattr(hook, "__self__", None)
+    return owner if type(owner).__name__ == "FSDPState" else None
+
+
+def _hook_reason(module) -> str | None:
+    """Why the hooks on ``module`` rule the lean step out (None when there are none, or only FSDP2's on
+    a unit that is gathered and stays gathered through the prefill)."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    if hasattr(module, "_hf_hook") or any(_fsdp_state(h) is None for h in hooks):
+        return f"{type(module).__name__} has forward hooks, which the lean step would bypass"
+    for state in {id(s): s for s in map(_fsdp_state, hooks)}.values():
+        # FSDP2's hooks gather a unit's parameters before its forward and free them after. The lean step
+        # calls the unit's sub-modules, bypassing them: fine once the unit is gathered (no DTensor
+        # parameters, checked above), as long as the prefill's forward, which does run them, does not
+        # reshard it after (``set_reshard_after_forward(False)``, as fastrl.train.grpo.full_weights does).
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None or any(getattr(g, "post_forward_mesh_info", True) is not None for g in groups):
+            return (f"{type(module).__name__} is an FSDP2 unit that reshards after its forward: gather it for the "
+                    "whole rollout (unshard() and set_reshard_after_forward(False)) to run the lean step")
     return None
 
 

@@ -82,6 +82,7 @@ class Completions:
     stopped: torch.Tensor          # [N] bool: ended on a stop token
     rows: list[int]                # data row of each completion's prompt
     group_size: int
+    engine: str = "fastrl"         # the rollout engine that ran (fastrl.rollout.Rollout.engine)
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -96,8 +97,10 @@ _FSDP_READY: weakref.WeakSet = weakref.WeakSet()
 
 @contextlib.contextmanager
 def full_weights(policy: Policy, world: distributed.World):
-    """Every FSDP2 unit of ``policy`` gathered for the rollout (which calls the layers' weights
-    directly); resharded after. A no-op in one process."""
+    """Every FSDP2 unit of ``policy`` gathered for the rollout, and kept gathered through the prompt
+    prefill's forward (no reshard after forward), so that the lean decoder, which calls the layers'
+    sub-modules directly, runs on FSDP2 models too; resharded, and the units' reshard-after-forward
+    restored, after. A no-op in one process."""
     units = []
     if world.distributed:
         from torch.distributed.fsdp import FSDPModule
@@ -110,13 +113,26 @@ def full_weights(policy: Policy, world: distributed.World):
                 policy(pack([[0]], [[0]]).to(world.device), lambda hidden, weight, bias: hidden)
             distributed.reshard(policy)
             _FSDP_READY.add(policy)
-        for unit in units:
-            unit.unshard()
+    saved = [_hold_gathered(unit) for unit in units]
     try:
         yield
     finally:
-        for unit in units:
+        for unit, (auto, infos) in zip(units, saved):
+            state = unit._get_fsdp_state()
+            state._auto_reshard_after_forward = auto  # what set_reshard_after_forward changed
+            for group, info in zip(state._fsdp_param_groups, infos):
+                group.post_forward_mesh_info = info
             unit.reshard()
+
+
+def _hold_gathered(unit) -> tuple:
+    """Gather an FSDP2 unit and keep it gathered after its forwards; returns what to restore (each
+    parameter group's post-forward mesh, None being FSDP2's "do not reshard after forward")."""
+    state = unit._get_fsdp_state()
+    saved = (state._auto_reshard_after_forward, [group.post_forward_mesh_info for group in state._fsdp_param_groups])
+    unit.set_reshard_after_forward(False, recurse=False)
+    unit.unshard()
+    return saved
 
 
 def stop_tokens(config, tokenizer, model) -> list[int]:
@@ -160,7 +176,8 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
     return Completions(prompts=[prompts[i // g] for i in range(len(lengths))],
                        completions=[ids[i, :n].tolist() for i, n in enumerate(lengths)],
                        sampler_logps=[logps[i, :n].clone() for i, n in enumerate(lengths)],
-                       stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g)
+                       stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g,
+                       engine=out.engine)
 
 
 # ---------------------------------------------------------------------------------------------- rewards
