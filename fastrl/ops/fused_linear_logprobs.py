@@ -126,10 +126,8 @@ def chunk_spans(n: int, width: int, budget: int, align: int) -> list[tuple[int, 
 def scored_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows whose label is not ``ignore_index``, or None when every row is scored.
     One host sync (the count is data-dependent)."""
-    keep = labels != ignore_index
-    if bool(keep.all()):
-        return None
-    return keep.nonzero().squeeze(1)
+    sel = (labels != ignore_index).nonzero().squeeze(1)
+    return None if sel.numel() == labels.shape[0] else sel
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

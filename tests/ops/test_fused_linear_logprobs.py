@@ -311,24 +311,43 @@ def test_backward_writes_the_gradient_in_the_model_dtype_into_its_own_buffer(mon
                 assert same == (dtype == torch.float32)  # fp32 models: in place; else its own bf16 buffer
 
 
-def _bwd_ptx_for_slice(width: int) -> dict:
-    """The backward kernel as a vocabulary slice of ``width`` columns launches it from
-    fused_linear_logprobs on an sm_90 GPU: fp32 logits in, the gradient written in bf16 into its own
-    buffer; the width is the row stride of both and Triton marks it divisible by 16 when it is."""
-    pytest.importorskip("triton")
-    from conftest import compile_for_gpu
-
-    from fastrl.kernels.selective_logprobs import selective_logprobs_bwd_kernel
-
-    signature = {"grad_logits_ptr": "*bf16", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
-                 "logits_ptr": "*fp32", "labels_ptr": "*i64", "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
-                 "n_cols": "i32", "stride_row": "i32", "grad_stride_row": "i32", "inv_temperature": "fp32",
-                 "ignore_index": "i32", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK": "constexpr"}
+_BWD_COMPILE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from conftest import compile_for_gpu
+from fastrl.kernels.selective_logprobs import selective_logprobs_bwd_kernel as kernel
+signature = {"grad_logits_ptr": "*bf16", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32",
+             "logits_ptr": "*fp32", "labels_ptr": "*i64", "entropy_ptr": "*fp32", "stats_ptr": "*fp32",
+             "n_cols": "i32", "stride_row": "i32", "grad_stride_row": "i32", "inv_temperature": "fp32",
+             "ignore_index": "i32", "HAS_GRAD_ENTROPY": "constexpr", "BLOCK": "constexpr"}
+out = {}
+for width in map(int, sys.argv[2:]):
     aligned = [name for name, kind in signature.items() if kind.startswith("*")]
-    if width % 16 == 0:
+    if width % 16 == 0:  # Triton's launcher marks an int divisible by 16 so
         aligned += ["n_cols", "stride_row", "grad_stride_row"]
-    return compile_for_gpu(selective_logprobs_bwd_kernel, signature, {"HAS_GRAD_ENTROPY": True, "BLOCK": 4096},
-                           num_warps=8, aligned=tuple(aligned))
+    out[width] = compile_for_gpu(kernel, signature, {"HAS_GRAD_ENTROPY": True, "BLOCK": 4096}, num_warps=8,
+                                 aligned=tuple(aligned))
+print(json.dumps(out))
+"""
+
+
+def _bwd_ptx_for_slices(*widths: int) -> dict:
+    """The backward kernel as a vocabulary slice of each width launches it from fused_linear_logprobs
+    on an sm_90 GPU: fp32 logits in, the gradient written in bf16 into its own buffer; the width is
+    the row stride of both. Compiled ahead of time in a fresh process (the interpreter, once it has
+    run in this one, leaves triton.language patched)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _BWD_COMPILE, str(Path(__file__).parents[1]), *map(str, widths)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {int(k): v for k, v in json.loads(run.stdout.strip().splitlines()[-1]).items()}
 
 
 def test_vocabulary_slices_of_a_real_batch_compile_to_vector_loads_and_stores():
@@ -337,11 +356,12 @@ def test_vocabulary_slices_of_a_real_batch_compile_to_vector_loads_and_stores():
     # 12288 tokens, V = 151936, 1 GiB: every slice width the backward launches with
     widths = {hi - lo for lo, hi in chunk_spans(151936, 12288, 1 << 30, VOCAB_ALIGN)}
     assert all(w % 128 == 0 for w in widths)
-    for width in sorted(widths)[:2]:
-        res = _bwd_ptx_for_slice(width)
+    compiled = _bwd_ptx_for_slices(*sorted(widths), 21845)
+    for width in sorted(widths):
+        res = compiled[width]
         assert "ld.global.v4" in res["ptx"], width  # fp32 logits, 16 bytes a load
         assert "st.global.v4" in res["ptx"] and "st.global.b16" not in res["ptx"], width  # bf16 gradient
         assert res.get("STACK", 0) == 0 and res.get("LOCAL", 0) == 0
     # the old width, 2**28 // 12288 = 21845 columns, is odd: the loads cannot be vectorised
-    odd = _bwd_ptx_for_slice(21845)["ptx"]
+    odd = compiled[21845]["ptx"]
     assert "ld.global.v4" not in odd and "st.global.b16" in odd
