@@ -486,6 +486,32 @@ __device__ Pair window_pass(Block& blk, const Row<D>& row, u32 lo, u32 hi, int s
   const u32 bin0 = shift >= 0 ? lo >> shift : 0u;
   const u32 lanes_below = (1u << lane_id()) - 1u;
   Pair own = {0, 0};
+  // Histogram updates, aggregated per warp: the lanes whose elements fall in the same bin (found with
+  // __match_any_sync) sum their counts and masses and take the min / max of their keys with warp
+  // reductions, and one of them makes the four shared-memory atomics for all. On a mostly -inf row
+  // (whose -inf entries all land in bin 0 of a first histogram) this turns 32 lanes' atomics on one
+  // address into one lane's; when no two lanes share a bin, the lanes update alone as before.
+  // Masses (< 2^41) are summed as two 20-bit halves, each sum within 32 bits.
+  auto bin_add = [&](u32 b, bool in, u32 k, u64 w) {
+    const unsigned peers = __match_any_sync(kFullMask, b);
+    if (__any_sync(kFullMask, in && peers != (1u << lane_id()))) {
+      const u32 n = static_cast<u32>(__popc(peers));
+      const u32 w_lo = __reduce_add_sync(peers, static_cast<u32>(w & 0xFFFFFu));
+      const u32 w_hi = __reduce_add_sync(peers, static_cast<u32>(w >> 20));
+      const u32 k_min = __reduce_min_sync(peers, k), k_max = __reduce_max_sync(peers, k);
+      if (in && lane_id() == static_cast<u32>(__ffs(static_cast<int>(peers)) - 1)) {
+        atomicAdd(&sm.bin_count[b], n);
+        atomicAdd(&sm.bin_mass[b], (static_cast<u64>(w_hi) << 20) + w_lo);
+        atomicMin(&sm.bin_min[b], k_min);
+        atomicMax(&sm.bin_max[b], k_max);
+      }
+    } else if (in) {
+      atomicAdd(&sm.bin_count[b], 1u);
+      atomicAdd(&sm.bin_mass[b], w);
+      atomicMin(&sm.bin_min[b], k);
+      atomicMax(&sm.bin_max[b], k);
+    }
+  };
   for_each(row, [&](float x, u32 i, bool ok) {
     const u32 k = key_of(x);
     const bool in = ok && k >= lo && k < hi;
@@ -496,9 +522,15 @@ __device__ Pair window_pass(Block& blk, const Row<D>& row, u32 lo, u32 hi, int s
       if (lane_id() == 0) base = atomicAdd(&sm.n_cand, static_cast<u32>(__popc(ballot)));
       base = __shfl_sync(kFullMask, base, 0);
     }
-    if (!in) return;
     const float s = (x - m) * inv_t;
-    const u64 w = static_cast<u64>(__float2ull_rn(exp_nonpositive(s) * kMassScale));
+    const u64 w = in ? static_cast<u64>(__float2ull_rn(exp_nonpositive(s) * kMassScale)) : 0ull;
+    if (want_bins) {
+      const u32 b = !in         ? static_cast<u32>(kBins)  // outside the window: a group of its own
+                    : shift >= 0 ? (k >> shift) - bin0
+                                 : kBins - 1 - static_cast<u32>(fminf(-s * kBinsPerLogMass, kBins - 1.0f));
+      bin_add(b, in, k, w);
+    }
+    if (!in) return;
     own.a += 1;
     own.b += w;
     if (want_cand) {
@@ -507,14 +539,6 @@ __device__ Pair window_pass(Block& blk, const Row<D>& row, u32 lo, u32 hi, int s
         sm.cand_key[pos] = k;
         sm.cand_idx[pos] = i;
       }
-    }
-    if (want_bins) {
-      const u32 b = shift >= 0 ? (k >> shift) - bin0
-                               : kBins - 1 - static_cast<u32>(fminf(-s * kBinsPerLogMass, kBins - 1.0f));
-      atomicAdd(&sm.bin_count[b], 1u);
-      atomicAdd(&sm.bin_mass[b], w);
-      atomicMin(&sm.bin_min[b], k);
-      atomicMax(&sm.bin_max[b], k);
     }
   });
   return blk.sum(own);  // its barrier also publishes the candidates and the histogram

@@ -8,7 +8,8 @@
 // do. So the kernel source runs unchanged, with CUDA's synchronisation rules enforced: a barrier
 // or collective that not every thread reaches is reported as a deadlock and aborts. Shared memory
 // starts as garbage (0xA5 bytes), as on the GPU. Only what sampling.cu uses is provided: full-warp
-// collectives, shared/global atomics on 32/64-bit integers, and a few intrinsics.
+// collectives (shuffles, votes, __match_any_sync), the group reductions __reduce_*_sync with the masks
+// __match_any_sync returns, shared/global atomics on 32/64-bit integers (counted), and a few intrinsics.
 #pragma once
 
 #include <ucontext.h>
@@ -227,6 +228,56 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
   return simt::from_bits<T>(lanes[(simt::machine().current & 31u) ^ static_cast<unsigned>(lane_mask)]);
 }
 
+inline int __any_sync(unsigned mask, int predicate) {
+  simt::require_full(mask);
+  const uint64_t* lanes = simt::exchange(predicate != 0);
+  for (unsigned l = 0; l < 32; ++l) {
+    if (lanes[l] != 0) return 1;
+  }
+  return 0;
+}
+
+// The lanes whose value equals this lane's (every lane of the warp must call it).
+inline unsigned __match_any_sync(unsigned mask, unsigned v) {
+  simt::require_full(mask);
+  const uint64_t* lanes = simt::exchange(v);
+  unsigned out = 0;
+  for (unsigned l = 0; l < 32; ++l) out |= static_cast<unsigned>(lanes[l] == v) << l;
+  return out;
+}
+
+namespace simt {
+// A reduction over the lanes of `mask`, a group that this lane belongs to. Emulated for warps whose
+// 32 lanes all make the call, each with its own group's mask (as after __match_any_sync); a mask
+// without this lane, or lanes of one group that disagree on it, abort.
+template <class Op>
+inline unsigned reduce_group(unsigned mask, unsigned v, Op op) {
+  const uint64_t* lanes = exchange((uint64_t{mask} << 32) | v);
+  const unsigned me = machine().current & 31u;
+  if (!((mask >> me) & 1u)) deadlock("a warp reduction whose mask leaves out the calling lane");
+  bool first = true;
+  unsigned r = 0;
+  for (unsigned l = 0; l < 32; ++l) {
+    if (!((mask >> l) & 1u)) continue;
+    if (static_cast<unsigned>(lanes[l] >> 32) != mask) deadlock("a warp reduction whose lanes disagree on the mask");
+    const unsigned x = static_cast<unsigned>(lanes[l]);
+    r = first ? x : op(r, x);
+    first = false;
+  }
+  return r;
+}
+}  // namespace simt
+
+inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
+  return simt::reduce_group(mask, v, [](unsigned a, unsigned b) { return a + b; });
+}
+inline unsigned __reduce_min_sync(unsigned mask, unsigned v) {
+  return simt::reduce_group(mask, v, [](unsigned a, unsigned b) { return a < b ? a : b; });
+}
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+  return simt::reduce_group(mask, v, [](unsigned a, unsigned b) { return a > b ? a : b; });
+}
+
 inline unsigned __ballot_sync(unsigned mask, int predicate) {
   simt::require_full(mask);
   const uint64_t* lanes = simt::exchange(predicate != 0);
@@ -250,28 +301,42 @@ inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigne
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 
+namespace simt {
+// Atomic operations made since the counter was last reset (tests read it to see how many the
+// kernel issues, e.g. on the shared histograms).
+inline uint64_t& atomic_count() {
+  static uint64_t n = 0;
+  return n;
+}
+}  // namespace simt
+
 // One fiber runs at a time, so plain read-modify-writes are atomic.
 inline unsigned atomicAdd(unsigned* p, unsigned v) {
+  ++simt::atomic_count();
   const unsigned old = *p;
   *p = old + v;
   return old;
 }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  ++simt::atomic_count();
   const unsigned long long old = *p;
   *p = old + v;
   return old;
 }
 inline unsigned atomicMin(unsigned* p, unsigned v) {
+  ++simt::atomic_count();
   const unsigned old = *p;
   *p = v < old ? v : old;
   return old;
 }
 inline unsigned atomicMax(unsigned* p, unsigned v) {
+  ++simt::atomic_count();
   const unsigned old = *p;
   *p = v > old ? v : old;
   return old;
 }
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
+  ++simt::atomic_count();
   const unsigned long long old = *p;
   *p = v < old ? v : old;
   return old;
