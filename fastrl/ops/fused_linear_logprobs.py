@@ -32,8 +32,10 @@ makes the fp32 accumulator smaller:
   summed in an fp32 ``[V, H]`` buffer.
 
 One slice holding everything needs no accumulator. Peak extra memory: the gradients themselves,
-``min(tokens, V) * H * 4`` bytes of accumulator, 1.5x the workspace (the fp32 slice and its
-gradient in the model's dtype for the GEMMs), and a copy of the scored rows of ``hidden``.
+``min(scored tokens, V) * H * 4`` bytes of accumulator, 1.5x the workspace (the fp32 slice and its
+gradient in the model's dtype for the GEMMs) and, for vocabulary slices when some rows are ignored,
+a copy of the scored rows of ``hidden`` (freed before the gradient is scattered back): never more
+than the ungathered path needed.
 """
 
 from __future__ import annotations
@@ -186,56 +188,69 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden
               workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     vocab = weight.shape[0]
     d_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device)
-    args = (temperature, ignore_index, workspace_bytes, d_bias)
+    out_bias_dtype = bias.dtype if bias is not None else weight.dtype
     sel = scored_rows(labels, ignore_index)  # rows labelled ignore_index have zero gradient: no GEMM for them
-    if sel is None:
-        d_hidden, d_weight = _backward_rows(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats,
-                                            *args)
+    scored = labels.shape[0] if sel is None else sel.numel()
+    if scored == 0:
+        return torch.zeros_like(hidden), torch.zeros_like(weight), d_bias.to(out_bias_dtype)
+    if sel is not None:  # the per-row vectors of the scored rows (small)
+        grad_logp, labels, entropy, stats = grad_logp[sel], labels[sel], entropy[sel], stats[sel]
+        grad_entropy = None if grad_entropy is None else grad_entropy[sel]
+    args = (grad_logp, grad_entropy, weight, bias, labels, entropy, stats, temperature, ignore_index, workspace_bytes,
+            d_bias)
+    if scored < vocab:
+        # every vocabulary slice multiplies all the scored rows: gathered once, freed before the scatter
+        d_scored, d_weight = _backward_vocab_slices(hidden if sel is None else hidden[sel], *args)
+        d_hidden = _scatter_rows(d_scored, sel, hidden)
     else:
-        d_hidden = torch.zeros_like(hidden)
-        d_weight = torch.zeros_like(weight)
-        if sel.numel():
-            d_scored, d_weight = _backward_rows(grad_logp[sel], None if grad_entropy is None else grad_entropy[sel],
-                                                hidden[sel], weight, bias, labels[sel], entropy[sel], stats[sel],
-                                                *args)
-            d_hidden.index_copy_(0, sel, d_scored)
-    return d_hidden, d_weight, d_bias.to(bias.dtype if bias is not None else weight.dtype)
+        d_hidden, d_weight = _backward_token_slices(hidden, sel, *args)
+    return d_hidden, d_weight, d_bias.to(out_bias_dtype)
 
 
-def _backward_rows(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
-                   workspace_bytes, d_bias):
-    slices = _backward_vocab_slices if hidden.shape[0] < weight.shape[0] else _backward_token_slices
-    return slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
-                  workspace_bytes, d_bias)
+def _scatter_rows(d_scored: torch.Tensor, sel: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``d_scored`` (fp32 or ``like``'s dtype) as a tensor like ``like``: its rows at ``sel``, zeros elsewhere
+    (all rows when ``sel`` is None), converted a block of rows at a time (no second full-size copy)."""
+    if sel is None:
+        return d_scored.to(like.dtype)
+    out = torch.zeros_like(like)
+    block = max(1, (32 << 20) // max(1, like.shape[1] * 4))
+    for lo in range(0, sel.numel(), block):
+        out.index_copy_(0, sel[lo:lo + block], d_scored[lo:lo + block].to(like.dtype))
+    return out
 
 
-def _backward_token_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature,
+def _backward_token_slices(hidden, sel, grad_logp, grad_entropy, weight, bias, labels, entropy, stats, temperature,
                            ignore_index, workspace_bytes, d_bias):
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    d_hidden = torch.empty_like(hidden)
+    """Token slices of the scored rows (all rows when ``sel`` is None; else ``hidden``'s rows at ``sel``,
+    gathered a slice at a time, the per-row vectors already gathered)."""
+    rows, vocab = labels.shape[0], weight.shape[0]
+    d_hidden = torch.empty_like(hidden) if sel is None else torch.zeros_like(hidden)
     spans = chunk_spans(rows, vocab, workspace_budget(hidden.device, workspace_bytes), TOKEN_ALIGN)
     one_slice = len(spans) == 1  # then d_weight is one GEMM, written once: no fp32 [V, H] accumulator
     d_weight = None if one_slice else torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     for lo, hi in spans:
-        h = hidden[lo:hi]
+        h = hidden[lo:hi] if sel is None else hidden[sel[lo:hi]]
         logits = _logits(h, weight, bias)  # recomputed
         d_low = _grad_buffer(logits, hidden.dtype)  # the two GEMMs run in the model's dtype
         _grad_logits(grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi], logits,
                      labels[lo:hi], entropy[lo:hi], stats[lo:hi], temperature, ignore_index, d_low)
-        _mm(d_low, weight, out=d_hidden[lo:hi])
+        if sel is None:
+            _mm(d_low, weight, out=d_hidden[lo:hi])
+        else:
+            d_hidden.index_copy_(0, sel[lo:hi], _mm(d_low, weight))
         if one_slice:
             d_weight = _mm(d_low.t(), h)
         else:
             _accumulate_fp32(d_weight, d_low.t(), h)
         if bias is not None:
             d_bias += d_low.sum(0, dtype=torch.float32)
-    if d_weight is None:  # no rows
-        d_weight = torch.zeros_like(weight)
     return d_hidden, d_weight.to(weight.dtype)
 
 
-def _backward_vocab_slices(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature,
+def _backward_vocab_slices(hidden, grad_logp, grad_entropy, weight, bias, labels, entropy, stats, temperature,
                            ignore_index, workspace_bytes, d_bias):
+    """Vocabulary slices over all rows of ``hidden``; returns ``d_hidden`` (fp32 when summed over several
+    slices: the caller converts it) and ``d_weight``."""
     rows, vocab = hidden.shape[0], weight.shape[0]
     d_weight = torch.empty_like(weight)
     spans = chunk_spans(vocab, rows, workspace_budget(hidden.device, workspace_bytes), VOCAB_ALIGN)
@@ -258,7 +273,7 @@ def _backward_vocab_slices(grad_logp, grad_entropy, hidden, weight, bias, labels
             _accumulate_fp32(d_hidden, d_low, w)
         if bias is not None:
             d_bias[lo:hi] = d_low.sum(0, dtype=torch.float32)
-    return d_hidden.to(hidden.dtype), d_weight
+    return d_hidden, d_weight
 
 
 @_backward.register_fake
