@@ -178,7 +178,8 @@ def test_odd_number_of_sequences_is_refused():
 
 
 @pytest.mark.gpu
-def test_real_shapes_on_the_gpu_match_the_composed_ops():
+@pytest.mark.parametrize("workspace", [None, 3 << 30])  # two passes (default); chunks of pairs, one pass
+def test_real_shapes_on_the_gpu_match_the_composed_ops(workspace):
     from fastrl.losses import dpo_loss
     from fastrl.ops import fused_linear_logprobs, sequence_logps
 
@@ -192,7 +193,7 @@ def test_real_shapes_on_the_gpu_match_the_composed_ops():
     ref_c = torch.randn(pairs, device="cuda") - 1000
     ref_r = torch.randn(pairs, device="cuda") - 1000
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    loss, _ = fused_linear_dpo_loss(h1, w1, labels, ref_c, ref_r, mask=mask)
+    loss, _ = fused_linear_dpo_loss(h1, w1, labels, ref_c, ref_r, mask=mask, workspace_bytes=workspace)
     loss.backward()
     h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     seq = sequence_logps(fused_linear_logprobs(h2, w2, labels.masked_fill(~mask, -100)), mask=mask)
