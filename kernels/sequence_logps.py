@@ -29,7 +29,9 @@ def _sequence_span(seq, x_ptr, cu_ptr, total, length, stride_xb, stride_xl, PACK
         span = end - start
     else:
         row = x_ptr + seq * stride_xb
-        span = length.to(tl.int64)
+        # tl.cast, not length.to: Triton compiles an int argument equal to 1 as a constexpr, a Python
+        # int inside the kernel, which has no .to (the interpreter never does; tests/test_gpu_compile.py)
+        span = tl.cast(length, tl.int64)
     return row, span
 
 

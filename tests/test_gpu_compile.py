@@ -196,7 +196,8 @@ def _grpo_loss(direction, *, packed=True, span=2048, policy=0, level=0, ref=Fals
     return Launch(name, (*pointers, *scalars), constexprs, num_warps=max(1, min(8, block // 128)))
 
 
-def _dpo(kernel, pairs=256, *, types=1, ref=True, lengths=False, nll=False, weights=False, tag="sigmoid"):
+def _dpo(kernel, pairs=256, *, types=1, ref=True, lengths=False, nll=False, weights=False, norm=False,
+         tag="sigmoid"):
     # launch: fastrl.losses.dpo, one program per BLOCK = clamp(next_pow2(pairs), 16, 256) pairs,
     # num_warps = clamp(BLOCK // 64, 1, 4); absent tensors are replaced by pc (fp32 sequence log-probs)
     block = max(16, min(256, 1 << (pairs - 1).bit_length()))
@@ -209,7 +210,8 @@ def _dpo(kernel, pairs=256, *, types=1, ref=True, lengths=False, nll=False, weig
     nll_coef = 1.0 if nll else 0.0
     if kernel == "fwd":
         args = (*tensors, t, t, pairs, 0.1, 0.0, 1.0, 0.5, 0.05, 0.0, 50.0)
-        constexprs = {"TYPES": types, "F_DIV": 0, **flags, "NORM_REWARDS": False, "NSTAT": 9, "BLOCK": block}
+        # NORM_REWARDS: reference-free simpo / orpo report length-normalised rewards
+        constexprs = {"TYPES": types, "F_DIV": 0, **flags, "NORM_REWARDS": norm, "NSTAT": 9, "BLOCK": block}
         warps = max(1, min(4, block // 64))
     elif kernel == "finish":
         args = (t, t, n_blocks, pairs, nll_coef)
@@ -299,6 +301,7 @@ REGISTRY: dict[str, list[Launch]] = {
         _dpo("fwd", types=1 << 4, lengths=True, tag="ipo"),
         _dpo("fwd", types=1 << 18, ref=False, lengths=True, nll=True, tag="cpo"),
         _dpo("fwd", pairs=16, weights=True, tag="sigmoid-weighted"),
+        _dpo("fwd", types=1 << 16, ref=False, lengths=True, norm=True, tag="simpo"),
     ],
     "dpo_loss.dpo_loss_finish_kernel": [
         _dpo("finish"),
@@ -369,6 +372,7 @@ def compile_one(name: str, launch_id: str, capability: int) -> dict:
                           aligned=aligned, num_stages=launch.num_stages)
     ptx = res.pop("ptx")
     res["ptx_target"] = f".target sm_{capability}" in ptx
+    res["f32_div_sqrt"] = sorted(set(re.findall(r"\b(?:div|sqrt|rcp)(?:\.[a-z]+)+\.f32\b", ptx)))
     if res.get("STACK", 0) > 0 or res.get("LOCAL", 0) > 0:
         res["ptxas"] = _ptxas_verbose(ptx, capability)
     return res
@@ -385,13 +389,17 @@ def _ptxas_verbose(ptx: str, capability: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
+        # Triton targets sm_90a on sm_90 (and ptxas refuses sm_90a PTX for -arch=sm_90); Triton 3.9 also
+        # passes --regAllocOptLevel=2, which older ptxas releases do not know
         for name in ("ptxas", "ptxas-blackwell"):
-            if not (bin_dir / name).exists():
-                continue
-            run = subprocess.run([str(bin_dir / name), f"-arch=sm_{capability}", "-v", str(src), "-o",
-                                  str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-            if run.returncode == 0:
-                return " ".join(line.strip() for line in run.stderr.splitlines() if "spill" in line)
+            for arch in (f"sm_{capability}a", f"sm_{capability}"):
+                for extra in (["--regAllocOptLevel=2"], []):
+                    if not (bin_dir / name).exists():
+                        continue
+                    run = subprocess.run([str(bin_dir / name), "-lineinfo", *extra, f"-arch={arch}", "-v", str(src),
+                                          "-o", str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+                    if run.returncode == 0:
+                        return " ".join(line.strip() for line in run.stderr.splitlines() if "spill" in line)
     return ""
 
 
@@ -536,6 +544,178 @@ def test_resource_record():
     stale = sorted((name, lid) for name, launches in section.items() for lid in launches
                    if (name, lid) not in registered)
     assert not stale, f"{RECORD.name} records launches not in REGISTRY: {stale} (make gpu-resources)"
+
+
+# fp32 divisions and square roots that must round as torch does (to nearest): a plain `/` compiles to the
+# approximate div.full.f32 and tl.sqrt to sqrt.approx(.ftz).f32, where the interpreter rounds correctly.
+# Rules: (kernel, its launch ids or None for all, ops that must be in the PTX, approximate ones allowed)
+ROUNDING = [
+    # advantages: (R - mean) / (std + eps) with torch's division and std; no approximate op in any launch
+    ("group_advantages.group_advantages_kernel", None, (), False),
+    ("group_advantages.group_advantages_kernel", ("grpo-G16-B8192", "grpo-ids-B8192", "reinforce_pp-batch-B8192",
+                                                  "grpo-G16-B8192-R3-split"), ("div.rn.f32", "sqrt.rn.f32"), False),
+    # the sequence mean log-ratio (clipped) and the off-policy mean (compared with its delta)
+    ("grpo_loss.grpo_loss_fwd_kernel", ("gspo-packed-L2048", "is-seq-offpolicy-packed-L2048"), ("div.rn.f32",), True),
+    # simpo / orpo length-normalised rewards, which the accuracy metric compares exactly
+    ("dpo_loss.dpo_loss_fwd_kernel", ("simpo-B256",), ("div.rn.f32",), True),
+]
+
+
+@pytest.mark.parametrize("rule", range(len(ROUNDING)), ids=[f"{r[0].split('.')[-1]}-{i}" for i, r in enumerate(ROUNDING)])
+def test_divisions_that_must_round_like_torch(rule):
+    name, ids, required, approx_allowed = ROUNDING[rule]
+    if name not in _kernels():
+        pytest.skip(f"{name} does not exist")
+    known = {launch.id for launch in REGISTRY[name]}
+    assert ids is None or set(ids) <= known, f"{name}: no launches {sorted(set(ids) - known)} in REGISTRY"
+    results = compile_all()
+    for launch in REGISTRY[name]:
+        if ids is not None and launch.id not in ids:
+            continue
+        for cap in CAPABILITIES:
+            res = results[(name, launch.id, cap)]
+            if isinstance(res, Exception):
+                raise res
+            ops = res["f32_div_sqrt"]
+            assert set(required) <= set(ops), f"{name}[{launch.id}] sm_{cap}: {ops}, wanted {required}"
+            if not approx_allowed:
+                approx = [op for op in ops if ".full." in op or ".approx." in op]
+                assert not approx, f"{name}[{launch.id}] sm_{cap}: approximate {approx}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Integer specialisation sweep
+#
+# At run time Triton's launcher specialises every integer argument by its value: 1 becomes a constexpr
+# (a Python int inside the kernel, so ``n.to(tl.int64)`` raises AttributeError while compiling), a
+# multiple of 16 (0 included) is compiled with a divisible-by-16 hint (other address arithmetic, other
+# vectorisation), any other value as a plain i32 / i64. The interpreter does neither, so a kernel can
+# pass every CPU test and still fail to compile on a GPU the first time a length is 1. So every
+# registry entry is compiled three more times, with ALL its integer arguments at once at 1, at a
+# multiple of 16 (|v| rounded up, sign kept, 0 -> 16) and at an odd value (|v| | 1, never 1). All at
+# once rather than one at a time: the compile count stays 3 per entry, and a Python int meets every
+# other argument as a Python int too, the harder case for expressions built from several of them.
+# Entries that coincide after the substitution (e.g. two vocabulary sizes) are compiled once. One
+# target (sm_90, the GPU machines'): specialisation acts in the front end, before code generation.
+# Checked: the compile succeeds and the shared memory fits (what would make the launch fail). Spills
+# and registers are checked on the real configurations above, not here: a variant sets unit strides,
+# counts and sizes all to the same value, a combination no launch makes (e.g. with every integer at a
+# multiple of 16, ptxas 13 spills 12 bytes of group_advantages_kernel[remax] at 80 registers).
+
+INT_VARIANTS = ("one", "aligned", "odd")
+SWEEP_CAPABILITY = 90
+
+
+def int_variant(v: int, variant: str) -> int:
+    """``v`` specialised the way ``variant`` asks: 1, a multiple of 16, or an odd value other than 1
+    (the sign and roughly the magnitude kept, so an i32 stays i32 and an i64 i64)."""
+    sign, mag = (-1 if v < 0 else 1), abs(v)
+    if variant == "one":
+        return 1
+    if variant == "aligned":
+        return sign * 16 * max(1, -(-mag // 16))
+    if variant == "odd":
+        return sign * (mag | 1 if mag | 1 != 1 else 3)
+    raise ValueError(f"variant must be one of {INT_VARIANTS}, got {variant!r}")
+
+
+def variant_launch(launch: Launch, variant: str) -> Launch:
+    """``launch`` with every integer argument (not bools, pointers or floats) replaced per ``variant``."""
+    args = tuple(int_variant(v, variant) if isinstance(v, int) and not isinstance(v, bool) else v
+                 for v in launch.args)
+    return dataclasses.replace(launch, id=f"{launch.id}~{variant}", args=args)
+
+
+def _sweep_key(name: str, launch: Launch) -> tuple:
+    signature, constexprs, aligned = launch.compile_args(_kernels()[name])
+    return (name, tuple(signature.items()), tuple(sorted(constexprs.items(), key=lambda kv: kv[0])), aligned,
+            launch.num_warps, launch.num_stages)
+
+
+@functools.cache
+def sweep_all() -> dict:
+    """``(name, launch id, variant) -> resources or the exception`` for every registry entry of an
+    existing kernel and every variant, each distinct specialisation compiled once, on two threads."""
+    from conftest import compile_for_gpu
+
+    entries, unique = {}, {}
+    for name in REGISTRY:
+        if name not in _kernels():
+            continue
+        for launch in REGISTRY[name]:
+            for variant in INT_VARIANTS:
+                v = variant_launch(launch, variant)
+                key = _sweep_key(name, v)
+                entries[(name, launch.id, variant)] = key
+                unique.setdefault(key, v)
+
+    def run(item):
+        key, v = item
+        name = key[0]
+        try:
+            signature, constexprs, aligned = v.compile_args(_kernels()[name])
+            res = compile_for_gpu(_kernels()[name], signature, constexprs, capability=SWEEP_CAPABILITY,
+                                  num_warps=v.num_warps, aligned=aligned, num_stages=v.num_stages)
+            res.pop("ptx")
+            return key, res
+        except Exception as e:  # reported by the test of that kernel and variant
+            return key, e
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(pool.map(run, unique.items()))
+    return {job: done[key] for job, key in entries.items()}
+
+
+def _describe(error: BaseException) -> str:
+    """An exception and its causes, one line each: Triton's CompilationError names the kernel's source
+    line, its cause the error itself (e.g. AttributeError: 'int' object has no attribute 'to')."""
+    lines, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if type(error).__name__ == "CompilationError":  # "at L:C:" + source + the failing line
+            text = " | ".join(line.strip() for line in text.splitlines()[-3:])
+        lines.append(f"{type(error).__name__}: {text[-400:]}")
+        error = error.__cause__ or error.__context__
+    return " <- ".join(lines)
+
+
+def _sweep_cases():
+    return [pytest.param(name, variant, id=f"{name.split('.')[-1]}-{variant}")
+            for name in REGISTRY for variant in INT_VARIANTS]
+
+
+def test_int_variants():
+    assert [int_variant(v, "one") for v in (0, 7, -100)] == [1, 1, 1]
+    aligned = [int_variant(v, "aligned") for v in (0, 1, 16, 17, 151936, 50257, -100)]
+    assert aligned == [16, 16, 16, 32, 151936, 50272, -112]
+    odd = [int_variant(v, "odd") for v in (0, 1, 2, 16, 50257, -100)]
+    assert odd == [3, 3, 3, 17, 50257, -101]
+    launch = Launch("x", ("*fp32", 0, 1, 17, 0.5, True), {}, num_warps=4)
+    assert variant_launch(launch, "aligned").args == ("*fp32", 16, 16, 32, 0.5, True)
+    with pytest.raises(ValueError, match="variant"):
+        int_variant(3, "even")
+
+
+@pytest.mark.parametrize("name,variant", _sweep_cases())
+def test_kernel_compiles_with_its_integer_arguments_specialised(name, variant):
+    """Every registry entry of the kernel, compiled for sm_90 with all its integer arguments at 1 (each
+    a constexpr), at multiples of 16 (divisibility hints) or at odd values: it compiles, and its shared
+    memory fits."""
+    if name not in _kernels():
+        pytest.skip(f"{name} does not exist (test_registry_names_only_existing_kernels fails for it)")
+    results = sweep_all()
+    failures = []
+    for launch in REGISTRY[name]:
+        res = results[(name, launch.id, variant)]
+        if isinstance(res, Exception):
+            failures.append(f"{launch.id}: {_describe(res)}")
+            continue
+        problems = [p for p in resource_problems(res, SWEEP_CAPABILITY) if p.startswith("shared memory")]
+        if problems:
+            failures.append(f"{launch.id}: " + "; ".join(problems))
+    assert not failures, (f"{name} with its integer arguments {variant!r} "
+                          f"({[int_variant(v, variant) for v in (0, 1, 100)]} for 0, 1, 100):\n" + "\n".join(failures))
 
 
 def test_a_spilling_kernel_is_caught():
