@@ -327,9 +327,9 @@ def dpo_loss_fwd_kernel(
                                      gamma_ratio, tau, rpo_alpha, dpop_lambda, TYPES, F_DIV, HAS_RPO)
     rc = pc - qc
     rr = pr - qr
-    if NORM_REWARDS:
-        rc = rc / lc
-        rr = rr / lr
+    if NORM_REWARDS:  # rounded as torch rounds them: the accuracy metric compares ra with rb exactly
+        rc = tl.div_rn(rc, lc)
+        rr = tl.div_rn(rr, lr)
     ra = beta * rc
     rb = beta * rr
     out = part_ptr + pid * NSTAT

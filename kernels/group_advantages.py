@@ -25,8 +25,10 @@ line). Values the Python checks refuse (skipped under ``torch.compile``) are mad
 negative ids count as 0, non-finite weights / lengths as 0, out-of-range preferences are clamped into
 [0, 1] (NaN as a tie), so no input can make the kernel read out of bounds or write a NaN.
 
-GPU resources (BLOCK 2048, 16 warps; checked ahead of time with Triton 3.6 and 3.9): at most 128
-registers, no local memory. Some variants show a stack frame of 8-32 bytes (at 40-128 registers, so
+GPU resources (BLOCK 2048; checked ahead of time with Triton 3.6 and 3.9, tests/gpu_resources.json):
+launched with 8 warps, up to ~190 registers per thread (the round-to-nearest fp32 division and sqrt
+added 10-45 in some variants; one CTA, so registers cost no occupancy); at 16 warps at most 128. No
+local memory. Some variants show a stack frame of 8-32 bytes (at 40-128 registers, so
 not register pressure): ptxas brackets loops that hold a CTA barrier (the layout conversions between
 fp64 / atomic / 32-bit tensors, ``tl.max`` in the hash and pairwise loops, the per-column passes)
 with a convergence CALL and saves a register or two around it. One element per thread (BLOCK 512)
@@ -66,13 +68,16 @@ def _finite(x):
 
 # No fp64 division or sqrt anywhere: ptxas compiles them to subroutine calls and keeps registers on the
 # stack around each call. Counts get an fp64 reciprocal by Newton steps; the last division of an
-# advantage and the sqrt of a variance, whose results are fp32, run in fp32.
+# advantage and the sqrt of a variance, whose results are fp32, run in fp32, rounded to nearest as
+# torch rounds them (tl.div_rn, tl.sqrt_rn: div.rn.f32 / sqrt.rn.f32; a plain `/` and tl.sqrt compile
+# to the approximate div.full.f32 / sqrt.approx.f32, up to 2 ulp off, and the interpreter, which
+# rounds correctly, would never show it).
 
 
 @triton.jit
 def _rcp(n):
     """1 / n in fp64 for n >= 1: the fp32 reciprocal refined by two Newton steps (~1 ulp of fp64)."""
-    r = (1.0 / n.to(tl.float32)).to(tl.float64)
+    r = tl.div_rn(1.0, n.to(tl.float32)).to(tl.float64)  # _rn: no approximate division in the kernel
     r = r * (2.0 - n * r)
     return r * (2.0 - n * r)
 
@@ -90,7 +95,7 @@ def _divide(num, den):
     both overflow fp32 (inf / inf, from rewards near the fp32 limit): never NaN."""
     den = den.to(tl.float32)
     pos = den > 0
-    q = num.to(tl.float32) / tl.where(pos, den, 1.0)
+    q = tl.div_rn(num.to(tl.float32), tl.where(pos, den, 1.0))
     return tl.where(pos, tl.where(q == q, q, 0.0), 0.0)
 
 
@@ -98,7 +103,7 @@ def _divide(num, den):
 def _std(m2, n):
     """Unbiased (correction = 1) standard deviation from a sum of squared deviations; 0 for n <= 1."""
     var = tl.maximum(m2, 0.0) * _rcp(tl.maximum(n - 1.0, 1.0))
-    return tl.where(n > 1, tl.sqrt(var.to(tl.float32)), 0.0)
+    return tl.where(n > 1, tl.sqrt_rn(var.to(tl.float32)), 0.0)
 
 
 @triton.jit

@@ -285,10 +285,12 @@ def grpo_loss_fwd_kernel(
                     acc_lrc += tl.where(valid, tl.minimum(tl.maximum(lw, _LOG_EPS), 20.0), 0.0)
         n = tl.sum(acc_n, 0)
         n1 = tl.maximum(n, 1.0)
+        # per-sequence means that are compared with thresholds (the clip range, the off-policy delta):
+        # rounded as torch rounds its mean (div.rn, not the approximate div.full of `/`)
         if LEVEL != 0:
-            seq_log_ratio = tl.sum(acc_lr, 0) / n1
+            seq_log_ratio = tl.div_rn(tl.sum(acc_lr, 0), n1)
         if OFF_POLICY:
-            off_policy_kl = tl.sum(acc_op, 0) / n1
+            off_policy_kl = tl.div_rn(tl.sum(acc_op, 0), n1)
         if IS_MODE >= 3:
             seq_is_weight = _is_weight(tl.sum(acc_is, 0), is_min, is_max, IS_MODE == 3)
         if POLICY == 3:

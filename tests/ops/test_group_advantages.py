@@ -8,6 +8,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import math
+import re
 import struct
 from collections import defaultdict
 
@@ -468,6 +469,11 @@ def test_kernel_compiles_for_the_gpu_ahead_of_time_without_spills(variant, capab
     # keep a few scalars on the stack (Triton 3.6: up to 32 bytes), no local arrays.
     assert res["LOCAL"] == 0 and res["STACK"] <= 64 and 0 < res["REG"] <= 128, res
     assert "bar.sync" in res["ptx"] and "ld.global.cg" in res["ptx"]
+    # torch's rounding: the advantage's fp32 division and the std's sqrt round to nearest (tl.div_rn /
+    # tl.sqrt_rn); a plain `/` or tl.sqrt compiles to the approximate div.full.f32 / sqrt.approx.f32
+    ops = sorted(set(re.findall(r"\b(?:div|sqrt|rcp)(?:\.[a-z]+)+\.f32\b", res["ptx"])))
+    assert "div.rn.f32" in ops and "sqrt.rn.f32" in ops, (variant, ops)
+    assert not [op for op in ops if ".full." in op or ".approx." in op], (variant, ops)
     if hashed:
         assert "atom.global.relaxed.gpu.cas.b64" in res["ptx"] or "atom.relaxed.gpu.global.cas.b64" in res["ptx"]
 
