@@ -92,3 +92,24 @@ def launches(monkeypatch):
 
     monkeypatch.setattr(fastrl.kernels, "launch", counting)
     return calls
+
+
+@pytest.fixture
+def interpreter_loads(monkeypatch):
+    """The addresses every ``tl.load`` reads in kernels run by Triton's interpreter during the test
+    (one numpy uint64 array per load, masked-off lanes left out; the list is live: clear it between
+    phases). What a test needs to prove that a kernel never reads some memory."""
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    loads = []
+    real = InterpreterBuilder.create_masked_load
+
+    def recording(self, ptrs, mask, *args, **kwargs):
+        addresses = np.asarray(ptrs.data)
+        lanes = np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)
+        loads.append(addresses[lanes].astype(np.uint64).ravel())
+        return real(self, ptrs, mask, *args, **kwargs)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", recording)
+    return loads

@@ -263,3 +263,71 @@ def test_inplace_backward_with_overlapping_rows(path):
     expected = torch.softmax(base.detach(), -1).mul(-6)
     expected[0, 1:7] += 1
     torch.testing.assert_close(base.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def _rows_read(loads, tensor, rows):
+    """How many loaded addresses fall in each of ``rows`` of the 2-D contiguous ``tensor``."""
+    import numpy as np
+
+    addresses = np.concatenate(loads) if loads else np.zeros(0, np.uint64)
+    row_bytes = tensor.shape[-1] * tensor.element_size()
+    starts = [tensor.data_ptr() + r * row_bytes for r in rows]
+    return [int(((addresses >= s) & (addresses < s + row_bytes)).sum()) for s in starts]
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_ignored_rows_are_never_read(interpreter_loads, inplace):
+    """Rows labelled ignore_index cost no read of their logits, forward or backward: every load the
+    interpreted kernels make is recorded, and none falls in an ignored row (NaN / inf there), while
+    every kept row is read in both passes. The outputs of ignored rows are exactly 0, the gradient
+    row too (written, not left as it was: in place, the row held NaN logits)."""
+    vocab, rows = 300, 6  # several BLOCK-wide steps per row
+    logits, labels = _case((rows,), vocab, seed=11, ignore_every=1000)
+    ignored, kept = [1, 4], [0, 2, 3, 5]
+    labels[0] = 17  # _case ignored row 0
+    labels[ignored] = -100
+    logits[1] = float("nan")
+    logits[4] = float("inf")
+    logits[4, ::2] = float("-inf")
+    x = logits.clone().requires_grad_(True)
+    gl, ge = torch.randn(rows, dtype=torch.float64), torch.randn(rows, dtype=torch.float64)
+    with backend("triton"):
+        lp, ent = selective_logprobs(x, labels, temperature=0.8, return_entropy=True, inplace_backward=inplace)
+        forward_reads = _rows_read(interpreter_loads, x.detach(), range(rows))
+        interpreter_loads.clear()
+        if inplace:
+            x_data = x.detach()
+            (lp * gl.float() + ent * ge.float()).sum().backward()
+            grad = x_data  # the gradient is written over the logits
+        else:
+            (lp * gl.float() + ent * ge.float()).sum().backward()
+            grad = x.grad
+        backward_reads = _rows_read(interpreter_loads, x.detach(), range(rows))
+    for r in ignored:
+        assert forward_reads[r] == 0 and backward_reads[r] == 0, (r, forward_reads, backward_reads)
+    for r in kept:
+        assert forward_reads[r] >= vocab and backward_reads[r] >= vocab, (r, forward_reads, backward_reads)
+    assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    assert torch.isfinite(grad).all() and (grad[ignored] == 0).all()
+    x64 = logits[kept].double().requires_grad_(True)
+    rlp, rent = _fp64(x64, labels[kept], 0.8)
+    (rlp * gl[kept] + rent * ge[kept]).sum().backward()
+    torch.testing.assert_close(lp[kept].double(), rlp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[kept].double(), rent, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad[kept].double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_backward_writes_zero_rows_into_a_buffer_that_is_not_zeroed():
+    """The backward kernel owns every element of its output: an ignored row is written with zeros,
+    not skipped, so a gradient buffer full of NaN (torch.empty may hold anything) comes back clean."""
+    from fastrl.ops.selective_logprobs import _grad_logits, _row_stats
+
+    vocab, rows = 257, 5
+    logits, labels = _case((rows,), vocab, seed=12, ignore_every=2)  # rows 0, 2, 4 ignored
+    with backend("triton"):
+        logp, entropy, stats = _row_stats(logits, labels, 1.0, -100, True)
+        out = torch.full_like(logits, float("nan"))
+        _grad_logits(torch.ones(rows), torch.ones(rows), logits, labels, entropy, stats, 1.0, -100, out)
+    assert (out[0::2] == 0).all() and torch.isfinite(out).all()
+    ref = reference.selective_logprobs_backward(torch.ones(rows), torch.ones(rows), logits, labels, entropy, stats)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
