@@ -677,11 +677,15 @@ CUDA_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 # (threads, candidate capacity, log2 histogram bins): the real block, and a small one that sends
 # vocabularies of a few hundred through the histogram rounds meant for large ones.
 EMULATED_CONFIGS = {"real": (256, 4096, 11), "small": (64, 32, 6)}
+MIN_CHUNK = {"real": 2048, "small": 64}  # the shortest row chunk of a split first pass
 _ENTRY = """#include "sampling.cu"
+#include <vector>
+static int last_chunks = 0;
+extern "C" int fastrl_emulated_chunks() { return last_chunks; }  // of the last launch
 extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long rows, long long vocab,
     long long row_stride, long long seed, double temperature, long long top_k, double top_p, double min_p,
     const double* temperatures, const long long* top_ks, const double* top_ps, const double* min_ps,
-    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int accumulate) {
+    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int accumulate, int sms) {
   fastrl::gpu::SampleArgs a{};
   a.logits = logits;
   a.dtype = static_cast<fastrl::gpu::LogitsType>(dtype);
@@ -691,6 +695,10 @@ extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long r
   a.top_ps = top_ps; a.min_ps = min_ps;
   a.tokens = reinterpret_cast<int64_t*>(tokens); a.logprobs = logprobs; a.filtered_logprobs = filtered;
   a.error = error; a.accumulate = accumulate != 0;
+  a.chunks = sms > 0 ? fastrl::gpu::sample_chunks(rows, vocab, sms) : 1;  // sms: the GPU's SM count (0: no split)
+  std::vector<unsigned char> workspace(static_cast<size_t>(fastrl::gpu::sample_workspace_bytes(rows, a.chunks)));
+  a.workspace = workspace.data();
+  last_chunks = a.chunks;
   return fastrl::gpu::launch_sample(a, nullptr);
 }
 extern "C" unsigned long long fastrl_emulated_atomics() {  // atomics since the last call
@@ -710,12 +718,15 @@ def _emulated_kernel(config: str):
     (tmp / "entry.cpp").write_text(_ENTRY)
     cmd = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-DFASTRL_SIMT_EMULATION",
            f"-DFASTRL_SAMPLE_THREADS={threads}", f"-DFASTRL_SAMPLE_CAPACITY={capacity}",
-           f"-DFASTRL_SAMPLE_BINS_LOG2={bins_log2}", f"-I{CUDA_DIR}", str(tmp / "entry.cpp"), "-o", str(tmp / "k.so")]
+           f"-DFASTRL_SAMPLE_BINS_LOG2={bins_log2}", f"-DFASTRL_SAMPLE_MIN_CHUNK={MIN_CHUNK[config]}",
+           f"-I{CUDA_DIR}", str(tmp / "entry.cpp"), "-o", str(tmp / "k.so")]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     fn = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_sample
     p, i64, f64 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_double
-    fn.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, f64, i64, f64, f64, p, p, p, p, p, p, p, p, ctypes.c_int]
+    fn.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, f64, i64, f64, f64, p, p, p, p, p, p, p, p, ctypes.c_int,
+                   ctypes.c_int]
+    fn.chunks = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_chunks
     fn.atomics = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_atomics
     fn.atomics.restype = ctypes.c_ulonglong
     return fn
@@ -724,7 +735,8 @@ def _emulated_kernel(config: str):
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None,) * 4, word=None):
+def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None,) * 4, word=None,
+              sms=0):
     """The CUDA kernel on the CPU: (tokens, logprobs, filtered logprobs, error code). With ``word`` (int64
     [2]) the launch lowers that caller-owned error word (the deferred form) instead of resetting its own."""
     assert logits.stride(1) == 1
@@ -735,7 +747,7 @@ def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     ptr = [None if r is None else r.data_ptr() for r in rows]
     rc = _emulated_kernel(config)(logits.data_ptr(), _DTYPE_CODES[logits.dtype], b, logits.shape[1], logits.stride(0),
                                   seed, temperature, top_k, top_p, min_p, *ptr, *(t.data_ptr() for t in out),
-                                  error.data_ptr(), word is not None)
+                                  error.data_ptr(), word is not None, sms)
     assert rc == 0
     return (*out, int(error[0]) & (2**64 - 1))
 
@@ -872,3 +884,58 @@ def test_emulated_histogram_atomics_are_aggregated_per_warp(config, vocab):
         assert got[3] == NO_ERROR
         _assert_same_draws(got, _op(x, 21, **kw), kw, min_agree=1.0)
         assert atomics < 2 * vocab, (kw, atomics)  # per-lane updates: >= 4 per element and row
+
+
+H200_SMS = 132
+
+
+def test_emulated_split_rows_draw_the_cpu_samplers_tokens():
+    """Fewer rows than SMs: the first pass runs on rows x chunks blocks (a first kernel writes per-warp
+    partials of each row chunk, the per-row kernel merges them instead of reading the row), and the
+    draws stay the CPU sampler's (the partials change only the fp32 rounding of the normaliser)."""
+    kernel = _emulated_kernel("small")
+    g = torch.Generator().manual_seed(11)
+    rows, vocab = 96, 1031
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    settings = (torch.rand(rows, generator=g) * 1.5 + 0.2, torch.randint(0, 60, (rows,), generator=g),
+                torch.rand(rows, generator=g) * 0.9 + 0.1, torch.rand(rows, generator=g) * 0.2)
+    settings[0][:8] = 0.0  # greedy rows: the first maximum comes from the merged partials
+    split = _emulated("small", logits, 987, rows=settings, sms=H200_SMS)
+    assert kernel.chunks() == 3  # 96 rows on 132 SMs: 3 chunks a row, 288 blocks
+    assert split[3] == NO_ERROR
+    cpu = _op(logits, 987, rows=settings)
+    _assert_same_draws(split, cpu, "split, per-row settings", min_agree=0.995)
+    whole = _emulated("small", logits, 987, rows=settings)
+    assert kernel.chunks() == 1
+    _assert_same_draws(split, whole, "split vs one block per row", min_agree=0.995)
+    assert torch.equal(split[0][:8], logits[:8].argmax(-1))
+    for kw in EMULATED_CASES:  # B = 1: 16 chunks of 65 elements
+        for seed in range(4):
+            one = _emulated("small", logits[seed:seed + 1], seed, sms=H200_SMS, **kw)
+            assert kernel.chunks() == 16 and one[3] == NO_ERROR
+            _assert_same_draws(one, _op(logits[seed:seed + 1], seed, **kw), kw, min_agree=1.0)
+
+
+def test_emulated_split_rows_report_bad_rows_as_one_block_does():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 700, generator=g)
+    logits[4, 650] = float("nan")
+    logits[2] = float("-inf")
+    logits[5, :600] = float("-inf")  # whole chunks of -inf, a finite tail
+    split, whole = _emulated("small", logits, 3, sms=H200_SMS), _emulated("small", logits, 3)
+    assert split[3] == whole[3] == (1 << 60) | (2 << 3) | 5  # row 2: no finite value
+    assert torch.equal(split[0], whole[0]) and split[0][4] == -1 and split[0][2] == -1
+    assert 600 <= split[0][5] < 700
+
+
+def test_emulated_split_large_vocabulary_b1():
+    """B = 1 and 2 at V = 151936 (Qwen) on the real block: 74 chunks of 2056 elements per row."""
+    kernel = _emulated_kernel("real")
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 151936, generator=g) * 2).bfloat16()
+    for kw in ({"temperature": 0.8, "top_k": 50, "top_p": 0.9}, {"temperature": 0.8, "top_p": 0.9},
+               {"temperature": 0.8}, {"top_k": 1000}, {"temperature": 0.0}):
+        for b in (1, 2):
+            got = _emulated("real", logits[:b], 5, sms=H200_SMS, **kw)
+            assert kernel.chunks() == 74
+            _assert_same_draws(got, _op(logits[:b], 5, **kw), (b, kw), min_agree=1.0)

@@ -3,6 +3,10 @@
 //
 // One block of 256 threads per row, two blocks per SM (one row's barriers overlap the other's
 // loads); rows are read with 16-byte vector loads, four in flight per thread, and converted to fp32.
+// With fewer rows than SMs (B = 1 would leave 131 of 132 SMs idle) the first pass is split: a first
+// kernel reads each row in chunks on rows x chunks blocks and writes per-warp partial results
+// (maximum, normaliser, first maximum and ties, invalid entries), which the per-row kernel merges
+// instead of reading the row (sample_chunks picks the split). The later passes stay per row.
 // Order is decided on the logits x themselves through a monotone 32-bit key of x (ties are equal
 // keys); masses are e = exp((x - m) / T) (m the row maximum, so e <= 1), rounded to 40-bit fixed
 // point and summed in 64-bit integers: sums are exact, so every result is independent of the
@@ -52,6 +56,9 @@
 #ifndef FASTRL_SAMPLE_BINS_LOG2
 #define FASTRL_SAMPLE_BINS_LOG2 11
 #endif
+#ifndef FASTRL_SAMPLE_MIN_CHUNK
+#define FASTRL_SAMPLE_MIN_CHUNK 2048
+#endif
 
 namespace fastrl {
 namespace gpu {
@@ -68,6 +75,9 @@ constexpr int kBins = 1 << kBinsLog2;
 constexpr int kBinsPerThread = kBins / kThreads;
 constexpr int kRadixBins = 256;  // radix select over the candidates: 8 bits a round
 constexpr int kUnroll = 4;       // 16-byte loads in flight per thread in the passes over the row
+constexpr int kMinChunk = FASTRL_SAMPLE_MIN_CHUNK;  // elements of a row chunk at least (split first pass)
+constexpr int kMaxChunks = 128;
+static_assert(kMinChunk % 8 == 0, "chunks start on 16-byte boundaries");
 // The first histogram of a search is linear in s = (x - m) / T over [-32, 0] (masses down to e^-32),
 // where the top-p threshold and most top-k thresholds lie; later ones split a key range.
 constexpr float kBinsPerLogMass = static_cast<float>(kBins) / 32.0f;
@@ -243,6 +253,56 @@ __device__ __forceinline__ void for_each(const Row<D>& r, F&& f) {
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The first pass's partial results: maximum m, normaliser z = sum exp((x - m) / T) (online), the
+// first index of the maximum and its ties, and the number of invalid (NaN, +inf) entries. A thread
+// adds elements; partials of disjoint parts merge (a split row's chunks, the lanes of a warp).
+
+struct Partial {
+  float m = -INFINITY, z = 0.0f;
+  u32 first = 0xFFFFFFFFu, ties = 0, bad = 0;
+
+  __device__ __forceinline__ void add(float x, u32 i, float inv_t) {
+    bad += !(x <= FLT_MAX);  // NaN compares false, +inf is above FLT_MAX
+    if (x > m) {
+      z = m > -INFINITY ? z * exp_nonpositive((m - x) * inv_t) + 1.0f : 1.0f;
+      m = x;
+      first = i;
+      ties = 1;
+    } else {
+      if (x == m) {
+        ++ties;
+        first = i < first ? i : first;
+      }
+      if (x > -INFINITY) z += exp_nonpositive((x - m) * inv_t);
+    }
+  }
+
+  __device__ __forceinline__ void merge(float m2, float z2, u32 first2, u32 ties2, u32 bad2, float inv_t) {
+    bad += bad2;
+    if (m2 > m) {
+      z = z2 + (m > -INFINITY ? z * exp_nonpositive((m - m2) * inv_t) : 0.0f);
+      m = m2;
+      first = first2;
+      ties = ties2;
+    } else if (m2 == m) {
+      z += z2;
+      ties += ties2;
+      first = first2 < first ? first2 : first;
+    } else if (m2 > -INFINITY) {
+      z += z2 * exp_nonpositive((m2 - m) * inv_t);
+    }
+  }
+
+  __device__ bool seen() const { return first != 0xFFFFFFFFu; }
+};
+
+// One warp's partial of a chunk, as the split first pass writes it.
+struct Record {
+  float m, z;
+  u32 first, ties, bad;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Shared memory and block-wide collectives
@@ -789,6 +849,50 @@ __device__ void report_settings(Block& blk, const SampleArgs& a) {
   }
 }
 
+// A record's maximum as a key (0 when its warp saw no element), for the top-k / top-p bounds.
+__device__ __forceinline__ u32 record_key(const Record& r) { return r.first != 0xFFFFFFFFu ? key_of(r.m) : 0u; }
+
+// The inverse temperature of a row, as the per-row kernel computes it (greedy rows: 1).
+__device__ __forceinline__ float inv_temperature(const SampleArgs& a, int64_t r) {
+  const double temperature = temperature_of(a, r);
+  const double q = temperature == 0.0 ? 1.0 : 1.0 / temperature;
+  return static_cast<float>(q < FLT_MIN ? FLT_MIN : q > FLT_MAX ? FLT_MAX : q);  // NaN for a bad one: unused
+}
+
+// Elements of a split row's chunks: a multiple of 8, so that every chunk starts 16-byte aligned
+// when the row does.
+__device__ __host__ __forceinline__ int64_t chunk_length(int64_t vocab, int chunks) {
+  return ((vocab + chunks - 1) / chunks + 7) / 8 * 8;
+}
+
+// The split first pass: block b handles chunk b % chunks of row b / chunks and writes one Record per
+// warp (no shared memory, no barriers: warp shuffles only).
+template <class D>
+__global__ void __launch_bounds__(kThreads) partial_kernel(const SampleArgs a) {
+  const int64_t row_index = blockIdx.x / a.chunks;
+  const int chunk = static_cast<int>(blockIdx.x % a.chunks);
+  const float inv_t = inv_temperature(a, row_index);
+  const int64_t len = chunk_length(a.vocab, a.chunks), c0 = chunk * len;
+  const int64_t n = c0 >= a.vocab ? 0 : (a.vocab - c0 < len ? a.vocab - c0 : len);
+  const Row<D> part = {static_cast<const typename D::T*>(a.logits) + row_index * a.row_stride + c0,
+                       static_cast<u32>(n)};
+  Partial own;
+  for_each(part, [&](float x, u32 i, bool ok) {
+    if (ok) own.add(x, static_cast<u32>(c0) + i, inv_t);
+  });
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(kFullMask, own.m, o), z2 = __shfl_xor_sync(kFullMask, own.z, o);
+    const u32 f2 = __shfl_xor_sync(kFullMask, own.first, o), t2 = __shfl_xor_sync(kFullMask, own.ties, o);
+    const u32 b2 = __shfl_xor_sync(kFullMask, own.bad, o);
+    own.merge(m2, z2, f2, t2, b2, inv_t);
+  }
+  if (lane_id() == 0) {
+    Record* out = static_cast<Record*>(a.workspace) + (row_index * a.chunks + chunk) * kWarps + warp_id();
+    *out = {own.m, own.z, own.first, own.ties, own.bad};
+  }
+}
+
 template <class D>
 __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a) {
   Shared& sm = shared_memory();
@@ -802,35 +906,29 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
     return;
   }
   const bool greedy = temperature_of(a, row_index) == 0.0;
-  float inv_t;
-  {  // (x - m) <= 0 or -inf; a scale within [FLT_MIN, FLT_MAX] never turns it into NaN
-    const double q = greedy ? 1.0 : 1.0 / temperature_of(a, row_index);
-    inv_t = static_cast<float>(q < FLT_MIN ? FLT_MIN : q > FLT_MAX ? FLT_MAX : q);
-  }
+  // (x - m) <= 0 or -inf; a scale within [FLT_MIN, FLT_MAX] never turns it into NaN
+  const float inv_t = inv_temperature(a, row_index);
   const Row<D> row = {static_cast<const typename D::T*>(a.logits) + row_index * a.row_stride,
                       static_cast<u32>(a.vocab)};
 
-  // Pass 1: maximum, online normaliser, first maximum and its ties, invalid entries.
-  float m = -INFINITY, z = 0.0f;
-  u32 first = 0xFFFFFFFFu, ties = 0, bad = 0;
-  bool seen = false;
-  for_each(row, [&](float x, u32 i, bool ok) {
-    if (!ok) return;
-    seen = true;
-    bad += !(x <= FLT_MAX);  // NaN compares false, +inf is above FLT_MAX
-    if (x > m) {
-      z = m > -INFINITY ? z * exp_nonpositive((m - x) * inv_t) + 1.0f : 1.0f;
-      m = x;
-      first = i;
-      ties = 1;
-    } else {
-      if (x == m) {
-        ++ties;
-        first = i < first ? i : first;
-      }
-      if (x > -INFINITY) z += exp_nonpositive((x - m) * inv_t);
+  // Pass 1: maximum, online normaliser, first maximum and its ties, invalid entries; or, for a split
+  // row, the merge of its chunks' records (thread t takes records t, t + kThreads, ...).
+  const int n_records = a.chunks > 1 ? a.chunks * kWarps : 0;
+  const Record* records = static_cast<const Record*>(a.workspace) + row_index * n_records;
+  Partial own;
+  if (n_records > 0) {
+    for (int i = static_cast<int>(t); i < n_records; i += kThreads) {
+      const Record r = records[i];
+      own.merge(r.m, r.z, r.first, r.ties, r.bad, inv_t);
     }
-  });
+  } else {
+    for_each(row, [&](float x, u32 i, bool ok) {
+      if (ok) own.add(x, i, inv_t);
+    });
+  }
+  const float m = own.m, z = own.z;
+  const u32 first = own.first, ties = own.ties, bad = own.bad;
+  const bool seen = own.seen();
   if (blk.reduce(bad, [](u32 p, u32 q) { return p + q; }) != 0) {
     if (t == 0) report(a, row_index, kErrorLogits, kWhichNonFinite);
     return;
@@ -871,9 +969,10 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
 
   if (use_k) {
     u32 lo = 0;
-    if (top_k <= kThreads) {  // the k-th largest thread maximum is <= the k-th largest element
-      const Pick b = radix_select(sm, kThreads, [&](int, u32& key, u64& w) {
-        key = thread_max_key;
+    // the k-th largest thread maximum (split row: record maximum) is <= the k-th largest element
+    if (top_k <= (n_records > 0 ? n_records : kThreads)) {
+      const Pick b = radix_select(sm, n_records > 0 ? n_records : kThreads, [&](int i, u32& key, u64& w) {
+        key = n_records > 0 ? record_key(records[i]) : thread_max_key;
         w = 1;
         return true;
       }, static_cast<u64>(top_k));
@@ -907,9 +1006,15 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
       u32 lo = thr;
       if (!use_k) {  // the thread maxima at or above lo carry the target: so do the elements
         const u64 w_max = seen ? mass_of(m, row_max, inv_t) : 0ull;
-        const Pick b = radix_select(sm, kThreads, [&](int, u32& key, u64& w) {
-          key = thread_max_key;
-          w = w_max;
+        const Pick b = radix_select(sm, n_records > 0 ? n_records : kThreads, [&](int i, u32& key, u64& w) {
+          if (n_records > 0) {
+            const Record r = records[i];
+            key = record_key(r);
+            w = r.first != 0xFFFFFFFFu ? mass_of(r.m, row_max, inv_t) : 0ull;
+          } else {
+            key = thread_max_key;
+            w = w_max;
+          }
           return true;
         }, target);
         lo = b.found ? b.key : 0u;
@@ -976,10 +1081,17 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
 
 template <class D>
 int launch(const SampleArgs& a, CUstream_st* stream) {
+  const unsigned split_blocks = a.chunks > 1 ? static_cast<unsigned>(a.rows * a.chunks) : 0u;
 #ifdef FASTRL_SIMT_EMULATION
+  if (split_blocks > 0) simt::launch(split_blocks, kThreads, 0, [&] { partial_kernel<D>(a); });
   simt::launch(static_cast<unsigned>(a.rows), kThreads, sizeof(Shared), [&] { sample_kernel<D>(a); });
   return 0;
 #else
+  if (split_blocks > 0) {
+    partial_kernel<D><<<split_blocks, kThreads, 0, stream>>>(a);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return static_cast<int>(e);
+  }
   // More than 48 KiB of dynamic shared memory needs opting in, once per device (a benign race).
   static bool opted_in[64] = {};
   int device = 0;
@@ -1016,6 +1128,20 @@ int launch_sample(const SampleArgs& args, CUstream_st* stream) {
     default:
       return launch<F16>(args, stream);
   }
+}
+
+int sample_chunks(int64_t rows, int64_t vocab, int sm_count) {
+  if (rows <= 0 || rows >= sm_count) return 1;
+  const int64_t want = (2 * static_cast<int64_t>(sm_count) + rows - 1) / rows;  // two blocks per SM
+  const int64_t longest = vocab / kMinChunk;                                     // chunks >= kMinChunk
+  int64_t c = want < longest ? want : longest;
+  c = c < kMaxChunks ? c : kMaxChunks;
+  if (rows * c > INT32_MAX) return 1;
+  return c > 1 ? static_cast<int>(c) : 1;
+}
+
+int64_t sample_workspace_bytes(int64_t rows, int chunks) {
+  return chunks > 1 ? rows * chunks * kWarps * static_cast<int64_t>(sizeof(Record)) : 0;
 }
 
 int sample_shared_bytes() { return static_cast<int>(sizeof(Shared)); }

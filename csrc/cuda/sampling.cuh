@@ -51,7 +51,20 @@ struct SampleArgs {
   // over every call since the caller reset it (a deferred check: no host sync per call).
   unsigned long long* error;
   bool accumulate;
+  // Rows split into `chunks` column chunks for the first pass (1: not split; see sample_chunks).
+  // A split launch runs a first kernel with rows * chunks blocks, each writing the partial results of
+  // its chunk (maximum, normaliser, first maximum and ties, invalid entries: one record per warp) to
+  // `workspace` (sample_workspace_bytes), which the per-row kernel then combines instead of reading
+  // the row a first time.
+  int chunks;
+  void* workspace;
 };
+
+// How many chunks to split each row into for a launch of `rows` rows on a GPU with `sm_count` SMs:
+// 1 when the rows alone fill the SMs, else enough to give every SM a few blocks, chunks no shorter
+// than a minimum length (at most 128). And the workspace a split launch needs (bytes; 0 when 1 chunk).
+int sample_chunks(int64_t rows, int64_t vocab, int sm_count);
+int64_t sample_workspace_bytes(int64_t rows, int chunks);
 
 // Enqueues the error reset and the kernel on `stream`; returns a cudaError_t (0 = success).
 int launch_sample(const SampleArgs& args, CUstream_st* stream);

@@ -30,6 +30,17 @@ void check_scalar_settings(int64_t rows, double temperature, int64_t top_k, doub
   if (!per_row_mp) check_min_p(min_p, 0);
 }
 
+// Streaming multiprocessors of a device (looked up once per device; a benign race).
+int sm_count(int device) {
+  static int known[64] = {};
+  if (device >= 0 && device < 64 && known[device] > 0) return known[device];
+  int n = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+              "fastrl.sample: cudaDeviceGetAttribute(cudaDevAttrMultiProcessorCount) failed");
+  if (device >= 0 && device < 64) known[device] = n;
+  return n;
+}
+
 // An eager call raises like the CPU sampler: one 16-byte device-to-host copy (a sync), the only one
 // of the call. Not while the stream is captured into a CUDA graph, where a bad row shows as token -1
 // and NaN log-probs instead (pass an error word to check it later).
@@ -101,6 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   a.filtered_logprobs = filtered_logprobs.data_ptr<float>();
   a.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
   a.accumulate = deferred;
+  // Fewer rows than SMs: the first pass runs over row chunks on many blocks (workspace for its records).
+  a.chunks = gpu::sample_chunks(rows, v, sm_count(logits.device().index()));
+  at::Tensor workspace;
+  if (a.chunks > 1) {
+    workspace = at::empty({gpu::sample_workspace_bytes(rows, a.chunks)}, logits.options().dtype(at::kByte));
+    a.workspace = workspace.data_ptr();
+  }
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int rc = gpu::launch_sample(a, stream);
