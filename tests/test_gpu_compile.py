@@ -118,12 +118,14 @@ def _selective_fwd(dtype, vocab, entropy, labels="*i64", note=""):
                   {"RETURN_ENTROPY": entropy, "BLOCK": 4096}, num_warps=8, note=note)
 
 
-def _selective_bwd(dtype, vocab, entropy, labels="*i64", note=""):
+def _selective_bwd(dtype, vocab, entropy, labels="*i64", note="", grad=None):
     # launch: fastrl.ops.selective_logprobs._grad_logits (grad_logits in the logits' dtype, possibly
     # the logits themselves); args grad_logits, grad_logp, grad_entropy, logits, labels, entropy, stats,
     # V, stride_row, grad_stride_row, 1/T, ignore_index
     tag = f"{dtype}-{'entropy' if entropy else 'logp'}-V{vocab}" + ("-i32" if labels == "*i32" else "")
-    return Launch(tag, (f"*{dtype}", "*fp32", "*fp32", f"*{dtype}", labels, "*fp32", "*fp32", vocab, vocab, vocab,
+    if grad is not None:  # a gradient buffer of its own dtype (fused_linear_logprobs: fp32 logits, bf16 gradient)
+        tag += f"-grad{grad}"
+    return Launch(tag, (f"*{grad or dtype}", "*fp32", "*fp32", f"*{dtype}", labels, "*fp32", "*fp32", vocab, vocab, vocab,
                         1 / 0.9, -100),
                   {"HAS_GRAD_ENTROPY": entropy, "BLOCK": 4096}, num_warps=8, note=note)
 
@@ -244,6 +246,8 @@ REGISTRY: dict[str, list[Launch]] = {
         _selective_bwd("fp16", REAL_VOCAB, True, labels="*i32"),
         _selective_bwd("fp32", REAL_VOCAB, True, note="fp32 inputs, fused_linear_logprobs chunks (in place)"),
         _selective_bwd("fp32", ODD_VOCAB, False, note="fused_linear_logprobs vocabulary slices of any width"),
+        _selective_bwd("fp32", 21760, True, grad="bf16",
+                       note="fused_linear_logprobs backward: fp32 logits slice, gradient into a bf16 buffer"),
     ],
     "sequence_logps.sequence_logps_fwd_kernel": [
         _sequence("fwd", True, False),
