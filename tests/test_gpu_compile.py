@@ -915,6 +915,26 @@ def test_cuda_sources_compile_without_spills(source, target):
                                            f"recorded {limit}: if intended, update CUDA_REGISTERS")
 
 
+def test_cuda_sampler_first_pass_uses_the_hardware_exp(tmp_path):
+    """Every kernel of sampling.cu computes its first-pass normaliser with ex2.approx (exp_fast): the
+    PTX of each entry (sm_90a) holds ex2.approx.ftz.f32 (the masses keep the CPU sampler's polynomial)."""
+    src = CUDA_DIR / "sampling.cu"
+    if not src.exists() or _nvcc() is None:
+        pytest.skip("no csrc/cuda/sampling.cu or no nvcc")
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in [*include_paths(), str(ROOT / "csrc")]]
+    out = tmp_path / "sampling.ptx"
+    run = subprocess.run([_nvcc(), "-ptx", str(src), "-o", str(out), "-arch=sm_90a", *_setup_nvcc_flags(), *includes],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    entries = out.read_text().split(".entry ")[1:]
+    names = [e.split("(", 1)[0] for e in entries]
+    assert any("partial_kernel" in n for n in names) and any("sample_kernel" in n for n in names), names
+    for name, body in zip(names, entries):
+        assert "ex2.approx.ftz.f32" in body, f"{name} has no ex2.approx"
+
+
 def test_ptxas_output_is_parsed_and_spills_are_seen():
     mangled = "_ZN6fastrl3gpu12_GLOBAL__N_113sample_kernelINS1_3F32EEEvNS0_10SampleArgsE"
     stderr = (f"ptxas info    : Compiling entry function '{mangled}' for 'sm_90a'\n"

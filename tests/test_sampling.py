@@ -710,7 +710,7 @@ extern "C" unsigned long long fastrl_emulated_atomics() {  // atomics since the 
 
 
 @functools.cache
-def _emulated_kernel(config: str):
+def _emulated_kernel(config: str, ex2_ulps: int = 0):
     if shutil.which("g++") is None:
         pytest.skip("g++ not found: the CUDA kernel's source is not run on the CPU")
     threads, capacity, bins_log2 = EMULATED_CONFIGS[config]
@@ -719,6 +719,7 @@ def _emulated_kernel(config: str):
     cmd = ["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-DFASTRL_SIMT_EMULATION",
            f"-DFASTRL_SAMPLE_THREADS={threads}", f"-DFASTRL_SAMPLE_CAPACITY={capacity}",
            f"-DFASTRL_SAMPLE_BINS_LOG2={bins_log2}", f"-DFASTRL_SAMPLE_MIN_CHUNK={MIN_CHUNK[config]}",
+           f"-DFASTRL_SIMT_EX2_ULPS={ex2_ulps}",
            f"-I{CUDA_DIR}", str(tmp / "entry.cpp"), "-o", str(tmp / "k.so")]
     run = subprocess.run(cmd, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -736,7 +737,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None,) * 4, word=None,
-              sms=0):
+              sms=0, ex2_ulps=0):
     """The CUDA kernel on the CPU: (tokens, logprobs, filtered logprobs, error code). With ``word`` (int64
     [2]) the launch lowers that caller-owned error word (the deferred form) instead of resetting its own."""
     assert logits.stride(1) == 1
@@ -745,7 +746,8 @@ def _emulated(config, logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0
     error = torch.zeros(2, dtype=torch.int64) if word is None else word
     rows = [None if r is None else (r.long() if i == 1 else r.double()).contiguous() for i, r in enumerate(rows)]
     ptr = [None if r is None else r.data_ptr() for r in rows]
-    rc = _emulated_kernel(config)(logits.data_ptr(), _DTYPE_CODES[logits.dtype], b, logits.shape[1], logits.stride(0),
+    kernel = _emulated_kernel(config) if ex2_ulps == 0 else _emulated_kernel(config, ex2_ulps)  # one cache entry
+    rc = kernel(logits.data_ptr(), _DTYPE_CODES[logits.dtype], b, logits.shape[1], logits.stride(0),
                                   seed, temperature, top_k, top_p, min_p, *ptr, *(t.data_ptr() for t in out),
                                   error.data_ptr(), word is not None, sms)
     assert rc == 0
@@ -939,3 +941,25 @@ def test_emulated_split_large_vocabulary_b1():
             got = _emulated("real", logits[:b], 5, sms=H200_SMS, **kw)
             assert kernel.chunks() == 74
             _assert_same_draws(got, _op(logits[:b], 5, **kw), (b, kw), min_agree=1.0)
+
+
+def test_emulated_first_pass_exp_does_not_move_the_masses():
+    """The first pass takes the hardware exp (ex2.approx, a few ulp from exp2, its rounding not
+    specified), which feeds only the normaliser z; the masses the filters and the draw compare are
+    the CPU sampler's exp, in exact fixed point. Emulated with ex2.approx biased by -4, 0 and +4 ulp on
+    every term (a systematic error twice the size the hardware is known for): with top-k or min-p the
+    tokens and filtered log-probs are bit-identical whatever the bias; plain and top-p-only rows still
+    draw the CPU sampler's tokens; log-probs move by < 1e-5."""
+    g = torch.Generator().manual_seed(8)
+    logits = (torch.randn(12, 151936, generator=g) * 2).bfloat16()
+    exact = [{"top_k": 50}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9}, {"min_p": 0.05}]
+    loose = [{}, {"temperature": 0.8, "top_p": 0.9}]
+    base = {i: _emulated("real", logits, 9, **kw) for i, kw in enumerate(exact)}
+    for ulps in (-4, 4):
+        for i, kw in enumerate(exact):
+            got = _emulated("real", logits, 9, ex2_ulps=ulps, **kw)
+            assert torch.equal(got[0], base[i][0]) and torch.equal(got[2], base[i][2]), (ulps, kw)
+            torch.testing.assert_close(got[1], base[i][1], rtol=0, atol=1e-5)
+        for kw in loose:
+            _assert_same_draws(_emulated("real", logits, 9, ex2_ulps=ulps, **kw), _op(logits, 9, **kw), (ulps, kw),
+                               min_agree=1.0)

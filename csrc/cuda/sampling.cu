@@ -12,7 +12,8 @@
 // point and summed in 64-bit integers: sums are exact, so every result is independent of the
 // summation order (bit-for-bit reproducible) and the passes agree with each other. Each filter keeps
 // the keys at or above a threshold:
-//   1. pass over the row: m, the softmax normaliser z (online), NaN/inf, and the greedy answer;
+//   1. pass over the row: m, the softmax normaliser z (online, with the hardware exp: exp_fast),
+//      NaN/inf, and the greedy answer;
 //   2. top-k: the k-th largest key. A lower bound comes free from the thread maxima (k threads
 //      hold a value >= the k-th largest of them); a pass copies the keys above it into shared
 //      memory (usually about k of them) and a radix select finds the threshold there. When more
@@ -108,6 +109,26 @@ __device__ __forceinline__ float exp_nonpositive(float x) {
   p = fmaf(p, g, 1.0f);
   const float scale = __int_as_float((static_cast<int>(n) + 127) << 23);  // 2^n, n in [-126, 0]
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// exp(x) for x <= 0 (x may be -inf) in the first pass: the hardware's ex2.approx (one MUFU op instead
+// of the ~12 of exp_nonpositive), with subnormal results flushed to 0. It feeds only the normaliser z
+// of the first pass (the log-probs' softmax denominator, and the draw target of plain and top-p-only
+// rows); every mass that a filter or the draw compares is still mass_of's exp_nonpositive, the CPU
+// sampler's function, rounded to exact fixed point. ex2.approx is a few ulp from exp2 (its error is not
+// specified to the bit, so the SIMT emulation does not pretend to reproduce it: it takes exp2f, moved
+// by FASTRL_SIMT_EX2_ULPS ulp, and the tests run it at a systematic +-4 ulp): with top-k, or min-p,
+// the drawn token does not depend on it at all; otherwise a row's token could change only where
+// u * Z lies within that relative error (~1e-6) of a CDF boundary, as the fp32 accumulation of z
+// already allows.
+__device__ __forceinline__ float exp_fast(float x) {
+#ifdef FASTRL_SIMT_EMULATION
+  return simt::ex2_approx(x * 1.44269504088896341f);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+#endif
 }
 
 // A monotone key: x < y iff key(x) < key(y) for non-NaN floats, -0 and +0 alike.
@@ -266,7 +287,7 @@ struct Partial {
   __device__ __forceinline__ void add(float x, u32 i, float inv_t) {
     bad += !(x <= FLT_MAX);  // NaN compares false, +inf is above FLT_MAX
     if (x > m) {
-      z = m > -INFINITY ? z * exp_nonpositive((m - x) * inv_t) + 1.0f : 1.0f;
+      z = m > -INFINITY ? z * exp_fast((m - x) * inv_t) + 1.0f : 1.0f;
       m = x;
       first = i;
       ties = 1;
@@ -275,14 +296,14 @@ struct Partial {
         ++ties;
         first = i < first ? i : first;
       }
-      if (x > -INFINITY) z += exp_nonpositive((x - m) * inv_t);
+      if (x > -INFINITY) z += exp_fast((x - m) * inv_t);
     }
   }
 
   __device__ __forceinline__ void merge(float m2, float z2, u32 first2, u32 ties2, u32 bad2, float inv_t) {
     bad += bad2;
     if (m2 > m) {
-      z = z2 + (m > -INFINITY ? z * exp_nonpositive((m - m2) * inv_t) : 0.0f);
+      z = z2 + (m > -INFINITY ? z * exp_fast((m - m2) * inv_t) : 0.0f);
       m = m2;
       first = first2;
       ties = ties2;
@@ -291,7 +312,7 @@ struct Partial {
       ties += ties2;
       first = first2 < first ? first2 : first;
     } else if (m2 > -INFINITY) {
-      z += z2 * exp_nonpositive((m2 - m) * inv_t);
+      z += z2 * exp_fast((m2 - m) * inv_t);
     }
   }
 
@@ -951,7 +972,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
     }
     return;
   }
-  const double z_row = blk.reduce(m > -INFINITY ? static_cast<double>(z * exp_nonpositive((m - row_max) * inv_t)) : 0.0,
+  const double z_row = blk.reduce(m > -INFINITY ? static_cast<double>(z * exp_fast((m - row_max) * inv_t)) : 0.0,
                                   [](double p, double q) { return p + q; });
   // A thread's maximum, for the top-k / top-p bounds (key 0: the thread saw no element).
   const u32 thread_max_key = seen ? key_of(m) : 0u;

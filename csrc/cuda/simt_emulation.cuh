@@ -200,6 +200,19 @@ inline float half_to_float(unsigned short h) {
   return f;
 }
 
+// PTX ex2.approx.ftz.f32, whose exact rounding is not specified: exp2f moved by FASTRL_SIMT_EX2_ULPS
+// ulp (default 0; tests set a systematic bias of a few ulp either way), subnormal results flushed to 0.
+#ifndef FASTRL_SIMT_EX2_ULPS
+#define FASTRL_SIMT_EX2_ULPS 0
+#endif
+inline float ex2_approx(float a) {
+  float r = std::exp2(a);
+  for (int i = 0; i < (FASTRL_SIMT_EX2_ULPS < 0 ? -FASTRL_SIMT_EX2_ULPS : FASTRL_SIMT_EX2_ULPS) && r > 0.0f; ++i) {
+    r = std::nextafter(r, FASTRL_SIMT_EX2_ULPS < 0 ? 0.0f : INFINITY);
+  }
+  return r < 1.17549435e-38f ? 0.0f : r;
+}
+
 }  // namespace simt
 
 #define threadIdx (::simt::thread_index())
