@@ -113,3 +113,23 @@ def interpreter_loads(monkeypatch):
 
     monkeypatch.setattr(InterpreterBuilder, "create_masked_load", recording)
     return loads
+
+
+def gemm_counter(monkeypatch) -> list:
+    """From now until ``monkeypatch.undo()``, records ``(m, k, n)`` of every matrix product through the
+    torch entry points the fused-linear code calls (torch.mm / addmm, Tensor @ / addmm_): the lm-head
+    GEMMs, for tests that count the GEMM work of a forward and backward."""
+    record = []
+
+    def wrap(fn, operands):
+        def inner(*args, **kwargs):
+            a, b = operands(*args)
+            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
+            return fn(*args, **kwargs)
+        return inner
+
+    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
+    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
+    return record

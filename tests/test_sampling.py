@@ -951,15 +951,20 @@ def test_emulated_first_pass_exp_does_not_move_the_masses():
     tokens and filtered log-probs are bit-identical whatever the bias; plain and top-p-only rows still
     draw the CPU sampler's tokens; log-probs move by < 1e-5."""
     g = torch.Generator().manual_seed(8)
-    logits = (torch.randn(12, 151936, generator=g) * 2).bfloat16()
+    # 4 rows of a 64k vocabulary: 16 warps' worth of terms per row at the real block size, enough for a
+    # biased exp to move the normaliser well past the masses' fixed-point step (the test's point)
+    logits = (torch.randn(4, 65536, generator=g) * 2).bfloat16()
     exact = [{"top_k": 50}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9}, {"min_p": 0.05}]
     loose = [{}, {"temperature": 0.8, "top_p": 0.9}]
     base = {i: _emulated("real", logits, 9, **kw) for i, kw in enumerate(exact)}
+    moved = False
     for ulps in (-4, 4):
         for i, kw in enumerate(exact):
             got = _emulated("real", logits, 9, ex2_ulps=ulps, **kw)
             assert torch.equal(got[0], base[i][0]) and torch.equal(got[2], base[i][2]), (ulps, kw)
             torch.testing.assert_close(got[1], base[i][1], rtol=0, atol=1e-5)
+            moved |= not torch.equal(got[1], base[i][1])
         for kw in loose:
             _assert_same_draws(_emulated("real", logits, 9, ex2_ulps=ulps, **kw), _op(logits, 9, **kw), (ulps, kw),
                                min_agree=1.0)
+    assert moved, "the biased exp changed no log-prob: the emulation did not apply FASTRL_SIMT_EX2_ULPS"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastrl.losses import FusedLinearDPOLoss, dpo_loss, fused_linear_dpo_loss, precompute_reference_logps
 from fastrl.ops import backend
+from conftest import gemm_counter
 
 PAIRS, L, H, V = 3, 6, 32, 97
 
@@ -204,23 +205,6 @@ def test_real_shapes_on_the_gpu_match_the_composed_ops(workspace):
     assert _rel(w1.grad.float(), w2.grad.double()) < 1e-2
 
 
-def gemm_counter(monkeypatch):
-    """Records ``(m, k, n)`` of every matrix product through torch.mm / addmm and Tensor @ / addmm_
-    (the entry points of the lm-head GEMMs; the DPO loss itself runs none)."""
-    record = []
-
-    def wrap(fn, operands):
-        def inner(*args, **kwargs):
-            a, b = operands(*args)
-            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
-            return fn(*args, **kwargs)
-        return inner
-
-    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
-    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
-    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
-    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
-    return record
 
 
 CHUNK_KINDS = {"sigmoid": {}, "sigmoid+sft+ld": {"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5},

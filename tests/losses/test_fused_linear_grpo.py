@@ -9,6 +9,7 @@ import torch
 from fastrl.losses import FusedLinearGRPOLoss, fused_linear_grpo_loss, grpo_loss
 from fastrl.losses import reference as loss_reference
 from fastrl.ops import backend, fused_linear_logprobs
+from conftest import gemm_counter
 
 B, L, H, V = 3, 7, 32, 101
 
@@ -213,23 +214,6 @@ def test_real_shapes_on_the_gpu_match_the_composed_ops(mode):
     assert _rel(w1.grad.float(), w2.grad.double()) < 1e-2
 
 
-def gemm_counter(monkeypatch):
-    """Records ``(m, k, n)`` of every matrix product through torch.mm / addmm and Tensor @ / addmm_
-    (the entry points of the lm-head GEMMs; the GRPO loss itself runs none)."""
-    record = []
-
-    def wrap(fn, operands):
-        def inner(*args, **kwargs):
-            a, b = operands(*args)
-            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
-            return fn(*args, **kwargs)
-        return inner
-
-    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
-    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
-    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
-    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
-    return record
 
 
 @pytest.mark.parametrize("name", ["dapo", "grpo+k3+entropy", "gspo"])

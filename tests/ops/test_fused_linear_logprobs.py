@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastrl.ops import backend, fused_linear_logprobs
+from conftest import gemm_counter
 
 
 def _case(rows=29, h=32, vocab=515, dtype=torch.float32, seed=0, bias=True):
@@ -186,23 +187,6 @@ def test_backward_fake_kernel_matches_bias_dtype():
 # Chunk shapes (aligned, balanced), GEMMs only on scored rows, the gradient written in the model's dtype
 
 
-def gemm_counter(monkeypatch):
-    """Records ``(m, k, n)`` of every matrix product through the torch entry points the fused-linear
-    code calls (torch.mm / addmm, Tensor @ / addmm_): the lm-head GEMMs and nothing else here."""
-    record = []
-
-    def wrap(fn, operands):
-        def inner(*args, **kwargs):
-            a, b = operands(*args)
-            record.append((a.shape[-2], a.shape[-1], b.shape[-1]))
-            return fn(*args, **kwargs)
-        return inner
-
-    monkeypatch.setattr(torch, "mm", wrap(torch.mm, lambda a, b, *rest: (a, b)))
-    monkeypatch.setattr(torch, "addmm", wrap(torch.addmm, lambda acc, a, b, *rest: (a, b)))
-    monkeypatch.setattr(torch.Tensor, "__matmul__", wrap(torch.Tensor.__matmul__, lambda a, b: (a, b)))
-    monkeypatch.setattr(torch.Tensor, "addmm_", wrap(torch.Tensor.addmm_, lambda acc, a, b, *rest: (a, b)))
-    return record
 
 
 def _check_spans(spans, n, width, budget, align):
