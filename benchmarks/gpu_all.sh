@@ -3,11 +3,11 @@
 # 510 s, so that it ends inside the 10-minute limit of one command with room for the report):
 #   1. build (make install; a no-op after gpu-smoke; a CUDA torch of python3 is reused, nothing downloaded)
 #   2. peers from wheels/ when it exists (make wheels-install)
-#   3. the benchmarks at real shapes, peers side by side, in order of value (make bench-gpu: logprobs, grpo, dpo,
-#      sampling, rollout, trainer vs TRL); FASTRL_BENCH_DEADLINE skips the benchmarks that would start after the
-#      share of the budget given to them, so every suite still writes its JSON
+#   3. the benchmarks at real shapes, peers side by side, in order of value (logprobs, grpo, dpo, sampling,
+#      rollout, trainer vs TRL), each suite in its own slice of the time (GPU_ALL_SUITES: name:weight ...);
+#      FASTRL_BENCH_DEADLINE skips the benchmarks that would start after a slice, so every suite writes its JSON
 #   4. the GPU tests (make gpu-test) in what is left, stopped at the budget (their log says what passed)
-#   5. REPORT.md and the plots
+#   5. REPORT.md and the plots (after the benchmarks)
 # Everything lands in benchmarks/results/<gpu>/: bench_*.json, REPORT.md, *.png and gpu-all.log (when $OUT is set,
 # as each step ends: that folder as $OUT/gpu-all-results.tar.gz, and the log). A failing step does not stop the later ones; the exit status says
 # whether all passed.
@@ -69,14 +69,26 @@ for name in ("liger_kernel", "trl", "flashinfer", "flash_attn", "xformers", "pyn
     print(f"  {name}: {'yes' if importlib.util.find_spec(name) else 'no'}")
 EOF
 
+# The benchmarks' share of the budget, split between the suites in order of value by weight; time a suite
+# does not use passes to the next ones. Within its slice a suite skips what would start late
+# (FASTRL_BENCH_DEADLINE) and still writes its JSON.
 bench_s=$("$PY" -c "print(int($(left) * $BENCH_SHARE))")
+SUITES=${GPU_ALL_SUITES:-"bench_logprobs:25 bench_grpo:12 bench_dpo:8 bench_sampling:15 bench_rollout:10 bench_trainer:30"}
 timeout_arg=""
-if "$PY" -c "import pytest_timeout" 2>/dev/null; then timeout_arg="--timeout=${BENCH_TEST_TIMEOUT:-90}"; fi
-step "benchmarks (${bench_s} s)" env FASTRL_BENCH_DEADLINE=$(( $(date +%s) + bench_s )) \
-  $MAKE --no-print-directory bench-gpu BENCH_MAX_TIME="${BENCH_MAX_TIME:-0.3}" \
-  BENCH_MIN_ROUNDS="${BENCH_MIN_ROUNDS:-5}" BENCH_ARGS="$timeout_arg -q -rs"
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then timeout_arg="--timeout=${BENCH_TEST_TIMEOUT:-120}"; fi
+bench_end=$(( $(date +%s) + bench_s ))
+weights_left=0; for s in $SUITES; do weights_left=$(( weights_left + ${s#*:} )); done
+for s in $SUITES; do
+  name=${s%%:*}; weight=${s#*:}
+  now=$(date +%s); slice=$(( (bench_end - now) * weight / weights_left )); weights_left=$(( weights_left - weight ))
+  [ "$slice" -gt 0 ] || { summary+=("$(printf '%-28s skipped: benchmark time spent' "$name")"); continue; }
+  step "$name (${slice} s)" env FASTRL_BENCH_SCALE=gpu FASTRL_BENCH_DEADLINE=$(( now + slice )) \
+    "$PY" -m pytest "benchmarks/$name.py" --benchmark-only --benchmark-max-time="${BENCH_MAX_TIME:-0.3}" \
+    --benchmark-min-rounds="${BENCH_MIN_ROUNDS:-5}" --benchmark-json="$dir/$name.json" $timeout_arg -q -rs
+done
+step "report" $MAKE --no-print-directory bench-report
 
-test_s=$(( $(left) - 25 ))  # 25 s kept for the report
+test_s=$(( $(left) - 15 ))  # 15 s kept for the summary and the copy back
 if [ "$test_s" -gt 20 ]; then
   step "gpu tests (${test_s} s)" timeout --signal=INT --kill-after=10 "$test_s" \
     $MAKE --no-print-directory gpu-test PYTEST_ARGS="-q -ra --durations=10"
