@@ -22,7 +22,8 @@ mkdir -p "$dir"
 log="$dir/gpu-smoke.log"
 exec > >(tee "$log") 2>&1
 mirror() { [ -n "${OUT:-}" ] && mkdir -p "$OUT/smoke" && cp -f "$log" "$OUT/smoke/" 2>/dev/null; true; }
-trap mirror EXIT
+finish() { exec >&- 2>&-; sleep 1; mirror; }  # let tee write the last lines before the copy
+trap finish EXIT
 
 echo "gpu-smoke: budget ${BUDGET} s, results into $dir ($(date -u +%H:%M:%S) UTC)"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,memory.used \
@@ -38,7 +39,9 @@ echo "gpu-smoke: build took $(( $(date +%s) - t0 )) s"
 mirror
 left=$(( BUDGET - ($(date +%s) - start) ))
 # checks that would start after the budget are recorded as skipped; one running past it is stopped 30 s later
-timeout --signal=INT --kill-after=10 $(( left + 30 )) "$PY" benchmarks/gpu_smoke.py --budget-s "$left" --out "$dir" "$@"
+# (a build that overran the budget still runs the script once: it records every check as skipped)
+timeout --signal=INT --kill-after=10 $(( left > 0 ? left + 30 : 30 )) "$PY" benchmarks/gpu_smoke.py --budget-s "$left" \
+  --out "$dir" "$@"
 rc=$?
 echo "gpu-smoke: done in $(( $(date +%s) - start )) s (rc $rc)"
 exit $rc

@@ -196,38 +196,41 @@ def generate(
     total = longest + max_new_tokens
     with torch.no_grad():
         decoder = _decoder(model, engine, cuda_graph, rows, total, device, keep_graph)
-        logits = decoder.prefill(model, ids, mask, positions, num_samples).repeat_interleave(num_samples, 0)
-        out_ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
-        out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        lengths = torch.zeros(rows, dtype=torch.long, device=device)
-        next_pos = prompt_lengths.to(device).repeat_interleave(num_samples)
-        steps = range(max_new_tokens)
-        bar = _progress_bar(steps) if progress else None
-        errors = SampleErrors(device)  # bad rows are recorded on the device and raised at the exit checks
-        for step in steps if bar is None else bar:
-            tokens, logprobs = sample(logits, generator=generator, errors=errors, **settings)
-            live = ~done
-            out_ids[:, step] = torch.where(live, tokens, pad)
-            out_logprobs[:, step] = torch.where(live, logprobs, 0.0)
-            lengths += live
-            if stops is not None:
-                done |= torch.isin(tokens, stops)
-                # the early-exit test waits for the device: on GPU only every few steps
-                if device.type == "cpu" or step % _CUDA_EXIT_CHECK == _CUDA_EXIT_CHECK - 1:
-                    errors.check()  # the sampler's ValueError for a bad row, if any (a sync like the next)
-                    if bool(done.all()):
-                        break
-            if step + 1 < max_new_tokens:  # a finished row feeds whatever it drew: its logits go unused
-                # a bad row's token -1 (raised at the next check) is fed as 0, never as an index out of range
-                logits = decoder.step(tokens.clamp(min=0), next_pos + step, longest + step)
-        errors.check()
-        if bar is not None:
-            bar.close()
-        if not keep_graph:  # a decoder kept by an earlier call goes too
-            release(model)
-        if _GRAPHED.get(model) is not decoder:
-            decoder.release()
+        bar = None
+        try:  # the cache and graphs are freed whatever happens (a bad row raised at a check, an OOM)
+            logits = decoder.prefill(model, ids, mask, positions, num_samples).repeat_interleave(num_samples, 0)
+            out_ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+            out_logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+            done = torch.zeros(rows, dtype=torch.bool, device=device)
+            lengths = torch.zeros(rows, dtype=torch.long, device=device)
+            next_pos = prompt_lengths.to(device).repeat_interleave(num_samples)
+            steps = range(max_new_tokens)
+            bar = _progress_bar(steps) if progress else None
+            errors = SampleErrors(device)  # bad rows are recorded on the device and raised at the exit checks
+            for step in steps if bar is None else bar:
+                tokens, logprobs = sample(logits, generator=generator, errors=errors, **settings)
+                live = ~done
+                out_ids[:, step] = torch.where(live, tokens, pad)
+                out_logprobs[:, step] = torch.where(live, logprobs, 0.0)
+                lengths += live
+                if stops is not None:
+                    done |= torch.isin(tokens, stops)
+                    # the early-exit test waits for the device: on GPU only every few steps
+                    if device.type == "cpu" or step % _CUDA_EXIT_CHECK == _CUDA_EXIT_CHECK - 1:
+                        errors.check()  # the sampler's ValueError for a bad row, if any (a sync like the next)
+                        if bool(done.all()):
+                            break
+                if step + 1 < max_new_tokens:  # a finished row feeds whatever it drew: its logits go unused
+                    # a bad row's token -1 (raised at the next check) is fed as 0, never as an index out of range
+                    logits = decoder.step(tokens.clamp(min=0), next_pos + step, longest + step)
+            errors.check()
+        finally:
+            if bar is not None:
+                bar.close()
+            if not keep_graph:  # a decoder kept by an earlier call goes too
+                release(model)
+            if _GRAPHED.get(model) is not decoder:
+                decoder.release()
 
     width = int(lengths.max())
     prompt_index = torch.arange(num_prompts, device=device).repeat_interleave(num_samples)

@@ -113,22 +113,32 @@ def full_weights(policy: Policy, world: distributed.World):
                 policy(pack([[0]], [[0]]).to(world.device), lambda hidden, weight, bias: hidden)
             distributed.reshard(policy)
             _FSDP_READY.add(policy)
-    saved = [_hold_gathered(unit) for unit in units]
+    held = []  # (unit, what to restore or None), filled one unit at a time so a failure restores the ones held
     try:
+        for unit in units:
+            held.append((unit, None))
+            held[-1] = (unit, _hold_gathered(unit))
         yield
     finally:
-        for unit, (auto, infos) in zip(units, saved):
-            state = unit._get_fsdp_state()
-            state._auto_reshard_after_forward = auto  # what set_reshard_after_forward changed
-            for group, info in zip(state._fsdp_param_groups, infos):
-                group.post_forward_mesh_info = info
+        for unit, saved in held:
+            if saved is not None:
+                auto, infos = saved
+                state = unit._get_fsdp_state()
+                state._auto_reshard_after_forward = auto  # what set_reshard_after_forward changed
+                for group, info in zip(state._fsdp_param_groups, infos):
+                    group.post_forward_mesh_info = info
             unit.reshard()
 
 
-def _hold_gathered(unit) -> tuple:
+def _hold_gathered(unit) -> tuple | None:
     """Gather an FSDP2 unit and keep it gathered after its forwards; returns what to restore (each
     parameter group's post-forward mesh, None being FSDP2's "do not reshard after forward")."""
     state = unit._get_fsdp_state()
+    if not (hasattr(state, "_auto_reshard_after_forward") and hasattr(state, "_fsdp_param_groups")):
+        # another torch's FSDP2 internals: gather only (its forwards may reshard, and the rollout then
+        # takes the HF path, slower but correct)
+        unit.unshard()
+        return None
     saved = (state._auto_reshard_after_forward, [group.post_forward_mesh_info for group in state._fsdp_param_groups])
     unit.set_reshard_after_forward(False, recurse=False)
     unit.unshard()

@@ -339,6 +339,25 @@ def test_decoder_is_released_unless_kept(monkeypatch):
         generate(model, _prompts([5]), keep_graph=1, **kw)
 
 
+def test_decoder_is_released_when_a_check_raises(monkeypatch):
+    """A bad row raised at one of the rollout's checks (or an error inside a step) still frees the KV
+    cache and graphs: nothing is held through a caller that catches the error and goes on."""
+    import importlib
+
+    model = copy.deepcopy(model_of("llama"))
+    kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+    made = _Constructed(monkeypatch)
+    top_p = torch.tensor([0.9, 1.5])  # row 1 out of range: deferred, raised at the end
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, _prompts([5, 8]), max_new_tokens=4, top_p=top_p, stop_token_ids=[])
+    assert made.built[-1].keys == [] and model not in kept
+    with pytest.raises(ValueError, match="top_p"):  # kept when asked to keep it, error or not: reusable
+        generate(model, _prompts([5, 8]), max_new_tokens=4, top_p=top_p, stop_token_ids=[], keep_graph=True)
+    assert kept[model] is made.built[-1] and len(made.built[-1].keys) > 0
+    generate(model, _prompts([5, 8]), max_new_tokens=4, stop_token_ids=[])  # the next plain call frees it
+    assert model not in kept and all(d.keys == [] for d in made.built)
+
+
 @pytest.mark.parametrize("kind,engine,ran", [("llama", "auto", "fastrl"), ("llama", "hf", "hf"),
                                              ("gpt2", "auto", "hf")])
 def test_rollout_reports_the_engine_that_ran(kind, engine, ran):
