@@ -150,8 +150,7 @@ def sample(
     if errors is not None:
         if not isinstance(errors, SampleErrors):
             raise TypeError(f"errors must be a fastrl.sampling.SampleErrors, got {type(errors).__name__}")
-        if errors.device != dev and not (dev.type == "cuda" and errors.device.type == "cuda" and dev.index is None
-                                         and errors.device.index == torch.cuda.current_device()):
+        if errors.device != dev:  # both carry an index on CUDA (SampleErrors resolves a bare "cuda")
             raise ValueError(f"errors is on {errors.device} but logits are on {dev}")
     seed = _draw_seed(generator, dev)
 

@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_benchmark_script  # noqa: E402
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_trainer_under_test", ROOT / "benchmarks" / "bench_trainer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = _bench()
+bt = load_benchmark_script("bench_trainer")
 
 
 @pytest.fixture(scope="module")

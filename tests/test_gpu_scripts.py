@@ -9,7 +9,6 @@ deadline (FASTRL_BENCH_DEADLINE): past it they skip what is left and still write
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,19 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark_script  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _smoke():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gpu_smoke_under_test", ROOT / "benchmarks" / "gpu_smoke.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-smoke = _smoke()
+smoke = load_benchmark_script("gpu_smoke")
 # the quick checks; the log-prob and rollout checks take a minute in the interpreter and run in the test below
 QUICK = ["build", "group_advantages", "grpo_loss", "dpo_loss", "sampler"]
 
