@@ -13,8 +13,8 @@ a crash of a later check loses nothing already measured. ``<out>`` defaults to
 brings back at most 8 files) ``smoke.jsonl`` is copied to ``$OUT/smoke/`` after every check. A check that would start after ``--budget-s`` seconds is recorded as
 skipped. The exit status is 1 when any check failed or raised.
 
-Correctness first: each op is compared with fastrl's torch implementation (``fastrl.ops.reference``,
-``fastrl.losses.reference``; fp64 where it is the maths, fp32 where the bf16 input is the same) at the
+Correctness first: each op is compared with fastrl's torch implementation (``fastrl.ops.torch_impl``,
+``fastrl.losses.torch_impl``; fp64 where it is the maths, fp32 where the bf16 input is the same) at the
 tolerances of the test suite (DESIGN: bf16 <= 1e-2 on log-probs and losses, gradients by relative
 norm <= 1e-2). Timing second: on CUDA ``triton.testing.do_bench`` medians (CUDA events) of fastrl and
 of the plain torch way, in the same process on the same inputs; ``ratio`` = torch time / fastrl time
@@ -241,7 +241,7 @@ def fused_linear_logprobs(ctx: Context) -> dict:
 def group_advantages(ctx: Context) -> dict:
     """GRPO advantages of B rewards in groups of G (one launch), vs the fp64 reference."""
     from fastrl.ops import group_advantages as op
-    from fastrl.ops import reference
+    from fastrl.ops import torch_impl
 
     batch, size = ctx.shapes["adv"]
     g = ctx.gen(2)
@@ -252,11 +252,11 @@ def group_advantages(ctx: Context) -> dict:
     for estimator, scale in (("grpo", "group"), ("grpo", "batch"), ("dr_grpo", "none"), ("rloo", "none")):
         with _fast():
             out = op(rewards, ids, estimator=estimator, scale=scale)
-        ref = reference.group_advantages(rewards, ids, estimator=estimator, scale=scale)
+        ref = torch_impl.group_advantages(rewards, ids, estimator=estimator, scale=scale)
         errors[f"{estimator}/{scale}_max_abs"] = (max_err(out, ref), 1e-5)
     with _fast():
         t_fast = ctx.time(lambda: op(rewards, ids))
-    t_torch = ctx.time(lambda: reference.group_advantages(rewards, ids))
+    t_torch = ctx.time(lambda: torch_impl.group_advantages(rewards, ids))
     return {"status": verdict(errors), "batch": batch, "group_size": size, "errors": errors,
             "seconds": {"fastrl": t_fast, "torch reference": t_torch}, "ratio_vs_torch": ratio(t_torch, t_fast)}
 
@@ -265,7 +265,7 @@ def group_advantages(ctx: Context) -> dict:
 def grpo_loss(ctx: Context) -> dict:
     """The GRPO (DAPO aggregation, clipped, k3 KL) loss and its gradient over [B, L] tokens, vs fp64."""
     from fastrl.losses import grpo_loss as op
-    from fastrl.losses import reference
+    from fastrl.losses.torch_impl import grpo as torch_grpo
 
     rows, length = ctx.shapes["grpo"]
     g = ctx.gen(3)
@@ -282,7 +282,7 @@ def grpo_loss(ctx: Context) -> dict:
         loss.backward()
     grad = logps.grad.clone()
     r64 = logps.detach().double().requires_grad_()
-    rloss, _ = reference.grpo_loss(r64, old.double(), adv.double(), mask, ref_logps=ref_logps.double(), **kw)
+    rloss, _ = torch_grpo.grpo_loss(r64, old.double(), adv.double(), mask, ref_logps=ref_logps.double(), **kw)
     rloss.backward()
     errors = {"loss_abs": (abs(float(loss.detach()) - float(rloss.detach())), 1e-5 * max(1.0, abs(float(rloss.detach())))),
               "grad_rel_norm": (rel_norm(grad, r64.grad), 1e-5)}
@@ -351,7 +351,7 @@ def _torch_top_p_sample(logits, temperature, top_p, generator):
 def sampler(ctx: Context) -> dict:
     """The sampler at V = 151936: the same tokens as the CPU sampler for the same seed, the right
     distribution (chi-square over the most probable tokens), then its speed beside torch."""
-    from fastrl.ops import reference
+    from fastrl.ops import torch_impl
     from fastrl.sampling import sample
 
     rows, vocab = ctx.shapes["sampler"]
@@ -376,7 +376,7 @@ def sampler(ctx: Context) -> dict:
     row = (torch.randn(1, dvocab, device=ctx.device, generator=g) * 2).float()
     many = row.expand(draws, dvocab).contiguous()
     drawn, _ = sample(many, generator=torch.Generator(device=ctx.device).manual_seed(8), temperature=1.0, top_p=0.95)
-    probs = reference.sampling_distribution(row.cpu(), temperature=1.0, top_p=0.95)[0]
+    probs = torch_impl.sampling_distribution(row.cpu(), temperature=1.0, top_p=0.95)[0]
     top = torch.argsort(probs, descending=True)[:30]
     counts = torch.bincount(drawn.cpu(), minlength=dvocab).double()
     expected = probs * draws

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastrl import _checks, _extension
-from fastrl.ops import dispatch, reference
+from fastrl.ops import dispatch, torch_impl
 
 __all__ = ["SampleErrors", "sample"]
 
@@ -116,7 +116,7 @@ def sample(
     tokens; ``top_p`` (1 = off) keeps, of those, the smallest most-probable set whose mass reaches
     ``top_p``; ``min_p`` (0 = off) keeps tokens with ``p >= min_p * max p``. Each is a number for
     every row or a tensor [B] of per-row values. The exact distribution is
-    :func:`fastrl.ops.reference.sampling_distribution`.
+    :func:`fastrl.ops.torch_impl.sampling_distribution`.
 
     Returns ``(tokens [B] int64, logprobs [B] fp32)``, ``logprobs`` being each token's log-prob under
     ``softmax(logits / T)`` (what importance-sampling corrections need; 0 - or -log(#tied maxima) -
@@ -174,7 +174,7 @@ def sample(
 
 def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):
     """The torch path (``FASTRL_BACKEND=torch``, and CUDA tensors when the extension was built
-    without its CUDA kernels): same distribution and, through :func:`reference.philox_uniform`, the
+    without its CUDA kernels): same distribution and, through :func:`torch_impl.philox_uniform`, the
     same uniforms as the C++ and CUDA samplers."""
     settings = {
         "temperature": temperature if temperatures is None else temperatures,
@@ -184,8 +184,8 @@ def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatur
     }
     _check_row_values(logits, settings)
     s = int(seed.reshape(-1)[0].item())
-    u = torch.tensor([reference.philox_uniform(s, r) for r in range(logits.shape[0])], dtype=torch.float64)
-    return reference.sample(logits, u, **settings)
+    u = torch.tensor([torch_impl.philox_uniform(s, r) for r in range(logits.shape[0])], dtype=torch.float64)
+    return torch_impl.sample(logits, u, **settings)
 
 
 def _check_row_values(logits: torch.Tensor, settings: dict) -> None:

@@ -4,7 +4,7 @@ Three kernels. ``dpo_loss_fwd_kernel`` runs one program per ``BLOCK`` pairs: it 
 loss and writes the block's partial sums (``NSTAT`` numbers: the weighted loss, Σ NLL_c, Σ |y_c|,
 Σ weights, Σ rewards, Σ accuracies, Σ log-probs). ``dpo_loss_finish_kernel`` (one program) adds
 the partials in a fixed order, so the result is deterministic, and writes the loss and the metrics
-(layout of ``fastrl.losses.reference.DPO_STATS``). ``dpo_loss_bwd_kernel``, one program per block,
+(layout of ``fastrl.losses.torch_impl.dpo.DPO_STATS``). ``dpo_loss_bwd_kernel``, one program per block,
 writes d loss / d (π_c, π_r, NLL_c, Δ_aot, Δ_aot_unpaired), reading the upstream gradient and the
 batch sums from device memory (no host sync).
 

@@ -7,7 +7,7 @@ Forward (:func:`grpo_loss_fwd_kernel`): a first pass over the sequence, only whe
 quantity is needed before the per-token loss (sequence-level ratio, vespo weight, off-policy mask,
 sequence-level sampler weight), then a second pass that evaluates every token's loss and sums it,
 with the metric counts, into one row of ``stats`` [B, NSTATS] (column layout:
-``fastrl.losses.reference``). The aggregation across sequences is left to the caller: the loss is
+``fastrl.losses.torch_impl.grpo``). The aggregation across sequences is left to the caller: the loss is
 ``sum_i c_i * stats[i, LOSS]`` with weights that depend on the token counts only.
 
 Backward (:func:`grpo_loss_bwd_kernel`): one pass per sequence writing ``d logps`` (and ``d
@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Columns of stats (fastrl.losses.reference holds the same numbers)
+# Columns of stats (fastrl.losses.torch_impl.grpo holds the same numbers)
 _LOSS = tl.constexpr(0)
 _ENT = tl.constexpr(1)
 _COUNT = tl.constexpr(2)

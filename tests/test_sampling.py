@@ -20,7 +20,7 @@ import torch
 from conftest import chi_square_pvalue
 
 import fastrl
-from fastrl.ops import backend, reference
+from fastrl.ops import backend, torch_impl
 from fastrl.sampling import sample
 
 SETTINGS = [
@@ -49,8 +49,8 @@ def _generator(device, seed=1234):
 
 def _ref_draw(logits, seed, **settings):
     """The reference's draw with the uniforms the C++ sampler uses for ``seed``."""
-    u = torch.tensor([reference.philox_uniform(seed, r) for r in range(logits.shape[0])], dtype=torch.float64)
-    return reference.sample(logits, u, **settings)
+    u = torch.tensor([torch_impl.philox_uniform(seed, r) for r in range(logits.shape[0])], dtype=torch.float64)
+    return torch_impl.sample(logits, u, **settings)
 
 
 def _op(logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None, None, None, None)):
@@ -64,7 +64,7 @@ def _op(logits, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None
 def test_distribution_matches_exact_filtered_probs(settings, device):
     generator = _generator(device)
     logits = torch.randn(1, 13, generator=generator, device=device) * 1.5
-    exact = reference.sampling_distribution(logits.cpu(), **settings)[0]
+    exact = torch_impl.sampling_distribution(logits.cpu(), **settings)[0]
     draws = 60_000
     tokens, _ = sample(logits.expand(draws, -1), generator=generator, **settings)
     assert tokens.device == logits.device
@@ -87,7 +87,7 @@ def test_per_row_settings_mixed_in_one_batch(device):
     }
     tokens, _ = sample(logits.expand(n * len(groups), -1), generator=generator, **per_row)
     for i, s in enumerate(full):
-        exact = reference.sampling_distribution(logits.cpu(), **s)[0]
+        exact = torch_impl.sampling_distribution(logits.cpu(), **s)[0]
         counts = torch.bincount(tokens[i * n:(i + 1) * n].cpu(), minlength=13)
         assert chi_square_pvalue(counts, exact) > 1e-4, s
 
@@ -132,7 +132,7 @@ def test_filtered_logprob_is_log_of_the_renormalised_probability(device):
     logits = torch.randn(64, 50, generator=g)
     tokens, logp, flogp = (t.cpu() for t in sample(logits.to(device), top_k=10, top_p=0.8,
                                                    generator=_generator(device, 2), return_filtered_logprobs=True))
-    probs = reference.sampling_distribution(logits, top_k=10, top_p=0.8)
+    probs = torch_impl.sampling_distribution(logits, top_k=10, top_p=0.8)
     torch.testing.assert_close(flogp.double(), probs.gather(1, tokens[:, None]).squeeze(1).log(), rtol=0, atol=1e-5)
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1),
                                rtol=0, atol=1e-5)
@@ -165,7 +165,7 @@ def test_ties_at_the_top_k_boundary_are_kept(device):
     tokens, _ = sample(logits.to(device).expand(20_000, -1), top_k=2, generator=_generator(device))
     counts = torch.bincount(tokens.cpu(), minlength=5)
     assert counts[4] == 0 and (counts[1:4] > 0).all()
-    assert chi_square_pvalue(counts, reference.sampling_distribution(logits, top_k=2)[0]) > 1e-4
+    assert chi_square_pvalue(counts, torch_impl.sampling_distribution(logits, top_k=2)[0]) > 1e-4
 
 
 def test_same_generator_state_same_tokens_any_thread_count():
@@ -207,7 +207,7 @@ def test_large_vocabulary_rows(device):
     for kw in ({"top_k": 50, "top_p": 0.9}, {"top_p": 0.95}, {"min_p": 0.05}, {}):
         tokens, logp, flogp = (t.cpu() for t in sample(logits.to(device), generator=_generator(device),
                                                        return_filtered_logprobs=True, **kw))
-        probs = reference.sampling_distribution(logits.float(), **kw)
+        probs = torch_impl.sampling_distribution(logits.float(), **kw)
         assert (probs.gather(1, tokens[:, None]) > 0).all(), kw
         ref_logp = torch.log_softmax(logits.double(), -1).gather(1, tokens[:, None]).squeeze(1)
         torch.testing.assert_close(logp.double(), ref_logp, rtol=0, atol=1e-4)
@@ -538,7 +538,7 @@ def test_top_k_where_fp32_exp_steps_down_as_the_logit_steps_up(device):
     tokens, _, flogp = (t.cpu() for t in sample(logits.to(device), top_k=2, generator=_generator(device, 3),
                                                 return_filtered_logprobs=True))
     assert not (tokens == 64).any()
-    exact = reference.sampling_distribution(logits[:1], top_k=2)[0]
+    exact = torch_impl.sampling_distribution(logits[:1], top_k=2)[0]
     torch.testing.assert_close(flogp.double(), exact[tokens].log(), rtol=0, atol=1e-5)
 
 
@@ -550,7 +550,7 @@ def test_min_p_threshold_is_not_rounded_into_the_kept_side(device):
     below2 = float(np.nextafter(np.float32(below), np.float32(0)))
     for second, min_p in ((below, 0.5), (below2, 0.2)):
         logits = torch.tensor([[10.0, second]]).expand(2000, -1)
-        exact = reference.sampling_distribution(logits[:1], temperature=1e-6, min_p=min_p)[0]
+        exact = torch_impl.sampling_distribution(logits[:1], temperature=1e-6, min_p=min_p)[0]
         assert exact[1] == 0  # its probability ratio to the maximum is below min_p
         tokens, _ = sample(logits.to(device), temperature=1e-6, min_p=min_p, generator=_generator(device, 0))
         assert (tokens == 0).all()
@@ -625,7 +625,7 @@ def test_cuda_real_shape_b256_v151936(dtype):
                {"temperature": 0.8}, {"min_p": 0.05}, {"top_k": 1}, {"temperature": 0.0}):
         tokens, logp, flogp = sample(logits, generator=g, return_filtered_logprobs=True, **kw)
         x = logits.double()
-        probs = reference.sampling_distribution(x, **kw)
+        probs = torch_impl.sampling_distribution(x, **kw)
         assert (probs.gather(1, tokens[:, None]) > 0).all(), kw
         t = kw.get("temperature", 1.0)
         if t > 0:

@@ -10,7 +10,7 @@ pairwise type, :mod:`fastrl.losses.dpo`), :class:`FusedLinearDPOLoss` from hidde
 :mod:`fastrl.losses.preference`.
 """
 
-from fastrl.losses import reference
+from fastrl.losses import torch_impl
 from fastrl.losses.dpo import DPOLoss, dpo_loss, dynamic_beta, wpo_weights
 from fastrl.losses.fused_linear_dpo import FusedLinearDPOLoss, fused_linear_dpo_loss, precompute_reference_logps
 from fastrl.losses.fused_linear_grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss
@@ -21,4 +21,4 @@ from fastrl.losses.preference import (BCOLoss, BradleyTerryLoss, KTOLoss, LiPOLo
 __all__ = ["BCOLoss", "BradleyTerryLoss", "DPOLoss", "FusedLinearDPOLoss", "FusedLinearGRPOLoss", "GRPOLoss",
            "KTOLoss", "LiPOLoss", "PlackettLuceLoss", "RunningMean", "bco_loss", "bradley_terry_loss", "dpo_loss",
            "dynamic_beta", "fused_linear_dpo_loss", "fused_linear_grpo_loss", "precompute_reference_logps", "grpo_loss", "grpo_loss_grad", "grpo_token_weights", "kto_loss", "lipo_loss",
-           "plackett_luce_loss", "reference", "wpo_weights"]
+           "plackett_luce_loss", "torch_impl", "wpo_weights"]

@@ -14,7 +14,7 @@ runs in Triton (:mod:`fastrl.kernels.dpo_loss`): one launch of a kernel with one
 of pairs that writes per-block partial sums, then a one-program launch that adds them in a fixed
 order and writes the loss and the metrics; backward is one launch. The loss types are a constexpr
 bit mask, so a specialisation holds only the maths it uses. On CPU (or ``FASTRL_BACKEND=torch``)
-the torch reference :mod:`fastrl.losses.reference` runs, and its autograd is the backward.
+the torch reference :mod:`fastrl.losses.torch_impl.dpo` runs, and its autograd is the backward.
 AOT's batch sorts run in torch before the kernel (``torch.sort``, differentiable).
 """
 
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from fastrl import _checks
-from fastrl.losses import reference
+from fastrl.losses.torch_impl import dpo as torch_dpo
 from fastrl.ops.dispatch import resolve
 
 __all__ = ["DPOLoss", "LOSS_TYPES", "dpo_loss", "dynamic_beta", "wpo_weights"]
@@ -377,9 +377,9 @@ def _dpo_loss(opts: _Options, chosen_logps, rejected_logps, ref_chosen_logps, re
 
     d1 = d2 = None
     if "aot" in opts.types:
-        d1 = reference.aot_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        d1 = torch_dpo.aot_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if "aot_unpaired" in opts.types:
-        d2 = reference.aot_unpaired_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        d2 = torch_dpo.aot_unpaired_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     norm_rewards = ref_chosen_logps is None and any(t in ("simpo", "orpo") for t in opts.types)
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths,
                chosen_nll, pair_beta, soft_labels, pair_weights, d1, d2, delta)
@@ -392,7 +392,7 @@ def _dpo_loss(opts: _Options, chosen_logps, rejected_logps, ref_chosen_logps, re
     else:
         stats = _dpo_loss_op(*tensors, *scalars)
     detached = stats.detach()
-    metrics = {name: detached[i] for i, name in enumerate(reference.DPO_STATS) if 3 <= i <= 8}
+    metrics = {name: detached[i] for i, name in enumerate(torch_dpo.DPO_STATS) if 3 <= i <= 8}
     if opts.nll_coef != 0.0 or opts.rpo_alpha is not None:
         metrics["nll_loss"] = detached[1]
     return stats[0], metrics
@@ -403,7 +403,7 @@ def _dpo_loss(opts: _Options, chosen_logps, rejected_logps, ref_chosen_logps, re
 
 
 def _out_dtype(*tensors) -> torch.dtype:
-    return reference.compute_dtype(*tensors)
+    return torch_dpo.compute_dtype(*tensors)
 
 
 _DIFFERENTIABLE = (0, 1, 6, 10, 11)  # pc, pr, nll, d1, d2: what the operator's backward differentiates
@@ -439,7 +439,7 @@ class _EagerReferenceStats(torch.autograd.Function):
 def _reference_stats(pc, pr, qc, qr, lc, lr, nll, pair_beta, soft, weights, d1, d2, delta, types, type_weights,
                      f_div, beta, eps, f_alpha, gamma_ratio, tau, rpo_alpha, cpo_alpha, dpop_lambda, norm_rewards):
     loss_weights = {t: type_weights[k] for k, t in enumerate(LOSS_TYPES) if (types >> k) & 1}
-    return reference.dpo_loss_stats(
+    return torch_dpo.dpo_loss_stats(
         pc, pr, qc, qr, loss_weights=loss_weights, beta=beta, pair_beta=pair_beta, pair_weights=weights,
         cpo_alpha=cpo_alpha, norm_rewards=norm_rewards, label_smoothing=eps, f_divergence=_F_NAMES[f_div],
         f_alpha=f_alpha, chosen_lengths=lc, rejected_lengths=lr, gamma_beta_ratio=gamma_ratio, rpo_alpha=rpo_alpha,
@@ -485,7 +485,7 @@ def _dpo_loss_op(pc: torch.Tensor, pr: torch.Tensor, qc: torch.Tensor | None, qr
                  tau: float, rpo_alpha: float | None, cpo_alpha: float, dpop_lambda: float,
                  norm_rewards: bool) -> torch.Tensor:
     """The operator under :func:`dpo_loss` (arguments checked there): the vector of
-    :data:`fastrl.losses.reference.DPO_STATS`, element 0 the loss."""
+    :data:`fastrl.losses.torch_impl.dpo.DPO_STATS`, element 0 the loss."""
     args = (pc, pr, qc, qr, lc, lr, nll, pair_beta, soft, weights, d1, d2, delta)
     scalars = (types, type_weights, f_div, beta, eps, f_alpha, gamma_ratio, tau, rpo_alpha, cpo_alpha, dpop_lambda)
     if resolve(pc.device) == "torch":
@@ -503,7 +503,7 @@ def _dpo_loss_op(pc: torch.Tensor, pr: torch.Tensor, qc: torch.Tensor | None, qr
            HAS_RPO=rpo_alpha is not None, NORM_REWARDS=norm_rewards, NSTAT=NSTAT, BLOCK=block,
            num_warps=max(1, min(4, block // 64)))
     nll_coef = _nll_coef(types, type_weights, cpo_alpha)
-    out = torch.empty(len(reference.DPO_STATS), dtype=_out_dtype(pc, pr, qc, qr, nll, pair_beta, weights),
+    out = torch.empty(len(torch_dpo.DPO_STATS), dtype=_out_dtype(pc, pr, qc, qr, nll, pair_beta, weights),
                       device=pc.device)
     launch(dpo_loss_finish_kernel, (1,), partials, out, n_blocks, n, nll_coef, BATCH_NLL=nll_coef != 0.0,
            NSTAT=NSTAT, NSTAT_PAD=_NSTAT_PAD, RBLOCK=max(2, min(32, _next_pow2(n_blocks))), num_warps=1)
@@ -526,7 +526,7 @@ def _nll_coef(types: int, type_weights: Sequence[float], cpo_alpha: float) -> fl
 @_dpo_loss_op.register_fake
 def _(pc, pr, qc, qr, lc, lr, nll, pair_beta, soft, weights, d1, d2, delta, types, type_weights, f_div, beta, eps,
       f_alpha, gamma_ratio, tau, rpo_alpha, cpo_alpha, dpop_lambda, norm_rewards):
-    return pc.new_empty(len(reference.DPO_STATS), dtype=_out_dtype(pc, pr, qc, qr, nll, pair_beta, weights))
+    return pc.new_empty(len(torch_dpo.DPO_STATS), dtype=_out_dtype(pc, pr, qc, qr, nll, pair_beta, weights))
 
 
 @torch.library.custom_op("fastrl::dpo_loss_backward", mutates_args=())

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import torch
 
 from fastrl import _checks
-from fastrl.losses import reference
-from fastrl.losses.reference import (ENT, IS_LEVELS, IS_MODES, KL_ESTIMATORS, LOSS, LOSS_AGG_MODES, LOSS_TYPES,
+from fastrl.losses.torch_impl import grpo as torch_grpo
+from fastrl.losses.torch_impl.grpo import (ENT, IS_LEVELS, IS_MODES, KL_ESTIMATORS, LOSS, LOSS_AGG_MODES, LOSS_TYPES,
                                      NSTATS, GRPOSettings)
 from fastrl.ops.dispatch import resolve
 from fastrl.ops.packing import check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks, raise_first
@@ -224,7 +224,7 @@ def grpo_token_weights(
         raise_first(mask_checks(mask))
         shape = tuple(mask.shape)
     num_items_in_batch = _check_num_items(num_items_in_batch)
-    return reference.grpo_token_weights(mask, cu_seqlens, shape=shape,
+    return torch_grpo.grpo_token_weights(mask, cu_seqlens, shape=shape,
                                         agg=settings.entropy_agg if entropy else settings.agg,
                                         num_items_in_batch=num_items_in_batch,
                                         max_completion_length=settings.max_completion_length)
@@ -387,7 +387,7 @@ def _prepare(settings: GRPOSettings, logps, old_logps, advantages, mask, cu_seql
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have the shape of logps {shape}, got {tuple(t.shape)}")
     _checks.check_tensor("advantages", advantages, dtypes=_ADV_DTYPES, device=device)
-    per_token = reference.advantages_per_token(advantages, shape, cu_seqlens)
+    per_token = torch_grpo.advantages_per_token(advantages, shape, cu_seqlens)
     if per_token and tuple(advantages.shape) != shape:
         raise ValueError(f"advantages must be [B] = ({b},) per sequence or the shape of logps {shape} per token, "
                          f"got {tuple(advantages.shape)}")
@@ -415,7 +415,7 @@ def _prepare(settings: GRPOSettings, logps, old_logps, advantages, mask, cu_seql
 
 
 def _combine(stats, settings, prepared: _Prepared):
-    loss, metrics, c, e = reference.combine(
+    loss, metrics, c, e = torch_grpo.combine(
         stats, settings, per_token_adv=prepared.per_token_adv, num_items_in_batch=prepared.num_items,
         max_completion_length=prepared.max_len, has_ref=prepared.has_ref, has_entropy=prepared.has_entropy)
     return loss.float(), metrics, c, e
@@ -497,12 +497,12 @@ def _stats_op(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: t
               mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, options: Sequence[int],
               params: Sequence[float]) -> torch.Tensor:
     """The operator under :func:`grpo_loss` (arguments checked there; per-token tensors contiguous):
-    per-sequence ``stats`` [B, NSTATS] fp32 (columns: :mod:`fastrl.losses.reference`)."""
+    per-sequence ``stats`` [B, NSTATS] fp32 (columns: :mod:`fastrl.losses.torch_impl.grpo`)."""
     s = _decode(options, params)
-    b = reference.num_sequences(logps.shape, cu_seqlens)
-    per_token = reference.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
+    b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
+    per_token = torch_grpo.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
     if resolve(logps.device) == "torch" or b == 0:
-        return reference.grpo_sequence_stats(logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
+        return torch_grpo.grpo_sequence_stats(logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                                              sampler_logps=sampler_logps, entropy=entropy, settings=s).float()
     from fastrl.kernels.grpo_loss import grpo_loss_fwd_kernel
 
@@ -520,7 +520,7 @@ def _stats_op(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: t
 
 @_stats_op.register_fake
 def _(logps, old_logps, advantages, ref_logps, sampler_logps, entropy, mask, cu_seqlens, options, params):
-    b = reference.num_sequences(logps.shape, cu_seqlens)
+    b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
     return logps.new_empty(b, NSTATS, dtype=torch.float32)
 
 
@@ -533,14 +533,14 @@ def _stats_backward_op(grad_loss: torch.Tensor, grad_entropy: torch.Tensor | Non
     """``(d logps, d entropy)`` of ``sum_i grad_loss[i] * stats[i, LOSS] + grad_entropy[i] *
     stats[i, ENT]``; ``d entropy`` is an empty tensor without entropy (``has_entropy`` False)."""
     s = _decode(options, params)
-    b = reference.num_sequences(logps.shape, cu_seqlens)
-    per_token = reference.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
+    b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
+    per_token = torch_grpo.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
     empty = logps.new_empty(0, dtype=entropy_dtype)
     if grad_entropy is None and has_entropy:
         grad_entropy = torch.zeros_like(grad_loss)
     if resolve(logps.device) == "torch" or b == 0 or logps.numel() == 0:
         entropy_like = logps.new_empty(logps.shape, dtype=entropy_dtype) if has_entropy else None
-        d_logps, d_entropy = reference.grpo_sequence_stats_backward(
+        d_logps, d_entropy = torch_grpo.grpo_sequence_stats_backward(
             grad_loss, grad_entropy, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
             sampler_logps=sampler_logps, entropy_like=entropy_like, settings=s)
         return d_logps, d_entropy if has_entropy else empty

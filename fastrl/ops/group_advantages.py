@@ -22,7 +22,7 @@ import numbers
 import torch
 
 from fastrl import _checks
-from fastrl.ops import reference
+from fastrl.ops import torch_impl
 from fastrl.ops.dispatch import resolve
 from fastrl.ops.packing import INDEX_DTYPES, raise_first
 
@@ -114,7 +114,7 @@ def group_advantages(
     graph (the value checks below are skipped while capturing). Its time grows linearly with B (it is
     meant for the B of an RL step, up to ~64k); ``pref_grpo`` reads, per sample, the index range its
     group spans, so with ``group_ids`` whose groups are spread over the whole batch it costs O(B^2).
-    Elsewhere the torch reference :func:`fastrl.ops.reference.group_advantages` runs (see
+    Elsewhere the torch reference :func:`fastrl.ops.torch_impl.group_advantages` runs (see
     :mod:`fastrl.ops.dispatch`).
 
     Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument. The value checks (inf
@@ -317,7 +317,7 @@ def _group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor | None, gro
     if rewards.shape[0] == 0:
         return torch.zeros(0, dtype=torch.float32, device=rewards.device)
     if resolve(rewards.device) == "torch":
-        return reference.group_advantages(
+        return torch_impl.group_advantages(
             rewards, group_ids if group_ids is not None else group_size, estimator=estimator, scale=scale, eps=eps,
             reward_weights=reward_weights, multi_reward=multi_reward, lengths=lengths,
             baseline_rewards=baseline_rewards, preferences=preferences)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from fastrl import _checks
-from fastrl.ops import reference
+from fastrl.ops import torch_impl
 from fastrl.ops.dispatch import resolve
 
 __all__ = ["selective_logprobs"]
@@ -34,7 +34,7 @@ def _launch_config(device: torch.device, vocab: int) -> dict:
 def _row_stats(logits, labels, temperature, ignore_index, return_entropy):
     """(logp, entropy, stats) of each row of a 2-D ``logits`` (entropy 0 unless asked)."""
     if resolve(logits.device) == "torch":
-        return reference.selective_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+        return torch_impl.selective_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                             return_entropy=return_entropy)  # entropy zeros unless asked
     from fastrl.kernels import launch
     from fastrl.kernels.selective_logprobs import selective_logprobs_fwd_kernel
@@ -66,7 +66,7 @@ def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backwar
 def _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out):
     """Writes d logits into ``out`` (which may be ``logits`` itself: each block is read, then written)."""
     if resolve(logits.device) == "torch":
-        out.copy_(reference.selective_logprobs_backward(grad_logp, grad_entropy, logits, labels, entropy, stats,
+        out.copy_(torch_impl.selective_logprobs_backward(grad_logp, grad_entropy, logits, labels, entropy, stats,
                                                         temperature=temperature, ignore_index=ignore_index))
         return
     from fastrl.kernels import launch

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from fastrl import _checks
-from fastrl.ops import reference
+from fastrl.ops import torch_impl
 from fastrl.ops.dispatch import resolve
 from fastrl.ops.packing import (INDEX_DTYPES, check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks,
                                 raise_first)
@@ -55,7 +55,7 @@ def sequence_logps(
 
     Returns [N] fp32; differentiable with respect to ``token_logps`` (gradient 0 at positions that
     belong to no sequence, e.g. padding). One Triton launch each way on CUDA (one program per
-    sequence), :func:`fastrl.ops.reference.sequence_logps` otherwise (see :mod:`fastrl.ops.dispatch`).
+    sequence), :func:`fastrl.ops.torch_impl.sequence_logps` otherwise (see :mod:`fastrl.ops.dispatch`).
 
     Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument. The value checks
     (``cu_seqlens`` offsets, ``pair_lengths >= 0``, a 0/1 ``mask``) read the tensors, one device
@@ -136,7 +136,7 @@ def _sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor | None, 
     ``pair_lengths`` every token weighs 1 and ``ld_alpha`` is ignored."""
     n = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else token_logps.shape[0]
     if resolve(token_logps.device) == "torch" or token_logps.numel() == 0 or n == 0:
-        return reference.sequence_logps(token_logps, cu_seqlens,
+        return torch_impl.sequence_logps(token_logps, cu_seqlens,
                                         **_reference_kwargs(mask, pair_lengths, ld_alpha, mean))
     from fastrl.kernels.sequence_logps import sequence_logps_fwd_kernel
 
@@ -159,7 +159,7 @@ def _sequence_logps_backward(grad: torch.Tensor, cu_seqlens: torch.Tensor | None
     sequence i's tokens, 0 elsewhere."""
     shape = tuple(shape)
     if resolve(grad.device) == "torch" or grad.numel() == 0 or 0 in shape:
-        return reference.sequence_logps_backward(grad, shape, dtype, cu_seqlens,
+        return torch_impl.sequence_logps_backward(grad, shape, dtype, cu_seqlens,
                                                  **_reference_kwargs(mask, pair_lengths, ld_alpha, mean))
     from fastrl.kernels.sequence_logps import sequence_logps_bwd_kernel
 

@@ -52,7 +52,7 @@ from typing import Any, NamedTuple
 import torch
 
 from fastrl.losses import FusedLinearGRPOLoss
-from fastrl.losses.reference import DEFAULT_AGG
+from fastrl.losses.torch_impl.grpo import DEFAULT_AGG
 from fastrl.ops import group_advantages
 from fastrl.rollout import generate, release
 from fastrl.train import distributed, rewards as rewards_lib

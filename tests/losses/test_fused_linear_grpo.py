@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastrl.losses import FusedLinearGRPOLoss, fused_linear_grpo_loss, grpo_loss
-from fastrl.losses import reference as loss_reference
+from fastrl.losses.torch_impl import grpo as loss_reference
 from fastrl.ops import backend, fused_linear_logprobs
 from conftest import gemm_counter
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastrl.losses import GRPOLoss, grpo_loss, grpo_loss_grad, grpo_token_weights
-from fastrl.losses import reference as R
+from fastrl.losses.torch_impl import grpo as R
 from fastrl.ops import backend
 from fastrl.ops.packing import pack_sequences
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastrl.ops import backend, reference, selective_logprobs
+from fastrl.ops import backend, torch_impl, selective_logprobs
 
 
 def _fp64(logits, labels, temperature=1.0, ignore_index=-100):
@@ -31,7 +31,7 @@ def _case(shape, vocab, seed=0, scale=3.0, dtype=torch.float32, ignore_every=4):
 def test_reference_against_fp64_maths():
     logits, labels = _case((40,), 257)
     for t in (1.0, 0.6, 2.5):
-        lp, ent, stats = reference.selective_logprobs(logits, labels, temperature=t)
+        lp, ent, stats = torch_impl.selective_logprobs(logits, labels, temperature=t)
         rlp, rent = _fp64(logits, labels, t)
         torch.testing.assert_close(lp.double(), rlp, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=1e-5)
@@ -45,8 +45,8 @@ def test_reference_backward_against_autograd():
     x = logits.double().requires_grad_(True)
     rlp, rent = _fp64(x, labels, 0.8)
     (rlp * gl + rent * ge).sum().backward()
-    _, ent, stats = reference.selective_logprobs(logits, labels, temperature=0.8)
-    g = reference.selective_logprobs_backward(gl.float(), ge.float(), logits, labels, ent, stats, temperature=0.8)
+    _, ent, stats = torch_impl.selective_logprobs(logits, labels, temperature=0.8)
+    g = torch_impl.selective_logprobs_backward(gl.float(), ge.float(), logits, labels, ent, stats, temperature=0.8)
     torch.testing.assert_close(g.double(), x.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -228,10 +228,10 @@ def test_real_shapes_on_gpu(vocab):
     lp, ent = selective_logprobs(logits, labels, temperature=0.9, return_entropy=True)
     gl, ge = torch.randn_like(lp), torch.randn_like(ent)
     (lp * gl + ent * ge).sum().backward()
-    rlp, rent, stats = reference.selective_logprobs(logits.detach(), labels, temperature=0.9)
+    rlp, rent, stats = torch_impl.selective_logprobs(logits.detach(), labels, temperature=0.9)
     torch.testing.assert_close(lp, rlp, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(ent, rent, rtol=1e-4, atol=1e-3)
-    ref_grad = reference.selective_logprobs_backward(gl, ge, logits.detach(), labels, rent, stats, temperature=0.9)
+    ref_grad = torch_impl.selective_logprobs_backward(gl, ge, logits.detach(), labels, rent, stats, temperature=0.9)
     rel = (logits.grad.float() - ref_grad.float()).norm() / ref_grad.float().norm()
     assert rel < 1e-2
 
@@ -329,5 +329,5 @@ def test_backward_writes_zero_rows_into_a_buffer_that_is_not_zeroed():
         out = torch.full_like(logits, float("nan"))
         _grad_logits(torch.ones(rows), torch.ones(rows), logits, labels, entropy, stats, 1.0, -100, out)
     assert (out[0::2] == 0).all() and torch.isfinite(out).all()
-    ref = reference.selective_logprobs_backward(torch.ones(rows), torch.ones(rows), logits, labels, entropy, stats)
+    ref = torch_impl.selective_logprobs_backward(torch.ones(rows), torch.ones(rows), logits, labels, entropy, stats)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

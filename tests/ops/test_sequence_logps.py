@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from fastrl.ops import backend, reference, resolve
+from fastrl.ops import backend, torch_impl, resolve
 from fastrl.ops.packing import pack_sequences, unpack
 from fastrl.ops.sequence_logps import sequence_logps
 
@@ -69,14 +69,14 @@ def _by_hand(seqs, *, alpha=None, pair_lengths=None, mean=False):
 def test_reference_packed_by_hand_explicit_numbers():
     x = torch.tensor([-1.0, -2.0, -0.5, -0.25, -4.0, -3.0])
     cu = torch.tensor([0, 2, 2, 6])
-    assert reference.sequence_logps(x, cu).tolist() == [-3.0, 0.0, -7.75]
-    assert reference.sequence_logps(x, cu, reduction="mean").tolist() == [-1.5, 0.0, -7.75 / 4]
+    assert torch_impl.sequence_logps(x, cu).tolist() == [-3.0, 0.0, -7.75]
+    assert torch_impl.sequence_logps(x, cu, reduction="mean").tolist() == [-1.5, 0.0, -7.75 / 4]
     pl = torch.tensor([1, 0, 2])
     # seq 0: -1 + 0.25 * -2; seq 2: -0.5 - 0.25 + 0.25 * (-4 - 3)
-    assert reference.sequence_logps(x, cu, ld_alpha=0.25, pair_lengths=pl).tolist() == [-1.5, 0.0, -2.5]
-    assert reference.sequence_logps(x, cu, ld_alpha=0.25, pair_lengths=pl, reduction="mean").tolist() == \
+    assert torch_impl.sequence_logps(x, cu, ld_alpha=0.25, pair_lengths=pl).tolist() == [-1.5, 0.0, -2.5]
+    assert torch_impl.sequence_logps(x, cu, ld_alpha=0.25, pair_lengths=pl, reduction="mean").tolist() == \
         [-0.75, 0.0, -0.625]
-    grad = reference.sequence_logps_backward(torch.tensor([1.0, 5.0, -2.0]), (6,), torch.float32, cu,
+    grad = torch_impl.sequence_logps_backward(torch.tensor([1.0, 5.0, -2.0]), (6,), torch.float32, cu,
                                              ld_alpha=0.25, pair_lengths=pl, reduction="mean")
     assert grad.tolist() == [0.5, 0.125, -0.5, -0.5, -0.125, -0.125]
 
@@ -86,11 +86,11 @@ def test_reference_padded_counts_positions_among_masked_tokens_only():
     mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
     pl = torch.tensor([2, 4, 1])
     # row 0 tokens -1, -2, -4 at positions 0, 1, 2: the third is past pair_lengths = 2
-    out = reference.sequence_logps(x, mask=mask, ld_alpha=0.5, pair_lengths=pl)
+    out = torch_impl.sequence_logps(x, mask=mask, ld_alpha=0.5, pair_lengths=pl)
     assert out.tolist() == [-1.0 - 2.0 - 2.0, 0.0, -0.5 + 0.5 * (-1.5 - 2.5)]
-    mean = reference.sequence_logps(x, mask=mask, ld_alpha=0.5, pair_lengths=pl, reduction="mean")
+    mean = torch_impl.sequence_logps(x, mask=mask, ld_alpha=0.5, pair_lengths=pl, reduction="mean")
     torch.testing.assert_close(mean, torch.tensor([-5.0 / 3, 0.0, -2.5 / 3]), rtol=0, atol=1e-7)
-    grad = reference.sequence_logps_backward(torch.tensor([3.0, 1.0, 2.0]), (3, 4), torch.float64, mask=mask,
+    grad = torch_impl.sequence_logps_backward(torch.tensor([3.0, 1.0, 2.0]), (3, 4), torch.float64, mask=mask,
                                              ld_alpha=0.5, pair_lengths=pl)
     assert grad.tolist() == [[3.0, 0.0, 3.0, 1.5], [0.0] * 4, [2.0, 1.0, 0.0, 1.0]]
 
@@ -102,10 +102,10 @@ def test_reference_matches_fp64_maths_on_random_sequences(alpha, mean):
     seqs = [x[a:b].tolist() for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
     want, weights = _by_hand(seqs, alpha=alpha, pair_lengths=pl.tolist(), mean=mean)
     kw = dict(ld_alpha=alpha, pair_lengths=pl if alpha is not None else None, reduction="mean" if mean else "sum")
-    torch.testing.assert_close(reference.sequence_logps(x, cu, **kw).double(), torch.tensor(want, dtype=torch.float64),
+    torch.testing.assert_close(torch_impl.sequence_logps(x, cu, **kw).double(), torch.tensor(want, dtype=torch.float64),
                                rtol=1e-6, atol=1e-6)  # fp32 result of an fp64 sum
     g = torch.arange(1.0, len(LENGTHS) + 1, dtype=torch.float64)
-    grad = reference.sequence_logps_backward(g, x.shape, torch.float64, cu, **kw)
+    grad = torch_impl.sequence_logps_backward(g, x.shape, torch.float64, cu, **kw)
     assert grad.tolist() == pytest.approx([gi * w for gi, ws in zip(g.tolist(), weights) for w in ws], rel=1e-15)
 
 
@@ -408,8 +408,8 @@ def test_real_shapes_on_the_gpu_match_the_reference(form, reduction):
     y = call(src)
     grad = torch.randn(n, device=device)
     (dx,) = torch.autograd.grad(y, src, grad)
-    y_ref = reference.sequence_logps(src.detach(), **ref_args, **kw)
-    dx_ref = reference.sequence_logps_backward(grad, src.shape, src.dtype, **ref_args, **kw)
+    y_ref = torch_impl.sequence_logps(src.detach(), **ref_args, **kw)
+    dx_ref = torch_impl.sequence_logps_backward(grad, src.shape, src.dtype, **ref_args, **kw)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-3)
     assert _rel(dx, dx_ref) <= 1e-2
     if form == "padded":

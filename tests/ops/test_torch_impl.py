@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fastrl.ops import reference
+from fastrl.ops import torch_impl
 
 
 @pytest.mark.parametrize("counter,key,expected", [
@@ -18,14 +18,14 @@ from fastrl.ops import reference
 ])
 def test_philox_known_answers(counter, key, expected):
     # Random123's known-answer vectors for Philox4x32-10
-    assert reference.philox4x32_10(counter, key) == expected
+    assert torch_impl.philox4x32_10(counter, key) == expected
 
 
 def test_philox_uniforms_look_uniform():
-    u = torch.tensor([reference.philox_uniform(99, r) for r in range(20_000)], dtype=torch.float64)
+    u = torch.tensor([torch_impl.philox_uniform(99, r) for r in range(20_000)], dtype=torch.float64)
     assert ((u >= 0) & (u < 1)).all()
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
-    assert reference.philox_uniform(99, 0) != reference.philox_uniform(100, 0)
+    assert torch_impl.philox_uniform(99, 0) != torch_impl.philox_uniform(100, 0)
 
 
 def _probs(*p):
@@ -33,7 +33,7 @@ def _probs(*p):
 
 
 def _dist(logits, **kw):
-    return reference.sampling_distribution(logits, **kw)[0].tolist()
+    return torch_impl.sampling_distribution(logits, **kw)[0].tolist()
 
 
 def test_no_filter_is_the_tempered_softmax():
@@ -66,18 +66,18 @@ def test_ties_are_kept_at_every_boundary():
 
 def test_greedy_is_uniform_over_tied_maxima_and_per_row_settings_apply():
     x = torch.tensor([[0.0, 2.0, 2.0], [0.0, 1.0, 3.0]])
-    out = reference.sampling_distribution(x, temperature=torch.tensor([0.0, 1.0]), top_k=torch.tensor([0, 1]))
+    out = torch_impl.sampling_distribution(x, temperature=torch.tensor([0.0, 1.0]), top_k=torch.tensor([0, 1]))
     assert out.tolist() == [[0.0, 0.5, 0.5], [0.0, 0.0, 1.0]]
 
 
 def test_inverse_cdf_draw_and_logprobs():
     x = _probs(0.5, 0.3, 0.2)
     u = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.999999], dtype=torch.float64)
-    tokens, logp, flogp = reference.sample(x.expand(6, -1), u)
+    tokens, logp, flogp = torch_impl.sample(x.expand(6, -1), u)
     assert tokens.tolist() == [0, 0, 1, 1, 2, 2]
     torch.testing.assert_close(logp, torch.tensor([0.5, 0.5, 0.3, 0.3, 0.2, 0.2]).log())
     torch.testing.assert_close(flogp, logp)
-    tokens, logp, flogp = reference.sample(x.expand(2, -1), torch.tensor([0.1, 0.9]), top_k=2)
+    tokens, logp, flogp = torch_impl.sample(x.expand(2, -1), torch.tensor([0.1, 0.9]), top_k=2)
     assert tokens.tolist() == [0, 1]
     torch.testing.assert_close(flogp, torch.tensor([0.625, 0.375]).log())
     torch.testing.assert_close(logp, torch.tensor([0.5, 0.3]).log())
