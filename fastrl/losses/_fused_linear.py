@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from fastrl.ops.fused_linear_logprobs import _backward as _linear_logprobs_backward
+from fastrl.ops.fused_linear_logprobs import logprobs_backward_op as _linear_logprobs_backward
 from fastrl.ops.fused_linear_logprobs import terminal_single_pass, token_chunks
-from fastrl.ops.fused_linear_logprobs import _forward as _linear_logprobs
+from fastrl.ops.fused_linear_logprobs import logprobs_op as _linear_logprobs
 
 
 def grads_wanted(*tensors: torch.Tensor | None) -> bool:
@@ -50,7 +50,7 @@ def two_pass(hidden, weight, bias, labels, loss_fn, *, temperature, ignore_index
             if need_entropy:
                 entropy_all = torch.zeros_like(logp_all)
                 entropy_all[idx] = entropy
-            found["loss"], found["metrics"], d_logp, d_entropy = _loss_grads(loss_fn, logp_all, entropy_all,
+            found["loss"], found["metrics"], d_logp, d_entropy = loss_grads(loss_fn, logp_all, entropy_all,
                                                                                need_entropy)
             return d_logp[idx], None if d_entropy is None else d_entropy[idx]
 
@@ -62,7 +62,7 @@ def two_pass(hidden, weight, bias, labels, loss_fn, *, temperature, ignore_index
     with torch.no_grad():
         logp, entropy, stats = _linear_logprobs(hidden, weight, bias, labels, temperature, ignore_index,
                                                 need_entropy, workspace_bytes)
-    loss, metrics, d_logp, d_entropy = _loss_grads(loss_fn, logp, entropy, need_entropy)
+    loss, metrics, d_logp, d_entropy = loss_grads(loss_fn, logp, entropy, need_entropy)
     with torch.no_grad():
         d_hidden, d_weight, d_bias = _linear_logprobs_backward(d_logp, d_entropy, hidden, weight, bias, labels,
                                                                entropy.detach(), stats, temperature, ignore_index,
@@ -70,7 +70,7 @@ def two_pass(hidden, weight, bias, labels, loss_fn, *, temperature, ignore_index
     return loss, metrics, d_hidden, d_weight, d_bias if bias is not None else None
 
 
-def _loss_grads(loss_fn, logp, entropy, need_entropy):
+def loss_grads(loss_fn, logp, entropy, need_entropy):
     """``(loss, metrics, d_logp, d_entropy or None)``: autograd over ``loss_fn`` alone (no vocabulary)."""
     with torch.enable_grad():
         leaves = [logp.detach().requires_grad_(True)]

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from fastrl import _checks
-from fastrl.losses._fused_linear import _loss_grads, grads_wanted, terminal, token_logprobs, two_pass
+from fastrl.losses._fused_linear import loss_grads, grads_wanted, terminal, token_logprobs, two_pass
 from fastrl.losses.dpo import SORTED_TYPES, dpo_loss
 from fastrl.ops.fused_linear_logprobs import check_inputs, fused_linear_logprobs, terminal_single_pass, workspace_budget
 from fastrl.ops.sequence_logps import sequence_logps
@@ -208,7 +208,7 @@ def _pair_chunked_pass(hidden, weight, bias, labels, loss_fn, chunks, common):
 
     def token_grads(idx, logp, entropy):
         logp_all[idx] = logp
-        found["loss"], found["metrics"], d_logp, _ = _loss_grads(loss_fn, logp_all, None, False)
+        found["loss"], found["metrics"], d_logp, _ = loss_grads(loss_fn, logp_all, None, False)
         return d_logp[idx], None
 
     with torch.no_grad():

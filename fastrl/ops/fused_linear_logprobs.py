@@ -45,7 +45,7 @@ import functools
 import torch
 
 from fastrl import _checks
-from fastrl.ops.selective_logprobs import _grad_logits, _row_stats
+from fastrl.ops.selective_logprobs import grad_logits, row_stats
 
 __all__ = ["check_inputs", "chunk_spans", "fused_linear_logprobs", "terminal_single_pass", "token_chunks"]
 
@@ -160,7 +160,7 @@ def token_chunks(labels: torch.Tensor, ignore_index: int, vocab: int, device: to
 
 
 @torch.library.custom_op("fastrl::fused_linear_logprobs", mutates_args=())
-def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+def logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
              temperature: float, ignore_index: int, return_entropy: bool,
              workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, vocab = hidden.shape[0], weight.shape[0]
@@ -168,13 +168,13 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     entropy = torch.zeros_like(logp)
     stats = torch.zeros(rows, 2, dtype=torch.float32, device=hidden.device)  # ignored rows: unused
     for idx in token_chunks(labels, ignore_index, vocab, hidden.device, workspace_bytes):
-        lp, ent, st = _row_stats(_logits(hidden[idx], weight, bias), labels[idx], temperature, ignore_index,
+        lp, ent, st = row_stats(_logits(hidden[idx], weight, bias), labels[idx], temperature, ignore_index,
                                  return_entropy)
         logp[idx], entropy[idx], stats[idx] = lp, ent, st
     return logp, entropy, stats
 
 
-@_forward.register_fake
+@logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, workspace_bytes):
     rows = hidden.shape[0]
     f32 = torch.float32
@@ -182,7 +182,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, return_entropy, w
 
 
 @torch.library.custom_op("fastrl::fused_linear_logprobs_backward", mutates_args=())
-def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
+def logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, hidden: torch.Tensor,
               weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, entropy: torch.Tensor,
               stats: torch.Tensor, temperature: float, ignore_index: int,
               workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -232,7 +232,7 @@ def _backward_token_slices(hidden, sel, grad_logp, grad_entropy, weight, bias, l
         h = hidden[lo:hi] if sel is None else hidden[sel[lo:hi]]
         logits = _logits(h, weight, bias)  # recomputed
         d_low = _grad_buffer(logits, hidden.dtype)  # the two GEMMs run in the model's dtype
-        _grad_logits(grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi], logits,
+        grad_logits(grad_logp[lo:hi], None if grad_entropy is None else grad_entropy[lo:hi], logits,
                      labels[lo:hi], entropy[lo:hi], stats[lo:hi], temperature, ignore_index, d_low)
         if sel is None:
             _mm(d_low, weight, out=d_hidden[lo:hi])
@@ -265,7 +265,7 @@ def _backward_vocab_slices(hidden, grad_logp, grad_entropy, weight, bias, labels
         local = torch.where((labels >= lo) & (labels < hi), labels - lo, outside)
         local = torch.where(ignored, ignore_index, local)
         d_low = _grad_buffer(logits, hidden.dtype)
-        _grad_logits(grad_logp, grad_entropy, logits, local, entropy, stats, temperature, ignore_index, d_low)
+        grad_logits(grad_logp, grad_entropy, logits, local, entropy, stats, temperature, ignore_index, d_low)
         _mm(d_low.t(), hidden, out=d_weight[lo:hi])  # fp32 accumulation inside the GEMM
         if one_slice:
             d_hidden = _mm(d_low, w)
@@ -276,7 +276,7 @@ def _backward_vocab_slices(hidden, grad_logp, grad_entropy, weight, bias, labels
     return d_hidden, d_weight
 
 
-@_backward.register_fake
+@logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats, temperature, ignore_index,
       workspace_bytes):
     return (torch.empty_like(hidden), torch.empty_like(weight),
@@ -316,11 +316,11 @@ def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     for idx in chunks:
         h, lab = hidden[idx], labels[idx]
         logits = _logits(h, weight, bias)
-        lp, ent, st = _row_stats(logits, lab, temperature, ignore_index, return_entropy)
+        lp, ent, st = row_stats(logits, lab, temperature, ignore_index, return_entropy)
         logp[idx], entropy[idx] = lp, ent
         g_lp, g_ent = token_grads(idx, lp, ent if return_entropy else None)
         d_low = _grad_buffer(logits, hidden.dtype)
-        _grad_logits(g_lp, g_ent, logits, lab, ent, st, temperature, ignore_index, d_low)
+        grad_logits(g_lp, g_ent, logits, lab, ent, st, temperature, ignore_index, d_low)
         if isinstance(idx, slice):
             _mm(d_low, weight, out=d_hidden[idx])
         else:
@@ -348,12 +348,12 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, grad_stats):  # stats carry
     hidden, weight, bias, labels, entropy, stats = ctx.saved_tensors
     if grad_logp is None:
         grad_logp = torch.zeros_like(entropy)
-    d_hidden, d_weight, d_bias = _backward(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats,
+    d_hidden, d_weight, d_bias = logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, bias, labels, entropy, stats,
                                            *ctx.args)
     return d_hidden, d_weight, (d_bias if bias is not None else None), None, None, None, None, None
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -376,7 +376,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, ignore_index,
                                                      workspace_bytes)
     _checks.check_bool("return_entropy", return_entropy)
-    logp, entropy, _ = _forward(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
+    logp, entropy, _ = logprobs_op(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
                                 labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
                                 workspace_bytes or 0)
     logp = logp.view(labels.shape)

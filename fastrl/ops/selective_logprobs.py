@@ -31,7 +31,7 @@ def _launch_config(device: torch.device, vocab: int) -> dict:
     return {"BLOCK": min(_BLOCK, max(128, 1 << (vocab - 1).bit_length())), "num_warps": _NUM_WARPS}
 
 
-def _row_stats(logits, labels, temperature, ignore_index, return_entropy):
+def row_stats(logits, labels, temperature, ignore_index, return_entropy):
     """(logp, entropy, stats) of each row of a 2-D ``logits`` (entropy 0 unless asked)."""
     if resolve(logits.device) == "torch":
         return torch_impl.selective_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
@@ -53,7 +53,7 @@ def _row_stats(logits, labels, temperature, ignore_index, return_entropy):
 @torch.library.custom_op("fastrl::selective_logprobs", mutates_args=())
 def _forward(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int,
              return_entropy: bool, inplace_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _row_stats(logits, labels, temperature, ignore_index, return_entropy)
+    return row_stats(logits, labels, temperature, ignore_index, return_entropy)
 
 
 @_forward.register_fake
@@ -63,7 +63,7 @@ def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backwar
     return logits.new_empty(rows, dtype=f32), logits.new_empty(rows, dtype=f32), logits.new_empty(rows, 2, dtype=f32)
 
 
-def _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out):
+def grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out):
     """Writes d logits into ``out`` (which may be ``logits`` itself: each block is read, then written)."""
     if resolve(logits.device) == "torch":
         out.copy_(torch_impl.selective_logprobs_backward(grad_logp, grad_entropy, logits, labels, entropy, stats,
@@ -85,7 +85,7 @@ def _backward(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, logits
               labels: torch.Tensor, entropy: torch.Tensor, stats: torch.Tensor, temperature: float,
               ignore_index: int) -> torch.Tensor:
     out = torch.empty_like(logits)
-    _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out)
+    grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out)
     return out
 
 
@@ -99,7 +99,7 @@ def _backward_inplace(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None
                       labels: torch.Tensor, entropy: torch.Tensor, stats: torch.Tensor, temperature: float,
                       ignore_index: int) -> None:
     """d logits written over ``logits``: no second [rows, V] buffer."""
-    _grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, logits)
+    grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, logits)
 
 
 @_backward_inplace.register_fake

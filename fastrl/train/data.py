@@ -56,7 +56,7 @@ def load_table(path: str, columns: list[str], *, field: str = "train_data"):
     return table
 
 
-class _Encoder:
+class Encoder:
     """Turns cells into token ids under one set of settings; ``where(row, column)`` names a cell."""
 
     def __init__(self, tokenizer, vocab_size: int, *, use_template: bool, source: str):
@@ -132,7 +132,7 @@ class _Encoder:
         return ids + ([eos] if eos is not None and ids else [])
 
 
-def _fit_prompt(ids: list[int], limit: int, truncation: str, where: str) -> list[int]:
+def fit_prompt(ids: list[int], limit: int, truncation: str, where: str) -> list[int]:
     if not ids:
         raise DataError(f"{where}: the prompt is empty (a completion's first token needs at least one prompt token "
                         f"before it)")
@@ -144,7 +144,7 @@ def _fit_prompt(ids: list[int], limit: int, truncation: str, where: str) -> list
     return ids
 
 
-def _fingerprint(*columns: list[list[int]]) -> str:
+def fingerprint(*columns: list[list[int]]) -> str:
     h = hashlib.sha256()
     for column in columns:
         for ids in column:
@@ -167,7 +167,7 @@ class PreferencePairs:
 
     def fingerprint(self) -> str:
         """sha256 of every token id, in order (keys the reference log-prob cache)."""
-        return _fingerprint(self.prompts, self.chosen, self.rejected)
+        return fingerprint(self.prompts, self.chosen, self.rejected)
 
 
 @dataclasses.dataclass
@@ -181,7 +181,7 @@ class Prompts:
         return len(self.prompts)
 
     def fingerprint(self) -> str:
-        return _fingerprint(self.prompts)
+        return fingerprint(self.prompts)
 
 
 def load_preference_pairs(config, tokenizer, vocab_size: int) -> PreferencePairs:
@@ -189,12 +189,12 @@ def load_preference_pairs(config, tokenizer, vocab_size: int) -> PreferencePairs
     ``rejected_column``), tokenised; completions cut to ``max_completion_length``."""
     columns = [config.prompt_column, config.chosen_column, config.rejected_column]
     table = load_table(config.train_data, columns)
-    enc = _Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
+    enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
     out = PreferencePairs([], [], [])
     for i, row in enumerate(table.select_columns(columns)):
         prompt_value = row[config.prompt_column]
         full_prompt = enc.prompt(prompt_value, i, config.prompt_column)
-        prompt = _fit_prompt(full_prompt, config.max_prompt_length, config.prompt_truncation,
+        prompt = fit_prompt(full_prompt, config.max_prompt_length, config.prompt_truncation,
                              enc.where(i, config.prompt_column))
         for column, bucket in ((config.chosen_column, out.chosen), (config.rejected_column, out.rejected)):
             ids = enc.completion(prompt_value, full_prompt, row[column], i, column)
@@ -212,11 +212,11 @@ def load_prompts(config, tokenizer, vocab_size: int) -> Prompts:
     """The prompts of ``config.train_data`` (column ``prompt_column``), tokenised; each row's
     other columns are kept for the reward functions (e.g. a reference answer)."""
     table = load_table(config.train_data, [config.prompt_column])
-    enc = _Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
+    enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
     out = Prompts([], [])
     for i, row in enumerate(table):
         ids = enc.prompt(row[config.prompt_column], i, config.prompt_column)
-        out.prompts.append(_fit_prompt(ids, config.max_prompt_length, config.prompt_truncation,
+        out.prompts.append(fit_prompt(ids, config.max_prompt_length, config.prompt_truncation,
                                        enc.where(i, config.prompt_column)))
         out.rows.append(dict(row))
     return out

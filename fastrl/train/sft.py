@@ -25,7 +25,7 @@ import torch
 from fastrl.ops import fused_linear_logprobs
 from fastrl.train import distributed
 from fastrl.train.config import SFTConfig
-from fastrl.train.data import DataError, _Encoder, _fingerprint, _fit_prompt, load_table
+from fastrl.train.data import DataError, Encoder, fingerprint, fit_prompt, load_table
 from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save_if_due,
@@ -47,7 +47,7 @@ class SFTExamples:
         return len(self.prompts)
 
     def fingerprint(self) -> str:
-        return _fingerprint(self.prompts, self.completions)
+        return fingerprint(self.prompts, self.completions)
 
 
 def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int) -> SFTExamples:
@@ -55,12 +55,12 @@ def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int) -> SFTExamp
     tokenised; completions cut to ``max_completion_length``; errors name the file, row and column."""
     columns = [config.prompt_column, config.completion_column]
     table = load_table(config.train_data, columns)
-    enc = _Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
+    enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
     out = SFTExamples()
     for i, row in enumerate(table.select_columns(columns)):
         prompt_value = row[config.prompt_column]
         full_prompt = enc.prompt(prompt_value, i, config.prompt_column)
-        prompt = _fit_prompt(full_prompt, config.max_prompt_length, config.prompt_truncation,
+        prompt = fit_prompt(full_prompt, config.max_prompt_length, config.prompt_truncation,
                              enc.where(i, config.prompt_column))
         ids = enc.completion(prompt_value, full_prompt, row[config.completion_column], i, config.completion_column)
         if not ids:

@@ -115,10 +115,10 @@ def test_torch_compile_fullgraph():
 
 
 def test_opcheck():
-    from fastrl.ops.fused_linear_logprobs import _forward
+    from fastrl.ops.fused_linear_logprobs import logprobs_op
 
     hidden, weight, bias, labels = _case(rows=6, vocab=40)
-    torch.library.opcheck(_forward, (hidden.requires_grad_(True), weight.requires_grad_(True), bias, labels,
+    torch.library.opcheck(logprobs_op, (hidden.requires_grad_(True), weight.requires_grad_(True), bias, labels,
                                      1.0, -100, True, 0))
 
 
@@ -173,14 +173,14 @@ def test_real_shapes_on_gpu_match_the_materialised_path_with_bounded_memory(voca
 
 
 def test_backward_fake_kernel_matches_bias_dtype():
-    from fastrl.ops.fused_linear_logprobs import _backward, _forward
+    from fastrl.ops.fused_linear_logprobs import logprobs_backward_op, logprobs_op
 
     hidden, weight, _, labels = _case(rows=6, vocab=40, dtype=torch.bfloat16)
     bias = torch.randn(40)  # fp32 bias beside a bf16 weight
-    _, entropy, stats = _forward(hidden, weight, bias, labels, 1.0, -100, True, 0)
+    _, entropy, stats = logprobs_op(hidden, weight, bias, labels, 1.0, -100, True, 0)
     args = (torch.randn(6), torch.randn(6), hidden, weight, bias, labels, entropy, stats, 1.0, -100, 0)
-    torch.library.opcheck(_backward, args, test_utils=("test_schema", "test_faketensor"))
-    assert _backward(*args)[2].dtype == torch.float32
+    torch.library.opcheck(logprobs_backward_op, args, test_utils=("test_schema", "test_faketensor"))
+    assert logprobs_backward_op(*args)[2].dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,9 +232,9 @@ def test_forward_token_chunks_and_backward_vocabulary_slices_are_aligned(monkeyp
     fl = importlib.import_module("fastrl.ops.fused_linear_logprobs")
 
     forward_rows, backward_cols = [], []
-    row_stats, grad_logits = fl._row_stats, fl._grad_logits
-    monkeypatch.setattr(fl, "_row_stats", lambda logits, *a: forward_rows.append(logits.shape[0]) or row_stats(logits, *a))
-    monkeypatch.setattr(fl, "_grad_logits",
+    row_stats, grad_logits = fl.row_stats, fl.grad_logits
+    monkeypatch.setattr(fl, "row_stats", lambda logits, *a: forward_rows.append(logits.shape[0]) or row_stats(logits, *a))
+    monkeypatch.setattr(fl, "grad_logits",
                         lambda g, ge, logits, *a: backward_cols.append(logits.shape[1]) or grad_logits(g, ge, logits, *a))
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1000, 16, generator=g)
@@ -276,13 +276,13 @@ def test_backward_writes_the_gradient_in_the_model_dtype_into_its_own_buffer(mon
     fl = importlib.import_module("fastrl.ops.fused_linear_logprobs")
 
     seen = []
-    grad_logits = fl._grad_logits
+    grad_logits = fl.grad_logits
 
     def spy(g, ge, logits, labels, entropy, stats, temperature, ignore_index, out):
         seen.append((logits.dtype, out.dtype, out.data_ptr() == logits.data_ptr()))
         grad_logits(g, ge, logits, labels, entropy, stats, temperature, ignore_index, out)
 
-    monkeypatch.setattr(fl, "_grad_logits", spy)
+    monkeypatch.setattr(fl, "grad_logits", spy)
     for rows, vocab in SHAPES:  # both backward layouts
         for dtype in (torch.bfloat16, torch.float32):
             hidden, weight, _, labels = _case(rows=rows, vocab=vocab, dtype=dtype, bias=False)

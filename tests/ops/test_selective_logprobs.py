@@ -320,7 +320,7 @@ def test_ignored_rows_are_never_read(interpreter_loads, inplace):
 def test_backward_writes_zero_rows_into_a_buffer_that_is_not_zeroed():
     """The backward kernel owns every element of its output: an ignored row is written with zeros,
     not skipped, so a gradient buffer full of NaN (torch.empty may hold anything) comes back clean."""
-    from fastrl.ops.selective_logprobs import _grad_logits, _row_stats
+    from fastrl.ops.selective_logprobs import grad_logits as _grad_logits, row_stats as _row_stats
 
     vocab, rows = 257, 5
     logits, labels = _case((rows,), vocab, seed=12, ignore_every=2)  # rows 0, 2, 4 ignored
