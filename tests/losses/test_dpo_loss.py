@@ -5,7 +5,6 @@ they are installed, torch.compile, opcheck, ahead-of-time GPU builds, and the ar
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import math
 from collections import defaultdict
@@ -770,8 +769,3 @@ def test_bad_arguments_are_refused(index):
     call, error, match = _bad_calls()[index]
     with pytest.raises(error, match=match):
         call()
-
-
-def test_module_doctest():
-    result = doctest.testmod(OP)
-    assert result.attempted > 0 and result.failed == 0

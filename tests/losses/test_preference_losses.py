@@ -4,8 +4,6 @@ with gradients; against TRL 1.16 and Liger-Kernel where installed; module forms;
 
 from __future__ import annotations
 
-import doctest
-import importlib
 import itertools
 import math
 from collections import defaultdict
@@ -16,8 +14,6 @@ import torch
 
 from fastrl.losses.preference import (BCOLoss, BradleyTerryLoss, KTOLoss, LiPOLoss, PlackettLuceLoss, RunningMean,
                                       bco_loss, bradley_terry_loss, kto_loss, lipo_loss, plackett_luce_loss)
-
-MOD = importlib.import_module("fastrl.losses.preference")
 
 
 def _lists(n=4, k=5, seed=0):
@@ -387,8 +383,3 @@ def test_bad_arguments_are_refused(index):
     call, error, match = _bad_calls()[index]
     with pytest.raises(error, match=match):
         call()
-
-
-def test_module_doctest():
-    result = doctest.testmod(MOD)
-    assert result.attempted > 0 and result.failed == 0

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 import torch
 
-from fastrl.ops import packing
 from fastrl.ops.packing import pack_sequences, unpack
 
 
@@ -114,8 +111,3 @@ def test_bad_arguments_are_refused(index):
     call, error, match = _bad_calls()[index]
     with pytest.raises(error, match=match):
         call()
-
-
-def test_module_doctest():
-    result = doctest.testmod(packing)
-    assert result.attempted > 0 and result.failed == 0

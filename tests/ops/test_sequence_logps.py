@@ -5,7 +5,6 @@ argument check."""
 
 from __future__ import annotations
 
-import doctest
 import importlib
 import math
 
@@ -373,11 +372,6 @@ def test_bad_arguments_are_refused(index):
     call, error, match = _bad_calls()[index]
     with pytest.raises(error, match=match):
         call()
-
-
-def test_module_doctest():
-    result = doctest.testmod(OP)
-    assert result.attempted > 0 and result.failed == 0
 
 
 # ---------------------------------------------------------------------------------------------------
