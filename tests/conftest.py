@@ -1,20 +1,73 @@
-"""Shared test helpers and the ``gpu`` marker (skipped without CUDA)."""
+"""Shared test helpers, the ``gpu`` marker (skipped without CUDA) and the ``slow`` tier (below)."""
 
 from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
 
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
+TESTS = Path(__file__).resolve().parent
+
+# The slow tier: `make test-fast` runs `-m "not slow"` (a quick loop, under 3 minutes on the 2-core CPU
+# machine), `make test` (and CI) runs everything. The marks are given here, in one list, rather than in
+# the test files. Whole files, by their path under tests/:
+SLOW_FILES = (
+    "test_gpu_compile.py",        # ahead-of-time Triton compiles for sm_80 / sm_90, nvcc builds
+    "test_bench_trainer.py",      # the trainer-vs-TRL benchmark at CPU scale
+    "tasks/test_pipeline.py",     # the demo pipeline end to end
+    "train/test_distributed.py",  # two-process gloo runs
+    "train/test_distributed_rollout.py",
+)
+# Single tests, as fnmatch patterns over "path under tests/::test name[parameters]" (the ids of
+# `pytest --durations`), that took several seconds each in those runs:
+SLOW_TESTS = (
+)
 
 
+def is_slow(nodeid: str) -> bool:
+    """Whether the test ``nodeid`` ("path under tests/::name[params]") belongs to the slow tier."""
+    path = nodeid.split("::", 1)[0]
+    return path in SLOW_FILES or any(fnmatch.fnmatchcase(nodeid, p) for p in SLOW_TESTS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marks
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = item.path.resolve()
+        if path.is_relative_to(TESTS) and is_slow("::".join([path.relative_to(TESTS).as_posix(),
+                                                             *item.nodeid.split("::")[1:]])):
+            item.add_marker(pytest.mark.slow)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-test)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def expect_error(call, error, match, *args, **kwargs):
+    """``call(*args, **kwargs)`` must raise ``error`` (a type or tuple of types) with a message that
+    ``match`` (a regex) finds, as the bad-input tests check that the message names the argument or
+    field. Returns pytest's ExceptionInfo for further checks."""
+    with pytest.raises(error, match=match) as info:
+        call(*args, **kwargs)
+    return info
+
+
+def refusal_test(cases):
+    """A test, parametrized by index, that each bad call of ``cases()`` is refused: ``cases`` returns
+    ``[(call, error type, message regex), ...]`` with argument-free calls (lambdas over tensors it
+    builds), and is called again in every case so that each gets fresh tensors. Bind it in the test
+    module: ``test_bad_arguments_are_refused = refusal_test(_bad_calls)``."""
+    @pytest.mark.parametrize("index", range(len(cases())))
+    def test(index):
+        expect_error(*cases()[index])
+
+    test.__doc__ = f"Every call of {cases.__name__}() raises its error with a matching message."
+    return test
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:

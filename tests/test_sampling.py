@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import chi_square_pvalue
+from conftest import chi_square_pvalue, expect_error
 
 import fastrl
 from fastrl.ops import backend, torch_impl
@@ -350,8 +350,8 @@ BAD_SETTINGS = [
 def test_bad_settings_raise_naming_the_argument(kw, exc, name, path):
     dev = _path_device(path)
     kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-    with backend("torch" if path == "torch" else "auto"), pytest.raises(exc, match=name):
-        sample(torch.randn(3, 10, device=dev), **kw)
+    with backend("torch" if path == "torch" else "auto"):
+        expect_error(sample, exc, name, torch.randn(3, 10, device=dev), **kw)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -361,24 +361,16 @@ def test_bad_logits_raise(path):
         for bad in (float("nan"), float("inf")):
             x = torch.randn(3, 10, device=dev)
             x[1, 4] = bad
-            with pytest.raises(ValueError, match="logits"):
-                sample(x)
+            expect_error(sample, ValueError, "logits", x)
         x = torch.randn(3, 10, device=dev)
         x[2] = float("-inf")
-        with pytest.raises(ValueError, match="no finite value"):
-            sample(x)
-    with pytest.raises(ValueError, match="logits"):
-        sample(torch.randn(10))
-    with pytest.raises(ValueError, match="logits"):
-        sample(torch.randn(2, 3, 10))
-    with pytest.raises(ValueError, match="logits"):
-        sample(torch.randn(3, 10).double())
-    with pytest.raises(ValueError, match="logits"):
-        sample(torch.randint(0, 5, (3, 10)))
-    with pytest.raises(ValueError, match="vocabulary"):
-        sample(torch.randn(3, 0))
-    with pytest.raises(TypeError, match="logits"):
-        sample([[0.0, 1.0]])
+        expect_error(sample, ValueError, "no finite value", x)
+    expect_error(sample, ValueError, "logits", torch.randn(10))
+    expect_error(sample, ValueError, "logits", torch.randn(2, 3, 10))
+    expect_error(sample, ValueError, "logits", torch.randn(3, 10).double())
+    expect_error(sample, ValueError, "logits", torch.randint(0, 5, (3, 10)))
+    expect_error(sample, ValueError, "vocabulary", torch.randn(3, 0))
+    expect_error(sample, TypeError, "logits", [[0.0, 1.0]])
 
 
 # -- deferred checks (fastrl.sampling.SampleErrors): no host sync per call -----------------------------
@@ -466,14 +458,12 @@ def test_deferred_errors_keep_the_smallest_code_over_calls():
 def test_deferred_errors_bad_handles():
     from fastrl.sampling import SampleErrors
 
-    with pytest.raises(TypeError, match="errors"):
-        sample(torch.randn(2, 5), errors=torch.tensor([-1, 0]))
-    with pytest.raises(ValueError, match="errors"):
-        sample(torch.randn(2, 5), errors=SampleErrors("meta"))
+    expect_error(sample, TypeError, "errors", torch.randn(2, 5), errors=torch.tensor([-1, 0]))
+    expect_error(sample, ValueError, "errors", torch.randn(2, 5), errors=SampleErrors("meta"))
     seed = torch.tensor([1])
     for word in (torch.tensor([-1]), torch.tensor([-1.0, 0.0]), torch.tensor([-1, 0, 0])):
-        with pytest.raises(ValueError, match="error"):
-            torch.ops.fastrl.sample(torch.randn(2, 5), seed, 1.0, 0, 1.0, 0.0, None, None, None, None, word)
+        expect_error(torch.ops.fastrl.sample, ValueError, "error",
+                     torch.randn(2, 5), seed, 1.0, 0, 1.0, 0.0, None, None, None, None, word)
 
 
 def test_rollout_defers_the_samplers_checks(monkeypatch):
@@ -516,10 +506,8 @@ def test_rollout_defers_the_samplers_checks(monkeypatch):
 
 @pytest.mark.gpu
 def test_generator_on_another_device_is_refused():
-    with pytest.raises(ValueError, match="generator"):
-        sample(torch.randn(2, 10), generator=torch.Generator(device="cuda"))
-    with pytest.raises(ValueError, match="generator"):
-        sample(torch.randn(2, 10, device="cuda"), generator=torch.Generator())
+    expect_error(sample, ValueError, "generator", torch.randn(2, 10), generator=torch.Generator(device="cuda"))
+    expect_error(sample, ValueError, "generator", torch.randn(2, 10, device="cuda"), generator=torch.Generator())
 
 
 def test_package_level_alias():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastrl.ops import backend, fused_linear_logprobs
-from conftest import gemm_counter
+from conftest import expect_error, gemm_counter
 
 
 def _case(rows=29, h=32, vocab=515, dtype=torch.float32, seed=0, bias=True):
@@ -137,8 +137,7 @@ BAD = [
 
 @pytest.mark.parametrize("call,exc,name", BAD)
 def test_bad_input_names_the_argument(call, exc, name):
-    with pytest.raises(exc, match=name):
-        call(*_case())
+    expect_error(call, exc, name, *_case())
 
 
 @pytest.mark.gpu

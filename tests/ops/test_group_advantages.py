@@ -16,6 +16,7 @@ import torch
 
 from fastrl.ops import backend, resolve
 from fastrl.ops.group_advantages import ESTIMATORS, MULTI_REWARDS, SCALES, group_advantages
+from conftest import refusal_test
 
 OP = importlib.import_module("fastrl.ops.group_advantages")  # the module, whatever fastrl.ops exports
 NAN = float("nan")
@@ -558,11 +559,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_refused(index):
-    call, error, match = _bad_calls()[index]
-    with pytest.raises(error, match=match):
-        call()
+test_bad_arguments_are_refused = refusal_test(_bad_calls)
 
 
 def test_entries_that_are_never_read_may_hold_anything():

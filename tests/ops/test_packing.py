@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastrl.ops.packing import pack_sequences, unpack
+from conftest import refusal_test
 
 
 def test_pack_keeps_masked_positions_in_order_anywhere_in_the_row():
@@ -106,8 +107,4 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_refused(index):
-    call, error, match = _bad_calls()[index]
-    with pytest.raises(error, match=match):
-        call()
+test_bad_arguments_are_refused = refusal_test(_bad_calls)

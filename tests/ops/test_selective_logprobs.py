@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastrl.ops import backend, torch_impl, selective_logprobs
+from conftest import expect_error
 
 
 def _fp64(logits, labels, temperature=1.0, ignore_index=-100):
@@ -175,9 +176,7 @@ BAD = [
 
 @pytest.mark.parametrize("call,exc,name", BAD)
 def test_bad_input_names_the_argument(call, exc, name):
-    logits, labels = _case((2, 3), 50)
-    with pytest.raises(exc, match=name):
-        call(logits, labels)
+    expect_error(call, exc, name, *_case((2, 3), 50))
 
 
 def test_custom_ignore_index_and_int32_labels():

@@ -14,6 +14,7 @@ import torch
 from fastrl.ops import backend, torch_impl, resolve
 from fastrl.ops.packing import pack_sequences, unpack
 from fastrl.ops.sequence_logps import sequence_logps
+from conftest import refusal_test
 
 OP = importlib.import_module("fastrl.ops.sequence_logps")  # the module, whatever fastrl.ops exports
 
@@ -367,11 +368,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_refused(index):
-    call, error, match = _bad_calls()[index]
-    with pytest.raises(error, match=match):
-        call()
+test_bad_arguments_are_refused = refusal_test(_bad_calls)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import pytest
 
 from fastrl.train import ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, load_config
 
+from conftest import expect_error
+
 from .conftest import TINY, toy_pairs, write_jsonl
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -75,8 +77,7 @@ def test_unknown_keys_and_options_are_named(tmp_path, data):
 ])
 def test_bad_dpo_fields_are_named(data, fields, message):
     base = {"model_config": dict(TINY["qwen2"]), "train_data": str(data)}
-    with pytest.raises(ConfigError, match=message):
-        DPOConfig(**{**base, **fields})
+    expect_error(DPOConfig, ConfigError, message, **{**base, **fields})
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -95,8 +96,7 @@ def test_bad_dpo_fields_are_named(data, fields, message):
 ])
 def test_bad_grpo_fields_are_named(data, fields, message):
     base = {"model_config": dict(TINY["qwen2"]), "train_data": str(data), "reward_funcs": ["my_rewards:exact_match"]}
-    with pytest.raises(ConfigError, match=message):
-        GRPOConfig(**{**base, **fields})
+    expect_error(GRPOConfig, ConfigError, message, **{**base, **fields})
 
 
 def test_grpo_and_online_dpo_configs(data):
