@@ -12,6 +12,7 @@
 (8, [0, 0, 0, 0, 1, 1, 1, 1])
 """
 
-from fastrl.rollout.generate import Rollout, generate, release
+from fastrl.rollout.generate import generate, release
+from fastrl.rollout.types import Rollout, prompt_list, resolve_stop_tokens
 
-__all__ = ["Rollout", "generate", "release"]
+__all__ = ["Rollout", "generate", "prompt_list", "release", "resolve_stop_tokens"]

@@ -16,12 +16,19 @@ prompt's keys and values are copied ``G`` times, once.
   default): a step attends to the slots ``[0, ceil((slot + 1) / kv_bucket) * kv_bucket)``, not the
   whole cache, unwritten slots masked. The static-shape path runs the same bucketing on CPU.
 - :class:`HFDecoder`: any causal LM: the model's forward with its ``DynamicCache`` each step.
+
+A lean decoder can also be kept from one call to the next (:func:`kept_decoder`, freed by
+:func:`release_kept`): one per model at most, reused while its rows, cache-length bucket, graph use
+and the model's parameter addresses stay the same.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 import warnings
+import weakref
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +118,7 @@ def _hook_reason(module) -> str | None:
         # FSDP2's hooks gather a unit's parameters before its forward and free them after. The lean step
         # calls the unit's sub-modules, bypassing them: fine once the unit is gathered (no DTensor
         # parameters, checked above), as long as the prefill's forward, which does run them, does not
-        # reshard it after (``set_reshard_after_forward(False)``, as fastrl.train.grpo.full_weights does).
+        # reshard it after (``set_reshard_after_forward(False)``, as fastrl.train.distributed.full_weights does).
         groups = getattr(state, "_fsdp_param_groups", None)
         if groups is None or any(getattr(g, "post_forward_mesh_info", True) is not None for g in groups):
             return (f"{type(module).__name__} is an FSDP2 unit that reshards after its forward: gather it for the "
@@ -315,3 +322,44 @@ class HFDecoder:
 
     def release(self) -> None:
         self.cache = self.mask = None
+
+
+# -- decoders kept between calls ----------------------------------------------------------------------------
+
+# The lean decoder (static KV cache, CUDA graphs on GPU) of each model that a ``keep_graph=True`` call of
+# generate kept for the next one: only the last one per model. Empty unless asked for: a kept cache holds
+# its memory through training.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def kept_decoder(model, rows: int, length: int, *, cuda_graph: bool) -> LeanDecoder:
+    """The :class:`LeanDecoder` kept for ``model``, when it was built for the same ``rows``, the same
+    cache-length bucket of ``length`` (a multiple of 128 slots), the same ``cuda_graph`` and the
+    model's current parameter addresses; else a new one (the old one freed first), kept in its place."""
+    buckets = -(-length // _GRAPH_LENGTH_BUCKET)
+    signature = (rows, buckets, cuda_graph, tuple(p.data_ptr() for p in model.parameters()))
+    cached = _KEPT.get(model)
+    if cached is not None and cached.signature == signature:
+        return cached
+    release_kept(model)  # one kept decoder per model: free the old cache before allocating the new one
+    decoder = LeanDecoder(model, rows, buckets * _GRAPH_LENGTH_BUCKET, cuda_graph=cuda_graph)
+    decoder.signature = signature
+    _KEPT[model] = decoder
+    return decoder
+
+
+def release_kept(model=None) -> None:
+    """Free the decoder kept for ``model`` (for every model when None) and forget it."""
+    if model is None:
+        for decoder in list(_KEPT.values()):
+            decoder.release()
+        _KEPT.clear()
+    else:
+        decoder = _KEPT.pop(model, None)
+        if decoder is not None:
+            decoder.release()
+
+
+def kept_decoders() -> Mapping:
+    """The decoders kept now, by model (a read-only live view)."""
+    return types.MappingProxyType(_KEPT)

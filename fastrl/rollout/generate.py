@@ -9,76 +9,24 @@ tokens back through the decoder (see :mod:`fastrl.rollout.decoders`).
 from __future__ import annotations
 
 import numbers
-import weakref
-from dataclasses import dataclass
 
 import torch
 
 from fastrl import _checks
 from fastrl.rollout import decoders
+from fastrl.rollout.types import Rollout, prompt_list, resolve_stop_tokens
 from fastrl.sampling import SampleErrors, sample
 
-__all__ = ["Rollout", "generate", "release"]
+__all__ = ["generate", "release"]
 
 ENGINES = ("auto", "fastrl", "hf", "vllm")
-
-# The lean decoder (static KV cache, CUDA graphs on GPU) of each model that a ``keep_graph=True`` call
-# kept for the next one: only the last one per model, reused while rows, cache length, graph use and
-# parameter addresses all match. Empty unless asked for: a kept cache holds its memory through training.
-_GRAPHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CUDA_EXIT_CHECK = 4  # steps between early-exit checks on an accelerator (each is a host-device sync)
-
-
-@dataclass
-class Rollout:
-    """What :func:`generate` returns. ``N = P * num_samples`` rows, prompt-major: rows
-    ``[p * G, (p + 1) * G)`` are the samples of prompt ``p``. ``T`` is the longest completion.
-
-    - ``completion_ids`` [N, T] int64: sampled tokens, a row's stop token included, then
-      ``pad_token_id``;
-    - ``lengths`` [N] int64: tokens per row (stop token included);
-    - ``logprobs`` [N, T] fp32: each token's log-prob under ``softmax(logits / temperature)`` of the
-      model that sampled it, as :func:`fastrl.sampling.sample` returns it (the behaviour-policy
-      log-prob for importance-sampling corrections; 0 on padding; for greedy rows the sampler's 0,
-      or -log of the number of tied maxima);
-    - ``prompt_index`` [N] int64: the prompt each row continues;
-    - ``stopped`` [N] bool: True where the row ended on a stop token, False where it ran out of
-      ``max_new_tokens``;
-    - ``engine``: the decoder that ran: ``"fastrl"`` (the lean static-KV decoder), ``"hf"`` (the
-      model's own forward) or ``"vllm"``.
-    """
-
-    completion_ids: torch.Tensor
-    lengths: torch.Tensor
-    logprobs: torch.Tensor
-    prompt_index: torch.Tensor
-    stopped: torch.Tensor
-    num_samples: int
-    engine: str = "fastrl"
-
-    @property
-    def completion_mask(self) -> torch.Tensor:
-        """[N, T] bool, True on generated tokens."""
-        steps = torch.arange(self.completion_ids.shape[1], device=self.lengths.device)
-        return steps[None] < self.lengths[:, None]
-
-    @property
-    def finish_reasons(self) -> list[str]:
-        """Per row ``"stop"`` (a stop token) or ``"length"`` (``max_new_tokens``)."""
-        return ["stop" if s else "length" for s in self.stopped.tolist()]
 
 
 def release(model=None) -> None:
     """Free the KV cache and CUDA graph that :func:`generate` keeps for ``model`` (all models if None),
     e.g. before a training step that needs the memory."""
-    if model is None:
-        for decoder in list(_GRAPHED.values()):
-            decoder.release()
-        _GRAPHED.clear()
-    else:
-        decoder = _GRAPHED.pop(_unwrap(model), None)
-        if decoder is not None:
-            decoder.release()
+    decoders.release_kept(None if model is None else _unwrap(model))
 
 
 def _unwrap(model):
@@ -168,12 +116,13 @@ def generate(
         if generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
                              f"use torch.Generator(device='{device.type}')")
-    prompts = _prompt_list(prompt_ids, attention_mask, vocab)
+    prompts = prompt_list(prompt_ids, attention_mask, vocab)
     num_prompts, rows = len(prompts), len(prompts) * num_samples
     prompt_lengths = torch.tensor([len(p) for p in prompts])
     longest = int(prompt_lengths.max())
     _check_fits(model, longest, max_new_tokens, max_length)
-    stops = _stop_ids(model, stop_token_ids, vocab, device)
+    stops = resolve_stop_tokens(stop_token_ids, model=model, vocab_size=vocab)
+    stops = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     pad = _pad_id(model, pad_token_id, stops)
     settings = {
         "temperature": _row_setting("temperature", temperature, num_prompts, num_samples, device, integer=False),
@@ -229,7 +178,7 @@ def generate(
                 bar.close()
             if not keep_graph:  # a decoder kept by an earlier call goes too
                 release(model)
-            if _GRAPHED.get(model) is not decoder:
+            if decoders.kept_decoders().get(model) is not decoder:
                 decoder.release()
 
     width = int(lengths.max())
@@ -253,17 +202,7 @@ def _decoder(model, engine, cuda_graph, rows, total, device, keep):
         return decoders.HFDecoder(model, rows, total)
     if not keep:
         return decoders.LeanDecoder(model, rows, total, cuda_graph=use_graph)
-    # a kept decoder serves every later call whose rows and cache-length bucket match
-    buckets = -(-total // decoders._GRAPH_LENGTH_BUCKET)
-    signature = (rows, buckets, use_graph, tuple(p.data_ptr() for p in model.parameters()))
-    cached = _GRAPHED.get(model)
-    if cached is not None and cached.signature == signature:
-        return cached
-    release(model)  # one kept decoder per model: free the old cache before allocating the new one
-    decoder = decoders.LeanDecoder(model, rows, buckets * decoders._GRAPH_LENGTH_BUCKET, cuda_graph=use_graph)
-    decoder.signature = signature
-    _GRAPHED[model] = decoder
-    return decoder
+    return decoders.kept_decoder(model, rows, total, cuda_graph=use_graph)  # reused by later calls that match
 
 
 def _vocab_size(model) -> int:
@@ -271,58 +210,6 @@ def _vocab_size(model) -> int:
     if embeddings is not None and hasattr(embeddings, "num_embeddings"):
         return int(embeddings.num_embeddings)
     return int(model.config.get_text_config().vocab_size)
-
-
-def _prompt_list(prompt_ids, attention_mask, vocab: int) -> list[torch.Tensor]:
-    """The prompts as a list of 1-D int64 CPU tensors, checked."""
-    if isinstance(prompt_ids, torch.Tensor):
-        _checks.check_tensor("prompt_ids", prompt_ids, ndim=2)
-        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
-            raise ValueError(f"prompt_ids must hold integer token ids, got {prompt_ids.dtype}")
-        if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
-            raise ValueError(f"prompt_ids is empty (shape {tuple(prompt_ids.shape)})")
-        ids = prompt_ids.detach().cpu().long()
-        if attention_mask is None:
-            prompts = list(ids)
-        else:
-            _checks.check_tensor("attention_mask", attention_mask)
-            if attention_mask.shape != prompt_ids.shape:
-                raise ValueError(f"attention_mask must have the shape of prompt_ids {tuple(prompt_ids.shape)}, "
-                                 f"got {tuple(attention_mask.shape)}")
-            m = attention_mask.detach().cpu()
-            if not ((m == 0) | (m == 1)).all():
-                raise ValueError("attention_mask must hold only 0 and 1")
-            m = m.bool()
-            counts = m.sum(1)
-            if (counts == 0).any():
-                raise ValueError(f"attention_mask row {int((counts == 0).nonzero()[0])} is all padding: "
-                                 "empty prompts are not allowed")
-            first = m.long().argmax(1)
-            last = m.shape[1] - 1 - m.long().flip(1).argmax(1)
-            holes = (last - first + 1) != counts
-            if holes.any():
-                raise ValueError(f"attention_mask row {int(holes.nonzero()[0])} has padding between tokens; "
-                                 "each row's tokens must be one contiguous run (left or right padding)")
-            prompts = [row[int(a): int(b) + 1] for row, a, b in zip(ids, first, last)]
-    else:
-        if attention_mask is not None:
-            raise ValueError("attention_mask goes with a padded [P, L] prompt_ids tensor, not a list")
-        if not isinstance(prompt_ids, (list, tuple)) or len(prompt_ids) == 0:
-            raise ValueError("prompt_ids must be a non-empty list of 1-D token-id tensors or a [P, L] tensor")
-        prompts = []
-        for i, p in enumerate(prompt_ids):
-            if not isinstance(p, torch.Tensor):
-                p = torch.as_tensor(p)
-            if p.dim() != 1 or p.dtype.is_floating_point or p.dtype == torch.bool:
-                raise ValueError(f"prompt_ids[{i}] must be a 1-D integer tensor, got {p.dtype} of shape "
-                                 f"{tuple(p.shape)}")
-            prompts.append(p.detach().cpu().long())
-    for i, p in enumerate(prompts):
-        if p.numel() == 0:
-            raise ValueError(f"prompt_ids[{i}] is empty: every prompt needs at least one token")
-        if (p < 0).any() or (p >= vocab).any():
-            raise ValueError(f"prompt_ids[{i}] holds token ids outside [0, {vocab})")
-    return prompts
 
 
 def _check_fits(model, longest: int, max_new_tokens: int, max_length) -> None:
@@ -340,30 +227,6 @@ def _check_fits(model, longest: int, max_new_tokens: int, max_length) -> None:
     if longest + max_new_tokens > max_length:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) + the longest prompt ({longest}) exceeds {source} "
                          f"({max_length}); lower max_new_tokens to at most {max_length - longest}")
-
-
-def _stop_ids(model, stop_token_ids, vocab: int, device) -> torch.Tensor | None:
-    if stop_token_ids is None:  # the model's EOS ids (those outside the vocabulary can never be sampled)
-        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = [eos] if isinstance(eos, numbers.Integral) else list(eos or [])
-        stop_token_ids = [int(i) for i in eos if 0 <= int(i) < vocab]
-    if isinstance(stop_token_ids, torch.Tensor):
-        if stop_token_ids.dtype.is_floating_point or stop_token_ids.dim() > 1:
-            raise ValueError("stop_token_ids must be an int, a list of ints or a 1-D integer tensor")
-        values = stop_token_ids.reshape(-1).tolist()
-    elif isinstance(stop_token_ids, numbers.Integral) and not isinstance(stop_token_ids, bool):
-        values = [int(stop_token_ids)]
-    elif isinstance(stop_token_ids, (list, tuple, set)):
-        values = list(stop_token_ids)
-    else:
-        raise ValueError(f"stop_token_ids must be an int, a list of ints or a 1-D integer tensor, "
-                         f"got {type(stop_token_ids).__name__}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < vocab:
-            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab}), got {v!r}")
-    if not values:
-        return None
-    return torch.tensor(sorted(set(int(v) for v in values)), dtype=torch.long, device=device)
 
 
 def _pad_id(model, pad_token_id, stops) -> int:

@@ -10,11 +10,10 @@ distribution, before temperature).
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from fastrl import _checks
+from fastrl.rollout.types import Rollout, prompt_list, resolve_stop_tokens
 
 
 def _require_vllm():
@@ -29,18 +28,15 @@ def _require_vllm():
 def generate(llm, prompt_ids, *, max_new_tokens, num_samples, temperature, top_k, top_p, min_p, stop_token_ids,
              generator, pad_token_id, attention_mask):
     vllm = _require_vllm()
-    from fastrl.rollout.generate import Rollout, _prompt_list
-
     if not isinstance(llm, vllm.LLM):
         raise TypeError(f"with engine='vllm', model must be a vllm.LLM, got {type(llm).__name__}")
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
         if isinstance(value, torch.Tensor):
             raise ValueError(f"{name}: engine='vllm' takes one number for all rows, not a tensor")
-    prompts = _prompt_list(prompt_ids, attention_mask, vocab=2**62)  # vLLM checks the ids against its vocabulary
+    prompts = prompt_list(prompt_ids, attention_mask, vocab=2**62)  # vLLM checks the ids against its vocabulary
     extra = {}
     if stop_token_ids is not None:
-        ids = [stop_token_ids] if isinstance(stop_token_ids, numbers.Integral) else list(stop_token_ids)
-        extra = {"stop_token_ids": [int(i) for i in ids], "ignore_eos": True}
+        extra = {"stop_token_ids": resolve_stop_tokens(stop_token_ids), "ignore_eos": True}
     seed = None
     if generator is not None:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device))

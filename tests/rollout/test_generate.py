@@ -315,7 +315,7 @@ def test_decoder_is_released_unless_kept(monkeypatch):
     import importlib
 
     model = copy.deepcopy(model_of("llama"))
-    kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+    kept = importlib.import_module("fastrl.rollout.decoders").kept_decoders()
     made = _Constructed(monkeypatch)
     kw = dict(max_new_tokens=6, num_samples=2, temperature=0.0, stop_token_ids=[])
     plain = generate(model, _prompts([5, 8]), **kw)
@@ -345,7 +345,7 @@ def test_decoder_is_released_when_a_check_raises(monkeypatch):
     import importlib
 
     model = copy.deepcopy(model_of("llama"))
-    kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+    kept = importlib.import_module("fastrl.rollout.decoders").kept_decoders()
     made = _Constructed(monkeypatch)
     top_p = torch.tensor([0.9, 1.5])  # row 1 out of range: deferred, raised at the end
     with pytest.raises(ValueError, match="top_p"):
@@ -430,7 +430,7 @@ def test_cuda_graph_decode_equals_eager_and_hf(kind, monkeypatch):
     from fastrl.rollout import decoders, release
 
     monkeypatch.setattr(decoders, "KV_BUCKET", 16)
-    kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+    kept = importlib.import_module("fastrl.rollout.decoders").kept_decoders()
     model = copy.deepcopy(model_of(kind)).cuda()
     prompts = [p.cuda() for p in _prompts([5, 11, 1, 8], seed=13)]
     graphed = generate(model, prompts, max_new_tokens=20, temperature=0.0, num_samples=2, keep_graph=True)

@@ -167,7 +167,7 @@ class _Decoders:
         from fastrl.rollout import decoders
 
         self.built = []
-        self.kept = importlib.import_module("fastrl.rollout.generate")._GRAPHED
+        self.kept = importlib.import_module("fastrl.rollout.decoders").kept_decoders()
         built, real = self.built, decoders.LeanDecoder
 
         class Counting(real):
