@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fastrl.losses.dpo import LOSS_TYPES, DPOLoss, dpo_loss, dynamic_beta, wpo_weights
 from fastrl.ops import backend
+from conftest import refusal_test
 
 OP = importlib.import_module("fastrl.losses.dpo")
 B = 13
@@ -764,8 +765,4 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_refused(index):
-    call, error, match = _bad_calls()[index]
-    with pytest.raises(error, match=match):
-        call()
+test_bad_arguments_are_refused = refusal_test(_bad_calls)

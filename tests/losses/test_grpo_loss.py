@@ -18,6 +18,7 @@ from fastrl.losses import GRPOLoss, grpo_loss, grpo_loss_grad, grpo_token_weight
 from fastrl.losses.torch_impl import grpo as R
 from fastrl.ops import backend
 from fastrl.ops.packing import pack_sequences
+from conftest import refusal_test
 
 OP = importlib.import_module("fastrl.losses.grpo")
 
@@ -675,11 +676,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_refused(index):
-    call, error, match = _bad_calls()[index]
-    with pytest.raises(error, match=match):
-        call()
+test_bad_arguments_are_refused = refusal_test(_bad_calls)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from fastrl.losses.preference import (BCOLoss, BradleyTerryLoss, KTOLoss, LiPOLoss, PlackettLuceLoss, RunningMean,
                                       bco_loss, bradley_terry_loss, kto_loss, lipo_loss, plackett_luce_loss)
+from conftest import refusal_test
 
 
 def _lists(n=4, k=5, seed=0):
@@ -378,8 +379,4 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_bad_arguments_are_refused(index):
-    call, error, match = _bad_calls()[index]
-    with pytest.raises(error, match=match):
-        call()
+test_bad_arguments_are_refused = refusal_test(_bad_calls)
