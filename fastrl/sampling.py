@@ -55,16 +55,21 @@ class SampleErrors:
     record. Of several errors since the last check the one kept is the smallest code: a bad setting
     before bad logits, then the lowest row.
 
-    >>> import torch, fastrl
-    >>> errors = fastrl.sampling.SampleErrors("cpu")
-    >>> x = torch.randn(3, 10); x[1, 2] = float("nan")
-    >>> tokens, _ = fastrl.sampling.sample(x, errors=errors)  # no raise here
-    >>> int(tokens[1])
-    -1
-    >>> errors.check()
-    Traceback (most recent call last):
-    ...
-    ValueError: logits must not contain NaN or +inf (row 1)
+    Args:
+        device: the device of the logits it will check (a bare ``"cuda"`` means the current CUDA
+            device); :func:`sample` refuses a handle on another device.
+
+    Example:
+        >>> import torch, fastrl
+        >>> errors = fastrl.sampling.SampleErrors("cpu")
+        >>> x = torch.randn(3, 10); x[1, 2] = float("nan")
+        >>> tokens, _ = fastrl.sampling.sample(x, errors=errors)  # no raise here
+        >>> int(tokens[1])
+        -1
+        >>> errors.check()
+        Traceback (most recent call last):
+        ...
+        ValueError: logits must not contain NaN or +inf (row 1)
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
@@ -109,29 +114,49 @@ def sample(
     return_filtered_logprobs: bool = False,
     errors: SampleErrors | None = None,
 ):
-    """Draw one token per row of ``logits`` [B, V] (fp32, bf16 or fp16).
+    """Draw one token per row of ``logits``, after temperature, top-k, top-p and min-p filtering.
 
-    Filters apply in Hugging Face's order, each keeping ties at its boundary:
-    ``temperature`` (0 = greedy) scales the logits; ``top_k`` (0 = off) keeps the k most probable
-    tokens; ``top_p`` (1 = off) keeps, of those, the smallest most-probable set whose mass reaches
-    ``top_p``; ``min_p`` (0 = off) keeps tokens with ``p >= min_p * max p``. Each is a number for
-    every row or a tensor [B] of per-row values. The exact distribution is
-    :func:`fastrl.ops.torch_impl.sampling_distribution`.
-
-    Returns ``(tokens [B] int64, logprobs [B] fp32)``, ``logprobs`` being each token's log-prob under
-    ``softmax(logits / T)`` (what importance-sampling corrections need; 0 - or -log(#tied maxima) -
-    for greedy rows). With ``return_filtered_logprobs=True`` a third tensor holds its log-prob
-    under the filtered, renormalised distribution it was drawn from.
+    Filters apply in Hugging Face's order, each keeping ties at its boundary: ``temperature``
+    scales the logits, ``top_k`` keeps the k most probable tokens, ``top_p`` keeps, of those, the
+    smallest most-probable set whose mass reaches ``top_p``, ``min_p`` keeps tokens with
+    ``p >= min_p * max p``. The exact distribution is
+    :func:`fastrl.ops.torch_impl.sampling_distribution`. ``-inf`` logits mark banned tokens.
 
     Draws are reproducible: the same ``generator`` state, logits and settings give the same tokens,
     whatever the number of threads (on GPU bit for bit: the CUDA kernel sums masses in integers).
     (Under ``torch.compile`` the per-call seed comes from the compiled graph's random stream:
     reproducible from ``torch.manual_seed``, but not the eager draws; pass no ``generator`` there.)
-    Settings may also be 0-d tensors. ``-inf`` logits mark banned tokens; NaN or ``+inf`` logits, a
-    row of only ``-inf``, or a setting out of range raise ``ValueError`` (on CUDA this costs one
-    small device-to-host copy per call; inside CUDA-graph capture nothing is checked and such a row
-    gets token -1 and NaN log-probs instead). With ``errors`` (a :class:`SampleErrors` on the logits'
-    device) the row checks are deferred to ``errors.check()``: no sync per call.
+
+    Each setting is a number for every row or a tensor of per-row values (``[B]``, or 0-d: one
+    value for all rows) on the logits' device.
+
+    Args:
+        logits: ``[B, V]`` fp32, bf16 or fp16, V >= 1.
+        temperature: >= 0 (0 = greedy); a number, or a ``[B]`` floating tensor.
+        top_k: >= 0 (0 = off; k >= V is off too); an int, or a ``[B]`` integer tensor.
+        top_p: in (0, 1] (1 = off); a number, or a ``[B]`` floating tensor.
+        min_p: in [0, 1] (0 = off); a number, or a ``[B]`` floating tensor.
+        generator: a ``torch.Generator`` on the logits' device type, the source of the per-call
+            seed; None: torch's default generator.
+        return_filtered_logprobs: also return each token's log-prob under the filtered,
+            renormalised distribution it was drawn from.
+        errors: a :class:`SampleErrors` on the logits' device: the row checks are deferred to
+            ``errors.check()`` (no sync per call), and a bad row gets token -1 and NaN log-probs.
+
+    Returns:
+        ``(tokens [B] int64, logprobs [B] fp32)``, ``logprobs`` being each token's log-prob under
+        ``softmax(logits / T)`` (what importance-sampling corrections need; 0 - or -log(#tied
+        maxima) - for greedy rows). With ``return_filtered_logprobs=True`` a third tensor, ``[B]``
+        fp32, holds its log-prob under the filtered, renormalised distribution.
+
+    Raises:
+        TypeError: an argument of the wrong kind (e.g. a ``generator`` that is not a
+            ``torch.Generator``, ``errors`` not a :class:`SampleErrors`), naming it.
+        ValueError: a wrong shape, dtype or device, naming the argument; NaN or ``+inf`` logits, a
+            row of only ``-inf``, or a setting out of range (on CUDA this costs one small
+            device-to-host copy per call; inside CUDA-graph capture nothing is checked and such a
+            row gets token -1 and NaN log-probs instead; with ``errors`` these row checks raise
+            from ``errors.check()``). Settings given as numbers are checked at the call.
     """
     _checks.check_tensor("logits", logits, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     rows, vocab = logits.shape

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import torch
 
+__all__ = ["BACKENDS", "ENV_VAR", "backend", "requested_backend", "resolve", "triton_available"]
+
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "FASTRL_BACKEND"
 
@@ -38,12 +40,23 @@ def _check_name(name: object, source: str) -> str:
 
 @functools.cache
 def triton_available() -> bool:
-    """True when Triton can be imported (it is not imported here)."""
+    """Whether Triton can be imported (looked up once, not imported).
+
+    Returns:
+        True when the ``triton`` package is installed.
+    """
     return importlib.util.find_spec("triton") is not None
 
 
 def requested_backend() -> str:
-    """The backend asked for: the innermost :func:`backend` block, else ``FASTRL_BACKEND``, else auto."""
+    """The backend asked for: the innermost :func:`backend` block, else ``FASTRL_BACKEND``, else auto.
+
+    Returns:
+        ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Raises:
+        ValueError: ``FASTRL_BACKEND`` is set to something else (the message names the variable).
+    """
     name = _override.get()
     if name is not None:
         return name
@@ -53,7 +66,20 @@ def requested_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: str) -> Iterator[None]:
-    """Force ``"torch"`` or ``"triton"`` (or restore ``"auto"``) for the ops run inside the block."""
+    """Force ``"torch"`` or ``"triton"`` (or restore ``"auto"``) for the ops run inside the block.
+
+    Blocks nest (the innermost wins) and win over ``FASTRL_BACKEND``. The setting is a
+    :mod:`contextvars` variable: a block in one thread does not affect the others.
+
+    Args:
+        name: ``"auto"``, ``"torch"`` or ``"triton"`` (case and surrounding spaces ignored).
+
+    Yields:
+        Nothing; the setting holds until the block exits.
+
+    Raises:
+        ValueError: ``name`` is not a backend.
+    """
     token = _override.set(_check_name(name, "backend"))
     try:
         yield
@@ -62,7 +88,21 @@ def backend(name: str) -> Iterator[None]:
 
 
 def resolve(device: torch.device) -> str:
-    """The backend, ``"torch"`` or ``"triton"``, that an op on tensors of ``device`` runs now."""
+    """The backend, ``"torch"`` or ``"triton"``, that an op on tensors of ``device`` runs now.
+
+    ``auto`` gives Triton on CUDA tensors when Triton is installed, the torch reference otherwise.
+
+    Args:
+        device: the device of the op's tensors.
+
+    Returns:
+        ``"torch"`` or ``"triton"``.
+
+    Raises:
+        RuntimeError: ``triton`` is asked for but Triton is not installed.
+        ValueError: ``triton`` is asked for on a device other than cuda or cpu, or
+            ``FASTRL_BACKEND`` holds no backend name.
+    """
     name = requested_backend()
     if name == "triton":
         if not triton_available():

@@ -101,9 +101,19 @@ def chunk_spans(n: int, width: int, budget: int, align: int) -> list[tuple[int, 
     """Splits ``n`` rows of ``width`` fp32 entries into ``(lo, hi)`` chunks that fit ``budget`` bytes.
 
     One chunk when everything fits. Otherwise the fewest chunks of at most ``budget // (4 * width)``
-    rows, each a multiple of ``align`` (a power of two, halved while a chunk cannot hold it) except
-    the last, and balanced: they differ by at most one ``align`` unit (plus the last one's partial
-    unit), so that a 12288-row batch is not cut into 1766-row chunks and a short tail.
+    rows, each a multiple of ``align`` (halved while a chunk cannot hold it) except the last, and
+    balanced: they differ by at most one ``align`` unit (plus the last one's partial unit), so that a
+    12288-row batch is not cut into 1766-row chunks and a short tail.
+
+    Args:
+        n: rows to split; ``n <= 0`` gives no chunk.
+        width: fp32 entries per row (a row costs ``4 * width`` bytes).
+        budget: bytes one chunk may take; a chunk holds at least one row whatever the budget.
+        align: a power of two; every chunk but the last is a multiple of it (or of the largest
+            power of two below it that fits the budget).
+
+    Returns:
+        ``[(lo, hi), ...]``: consecutive half-open row ranges tiling ``[0, n)``.
     """
     if n <= 0:
         return []
@@ -150,9 +160,24 @@ def _grad_buffer(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def token_chunks(labels: torch.Tensor, ignore_index: int, vocab: int, device: torch.device,
                  workspace_bytes: int | None) -> list:
-    """The token chunks of a pass over flat ``labels [N]``: slices tiling ``[0, N)`` when every row is
-    scored, else index tensors of the scored rows only (rows labelled ``ignore_index`` go through
-    no GEMM). Chunks are balanced multiples of 128 rows whose fp32 logits fit the workspace."""
+    """The token chunks of a pass over flat ``labels``.
+
+    Chunks are balanced multiples of 128 rows (:func:`chunk_spans`) whose fp32 logits fit the
+    workspace. Rows labelled ``ignore_index`` go through no GEMM: they are in no chunk. One host
+    sync (the number of scored rows is data-dependent).
+
+    Args:
+        labels: ``[N]`` int64 or int32, flat.
+        ignore_index: label of the rows to leave out.
+        vocab: V, the width of a row's logits.
+        device: where the pass runs (sets the default workspace).
+        workspace_bytes: cap on one chunk's fp32 ``[chunk, V]`` logits; None or 0: 1 GiB on CUDA,
+            64 MiB elsewhere.
+
+    Returns:
+        A list of row selectors: slices tiling ``[0, N)`` when every row is scored, else ``[chunk]``
+        int64 index tensors of the scored rows only.
+    """
     sel = scored_rows(labels, ignore_index)
     n = labels.shape[0] if sel is None else sel.numel()
     spans = chunk_spans(n, vocab, workspace_budget(device, workspace_bytes or None), TOKEN_ALIGN)
@@ -291,17 +316,34 @@ def terminal_single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     For a loss whose gradient at each token depends only on that token's log-prob and entropy (a
     token-level GRPO loss: per-token terms times weights fixed by the mask), or only on values of
     its own chunk (a DPO loss chunked by pairs), the gradient of the logits is known as soon as a
-    chunk's log-probs are: ``token_grads(rows, logp, entropy)`` returns ``(d_logp, d_entropy or
-    None)`` for ``rows`` (a slice or an index tensor into the ``N`` rows), and the chunk's logits
-    become their gradient (in the model's dtype) and go straight into ``d_hidden`` and ``d_weight``
-    (an fp32 ``[V, H]`` accumulator over several chunks; one GEMM, written once, when one chunk holds
-    every row). Three GEMMs in all, the cost of a plain linear layer forward and backward.
+    chunk's log-probs are, and the chunk's logits become their gradient (in the model's dtype) and
+    go straight into ``d_hidden`` and ``d_weight`` (an fp32 ``[V, H]`` accumulator over several
+    chunks; one GEMM, written once, when one chunk holds every row). Three GEMMs in all, the cost of
+    a plain linear layer forward and backward. The inputs are flat and checked by the caller
+    (:func:`check_inputs`).
 
-    ``hidden [N, H]``, ``labels [N]`` flat and checked by the caller. ``chunks``: the row chunks
-    (slices tiling ``[0, N)`` or index tensors; rows in no chunk get log-prob 0 and zero gradient);
-    default :func:`token_chunks` (the scored rows, in balanced chunks that fit the workspace).
-    Returns ``(logp, entropy, d_hidden, d_weight, d_bias)``; ``entropy`` is zeros unless asked,
-    ``d_bias`` None without a bias.
+    Args:
+        hidden: ``[N, H]`` fp32, bf16 or fp16.
+        weight: ``[V, H]``, ``hidden``'s dtype and device (the lm-head).
+        bias: ``[V]`` floating, or None.
+        labels: ``[N]`` int64 or int32, in ``[0, V)`` or ``ignore_index``.
+        token_grads: ``token_grads(rows, logp, entropy) -> (d_logp, d_entropy or None)``, the loss's
+            gradient with respect to the log-probs (and entropies) of ``rows`` (a slice or an index
+            tensor into the ``N`` rows); ``logp`` / ``entropy`` are that chunk's fp32 values
+            (``entropy`` None unless ``return_entropy``).
+        temperature: > 0; the logits are divided by it.
+        ignore_index: label value of the rows to skip.
+        return_entropy: also compute the entropies (and pass them to ``token_grads``).
+        workspace_bytes: cap on a chunk's fp32 logits, as in :func:`fused_linear_logprobs`; 0: the
+            default.
+        chunks: the row chunks (slices tiling ``[0, N)`` or index tensors; rows in no chunk get
+            log-prob 0 and zero gradient); default :func:`token_chunks` (the scored rows, in
+            balanced chunks that fit the workspace).
+
+    Returns:
+        ``(logp, entropy, d_hidden, d_weight, d_bias)``: ``logp [N]`` fp32, ``entropy [N]`` fp32
+        (zeros unless asked), ``d_hidden [N, H]`` in ``hidden``'s dtype, ``d_weight [V, H]`` in
+        ``weight``'s dtype, ``d_bias [V]`` in ``bias``'s dtype (None without a bias).
     """
     rows, vocab = hidden.shape[0], weight.shape[0]
     if chunks is None:
@@ -361,17 +403,29 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           return_entropy: bool = False, workspace_bytes: int | None = None):
     """``selective_logprobs(hidden @ weight.T + bias, labels, ...)`` without the full logits.
 
+    How the forward and backward are chunked, and what they cost in memory: see the module
+    docstring.
+
     Args:
         hidden: ``[..., H]`` fp32, bf16 or fp16, H divisible by 16.
         weight: ``[V, H]`` same dtype and device (the lm-head).
         labels: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``[V]``.
-        temperature, ignore_index, return_entropy: as in :func:`fastrl.ops.selective_logprobs`.
+        bias: optional ``[V]``, any floating dtype, on ``hidden``'s device.
+        temperature: > 0; the logits are divided by it (as in :func:`fastrl.ops.selective_logprobs`).
+        ignore_index: label value of positions to skip: log-prob 0 and an exact zero gradient (as in
+            :func:`fastrl.ops.selective_logprobs`).
+        return_entropy: also return the entropy of ``softmax(logits / temperature)`` (as in
+            :func:`fastrl.ops.selective_logprobs`).
         workspace_bytes: cap on the fp32 chunk-logits buffer (default 1 GiB on CUDA, 64 MiB on CPU).
 
     Returns:
-        ``logp [...]`` fp32 (and ``entropy [...]``), differentiable with respect to hidden, weight
-        and bias. ``d_weight`` is accumulated in fp32.
+        ``logp [...]`` fp32 (and ``entropy [...]`` fp32 when asked), differentiable with respect to
+        hidden, weight and bias. ``d_weight`` is accumulated in fp32.
+
+    Raises:
+        TypeError: a non-tensor input, a non-bool ``return_entropy``, a non-int ``workspace_bytes``
+            (and the scalar checks of :func:`fastrl.ops.selective_logprobs`).
+        ValueError: as :func:`check_inputs`.
     """
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, ignore_index,
                                                      workspace_bytes)
@@ -384,8 +438,25 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
 
 def check_inputs(hidden, weight, labels, bias, temperature, ignore_index, workspace_bytes) -> tuple[int, float, int]:
-    """The checks of :func:`fused_linear_logprobs` (shared with the fused-linear losses): returns
-    ``(H, temperature, ignore_index)``."""
+    """The checks of :func:`fused_linear_logprobs`, shared with the fused-linear losses.
+
+    Args:
+        hidden: ``[..., H]`` fp32, bf16 or fp16, H a positive multiple of 16.
+        weight: ``[V, H]`` with V >= 1, ``hidden``'s dtype and device.
+        labels: ``[...]`` (``hidden``'s leading shape) int64 or int32, in ``[0, V)`` or ``ignore_index``.
+        bias: ``[V]`` floating on ``hidden``'s device, or None.
+        temperature: a number > 0.
+        ignore_index: an int.
+        workspace_bytes: an int >= 1, or None.
+
+    Returns:
+        ``(H, temperature, ignore_index)`` as int, float and int.
+
+    Raises:
+        TypeError: a non-tensor input or a scalar of the wrong kind, naming it.
+        ValueError: a wrong shape, dtype, device or value, naming the argument (the label range
+            check reads the labels: one device sync, skipped under ``torch.compile``).
+    """
     _checks.check_tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES)
     if hidden.dim() < 1:
         raise ValueError("hidden must have a last (hidden-size) dimension")

@@ -51,76 +51,89 @@ def group_advantages(
 ) -> torch.Tensor:
     """The advantage of each of B samples from its reward(s) and the group (prompt) it belongs to.
 
-    ``rewards`` [B] or [B, R] (fp32, bf16, fp16 or fp64; any strides): one reward, or R rewards, per
-    sample. NaN marks an unscorable sample (reward function returned nothing): it is left out of every
-    statistic and gets advantage 0. An inf reward (or an fp64 one beyond the fp32 range) raises
-    ``ValueError``.
-
-    ``groups``: either ``group_ids`` [B] int32 / int64 (any non-negative ids, any order, groups of any
-    sizes, e.g. ``[3, 0, 3, 0, 7]``) or ``group_size`` G, an int: samples ``[g G, (g + 1) G)`` form
-    group g and G must divide B.
-
-    ``estimator`` (means and stds over a group's scorable samples; every std is the unbiased one,
-    ``torch.std``'s default correction = 1, as TRL's GRPO; the std of fewer than 2 values is 0):
-
-    - ``"grpo"``: ``(R - mean_g) / (std + eps)`` with std by ``scale``: ``"group"`` std_g,
-      ``"batch"`` the std of all scorable rewards of the batch (TRL ``scale_rewards="batch"``),
-      ``"none"``: no division. With eps = 1e-4 these are TRL's numbers (TRL's NaN for a group of one
-      is 0 here).
-    - ``"dr_grpo"``: ``R - mean_g`` (``grpo`` with ``scale="none"``; ``scale`` is ignored).
-    - ``"rloo"``: ``R_i - mean_{j != i} R_j``, 0 in a group of one scorable sample.
-    - ``"reinforce_pp"`` (REINFORCE++): ``(R - mean_B) / (std_B + eps)`` over the batch; groups unused.
-    - ``"reinforce_pp_baseline"``: ``c = R - mean_g``, then ``c / (std_B(c) + eps)``. The batch mean
-      of ``c`` is 0 by construction and not subtracted again (that keeps equal groups at exactly 0).
-    - ``"remax"``: ``R_i - baseline_rewards_i``; ``baseline_rewards`` has the shape of ``rewards``
-      and holds, per sample, the reward(s) of its prompt's greedy completion (repeat it over the
-      group); it is combined over columns like ``rewards``. NaN there makes the sample unscorable.
-    - ``"opo"``: ``R_i - sum_j L_j R_j / sum_j L_j`` over the group, ``lengths`` [B] (int or float,
-      >= 0) the completion lengths; the plain mean when the group's lengths sum to 0.
-    - ``"pref_grpo"``: win rates from pairwise preferences, ``w_i = sum_j P[i, j] / (n_g - 1)`` over
-      the other scorable samples j of i's group (with P = 1 win, 0.5 tie, 0 loss: ``(wins + ties / 2)
-      / (G - 1)``), then ``grpo`` on ``w`` (``scale`` applies; "group" is Pref-GRPO's z-score).
-      ``preferences`` is [B, B] with ``P[i, j]`` = how much sample i beats sample j, in [0, 1]; or,
-      with ``group_size`` G, [B, G], the diagonal blocks: ``P[i, k]`` about sample ``g G + k``. Only
-      entries of two different samples of one group are read (the rest may hold anything). Here
-      ``rewards`` must be [B] and is read only for NaN (samples to leave out).
-
-    ``scale`` is read by ``grpo`` and ``pref_grpo`` only; the other estimators have their fixed
-    normalisation above and ignore it. Every division by ``std + eps`` gives 0 where that is 0 (an
-    all-equal group with ``eps=0``). A group whose scorable rewards are all equal gets exactly 0 from
-    every estimator with a group baseline (all but ``reinforce_pp`` and ``remax``); never NaN.
-
-    Several rewards ([B, R]) with ``reward_weights`` [R] (default all 1):
-
-    - ``"sum_then_normalize"``: R_i = the weighted sum of sample i's non-NaN rewards (TRL's
-      ``nansum``; a sample with no finite reward is unscorable, where TRL would count 0), then the
-      estimator.
-    - ``"normalize_then_sum"`` (GDPO): the estimator on each column alone (a NaN leaves that column's
-      statistics only), the weighted sum of the columns' advantages, then that sum divided by its batch
-      std (+ eps), not re-centred (for a group baseline its batch mean is 0 already). For one reward
-      ([B] or [B, 1]) this is the estimator followed by that division.
-
-    Values are rounded to fp32 (the working precision) before the statistics, which accumulate in
-    fp64. Returns advantages [B] fp32, without autograd (rewards carry no gradient).
-
-    ``reward_weights`` may also be a list of numbers (copied to the device on each call; pass a tensor
-    inside a CUDA graph).
+    NaN marks an unscorable sample (the reward function returned nothing): it is left out of every
+    statistic and gets advantage 0. Means and stds are over a group's scorable samples; every std is
+    the unbiased one (``torch.std``'s default correction = 1, as TRL's GRPO), and the std of fewer
+    than 2 values is 0. Every division by ``std + eps`` gives 0 where that is 0 (an all-equal group
+    with ``eps=0``). A group whose scorable rewards are all equal gets exactly 0 from every estimator
+    with a group baseline (all but ``reinforce_pp`` and ``remax``); never NaN. Values are rounded to
+    fp32 (the working precision) before the statistics, which accumulate in fp64.
 
     On CUDA: one Triton launch for the whole batch, whatever the options: a single program (one CTA)
     that loops over the batch in blocks of 2048 samples, a few passes (one more per reward column with
     ``normalize_then_sum``), keeping the group statistics in scratch memory it initialises itself
     (``group_ids`` go through an in-kernel hash table of the next power of two >= 2B slots, so ids are
     arbitrary). No host sync and nothing data-dependent on the host: a call can be captured in a CUDA
-    graph (the value checks below are skipped while capturing). Its time grows linearly with B (it is
+    graph (the value checks are skipped while capturing). Its time grows linearly with B (it is
     meant for the B of an RL step, up to ~64k); ``pref_grpo`` reads, per sample, the index range its
     group spans, so with ``group_ids`` whose groups are spread over the whole batch it costs O(B^2).
     Elsewhere the torch reference :func:`fastrl.ops.torch_impl.group_advantages` runs (see
     :mod:`fastrl.ops.dispatch`).
 
-    Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument. The value checks (inf
-    rewards, negative ids, lengths, preference entries, finite weights) read the tensors, one device
-    sync; they are skipped under ``torch.compile``, where the kernel treats inf as NaN, clamps
-    negative ids to 0 and preferences into [0, 1], and zeroes non-finite weights and lengths.
+    Args:
+        rewards: ``[B]`` or ``[B, R]`` fp32, bf16, fp16 or fp64, any strides: one reward, or R
+            rewards, per sample; NaN for an unscorable one. With ``pref_grpo`` it must be ``[B]`` and
+            is read only for NaN (samples to leave out).
+        groups: either ``group_ids`` ``[B]`` int32 / int64 (any non-negative ids, any order, groups
+            of any sizes, e.g. ``[3, 0, 3, 0, 7]``) or ``group_size`` G, an int: samples
+            ``[g G, (g + 1) G)`` form group g and G must divide B.
+        estimator: how a sample's reward R becomes its advantage:
+
+            - ``"grpo"``: ``(R - mean_g) / (std + eps)`` with std by ``scale``. With eps = 1e-4
+              these are TRL's numbers (TRL's NaN for a group of one is 0 here).
+            - ``"dr_grpo"``: ``R - mean_g`` (``grpo`` with ``scale="none"``; ``scale`` is ignored).
+            - ``"rloo"``: ``R_i - mean_{j != i} R_j``, 0 in a group of one scorable sample.
+            - ``"reinforce_pp"`` (REINFORCE++): ``(R - mean_B) / (std_B + eps)`` over the batch;
+              groups unused.
+            - ``"reinforce_pp_baseline"``: ``c = R - mean_g``, then ``c / (std_B(c) + eps)``. The
+              batch mean of ``c`` is 0 by construction and not subtracted again (that keeps equal
+              groups at exactly 0).
+            - ``"remax"``: ``R_i - baseline_rewards_i``.
+            - ``"opo"``: ``R_i - sum_j L_j R_j / sum_j L_j`` over the group, ``L = lengths``; the
+              plain mean when the group's lengths sum to 0.
+            - ``"pref_grpo"``: win rates from pairwise preferences, ``w_i = sum_j P[i, j] / (n_g -
+              1)`` over the other scorable samples j of i's group (with P = 1 win, 0.5 tie, 0 loss:
+              ``(wins + ties / 2) / (G - 1)``), then ``grpo`` on ``w`` (``scale`` applies; "group"
+              is Pref-GRPO's z-score).
+        scale: the std ``grpo`` and ``pref_grpo`` divide by: ``"group"`` std_g, ``"batch"`` the std
+            of all scorable rewards of the batch (TRL ``scale_rewards="batch"``), ``"none"``: no
+            division. The other estimators have their fixed normalisation above and ignore it.
+        eps: >= 0, added to each std before the division.
+        reward_weights: ``[R]`` fp32, bf16, fp16 or fp64, finite (default all 1): the weight of each
+            reward column. May also be a list of numbers (copied to the device on each call; pass a
+            tensor inside a CUDA graph).
+        multi_reward: how several rewards (``[B, R]``) combine:
+
+            - ``"sum_then_normalize"``: R_i = the weighted sum of sample i's non-NaN rewards (TRL's
+              ``nansum``; a sample with no finite reward is unscorable, where TRL would count 0),
+              then the estimator.
+            - ``"normalize_then_sum"`` (GDPO): the estimator on each column alone (a NaN leaves that
+              column's statistics only), the weighted sum of the columns' advantages, then that sum
+              divided by its batch std (+ eps), not re-centred (for a group baseline its batch mean
+              is 0 already). For one reward (``[B]`` or ``[B, 1]``) this is the estimator followed
+              by that division.
+        lengths: ``[B]`` int32 / int64 or floating (fp32, bf16, fp16, fp64), finite and >= 0: the
+            completion lengths; required by ``"opo"`` and only used there.
+        baseline_rewards: the shape of ``rewards`` (``[B]`` or ``[B, R]``), fp32, bf16, fp16 or
+            fp64: per sample, the reward(s) of its prompt's greedy completion (repeat it over the
+            group); combined over columns like ``rewards``, and NaN there makes the sample
+            unscorable. Required by ``"remax"`` and only used there.
+        preferences: ``[B, B]`` fp32, bf16, fp16 or fp64, ``P[i, j]`` = how much sample i beats
+            sample j, in [0, 1]; or, with ``group_size`` G, ``[B, G]``, the diagonal blocks:
+            ``P[i, k]`` about sample ``g G + k``. Only entries of two different samples of one group
+            are read (the rest may hold anything). Required by ``"pref_grpo"`` and only used there.
+
+    Returns:
+        Advantages ``[B]`` fp32, without autograd (rewards carry no gradient).
+
+    Raises:
+        TypeError: an argument of the wrong kind, naming it.
+        ValueError: a wrong shape, dtype, device or choice, naming the argument; a setting tensor
+            given to an estimator that does not use it, or missing for one that does; an inf reward
+            (or an fp64 one beyond the fp32 range). The value checks (inf rewards, negative ids,
+            lengths, preference entries, finite weights) read the tensors, one device sync; they are
+            skipped under ``torch.compile``, where the kernel treats inf as NaN, clamps negative ids
+            to 0 and preferences into [0, 1], and zeroes non-finite weights and lengths.
     """
     _checks.check_tensor("rewards", rewards, dtypes=REWARD_DTYPES)
     if rewards.dim() not in (1, 2) or (rewards.dim() == 2 and rewards.shape[1] == 0):

@@ -65,12 +65,24 @@ def mask_checks(mask: torch.Tensor, name: str = "mask") -> list[tuple[torch.Tens
 
 
 def pack_sequences(padded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack the masked positions of ``padded`` [B, L, ...] (any dtype) into one flat tensor.
+    """Pack the masked positions of ``padded`` into one flat tensor.
 
-    ``mask`` [B, L] (bool or 0/1 integer / floating) marks the positions to keep; they need not be
-    left-aligned and keep their order within each row. Returns ``(flat [T, ...], cu_seqlens [B+1]
-    int32)`` with T the number of marked positions and row b's tokens at
-    ``flat[cu_seqlens[b]:cu_seqlens[b+1]]``. Differentiable with respect to ``padded``.
+    The marked positions need not be left-aligned and keep their order within each row.
+
+    Args:
+        padded: ``[B, L, ...]``, any dtype.
+        mask: ``[B, L]`` bool or 0/1 integer / floating, on ``padded``'s device: the positions to keep.
+
+    Returns:
+        ``(flat [T, ...], cu_seqlens [B+1] int32)``: ``flat`` in ``padded``'s dtype, T the number of
+        marked positions and row b's tokens at ``flat[cu_seqlens[b]:cu_seqlens[b+1]]``.
+        Differentiable with respect to ``padded``.
+
+    Raises:
+        TypeError: ``padded`` or ``mask`` not a tensor.
+        ValueError: ``padded`` below 2-D, a ``mask`` of the wrong shape, dtype or device, a ``mask``
+            value other than 0 and 1 (one device sync; skipped under ``torch.compile``), or more
+            marked positions than int32 counts.
     """
     _checks.check_tensor("padded", padded)
     if padded.dim() < 2:
@@ -88,14 +100,28 @@ def pack_sequences(padded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 def unpack(flat: torch.Tensor, cu_seqlens: torch.Tensor, *, max_len: int | None = None,
            padding_value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spread the packed sequences of ``flat`` [T, ...] (any dtype) into rows, left-aligned.
+    """Spread the packed sequences of ``flat`` into rows, left-aligned.
 
-    ``cu_seqlens`` [B+1] (int32 / int64; starts at 0, non-decreasing, ends at T) bounds sequence b
-    at ``flat[cu_seqlens[b]:cu_seqlens[b+1]]``. ``max_len`` (default: the longest sequence) is the
-    row length; it must hold every sequence. Returns ``(padded [B, max_len, ...] in flat's dtype,
-    filled with ``padding_value`` past each sequence, mask [B, max_len] bool)``. Differentiable with
-    respect to ``flat``; ``unpack(*pack_sequences(x, m))`` gives back ``x`` where a left-aligned
-    ``m`` is set.
+    ``unpack(*pack_sequences(x, m))`` gives back ``x`` where a left-aligned ``m`` is set.
+
+    Args:
+        flat: ``[T, ...]``, any dtype.
+        cu_seqlens: ``[B+1]`` int32 / int64 (starts at 0, non-decreasing, ends at T), on ``flat``'s
+            device: sequence b is ``flat[cu_seqlens[b]:cu_seqlens[b+1]]``.
+        max_len: the row length (default: the longest sequence); it must hold every sequence.
+        padding_value: a number, the value of the positions past each sequence.
+
+    Returns:
+        ``(padded [B, max_len, ...], mask [B, max_len] bool)``: ``padded`` in ``flat``'s dtype,
+        filled with ``padding_value`` past each sequence; ``mask`` marks the sequences' positions.
+        Differentiable with respect to ``flat``.
+
+    Raises:
+        TypeError: a non-tensor ``flat`` / ``cu_seqlens``, a non-number ``padding_value``, a non-int
+            ``max_len``.
+        ValueError: a 0-d ``flat``, a ``cu_seqlens`` of the wrong rank, dtype, device or values (one
+            device sync; skipped under ``torch.compile``), a ``max_len`` shorter than the longest
+            sequence.
     """
     _checks.check_tensor("flat", flat)
     if flat.dim() < 1:

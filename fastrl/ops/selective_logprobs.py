@@ -151,6 +151,13 @@ def selective_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperatur
     Returns:
         ``logp [...]`` fp32, and ``entropy [...]`` fp32 when asked. One pass over the logits with an
         online log-sum-exp in fp32 (Triton on CUDA); never an fp32 copy of the ``[..., V]`` logits.
+
+    Raises:
+        TypeError: ``logits`` or ``labels`` not a tensor, a non-number ``temperature``, a non-int
+            ``ignore_index``, a non-bool ``return_entropy`` / ``inplace_backward``.
+        ValueError: a wrong dtype, device or shape (``labels`` must be ``logits``' shape without its
+            last dimension), an empty vocabulary, ``temperature <= 0``, a label outside ``[0, V)`` that
+            is not ``ignore_index`` (this value check reads the labels; skipped under ``torch.compile``).
     """
     _checks.check_tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] == 0:

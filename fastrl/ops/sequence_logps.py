@@ -40,26 +40,40 @@ def sequence_logps(
 
     Two layouts; pass exactly one of ``cu_seqlens`` and ``mask``:
 
-    - packed: ``token_logps`` [T] with ``cu_seqlens`` [N+1] int32 / int64 (starts at 0,
-      non-decreasing, ends at T); sequence i is ``token_logps[cu_seqlens[i]:cu_seqlens[i+1]]``.
-    - padded: ``token_logps`` [B, L] with ``mask`` [B, L] (bool or 0/1 integer / floating);
-      sequence i is the tokens of row i where ``mask`` is set (anywhere in the row), N = B.
+    - packed: ``token_logps`` [T] with ``cu_seqlens`` [N+1]; sequence i is
+      ``token_logps[cu_seqlens[i]:cu_seqlens[i+1]]``.
+    - padded: ``token_logps`` [B, L] with ``mask`` [B, L]; sequence i is the tokens of row i where
+      ``mask`` is set (anywhere in the row), N = B.
 
-    ``token_logps`` is fp32, bf16 or fp16, any strides; sums run in fp32. ``reduction="mean"``
-    divides each (weighted) sum by the sequence's token count; an empty sequence gives 0.
+    Sums run in fp32. LD-DPO: with ``ld_alpha``, the token at position t of sequence i (0-based,
+    counting only that sequence's tokens) weighs 1 if ``t < pair_lengths[i]`` else ``ld_alpha``. A
+    token of weight 0 adds nothing, even a ``-inf`` one. One Triton launch each way on CUDA (one
+    program per sequence), :func:`fastrl.ops.torch_impl.sequence_logps` otherwise (see
+    :mod:`fastrl.ops.dispatch`).
 
-    LD-DPO: with ``ld_alpha`` in [0, 1], ``pair_lengths`` [N] int32 / int64 is required (for a
-    preference pair, ``min(|y_chosen|, |y_rejected|)``) and the token at position t of sequence i
-    (0-based, counting only that sequence's tokens) weighs 1 if ``t < pair_lengths[i]`` else
-    ``ld_alpha``. A token of weight 0 adds nothing, even a ``-inf`` one.
+    Args:
+        token_logps: ``[T]`` (packed) or ``[B, L]`` (padded) fp32, bf16 or fp16, any strides.
+        cu_seqlens: ``[N+1]`` int32 / int64 (starts at 0, non-decreasing, ends at T): the packed
+            layout.
+        mask: ``[B, L]`` bool or 0/1 integer / floating: the padded layout.
+        ld_alpha: in [0, 1], the weight of the tokens past ``pair_lengths``; None: every token
+            weighs 1.
+        pair_lengths: ``[N]`` int32 / int64, >= 0, required with ``ld_alpha`` and only with it (for
+            a preference pair, ``min(|y_chosen|, |y_rejected|)``).
+        reduction: ``"sum"``, or ``"mean"``: each (weighted) sum divided by the sequence's token
+            count; an empty sequence gives 0.
 
-    Returns [N] fp32; differentiable with respect to ``token_logps`` (gradient 0 at positions that
-    belong to no sequence, e.g. padding). One Triton launch each way on CUDA (one program per
-    sequence), :func:`fastrl.ops.torch_impl.sequence_logps` otherwise (see :mod:`fastrl.ops.dispatch`).
+    Returns:
+        ``[N]`` fp32; differentiable with respect to ``token_logps`` (gradient 0 at positions that
+        belong to no sequence, e.g. padding).
 
-    Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument. The value checks
-    (``cu_seqlens`` offsets, ``pair_lengths >= 0``, a 0/1 ``mask``) read the tensors, one device
-    sync; they are skipped under ``torch.compile``, where out-of-range offsets are clamped.
+    Raises:
+        TypeError: an argument of the wrong kind, naming it.
+        ValueError: a wrong shape, dtype, device or value, naming the argument; both or neither of
+            ``cu_seqlens`` and ``mask``; ``pair_lengths`` without ``ld_alpha`` or the other way round.
+            The value checks (``cu_seqlens`` offsets, ``pair_lengths >= 0``, a 0/1 ``mask``) read the
+            tensors, one device sync; they are skipped under ``torch.compile``, where out-of-range
+            offsets are clamped.
     """
     _checks.check_tensor("token_logps", token_logps, dtypes=_checks.FLOAT_DTYPES)
     device = token_logps.device
