@@ -1,4 +1,4 @@
-"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train sft|dpo|grpo|online-dpo``."""
+"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train sft|dpo|grpo|online-dpo|rm``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_METHODS = ("sft", "dpo", "grpo", "online-dpo")
+TRAIN_METHODS = ("sft", "dpo", "grpo", "online-dpo", "rm")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): cuda when available, else cpu")
     p.set_defaults(func=_demo)
-    p = sub.add_parser("train", help="train with SFT, DPO, GRPO or online DPO from a YAML config", add_help=False,
-                       allow_abbrev=False, usage="fastrl train {sft,dpo,grpo,online-dpo} [--config FILE.yaml] "
+    p = sub.add_parser("train", help="train with SFT, DPO, GRPO or online DPO, or a reward model (rm), from a YAML "
+                       "config", add_help=False, allow_abbrev=False,
+                       usage=f"fastrl train {{{','.join(TRAIN_METHODS)}}} [--config FILE.yaml] "
                        "[--FIELD VALUE ...] (see fastrl train METHOD --help)")
     p.add_argument("method", choices=TRAIN_METHODS)
     p.add_argument("--config", help="YAML file of config fields")

@@ -4,12 +4,12 @@ Three kernels. ``dpo_loss_fwd_kernel`` runs one program per ``BLOCK`` pairs: it 
 loss and writes the block's partial sums (``NSTAT`` numbers: the weighted loss, Σ NLL_c, Σ |y_c|,
 Σ weights, Σ rewards, Σ accuracies, Σ log-probs). ``dpo_loss_finish_kernel`` (one program) adds
 the partials in a fixed order, so the result is deterministic, and writes the loss and the metrics
-(layout of ``fastrl.losses.torch_impl.dpo.DPO_STATS``). ``dpo_loss_bwd_kernel``, one program per block,
+(layout of :data:`fastrl.kernels.dpo_columns.DPO_STATS`). ``dpo_loss_bwd_kernel``, one program per block,
 writes d loss / d (π_c, π_r, NLL_c, Δ_aot, Δ_aot_unpaired), reading the upstream gradient and the
 batch sums from device memory (no host sync).
 
-The loss types present are the bits of the constexpr ``TYPES`` (bit k = ``LOSS_TYPES[k]`` of
-``fastrl.losses.dpo``), so each specialisation compiles only the branches it uses:
+The loss types present are the bits of the constexpr ``TYPES`` (bit k =
+:data:`fastrl.kernels.dpo_columns.LOSS_TYPES` [k]), so each specialisation compiles only the branches it uses:
 
   0 sigmoid   1 cdpo      2 robust    3 hinge     4 ipo        5 sigmoid_norm  6 exo_pair
   7 nca_pair  8 bco_pair  9 sppo_hard 10 aot      11 aot_unpaired 12 apo_zero  13 apo_down
@@ -25,7 +25,35 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NSTAT = 9  # partial sums per block: w·P, NLL, |y_c|, w, reward_c, reward_r, accuracy, π_c, π_r
+from . import dpo_columns as columns
+
+NSTAT = columns.NSTAT  # partial sums per block (columns.PARTIALS)
+# The partial-sum columns and the stats-vector elements, as constexprs the kernels index with.
+_P_LOSS = tl.constexpr(columns.PARTIALS.index("weighted_loss"))
+_P_NLL = tl.constexpr(columns.PARTIALS.index("nll"))
+_P_TOKENS = tl.constexpr(columns.PARTIALS.index("chosen_tokens"))
+_P_W = tl.constexpr(columns.PARTIALS.index("weight"))
+_P_RC = tl.constexpr(columns.PARTIALS.index("reward_chosen"))
+_P_RR = tl.constexpr(columns.PARTIALS.index("reward_rejected"))
+_P_ACC = tl.constexpr(columns.PARTIALS.index("accuracy"))
+_P_PC = tl.constexpr(columns.PARTIALS.index("logps_chosen"))
+_P_PR = tl.constexpr(columns.PARTIALS.index("logps_rejected"))
+_S_LOSS = tl.constexpr(columns.STAT["loss"])
+_S_NLL = tl.constexpr(columns.STAT["nll_loss"])
+_S_W_MEAN = tl.constexpr(columns.STAT["weight_mean"])
+_S_RC = tl.constexpr(columns.STAT["rewards/chosen"])
+_S_RR = tl.constexpr(columns.STAT["rewards/rejected"])
+_S_MARGIN = tl.constexpr(columns.STAT["rewards/margins"])
+_S_ACC = tl.constexpr(columns.STAT["rewards/accuracies"])
+_S_PC = tl.constexpr(columns.STAT["logps/chosen"])
+_S_PR = tl.constexpr(columns.STAT["logps/rejected"])
+_S_TOKENS = tl.constexpr(columns.STAT["chosen_tokens"])
+# The rows of the backward's dx [5, B].
+_G_PC = tl.constexpr(columns.GRAD_ROWS.index("pc"))
+_G_PR = tl.constexpr(columns.GRAD_ROWS.index("pr"))
+_G_NLL = tl.constexpr(columns.GRAD_ROWS.index("nll"))
+_G_D1 = tl.constexpr(columns.GRAD_ROWS.index("d1"))
+_G_D2 = tl.constexpr(columns.GRAD_ROWS.index("d2"))
 
 
 @triton.jit
@@ -333,15 +361,15 @@ def dpo_loss_fwd_kernel(
     ra = beta * rc
     rb = beta * rr
     out = part_ptr + pid * NSTAT
-    tl.store(out + 0, tl.sum(tl.where(inside, w * loss, 0.0), 0))
-    tl.store(out + 1, tl.sum(tl.where(inside, nll, 0.0), 0))
-    tl.store(out + 2, tl.sum(tl.where(inside, lc_raw, 0.0), 0))
-    tl.store(out + 3, tl.sum(tl.where(inside, w, 0.0), 0))
-    tl.store(out + 4, tl.sum(tl.where(inside, ra, 0.0), 0))
-    tl.store(out + 5, tl.sum(tl.where(inside, rb, 0.0), 0))
-    tl.store(out + 6, tl.sum(tl.where(inside & (ra > rb), 1.0, 0.0), 0))
-    tl.store(out + 7, tl.sum(tl.where(inside, pc, 0.0), 0))
-    tl.store(out + 8, tl.sum(tl.where(inside, pr, 0.0), 0))
+    tl.store(out + _P_LOSS, tl.sum(tl.where(inside, w * loss, 0.0), 0))
+    tl.store(out + _P_NLL, tl.sum(tl.where(inside, nll, 0.0), 0))
+    tl.store(out + _P_TOKENS, tl.sum(tl.where(inside, lc_raw, 0.0), 0))
+    tl.store(out + _P_W, tl.sum(tl.where(inside, w, 0.0), 0))
+    tl.store(out + _P_RC, tl.sum(tl.where(inside, ra, 0.0), 0))
+    tl.store(out + _P_RR, tl.sum(tl.where(inside, rb, 0.0), 0))
+    tl.store(out + _P_ACC, tl.sum(tl.where(inside & (ra > rb), 1.0, 0.0), 0))
+    tl.store(out + _P_PC, tl.sum(tl.where(inside, pc, 0.0), 0))
+    tl.store(out + _P_PR, tl.sum(tl.where(inside, pr, 0.0), 0))
 
 
 @triton.jit
@@ -349,7 +377,8 @@ def dpo_loss_finish_kernel(part_ptr, out_ptr, n_blocks, n, nll_coef, BATCH_NLL: 
                            NSTAT_PAD: tl.constexpr, RBLOCK: tl.constexpr):
     """One program: add the per-block partials in order, write the loss and the metrics.
 
-    ``out`` = [loss, Σ NLL/Σ|y_c|, mean w, reward_c, reward_r, margin, accuracy, π_c, π_r, Σ|y_c|]."""
+    ``out`` is laid out as :data:`fastrl.kernels.dpo_columns.DPO_STATS`: loss, Σ NLL/Σ|y_c|, mean w, reward_c,
+    reward_r, margin, accuracy, π_c, π_r, Σ|y_c|."""
     cols = tl.arange(0, NSTAT_PAD)
     acc = tl.zeros([RBLOCK, NSTAT_PAD], dtype=tl.float32)
     for start in range(0, n_blocks, RBLOCK):
@@ -357,31 +386,31 @@ def dpo_loss_finish_kernel(part_ptr, out_ptr, n_blocks, n, nll_coef, BATCH_NLL: 
         m = (rows[:, None] < n_blocks) & (cols[None, :] < NSTAT)
         acc += tl.load(part_ptr + rows[:, None] * NSTAT + cols[None, :], mask=m, other=0.0)
     tot = tl.sum(acc, 0)
-    wl = tl.sum(tl.where(cols == 0, tot, 0.0), 0)
-    nll = tl.sum(tl.where(cols == 1, tot, 0.0), 0)
-    tokens = tl.sum(tl.where(cols == 2, tot, 0.0), 0)
-    wsum = tl.sum(tl.where(cols == 3, tot, 0.0), 0)
-    ra = tl.sum(tl.where(cols == 4, tot, 0.0), 0)
-    rb = tl.sum(tl.where(cols == 5, tot, 0.0), 0)
-    accs = tl.sum(tl.where(cols == 6, tot, 0.0), 0)
-    pcs = tl.sum(tl.where(cols == 7, tot, 0.0), 0)
-    prs = tl.sum(tl.where(cols == 8, tot, 0.0), 0)
+    wl = tl.sum(tl.where(cols == _P_LOSS, tot, 0.0), 0)
+    nll = tl.sum(tl.where(cols == _P_NLL, tot, 0.0), 0)
+    tokens = tl.sum(tl.where(cols == _P_TOKENS, tot, 0.0), 0)
+    wsum = tl.sum(tl.where(cols == _P_W, tot, 0.0), 0)
+    ra = tl.sum(tl.where(cols == _P_RC, tot, 0.0), 0)
+    rb = tl.sum(tl.where(cols == _P_RR, tot, 0.0), 0)
+    accs = tl.sum(tl.where(cols == _P_ACC, tot, 0.0), 0)
+    pcs = tl.sum(tl.where(cols == _P_PC, tot, 0.0), 0)
+    prs = tl.sum(tl.where(cols == _P_PR, tot, 0.0), 0)
     nf = n * 1.0
     nll_mean = tl.where(tokens > 0, nll / tl.where(tokens > 0, tokens, 1.0), 0.0)
     loss = wl / nf
     if BATCH_NLL:
         loss += nll_coef * (wsum / nf) * nll_mean
     dt = out_ptr.dtype.element_ty
-    tl.store(out_ptr + 0, loss.to(dt))
-    tl.store(out_ptr + 1, nll_mean.to(dt))
-    tl.store(out_ptr + 2, (wsum / nf).to(dt))
-    tl.store(out_ptr + 3, (ra / nf).to(dt))
-    tl.store(out_ptr + 4, (rb / nf).to(dt))
-    tl.store(out_ptr + 5, ((ra - rb) / nf).to(dt))
-    tl.store(out_ptr + 6, (accs / nf).to(dt))
-    tl.store(out_ptr + 7, (pcs / nf).to(dt))
-    tl.store(out_ptr + 8, (prs / nf).to(dt))
-    tl.store(out_ptr + 9, tokens.to(dt))
+    tl.store(out_ptr + _S_LOSS, loss.to(dt))
+    tl.store(out_ptr + _S_NLL, nll_mean.to(dt))
+    tl.store(out_ptr + _S_W_MEAN, (wsum / nf).to(dt))
+    tl.store(out_ptr + _S_RC, (ra / nf).to(dt))
+    tl.store(out_ptr + _S_RR, (rb / nf).to(dt))
+    tl.store(out_ptr + _S_MARGIN, ((ra - rb) / nf).to(dt))
+    tl.store(out_ptr + _S_ACC, (accs / nf).to(dt))
+    tl.store(out_ptr + _S_PC, (pcs / nf).to(dt))
+    tl.store(out_ptr + _S_PR, (prs / nf).to(dt))
+    tl.store(out_ptr + _S_TOKENS, tokens.to(dt))
 
 
 @triton.jit
@@ -394,11 +423,11 @@ def dpo_loss_bwd_kernel(
     HAS_D1: tl.constexpr, HAS_D2: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_RPO: tl.constexpr,
     BATCH_NLL: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """``dx[k, i]`` = d loss / d input k of pair i, k = 0 π_c, 1 π_r, 2 NLL_c, 3 Δ_aot, 4 Δ_aot_unpaired
-    (rows 2-4 written only when that input exists), times the upstream gradient ``grad[0]``.
+    """``dx[k, i]`` = d loss / d input k of pair i, rows :data:`fastrl.kernels.dpo_columns.GRAD_ROWS`: π_c, π_r,
+    NLL_c, Δ_aot, Δ_aot_unpaired (the last three written only when that input exists), times the upstream gradient ``grad[0]``.
 
     ``loss = Σ_i w_i P_i / B + c · (Σ w / B) · Σ NLL / Σ |y_c|``: the batch term's share of each
-    pair's NLL gradient is ``c · mean(w) / Σ |y_c|`` (``stats`` holds mean(w) at 2, Σ |y_c| at 9)."""
+    pair's NLL gradient is ``c · mean(w) / Σ |y_c|`` (read from ``stats``: mean(w) and Σ |y_c|, elements weight_mean and chosen_tokens)."""
     pid = tl.program_id(0)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
@@ -415,18 +444,18 @@ def dpo_loss_bwd_kernel(
     scale = g * w / (n * 1.0)
     d_nll = d_nll * scale
     if BATCH_NLL:
-        tokens = tl.load(stats_ptr + 9).to(tl.float32)
-        w_mean = tl.load(stats_ptr + 2).to(tl.float32)
+        tokens = tl.load(stats_ptr + _S_TOKENS).to(tl.float32)
+        w_mean = tl.load(stats_ptr + _S_W_MEAN).to(tl.float32)
         d_nll += tl.where(tokens > 0, g * nll_coef * w_mean / tl.where(tokens > 0, tokens, 1.0), 0.0)
     d_pc = d_pc * scale
     if not HAS_NLL:  # NLL_c = −π_c
         d_pc -= d_nll
     dt = dx_ptr.dtype.element_ty
-    tl.store(dx_ptr + idx, d_pc.to(dt), mask=inside)
-    tl.store(dx_ptr + n + idx, (d_pr * scale).to(dt), mask=inside)
+    tl.store(dx_ptr + _G_PC * n + idx, d_pc.to(dt), mask=inside)
+    tl.store(dx_ptr + _G_PR * n + idx, (d_pr * scale).to(dt), mask=inside)
     if HAS_NLL:
-        tl.store(dx_ptr + 2 * n + idx, d_nll.to(dt), mask=inside)
+        tl.store(dx_ptr + _G_NLL * n + idx, d_nll.to(dt), mask=inside)
     if HAS_D1:
-        tl.store(dx_ptr + 3 * n + idx, (d_d1 * scale).to(dt), mask=inside)
+        tl.store(dx_ptr + _G_D1 * n + idx, (d_d1 * scale).to(dt), mask=inside)
     if HAS_D2:
-        tl.store(dx_ptr + 4 * n + idx, (d_d2 * scale).to(dt), mask=inside)
+        tl.store(dx_ptr + _G_D2 * n + idx, (d_d2 * scale).to(dt), mask=inside)

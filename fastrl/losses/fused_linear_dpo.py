@@ -24,11 +24,13 @@ import torch
 
 from fastrl import _checks
 from fastrl.losses._fused_linear import loss_grads, grads_wanted, terminal, token_logprobs, two_pass
-from fastrl.losses.dpo import SORTED_TYPES, dpo_loss
+from fastrl.losses.dpo import DPOSettings, dpo_loss
 from fastrl.ops.fused_linear_logprobs import check_inputs, fused_linear_logprobs, terminal_single_pass, workspace_budget
 from fastrl.ops.sequence_logps import sequence_logps
 
 __all__ = ["FusedLinearDPOLoss", "fused_linear_dpo_loss", "precompute_reference_logps"]
+
+_PAIR_TENSORS = ("pair_beta", "soft_labels", "pair_weights")  # dpo_loss's per-pair tensors a caller may pass
 
 
 def _layout(hidden, labels, mask, cu_seqlens):
@@ -69,6 +71,7 @@ def fused_linear_dpo_loss(
     temperature: float = 1.0,
     ld_alpha: float | None = None,
     workspace_bytes: int | None = None,
+    settings: DPOSettings | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastrl.losses.dpo_loss` of the policy's sequence log-probs, computed from ``hidden`` and
@@ -88,8 +91,10 @@ def fused_linear_dpo_loss(
         ld_alpha: LD-DPO: tokens of a completion beyond the shorter completion of its pair weigh
             ``ld_alpha`` (:func:`fastrl.ops.sequence_logps`); the NLL terms keep plain sums.
         workspace_bytes: cap on the fp32 logits slice (default 1 GiB on CUDA, 64 MiB on CPU).
-        options: the keywords of :func:`~fastrl.losses.dpo_loss` (``loss_type``, ``beta``, ...);
-            ``chosen_lengths`` / ``rejected_lengths`` / ``chosen_nll`` come from the layout.
+        settings, options: the loss options, a :class:`~fastrl.losses.DPOSettings` or its fields as
+            keywords (``loss_type``, ``beta``, ...), and the per-pair tensors of
+            :func:`~fastrl.losses.dpo_loss` (``pair_beta``, ``soft_labels``, ``pair_weights``, a tensor
+            ``bco_delta``); ``chosen_lengths`` / ``rejected_lengths`` / ``chosen_nll`` come from the layout.
 
     Returns:
         ``(loss, metrics)`` as :func:`~fastrl.losses.dpo_loss`; the forward also computes, when a
@@ -107,6 +112,10 @@ def fused_linear_dpo_loss(
     for name in ("chosen_lengths", "rejected_lengths", "chosen_nll"):
         if name in options:
             raise ValueError(f"{name} is computed from the layout by fused_linear_dpo_loss; do not pass it")
+    tensors = {name: options.pop(name) for name in _PAIR_TENSORS if name in options}
+    if isinstance(options.get("bco_delta"), torch.Tensor):
+        tensors["bco_delta"] = options.pop("bco_delta")
+    settings = DPOSettings.from_options(settings, options, where="fused_linear_dpo_loss")
     labels, counts = _layout(hidden, labels, mask, cu_seqlens)
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, -100,
                                                      workspace_bytes)
@@ -126,7 +135,8 @@ def fused_linear_dpo_loss(
         if ld_alpha is not None:  # the NLL terms are plain sums, not the LD-weighted ones
             nll = -sequence_logps(token_logps, cu_seqlens, mask=mask)[:pairs]
         return dpo_loss(seq[:pairs], seq[pairs:], ref_chosen_logps, ref_rejected_logps,
-                        chosen_lengths=counts[:pairs], rejected_lengths=counts[pairs:], chosen_nll=nll, **options)
+                        chosen_lengths=counts[:pairs], rejected_lengths=counts[pairs:], chosen_nll=nll,
+                        settings=settings, **tensors)
 
     flat_hidden = hidden.reshape(-1, h_size).contiguous()
     flat_labels = labels.reshape(-1).contiguous()
@@ -136,14 +146,10 @@ def fused_linear_dpo_loss(
     if not grads_wanted(hidden, weight, bias):
         with torch.no_grad():
             return loss_fn(*token_logprobs(flat_hidden, weight, bias, flat_labels, **common))
-    loss_type = options.get("loss_type", "sigmoid")
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type) if isinstance(loss_type, (list, tuple)) \
-        else ()
     # a pair's loss and gradient depend on that pair alone (the batch means divide by known counts),
     # except for the types that sort the batch
-    separable = bool(types) and not any(t in SORTED_TYPES for t in types)
-    chunks = _pair_chunks(flat_labels, counts, pairs, mask, weight.shape[0], h_size, hidden.device, workspace_bytes,
-                          ignore_index) if separable else None
+    chunks = None if settings.sorted_types else _pair_chunks(flat_labels, counts, pairs, mask, weight.shape[0],
+                                                             h_size, hidden.device, workspace_bytes, ignore_index)
 
     def compute():
         if chunks is None:
@@ -220,22 +226,27 @@ def _pair_chunked_pass(hidden, weight, bias, labels, loss_fn, chunks, common):
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
-    """:func:`fused_linear_dpo_loss` as a module: options (``temperature``, ``ld_alpha``,
-    ``workspace_bytes`` and the keywords of :func:`~fastrl.losses.dpo_loss`) set here;
-    ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
+    """:func:`fused_linear_dpo_loss` as a module: the loss options (a :class:`~fastrl.losses.DPOSettings`
+    or its fields as keywords, checked here) and ``temperature``, ``ld_alpha``, ``workspace_bytes`` set
+    here; ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
     cu_seqlens=None, bias=None)`` returns ``(loss, metrics)``."""
 
-    def __init__(self, **options):
+    def __init__(self, settings: DPOSettings | None = None, *, temperature: float = 1.0,
+                 ld_alpha: float | None = None, workspace_bytes: int | None = None, **options):
         super().__init__()
-        self.options = options
+        self.settings = DPOSettings.from_options(settings, options, where="FusedLinearDPOLoss")
+        self.extras = {"temperature": temperature, "ld_alpha": ld_alpha, "workspace_bytes": workspace_bytes}
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
                 cu_seqlens=None, bias=None):
         return fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, mask=mask,
-                                     cu_seqlens=cu_seqlens, bias=bias, **self.options)
+                                     cu_seqlens=cu_seqlens, bias=bias, settings=self.settings, **self.extras)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        default = DPOSettings()
+        changed = {k: v for k, v in self.settings.options().items() if getattr(default, k) != v}
+        changed.update({k: v for k, v in self.extras.items() if v is not None and not (k == "temperature" and v == 1.0)})
+        return ", ".join(f"{k}={v!r}" for k, v in changed.items())
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""fastrl's trainer: SFT, offline DPO, GRPO and online DPO on Hugging Face causal LMs.
+"""fastrl's trainer: SFT, offline DPO, GRPO and online DPO on Hugging Face causal LMs, and reward models.
 
     from fastrl.train import load_config, train
     config = load_config("grpo", "examples/grpo_tiny.yaml", ["--max_steps", "4"])
@@ -13,22 +13,24 @@ model run to its last hidden states; the lm-head goes to a fused-linear loss),
 (atomic, bit-exact resume), :mod:`~fastrl.train.telemetry`, :mod:`~fastrl.train.distributed`
 (torchrun + FSDP2), :mod:`~fastrl.train.run` (what every recipe does around its step: start, plan,
 resume, log, save, finish), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
-:mod:`~fastrl.train.grpo`, :mod:`~fastrl.train.online_dpo`.
+:mod:`~fastrl.train.grpo`, :mod:`~fastrl.train.online_dpo`, :mod:`~fastrl.train.rm` (a Bradley–Terry reward
+model, the ``reward_model`` of the online methods).
 """
 
-from fastrl.train.config import (ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, SFTConfig, TrainConfig,
-                                 config_class, load_config)
+from fastrl.train.config import (ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, RMConfig, SFTConfig,
+                                 TrainConfig, config_class, load_config)
 from fastrl.train.data import DataError
 from fastrl.train.dpo import train_dpo
 from fastrl.train.grpo import train_grpo
 from fastrl.train.online_dpo import train_online_dpo
 from fastrl.train.rewards import RewardError, RewardModel
+from fastrl.train.rm import train_rm
 from fastrl.train.run import TrainResult
 from fastrl.train.sft import train_sft
 
-__all__ = ["ConfigError", "DPOConfig", "DataError", "GRPOConfig", "OnlineDPOConfig", "RewardError", "RewardModel",
-           "SFTConfig", "TrainConfig", "TrainResult", "config_class", "load_config", "train", "train_dpo",
-           "train_grpo", "train_online_dpo", "train_sft"]
+__all__ = ["ConfigError", "DPOConfig", "DataError", "GRPOConfig", "OnlineDPOConfig", "RMConfig", "RewardError",
+           "RewardModel", "SFTConfig", "TrainConfig", "TrainResult", "config_class", "load_config", "train",
+           "train_dpo", "train_grpo", "train_online_dpo", "train_rm", "train_sft"]
 
 
 def train(config: TrainConfig, reward_funcs=None) -> TrainResult:
@@ -44,5 +46,7 @@ def train(config: TrainConfig, reward_funcs=None) -> TrainResult:
         return train_grpo(config, reward_funcs)
     if isinstance(config, OnlineDPOConfig):
         return train_online_dpo(config, reward_funcs)
-    raise TypeError(f"config must be an SFTConfig, DPOConfig, GRPOConfig or OnlineDPOConfig, "
+    if isinstance(config, RMConfig):
+        return train_rm(config)
+    raise TypeError(f"config must be an SFTConfig, DPOConfig, GRPOConfig, OnlineDPOConfig or RMConfig, "
                     f"got {type(config).__name__}")

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "SFTConfig", "TrainConfig", "config_class", "load_config"]
+__all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "config_class",
+           "load_config"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPORTERS = ("tensorboard", "wandb")
@@ -496,8 +497,33 @@ class SFTConfig(TrainConfig):
         super().validate()
 
 
+@dataclass
+class RMConfig(TrainConfig):
+    """Reward model: a sequence classifier with one output (``AutoModelForSequenceClassification``,
+    ``num_labels=1``) trained with the Bradley–Terry loss on preference pairs (columns prompt / chosen /
+    rejected, optionally margin); :func:`fastrl.train.rm.train_rm`."""
+
+    num_labels = 1  # not a field: the model the run builds is a sequence classifier with one output
+    chosen_column: str = _help("column of the preferred completions", "chosen")
+    rejected_column: str = _help("column of the dispreferred completions", "rejected")
+    margin_column: str | None = _help(
+        "column of a per-pair margin m (a number; the loss is -log sigmoid(r_chosen - r_rejected - m)); "
+        "none: no margin", None)
+    center_rewards_coefficient: float | None = _help(
+        "weight of mean((r_chosen + r_rejected)^2) added to the loss, which keeps the rewards centred on 0 "
+        "(TRL's center_rewards_coefficient); none: off", None)
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("chosen_column", "rejected_column", "margin_column"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and value) and not (value is None and name == "margin_column"):
+                self._fail(name, f"must be a column name, got {value!r}")
+        self._real("center_rewards_coefficient", 0.0, optional=True)
+
+
 CONFIGS: dict[str, type[TrainConfig]] = {"dpo": DPOConfig, "grpo": GRPOConfig, "online-dpo": OnlineDPOConfig,
-                                         "sft": SFTConfig}
+                                         "rm": RMConfig, "sft": SFTConfig}
 
 
 def config_class(method: str) -> type[TrainConfig]:

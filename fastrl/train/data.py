@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +156,14 @@ def fingerprint(*columns: list[list[int]]) -> str:
 
 @dataclasses.dataclass
 class PreferencePairs:
-    """Tokenised preference pairs: ``prompts[i]``, ``chosen[i]``, ``rejected[i]`` token id lists."""
+    """Tokenised preference pairs: ``prompts[i]``, ``chosen[i]``, ``rejected[i]`` token id lists;
+    ``margins[i]`` the pair's margin where the config names a ``margin_column`` (reward models), else None."""
 
     prompts: list[list[int]]
     chosen: list[list[int]]
     rejected: list[list[int]]
     truncated_completions: int = 0
+    margins: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -186,12 +189,19 @@ class Prompts:
 
 def load_preference_pairs(config, tokenizer, vocab_size: int) -> PreferencePairs:
     """The pairs of ``config.train_data`` (columns ``prompt_column``, ``chosen_column``,
-    ``rejected_column``), tokenised; completions cut to ``max_completion_length``."""
-    columns = [config.prompt_column, config.chosen_column, config.rejected_column]
+    ``rejected_column``, and ``margin_column`` where the config has one set), tokenised; completions cut
+    to ``max_completion_length``; a margin must be a finite number."""
+    margin_column = getattr(config, "margin_column", None)
+    columns = [config.prompt_column, config.chosen_column, config.rejected_column] + [c for c in [margin_column] if c]
     table = load_table(config.train_data, columns)
     enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
-    out = PreferencePairs([], [], [])
+    out = PreferencePairs([], [], [], margins=[] if margin_column else None)
     for i, row in enumerate(table.select_columns(columns)):
+        if margin_column:
+            margin = row[margin_column]
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise DataError(f"{enc.where(i, margin_column)}: the margin must be a finite number, got {margin!r}")
+            out.margins.append(float(margin))
         prompt_value = row[config.prompt_column]
         full_prompt = enc.prompt(prompt_value, i, config.prompt_column)
         prompt = fit_prompt(full_prompt, config.max_prompt_length, config.prompt_truncation,

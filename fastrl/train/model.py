@@ -42,20 +42,23 @@ def attention_implementation(requested: str, device: torch.device, attention: st
 
 
 def load_model(path: str | None, model_config: dict | None, *, dtype: torch.dtype, attn_implementation: str,
-               seed: int) -> nn.Module:
+               seed: int, num_labels: int | None = None) -> nn.Module:
     """A causal LM from the local directory ``path`` or, with ``model_config`` (``model_type`` plus
     the config's fields), randomly initialised under ``torch.manual_seed(seed)``. On the CPU; the
-    caller moves it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    caller moves it. With ``num_labels``: a sequence classifier with that many outputs
+    (``AutoModelForSequenceClassification``; a causal LM's directory gives its body, the head is new)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    labels = {} if num_labels is None else {"num_labels": num_labels}
     if path is not None:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                    attn_implementation=attn_implementation)
+        return auto.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation,
+                                    **labels)
     fields = dict(model_config)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **{**fields, **labels})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        return auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
 
 
 def load_tokenizer(path: str | None):
@@ -84,7 +87,9 @@ class Policy(nn.Module):
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.get_output_embeddings()
+        """The lm-head; for a sequence classifier, which has none, its score head ``[num_labels, H]``."""
+        head = self.model.get_output_embeddings()
+        return head if head is not None else self.model.score
 
     def forward(self, batch: SequenceBatch, head: Head):
         out = self.decoder(**batch.model_inputs(), use_cache=False)
@@ -178,11 +183,13 @@ def build_model(config, device: torch.device, path: str | None = None) -> nn.Mod
     attn = attention_implementation(config.attn_implementation, device, getattr(config, "attention", "auto"),
                                     model_config=model_config,
                                     half=config.dtype in ("bfloat16", "float16") or bool(config.bf16))
+    labels = getattr(config, "num_labels", None)  # a reward model's config (RMConfig): a sequence classifier
     if path is not None:
-        model = load_model(path, None, dtype=DTYPES[config.dtype], attn_implementation=attn, seed=config.seed)
+        model = load_model(path, None, dtype=DTYPES[config.dtype], attn_implementation=attn, seed=config.seed,
+                           num_labels=labels)
     else:
         model = load_model(config.model, config.model_config, dtype=DTYPES[config.dtype], attn_implementation=attn,
-                           seed=config.seed)
+                           seed=config.seed, num_labels=labels)
     return model.to(device).train()
 
 

@@ -94,7 +94,7 @@ def start_run(config: TrainConfig) -> Run:
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
     model = build_model(config, world.device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
+    vocab_size = model.get_input_embeddings().weight.shape[0]  # a reward model has no lm-head
     policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
     return Run(config=config, world=world, out=Path(config.output_dir), tokenizer=tokenizer, model=model,
                vocab_size=vocab_size, policy=policy)

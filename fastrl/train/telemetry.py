@@ -44,8 +44,8 @@ def flops_per_token(model: torch.nn.Module) -> float:
     embedding, the lm-head included); training costs 3× this (PaLM's 6N; attention scores left out)."""
     n = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    if emb is not head:
+    head = model.get_output_embeddings()  # None: a sequence classifier (its score head is counted)
+    if head is None or emb is not head.weight:
         n -= emb.numel()
     return 2.0 * n
 

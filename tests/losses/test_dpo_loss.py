@@ -431,10 +431,8 @@ def test_torch_compile_fullgraph(small_blocks):
 
 
 def _op_args(pc, pr, qc, qr, lc, lr):
-    types = sum(1 << LOSS_TYPES.index(t) for t in ("sigmoid", "ipo", "sft"))
-    weights = [1.0 if t in ("sigmoid", "ipo", "sft") else 0.0 for t in LOSS_TYPES]
-    return (pc, pr, qc, qr, lc, lr, None, None, None, None, None, None, None, types, weights, 0, 0.1, 0.0, 1.0, 0.5,
-            0.05, None, 1.0, 50.0, False)
+    pairs = OP.PairTensors(pc, pr, qc, qr, lc, lr, None, None, None, None, None, None, None)
+    return (*pairs, *OP.DPOSettings(loss_type=("sigmoid", "ipo", "sft")).encode())
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
@@ -448,7 +446,7 @@ def test_opcheck(small_blocks, name):
         if name == "triton":  # the torch backward runs torch.func.vjp, which opcheck's modes cannot see into
             stats = torch.ops.fastrl.dpo_loss.default(*args)
             torch.library.opcheck(torch.ops.fastrl.dpo_loss_backward.default,
-                                  (torch.ones(10), stats.detach(), *args[:-1]),
+                                  (torch.ones(10), stats.detach(), *args),
                                   test_utils=("test_schema", "test_faketensor"))
 
 

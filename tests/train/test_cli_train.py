@@ -72,3 +72,24 @@ def test_other_commands_still_parse():
     assert args.command == "demo" and args.seed == 3 and not extra
     with pytest.raises(SystemExit):
         main(["demo", "--bogus"])
+
+
+def test_rm_example_trains_a_reward_model(tmp_path, monkeypatch, capsys, one_thread):
+    from fastrl.train import RewardModel
+
+    monkeypatch.chdir(REPO)
+    rc = main(["train", "rm", "--config", "examples/rm_tiny.yaml", "--output_dir", str(tmp_path), "--max_steps", "6",
+               "--log_every", "1", "--no_progress"])
+    assert rc == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "6 steps" in out and "rewards/accuracies" in out
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["rewards/margins"] > records[0]["rewards/margins"]
+    checkpoint = tmp_path / "checkpoints" / "step-00000006"
+    scores = RewardModel(str(checkpoint))([[5, 6], [5, 6]], [[1, 2, 3], [7, 9, 11]])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
+    assert main(["train", "rm", "--config", "examples/rm_tiny.yaml", "--center_rewards_coefficient", "-1"]) == 2
+    assert "RMConfig.center_rewards_coefficient" in capsys.readouterr().err
+    assert main(["train", "rm", "--help"]) == 0
+    assert "--margin_column" in capsys.readouterr().out

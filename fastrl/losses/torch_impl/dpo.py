@@ -3,7 +3,7 @@
 This is the ``torch`` backend of :func:`fastrl.losses.dpo.dpo_loss` (CPU tensors, or
 ``FASTRL_BACKEND=torch``) and what its Triton kernels are tested against; its backward is the
 autograd of :func:`dpo_loss_stats` (taken with ``torch.func.vjp``), so the hand-derived gradients
-of the kernels are checked against a derivative nobody wrote by hand. Formulas: ``shared/LOSSES.md``
+of the kernels are checked against a derivative nobody wrote by hand. Formulas: ``docs/losses.md``
 (pairwise table and modifiers); conventions: TRL 1.16 ``DPOTrainer._compute_loss`` and the CPO /
 ORPO trainers (see :mod:`fastrl.losses.dpo` for which is which).
 
@@ -20,10 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# What :func:`dpo_loss_stats` returns, in this order (one fp32 / fp64 vector, so that one launch
-# of the finishing kernel writes everything on the GPU).
-DPO_STATS = ("loss", "nll_loss", "weight_mean", "rewards/chosen", "rewards/rejected", "rewards/margins",
-         "rewards/accuracies", "logps/chosen", "logps/rejected", "chosen_tokens")
+# DPO_STATS: what :func:`dpo_loss_stats` returns, in this order (one fp32 / fp64 vector, so that one launch
+# of the finishing kernel writes everything on the GPU), the layout the kernels share.
+from fastrl.kernels.dpo_columns import DPO_STATS
 
 # The types whose batch term is the mean token NLL of the chosen completions, Σ NLL_c / Σ |y_c|
 # (TRL: DPO ``sft``, ``cpo_alpha`` × the CPO cross-entropy, ORPO's NLL); the coefficient of each.
@@ -163,7 +162,8 @@ def dpo_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 def dpo_loss_stats(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                    loss_weights: dict[str, float], beta=0.1, pair_beta=None, pair_weights=None, cpo_alpha=1.0,
                    norm_rewards=False, **kwargs) -> torch.Tensor:
-    """The loss and its metrics, one vector laid out as :data:`DPO_STATS`.
+    """The loss and its metrics, one vector laid out as :data:`DPO_STATS`
+    (:mod:`fastrl.kernels.dpo_columns`).
 
     ``loss = mean_i(w_i · P_i) + c · mean_i(w_i) · Σ_i NLL_c,i / Σ_i |y_c,i|`` where ``P`` is
     :func:`dpo_pair_losses`, ``w`` the pair weights (WPO; 1 without), and
