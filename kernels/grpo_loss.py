@@ -7,7 +7,7 @@ Forward (:func:`grpo_loss_fwd_kernel`): a first pass over the sequence, only whe
 quantity is needed before the per-token loss (sequence-level ratio, vespo weight, off-policy mask,
 sequence-level sampler weight), then a second pass that evaluates every token's loss and sums it,
 with the metric counts, into one row of ``stats`` [B, NSTATS] (column layout:
-``fastrl.losses.torch_impl.grpo``). The aggregation across sequences is left to the caller: the loss is
+``fastrl.kernels.grpo_columns``). The aggregation across sequences is left to the caller: the loss is
 ``sum_i c_i * stats[i, LOSS]`` with weights that depend on the token counts only.
 
 Backward (:func:`grpo_loss_bwd_kernel`): one pass per sequence writing ``d logps`` (and ``d
@@ -26,23 +26,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Columns of stats (fastrl.losses.torch_impl.grpo holds the same numbers)
-_LOSS = tl.constexpr(0)
-_ENT = tl.constexpr(1)
-_COUNT = tl.constexpr(2)
-_KL = tl.constexpr(3)
-_RATIO = tl.constexpr(4)
-_LOW = tl.constexpr(5)
-_HIGH = tl.constexpr(6)
-_DUAL = tl.constexpr(7)
-_PHI = tl.constexpr(8)
-_LOG_RATIO = tl.constexpr(9)
-_COUPLING = tl.constexpr(10)
-_OFF_POLICY_KL = tl.constexpr(11)
-_IS_WEIGHT = tl.constexpr(12)
-_VESPO_LOG_W = tl.constexpr(13)
-NSTATS = tl.constexpr(16)
-_LOG_EPS = tl.constexpr(-18.420680743952367)  # log(1e-8), TRL's lower clamp of vespo log-weights
+from . import grpo_columns as columns
+
+# Columns of stats (fastrl.kernels.grpo_columns; the torch implementation reads the same module)
+_LOSS = tl.constexpr(columns.LOSS)
+_ENT = tl.constexpr(columns.ENT)
+_COUNT = tl.constexpr(columns.COUNT)
+_KL = tl.constexpr(columns.KL)
+_RATIO = tl.constexpr(columns.RATIO)
+_LOW = tl.constexpr(columns.LOW)
+_HIGH = tl.constexpr(columns.HIGH)
+_DUAL = tl.constexpr(columns.DUAL)
+_PHI = tl.constexpr(columns.PHI)
+_LOG_RATIO = tl.constexpr(columns.LOG_RATIO)
+_COUPLING = tl.constexpr(columns.COUPLING)
+_OFF_POLICY_KL = tl.constexpr(columns.OFF_POLICY_KL)
+_IS_WEIGHT = tl.constexpr(columns.IS_WEIGHT)
+_VESPO_LOG_W = tl.constexpr(columns.VESPO_LOG_W)
+_USED = tl.constexpr(columns.USED)
+NSTATS = tl.constexpr(columns.NSTATS)
+_LOG_EPS = tl.constexpr(columns.LOG_EPS)  # log(1e-8), TRL's lower clamp of vespo log-weights
 
 
 @triton.jit
@@ -360,8 +363,8 @@ def grpo_loss_fwd_kernel(
     tl.store(row + _OFF_POLICY_KL, off_policy_kl)
     tl.store(row + _IS_WEIGHT, seq_is_weight)
     tl.store(row + _VESPO_LOG_W, vespo_log_w)
-    tl.store(row + 14, 0.0)
-    tl.store(row + 15, 0.0)
+    for pad in tl.static_range(_USED, NSTATS):  # the padding columns
+        tl.store(row + pad, 0.0)
 
 
 @triton.jit

@@ -1,8 +1,8 @@
 """fastrl's losses: ``torch.nn.Module`` and functional forms built on fastrl's ops and kernels.
 
 Every loss returns ``(loss, metrics)`` with ``metrics`` a dict of detached tensors. GRPO family:
-:func:`grpo_loss` / :class:`GRPOLoss` (and :func:`grpo_loss_grad`, :func:`grpo_token_weights` for
-fused losses built on it); see :mod:`fastrl.losses.grpo`. :func:`fused_linear_grpo_loss` /
+:func:`grpo_loss` / :class:`GRPOLoss`, their settings :class:`GRPOSettings` (and
+:func:`grpo_loss_grad`, :func:`grpo_token_weights` for fused losses built on it); see :mod:`fastrl.losses.grpo`. :func:`fused_linear_grpo_loss` /
 :class:`FusedLinearGRPOLoss` take the last hidden states and the lm-head weight instead of log-probs
 (:mod:`fastrl.losses.fused_linear_grpo`). DPO family: :func:`dpo_loss` / :class:`DPOLoss` (every
 pairwise type, :mod:`fastrl.losses.dpo`), :class:`FusedLinearDPOLoss` from hidden states
@@ -14,11 +14,12 @@ from fastrl.losses import torch_impl
 from fastrl.losses.dpo import DPOLoss, dpo_loss, dynamic_beta, wpo_weights
 from fastrl.losses.fused_linear_dpo import FusedLinearDPOLoss, fused_linear_dpo_loss, precompute_reference_logps
 from fastrl.losses.fused_linear_grpo import FusedLinearGRPOLoss, fused_linear_grpo_loss
-from fastrl.losses.grpo import GRPOLoss, grpo_loss, grpo_loss_grad, grpo_token_weights
+from fastrl.losses.grpo import GRPOLoss, GRPOSettings, grpo_loss, grpo_loss_grad, grpo_token_weights
 from fastrl.losses.preference import (BCOLoss, BradleyTerryLoss, KTOLoss, LiPOLoss, PlackettLuceLoss, RunningMean,
                                       bco_loss, bradley_terry_loss, kto_loss, lipo_loss, plackett_luce_loss)
 
 __all__ = ["BCOLoss", "BradleyTerryLoss", "DPOLoss", "FusedLinearDPOLoss", "FusedLinearGRPOLoss", "GRPOLoss",
+           "GRPOSettings",
            "KTOLoss", "LiPOLoss", "PlackettLuceLoss", "RunningMean", "bco_loss", "bradley_terry_loss", "dpo_loss",
            "dynamic_beta", "fused_linear_dpo_loss", "fused_linear_grpo_loss", "precompute_reference_logps", "grpo_loss", "grpo_loss_grad", "grpo_token_weights", "kto_loss", "lipo_loss",
            "plackett_luce_loss", "torch_impl", "wpo_weights"]

@@ -23,7 +23,7 @@ import torch
 
 from fastrl import _checks
 from fastrl.losses._fused_linear import grads_wanted, terminal, token_logprobs, two_pass
-from fastrl.losses.grpo import _settings, grpo_loss, grpo_loss_grad
+from fastrl.losses.grpo import GRPOSettings, grpo_loss, grpo_loss_grad
 from fastrl.ops.fused_linear_logprobs import check_inputs, terminal_single_pass, token_chunks, workspace_budget
 
 __all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss"]
@@ -47,6 +47,7 @@ def fused_linear_grpo_loss(
     temperature: float = 1.0,
     mode: str = "auto",
     workspace_bytes: int | None = None,
+    settings: GRPOSettings | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`fastrl.losses.grpo_loss` of the log-probs ``fused_linear_logprobs(hidden, weight,
@@ -59,7 +60,9 @@ def fused_linear_grpo_loss(
         weight: the lm-head ``[V, H]``, same dtype; ``bias`` optional ``[V]``.
         labels: the completion tokens, ``[B, L]`` / ``[T]`` in ``[0, V)`` (padding positions, where
             ``mask`` is 0, are never read as tokens: they may hold anything in range or -100).
-        old_logps, advantages, ref_logps, sampler_logps, num_items_in_batch, options: as in
+        old_logps, advantages, ref_logps, sampler_logps, num_items_in_batch: as in
+            :func:`~fastrl.losses.grpo_loss`.
+        settings, options: a :class:`~fastrl.losses.GRPOSettings` or its fields as keywords, as in
             :func:`~fastrl.losses.grpo_loss` (``entropy_coef != 0`` makes the op compute the entropy
             of each position too; ``entropy`` itself is not an argument here).
         temperature: the sampling temperature the log-probs are taken at (logits / T).
@@ -84,7 +87,7 @@ def fused_linear_grpo_loss(
         without touching the logits again. Without grad mode, or when no input requires a
         gradient, only the forward work is done.
     """
-    settings = _settings(**options)
+    settings = GRPOSettings.from_options(settings, options, where="fused_linear_grpo_loss")
     if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
     if (mask is None) == (cu_seqlens is None):
@@ -107,7 +110,7 @@ def fused_linear_grpo_loss(
     if mode == "single_pass" and not separable:
         raise ValueError("mode='single_pass' needs importance_sampling_level='token', no off_policy_mask_threshold "
                          "and a loss_type other than vespo (the gradient at a token must depend on that token only)")
-    loss_kwargs = dict(options, ref_logps=ref_logps, sampler_logps=sampler_logps,
+    loss_kwargs = dict(settings=settings, ref_logps=ref_logps, sampler_logps=sampler_logps,
                        num_items_in_batch=num_items_in_batch)
     shape = labels.shape
     flat_hidden = hidden.reshape(-1, h_size).contiguous()
@@ -172,28 +175,31 @@ def fused_linear_grpo_loss(
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
-    """:func:`fused_linear_grpo_loss` as a module: the settings (``temperature``, ``mode``,
-    ``workspace_bytes`` and the keywords of :func:`~fastrl.losses.grpo_loss`) are checked once here;
+    """:func:`fused_linear_grpo_loss` as a module: ``temperature``, ``mode``, ``workspace_bytes`` and the
+    loss settings (a :class:`~fastrl.losses.GRPOSettings`, or its fields as keywords) are checked once here;
     ``forward(hidden, weight, labels, old_logps, advantages, mask=None, cu_seqlens=None, *,
     bias=None, ref_logps=None, sampler_logps=None, num_items_in_batch=None)`` returns
     ``(loss, metrics)``."""
 
-    def __init__(self, *, temperature: float = 1.0, mode: str = "auto", workspace_bytes: int | None = None,
-                 **options):
+    def __init__(self, settings: GRPOSettings | None = None, *, temperature: float = 1.0, mode: str = "auto",
+                 workspace_bytes: int | None = None, **options):
         super().__init__()
-        _settings(**options)
+        self.settings = GRPOSettings.from_options(settings, options, where="FusedLinearGRPOLoss")
         _checks.check_real("temperature", temperature, low=0.0, low_open=True)
         if not isinstance(mode, str) or mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
         if workspace_bytes is not None:
             _checks.check_int("workspace_bytes", workspace_bytes, low=1)
-        self.options = dict(options, temperature=temperature, mode=mode, workspace_bytes=workspace_bytes)
+        self.options = dict(temperature=temperature, mode=mode, workspace_bytes=workspace_bytes)
 
     def forward(self, hidden, weight, labels, old_logps, advantages, mask=None, cu_seqlens=None, *, bias=None,
                 ref_logps=None, sampler_logps=None, num_items_in_batch=None):
         return fused_linear_grpo_loss(hidden, weight, labels, old_logps, advantages, mask, cu_seqlens, bias=bias,
                                       ref_logps=ref_logps, sampler_logps=sampler_logps,
-                                      num_items_in_batch=num_items_in_batch, **self.options)
+                                      num_items_in_batch=num_items_in_batch, settings=self.settings,
+                                      **self.options)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if v is not None)
+        defaults = GRPOSettings().options()
+        changed = {k: v for k, v in self.settings.options().items() if v != defaults[k]}  # set away from the default
+        return ", ".join(f"{k}={v!r}" for k, v in {**changed, **self.options}.items() if v is not None)

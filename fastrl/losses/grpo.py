@@ -25,21 +25,21 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from fastrl import _checks
 from fastrl.losses.torch_impl import grpo as torch_grpo
-from fastrl.losses.torch_impl.grpo import (ENT, IS_LEVELS, IS_MODES, KL_ESTIMATORS, LOSS, LOSS_AGG_MODES, LOSS_TYPES,
-                                     NSTATS, GRPOSettings)
+from fastrl.losses.torch_impl.grpo import ENT, IS_LEVELS, IS_MODES, KL_ESTIMATORS, LOSS, NSTATS, GRPOSettings
 from fastrl.ops.dispatch import resolve
 from fastrl.ops.packing import check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks, raise_first
 
-__all__ = ["GRPOLoss", "grpo_loss", "grpo_loss_grad", "grpo_token_weights"]
+__all__ = ["GRPOLoss", "GRPOSettings", "grpo_loss", "grpo_loss_grad", "grpo_token_weights"]
 
 _MAX_BLOCK = 1024  # tokens per block of the kernels (tests lower it to exercise the block loop)
-_KL_NAMES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 _ADV_DTYPES = (*_checks.FLOAT_DTYPES, torch.float64)
+_POLICIES = ("clip", "cispo", "sapo", "vespo")  # the kernels' POLICY codes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -54,29 +54,11 @@ def grpo_loss(
     cu_seqlens: torch.Tensor | None = None,
     *,
     ref_logps: torch.Tensor | None = None,
-    loss_type: str = "dapo",
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    delta: float | None = None,
-    clip_ratio_c: float | None = None,
-    beta: float = 0.0,
-    kl: str = "k3",
-    use_bias_correction_kl: bool = False,
-    importance_sampling_level: str = "token",
     sampler_logps: torch.Tensor | None = None,
-    is_cap: float | None = None,
-    is_min: float | None = None,
-    is_mode: str = "token_truncate",
-    off_policy_mask_threshold: float | None = None,
     entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    max_completion_length: int | None = None,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    vespo_k: float | tuple[float, float] = (2.0, 3.0),
-    vespo_lambda: float | tuple[float, float] = (3.0, 2.0),
-    loss_agg_mode: str | None = None,
+    settings: GRPOSettings | None = None,
+    **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO-family policy loss of a batch of completions: ``(loss, metrics)``.
 
@@ -86,6 +68,9 @@ def grpo_loss(
     ``entropy`` have the layout of ``logps`` (fp32, bf16 or fp16; maths in fp32). ``old_logps=None``
     is on-policy (``logps.detach()``). ``advantages`` is [B] (or [B, 1]) per sequence, or per token
     in the logps shape (packed with T == B a 1-D tensor is read per sequence); it must be finite.
+
+    **Settings**: ``settings``, a :class:`GRPOSettings`, or its fields as keyword ``options`` (not both;
+    the defaults are the fields'). What each does:
 
     **Per-token loss** (``shared/LOSSES.md``, TRL 1.16 ``GRPOTrainer._compute_loss``), with ratio
     ``r = exp(logps - old_logps)`` per token (``importance_sampling_level="token"``), or the GSPO
@@ -146,15 +131,12 @@ def grpo_loss(
     (``cu_seqlens`` offsets, a 0/1 ``mask``, finite ``advantages``) cost one device sync and are
     skipped under ``torch.compile``.
     """
-    settings = _settings(
-        loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c,
-        beta=beta, kl=kl, use_bias_correction_kl=use_bias_correction_kl,
-        importance_sampling_level=importance_sampling_level, is_mode=is_mode, is_cap=is_cap, is_min=is_min,
-        off_policy_mask_threshold=off_policy_mask_threshold, entropy_coef=entropy_coef,
-        max_completion_length=max_completion_length, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-        vespo_k=vespo_k, vespo_lambda=vespo_lambda, loss_agg_mode=loss_agg_mode)
-    return _grpo_loss(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
-                      sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
+    settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
+    prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
+                        sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
+    stats = _stats_op(**prepared.tensors._asdict(), ints=prepared.ints, floats=prepared.floats)
+    loss, metrics, _, _ = _combine(stats, settings, prepared)
+    return loss, metrics
 
 
 def grpo_loss_grad(
@@ -163,26 +145,32 @@ def grpo_loss_grad(
     advantages: torch.Tensor,
     mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    **kwargs,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    sampler_logps: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
+    settings: GRPOSettings | None = None,
+    **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
     """:func:`grpo_loss` and its gradients, without autograd: ``(loss, d_logps, d_entropy, metrics)``.
 
-    Same arguments as :func:`grpo_loss`. ``d_logps`` has the shape and dtype of ``logps`` (0 at
-    padding), ``d_entropy`` those of ``entropy`` (None without ``entropy``). One forward and one
-    backward launch on CUDA. Meant for fused losses that backpropagate further by hand (e.g.
-    through the LM head), where the loss is terminal.
+    Same arguments as :func:`grpo_loss` (options: the fields of :class:`GRPOSettings`). ``d_logps``
+    has the shape and dtype of ``logps`` (0 at padding), ``d_entropy`` those of ``entropy`` (None
+    without ``entropy``). One forward and one backward launch on CUDA. Meant for fused losses that
+    backpropagate further by hand (e.g. through the LM head), where the loss is terminal.
     """
-    entropy = kwargs.pop("entropy", None)
-    tensor_kw = {k: kwargs.pop(k, None) for k in ("ref_logps", "sampler_logps", "num_items_in_batch")}
-    settings = _settings(**kwargs)
+    settings = GRPOSettings.from_options(settings, options, where="grpo_loss_grad")
     with torch.no_grad():
-        prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, entropy=entropy, **tensor_kw)
-        stats = _stats_op(*prepared.op_args)
+        prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
+                            sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
+        stats = _stats_op(**prepared.tensors._asdict(), ints=prepared.ints, floats=prepared.floats)
         loss, metrics, c, e = _combine(stats, settings, prepared)
         grad_entropy = None if entropy is None else -settings.entropy_coef * e
-        d_logps, d_entropy = _stats_backward_op(c.float(), grad_entropy, stats, *prepared.op_args[:5],
-                                                *prepared.op_args[6:], entropy is not None,
-                                                entropy.dtype if entropy is not None else logps.dtype)
+        d_logps, d_entropy = _stats_backward_op(
+            c.float(), grad_entropy, stats, **prepared.tensors.for_backward(), ints=prepared.ints,
+            floats=prepared.floats, has_entropy=entropy is not None,
+            entropy_dtype=entropy.dtype if entropy is not None else logps.dtype)
     return loss, d_logps, d_entropy if entropy is not None else None, metrics
 
 
@@ -191,17 +179,18 @@ def grpo_token_weights(
     cu_seqlens: torch.Tensor | None = None,
     *,
     num_tokens: int | None = None,
-    loss_type: str = "dapo",
-    loss_agg_mode: str | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
-    max_completion_length: int | None = None,
     entropy: bool = False,
+    settings: GRPOSettings | None = None,
+    **options,
 ) -> torch.Tensor:
     """The aggregation weight ``w_t`` of every token: ``loss = sum_t w_t * l_t - entropy_coef *
     sum_t w^H_t * entropy_t`` (``entropy=True`` returns ``w^H``), with ``l_t`` the per-token loss of
     :func:`grpo_loss`. fp32, in the logps layout: [B, L] for ``mask`` [B, L], [T] for ``cu_seqlens``
     (pass ``num_tokens=T`` when it cannot be read from ``cu_seqlens[-1]`` without a sync you want to
     avoid); 0 at padding. ``w_t`` is constant over a sequence and depends on the token counts only.
+    Options: the fields of :class:`GRPOSettings`, of which the weights read ``loss_type``,
+    ``loss_agg_mode`` and ``max_completion_length``.
 
     Hence, at ``importance_sampling_level="token"`` the gradient is per token:
     ``d loss / d logp_t = w_t * d l_t / d logp_t``, where ``d l_t / d logp_t`` needs only token t's
@@ -212,7 +201,7 @@ def grpo_token_weights(
     """
     if (mask is None) == (cu_seqlens is None):
         raise ValueError("pass exactly one of cu_seqlens (packed [T]) and mask (padded [B, L])")
-    settings = _settings(loss_type=loss_type, loss_agg_mode=loss_agg_mode, max_completion_length=max_completion_length)
+    settings = GRPOSettings.from_options(settings, options, where="grpo_token_weights")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, cu_seqlens.device)
         total = int(cu_seqlens[-1]) if num_tokens is None else _checks.check_int("num_tokens", num_tokens, low=0)
@@ -231,32 +220,20 @@ def grpo_token_weights(
 
 
 class GRPOLoss(torch.nn.Module):
-    """:func:`grpo_loss` as a module: the settings (every keyword of :func:`grpo_loss` except the
-    tensors and ``num_items_in_batch``) are checked once here; ``forward(logps, old_logps,
-    advantages, mask=None, cu_seqlens=None, *, ref_logps=None, sampler_logps=None, entropy=None,
-    num_items_in_batch=None)`` returns ``(loss, metrics)``."""
+    """:func:`grpo_loss` as a module: the settings (a :class:`GRPOSettings`, or its fields as keywords)
+    are checked once here; ``forward(logps, old_logps, advantages, mask=None, cu_seqlens=None, *,
+    ref_logps=None, sampler_logps=None, entropy=None, num_items_in_batch=None)`` returns
+    ``(loss, metrics)``."""
 
-    def __init__(self, *, loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None,
-                 delta: float | None = None, clip_ratio_c: float | None = None, beta: float = 0.0, kl: str = "k3",
-                 use_bias_correction_kl: bool = False, importance_sampling_level: str = "token",
-                 is_cap: float | None = None, is_min: float | None = None, is_mode: str = "token_truncate",
-                 off_policy_mask_threshold: float | None = None, entropy_coef: float = 0.0,
-                 max_completion_length: int | None = None, sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
-                 vespo_k: float | tuple[float, float] = (2.0, 3.0),
-                 vespo_lambda: float | tuple[float, float] = (3.0, 2.0), loss_agg_mode: str | None = None):
+    def __init__(self, settings: GRPOSettings | None = None, **options):
         super().__init__()
-        self.settings = _settings(
-            loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c,
-            beta=beta, kl=kl, use_bias_correction_kl=use_bias_correction_kl,
-            importance_sampling_level=importance_sampling_level, is_mode=is_mode, is_cap=is_cap, is_min=is_min,
-            off_policy_mask_threshold=off_policy_mask_threshold, entropy_coef=entropy_coef,
-            max_completion_length=max_completion_length, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-            vespo_k=vespo_k, vespo_lambda=vespo_lambda, loss_agg_mode=loss_agg_mode)
+        self.settings = GRPOSettings.from_options(settings, options, where="GRPOLoss")
 
     def forward(self, logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None,
                 sampler_logps=None, entropy=None, num_items_in_batch=None):
-        return _grpo_loss(self.settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
-                          sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
+        return grpo_loss(logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
+                         sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch,
+                         settings=self.settings)
 
     def extra_repr(self) -> str:
         s = self.settings
@@ -265,72 +242,6 @@ class GRPOLoss(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # Checks
-
-
-def _check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def _optional_real(name: str, value, **bounds) -> float | None:
-    return None if value is None else _checks.check_real(name, value, **bounds)
-
-
-def _pair(name: str, value, **bounds) -> tuple[float, float]:
-    """A number, or a (pos, neg) pair of numbers."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be a number or a (positive, negative advantage) pair, got {value!r}")
-        return (_checks.check_real(name, value[0], **bounds), _checks.check_real(name, value[1], **bounds))
-    v = _checks.check_real(name, value, **bounds)
-    return (v, v)
-
-
-def _settings(*, loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None, clip_ratio_c=None, beta=0.0, kl="k3",
-              use_bias_correction_kl=False, importance_sampling_level="token", is_mode="token_truncate", is_cap=None,
-              is_min=None, off_policy_mask_threshold=None, entropy_coef=0.0, max_completion_length=None,
-              sapo_tau_pos=1.0, sapo_tau_neg=1.05, vespo_k=(2.0, 3.0), vespo_lambda=(3.0, 2.0),
-              loss_agg_mode=None) -> GRPOSettings:
-    """Check every scalar setting and resolve them into a :class:`GRPOSettings`."""
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    if loss_agg_mode is not None:
-        _check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
-    epsilon = _checks.check_real("epsilon", epsilon, low=0.0)
-    epsilon_high = _optional_real("epsilon_high", epsilon_high, low=0.0)
-    delta = _optional_real("delta", delta, low=1.0, low_open=True)
-    clip_ratio_c = _optional_real("clip_ratio_c", clip_ratio_c, low=1.0, low_open=True)
-    beta = _checks.check_real("beta", beta, low=0.0)
-    if not isinstance(kl, str):
-        raise TypeError(f"kl must be a str, got {type(kl).__name__}")
-    if kl.removesuffix("+") not in _KL_NAMES:
-        raise ValueError(f"kl must be one of {', '.join(_KL_NAMES)} (optionally with a trailing '+'); got {kl!r}")
-    _checks.check_bool("use_bias_correction_kl", use_bias_correction_kl)
-    _check_choice("importance_sampling_level", importance_sampling_level, IS_LEVELS)
-    _check_choice("is_mode", is_mode, IS_MODES)
-    is_cap = _optional_real("is_cap", is_cap, low=0.0, low_open=True)
-    is_min = _optional_real("is_min", is_min, low=0.0)
-    if is_cap is not None and is_min is not None and is_min >= is_cap:
-        raise ValueError(f"is_min ({is_min}) must be less than is_cap ({is_cap})")
-    if loss_type == "vespo" and is_mode.startswith("sequence"):
-        raise ValueError(f"is_mode must be token_truncate or token_mask with loss_type='vespo' (TRL); got {is_mode!r}")
-    off_policy_mask_threshold = _optional_real("off_policy_mask_threshold", off_policy_mask_threshold)
-    entropy_coef = _checks.check_real("entropy_coef", entropy_coef)
-    if max_completion_length is not None:
-        max_completion_length = _checks.check_int("max_completion_length", max_completion_length, low=1)
-    sapo_tau_pos = _checks.check_real("sapo_tau_pos", sapo_tau_pos, low=0.0, low_open=True)
-    sapo_tau_neg = _checks.check_real("sapo_tau_neg", sapo_tau_neg, low=0.0, low_open=True)
-    vespo_k = _pair("vespo_k", vespo_k)
-    vespo_lambda = _pair("vespo_lambda", vespo_lambda)
-    return GRPOSettings.create(
-        loss_type=loss_type, epsilon=epsilon, epsilon_high=epsilon_high, delta=delta, clip_ratio_c=clip_ratio_c,
-        beta=beta, kl=kl, use_bias_correction_kl=use_bias_correction_kl,
-        importance_sampling_level=importance_sampling_level, is_mode=is_mode, is_cap=is_cap, is_min=is_min,
-        off_policy_mask_threshold=off_policy_mask_threshold, entropy_coef=entropy_coef,
-        max_completion_length=max_completion_length, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-        vespo_k=vespo_k, vespo_lambda=vespo_lambda, loss_agg_mode=loss_agg_mode)
 
 
 def _check_num_items(value):
@@ -348,16 +259,34 @@ def _check_num_items(value):
     return _checks.check_real("num_items_in_batch", value, low=0.0)
 
 
-class _Prepared:
-    """Checked tensors, in the form the custom op takes (contiguous per-token tensors)."""
+class _Tensors(NamedTuple):
+    """The tensor arguments of the forward op, by name and in the op's order (checked, contiguous)."""
 
-    def __init__(self, op_args, num_items, max_len, per_token_adv, has_ref, has_entropy):
-        self.op_args = op_args
-        self.num_items = num_items
-        self.max_len = max_len
-        self.per_token_adv = per_token_adv
-        self.has_ref = has_ref
-        self.has_entropy = has_entropy
+    logps: torch.Tensor
+    old_logps: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    sampler_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    def for_backward(self) -> dict[str, torch.Tensor | None]:
+        """The tensors the backward op reads: all but ``entropy`` (its gradient needs only its dtype)."""
+        tensors = self._asdict()
+        del tensors["entropy"]
+        return tensors
+
+
+class _Prepared(NamedTuple):
+    """Checked tensors in the form the custom ops take, the encoded settings, and what aggregation needs."""
+
+    tensors: _Tensors
+    ints: list[int]
+    floats: list[float]
+    num_items: float | torch.Tensor | None
+    max_len: int | None
+    per_token_adv: bool
 
 
 def _prepare(settings: GRPOSettings, logps, old_logps, advantages, mask, cu_seqlens, *, ref_logps=None,
@@ -406,64 +335,33 @@ def _prepare(settings: GRPOSettings, logps, old_logps, advantages, mask, cu_seql
         return None if t is None else t.contiguous()
 
     adv = advantages.reshape(b).contiguous() if not per_token else advantages.contiguous()
-    op_args = (logps.contiguous(), flat(old_logps), adv, flat(ref_logps), flat(sampler_logps), flat(entropy),
-               flat(mask), flat(cu_seqlens), *_encode(settings))
+    tensors = _Tensors(logps=logps.contiguous(), old_logps=flat(old_logps), advantages=adv, ref_logps=flat(ref_logps),
+                       sampler_logps=flat(sampler_logps), entropy=flat(entropy), mask=flat(mask),
+                       cu_seqlens=flat(cu_seqlens))
     max_len = settings.max_completion_length
     if max_len is None and cu_seqlens is None:
         max_len = shape[1]
-    return _Prepared(op_args, num_items, max_len, per_token, ref_logps is not None, entropy is not None)
+    ints, floats = settings.encode()
+    return _Prepared(tensors, ints, floats, num_items, max_len, per_token)
 
 
 def _combine(stats, settings, prepared: _Prepared):
     loss, metrics, c, e = torch_grpo.combine(
         stats, settings, per_token_adv=prepared.per_token_adv, num_items_in_batch=prepared.num_items,
-        max_completion_length=prepared.max_len, has_ref=prepared.has_ref, has_entropy=prepared.has_entropy)
+        max_completion_length=prepared.max_len, has_ref=prepared.tensors.ref_logps is not None,
+        has_entropy=prepared.tensors.entropy is not None)
     return loss.float(), metrics, c, e
 
 
-def _grpo_loss(settings, logps, old_logps, advantages, mask, cu_seqlens, *, ref_logps, sampler_logps, entropy,
-               num_items_in_batch):
-    prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
-                        sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
-    stats = _stats_op(*prepared.op_args)
-    loss, metrics, _, _ = _combine(stats, settings, prepared)
-    return loss, metrics
-
-
 # ------------------------------------------------------------------------------------------------
-# Settings <-> the custom ops' int / float lists
-
-
-def _encode(s: GRPOSettings) -> tuple[list[int], list[float]]:
-    options = [LOSS_TYPES.index(s.loss_type), IS_LEVELS.index(s.level), KL_ESTIMATORS.index(s.kl),
-               int(s.kl_straight_through), int(s.use_bias_correction_kl), IS_MODES.index(s.is_mode),
-               int(s.delta is not None), int(s.clip_ratio_c is not None), int(s.is_cap is not None),
-               int(s.is_min is not None), int(s.off_policy_mask_threshold is not None)]
-    params = [s.epsilon_low, s.epsilon_high, s.delta or 0.0, s.clip_ratio_c or 0.0, s.beta, s.is_cap or 0.0,
-              s.is_min or 0.0, s.off_policy_mask_threshold or 0.0, s.sapo_tau_pos, s.sapo_tau_neg, s.vespo_k_pos,
-              s.vespo_k_neg, s.vespo_lambda_pos, s.vespo_lambda_neg]
-    return options, params
-
-
-def _decode(options: Sequence[int], params: Sequence[float]) -> GRPOSettings:
-    (loss_type, level, kl, straight, bias, is_mode, has_delta, has_c, has_cap, has_min, has_opm) = options
-    (eps_low, eps_high, delta, clip_c, beta, cap, lo, opm, tau_pos, tau_neg, k_pos, k_neg, l_pos, l_neg) = params
-    return GRPOSettings.create(
-        loss_type=LOSS_TYPES[loss_type], epsilon=eps_low, epsilon_high=eps_high, delta=delta if has_delta else None,
-        clip_ratio_c=clip_c if has_c else None, beta=beta, kl=KL_ESTIMATORS[kl] + ("+" if straight else ""),
-        use_bias_correction_kl=bool(bias), importance_sampling_level=IS_LEVELS[level], is_mode=IS_MODES[is_mode],
-        is_cap=cap if has_cap else None, is_min=lo if has_min else None,
-        off_policy_mask_threshold=opm if has_opm else None, sapo_tau_pos=tau_pos, sapo_tau_neg=tau_neg,
-        vespo_k=(k_pos, k_neg), vespo_lambda=(l_pos, l_neg))
-
-
-# ------------------------------------------------------------------------------------------------
-# Custom ops: per-sequence stats forward, gradients backward
+# Custom ops: per-sequence stats forward, gradients backward. The settings travel as
+# ``GRPOSettings.encode()``'s ``(ints, floats)``; each op reads them back with ``GRPOSettings.decode``.
 
 
 def _launch(kernel, pointers, logps, mask, cu_seqlens, s: GRPOSettings, *, per_token_adv: bool, has_ref: bool,
             has_entropy: bool, sampler: bool) -> None:
-    """One launch of ``kernel`` over the B sequences (one program each)."""
+    """One launch of ``kernel`` over the B sequences (one program each): the kernels' scalar and
+    constexpr arguments, all from the settings ``s``, are written here only."""
     import triton
 
     from fastrl.kernels import launch
@@ -473,32 +371,33 @@ def _launch(kernel, pointers, logps, mask, cu_seqlens, s: GRPOSettings, *, per_t
     length = 0 if packed else logps.shape[1]
     span = logps.shape[0] // max(b, 1) if packed else length
     block = max(16, min(_MAX_BLOCK, triton.next_power_of_2(max(span, 1))))
-    policy = ("clip", "cispo", "sapo", "vespo").index(s.policy)
+    policy = _POLICIES.index(s.policy)
     level = IS_LEVELS.index(s.level)
     is_mode = IS_MODES.index(s.is_mode) + 1 if sampler else 0
     off_policy = s.off_policy_mask_threshold is not None
     inf = float("inf")
     launch(kernel, (b,), *pointers, logps.shape[0], length,
-           1.0 - s.epsilon_low, 1.0 + s.epsilon_high, s.epsilon_high, s.delta or 0.0, s.clip_ratio_c or 0.0, s.beta,
+           1.0 - s.eps_low, 1.0 + s.eps_high, s.eps_high, s.delta or 0.0, s.clip_ratio_c or 0.0, s.beta,
            0.0 if s.is_min is None else s.is_min, inf if s.is_cap is None else s.is_cap,
            s.off_policy_mask_threshold or 0.0, s.sapo_tau_pos, s.sapo_tau_neg, s.vespo_k_pos, s.vespo_k_neg,
            s.vespo_lambda_pos, s.vespo_lambda_neg,
-           PACKED=packed, ADV_TOKEN=per_token_adv, POLICY=policy, LEVEL=level, KL=KL_ESTIMATORS.index(s.kl),
+           PACKED=packed, ADV_TOKEN=per_token_adv, POLICY=policy, LEVEL=level, KL=KL_ESTIMATORS.index(s.kl_estimator),
            KL_ST=s.kl_straight_through, BIAS=s.use_bias_correction_kl, HAS_REF=has_ref,
            HAS_BETA=has_ref and s.beta != 0.0, HAS_DELTA=s.delta is not None, DUAL=s.clip_ratio_c is not None,
            IS_MODE=is_mode, OFF_POLICY=off_policy, HAS_ENT=has_entropy,
-           SEQ_PASS=level != 0 or policy == 3 or off_policy or is_mode >= 3, BLOCK=block,
+           SEQ_PASS=level != 0 or s.policy == "vespo" or off_policy or is_mode >= 3, BLOCK=block,
            num_warps=max(1, min(8, block // 128)))
 
 
 @torch.library.custom_op("fastrl::grpo_loss_stats", mutates_args=())
 def _stats_op(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
               ref_logps: torch.Tensor | None, sampler_logps: torch.Tensor | None, entropy: torch.Tensor | None,
-              mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, options: Sequence[int],
-              params: Sequence[float]) -> torch.Tensor:
-    """The operator under :func:`grpo_loss` (arguments checked there; per-token tensors contiguous):
-    per-sequence ``stats`` [B, NSTATS] fp32 (columns: :mod:`fastrl.losses.torch_impl.grpo`)."""
-    s = _decode(options, params)
+              mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, ints: Sequence[int],
+              floats: Sequence[float]) -> torch.Tensor:
+    """The operator under :func:`grpo_loss` (arguments checked there; per-token tensors contiguous; the
+    tensors are those of :class:`_Tensors`, in its order): per-sequence ``stats`` [B, NSTATS] fp32
+    (columns: :mod:`fastrl.kernels.grpo_columns`)."""
+    s = GRPOSettings.decode(ints, floats)
     b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
     per_token = torch_grpo.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
     if resolve(logps.device) == "torch" or b == 0:
@@ -519,7 +418,7 @@ def _stats_op(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: t
 
 
 @_stats_op.register_fake
-def _(logps, old_logps, advantages, ref_logps, sampler_logps, entropy, mask, cu_seqlens, options, params):
+def _(logps, old_logps, advantages, ref_logps, sampler_logps, entropy, mask, cu_seqlens, ints, floats):
     b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
     return logps.new_empty(b, NSTATS, dtype=torch.float32)
 
@@ -528,11 +427,12 @@ def _(logps, old_logps, advantages, ref_logps, sampler_logps, entropy, mask, cu_
 def _stats_backward_op(grad_loss: torch.Tensor, grad_entropy: torch.Tensor | None, stats: torch.Tensor,
                        logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: torch.Tensor,
                        ref_logps: torch.Tensor | None, sampler_logps: torch.Tensor | None, mask: torch.Tensor | None,
-                       cu_seqlens: torch.Tensor | None, options: Sequence[int], params: Sequence[float],
+                       cu_seqlens: torch.Tensor | None, ints: Sequence[int], floats: Sequence[float],
                        has_entropy: bool, entropy_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d logps, d entropy)`` of ``sum_i grad_loss[i] * stats[i, LOSS] + grad_entropy[i] *
-    stats[i, ENT]``; ``d entropy`` is an empty tensor without entropy (``has_entropy`` False)."""
-    s = _decode(options, params)
+    stats[i, ENT]``; the tensors after ``stats`` are :meth:`_Tensors.for_backward`'s. ``d entropy`` is
+    an empty tensor without entropy (``has_entropy`` False)."""
+    s = GRPOSettings.decode(ints, floats)
     b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
     per_token = torch_grpo.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
     empty = logps.new_empty(0, dtype=entropy_dtype)
@@ -564,26 +464,31 @@ def _stats_backward_op(grad_loss: torch.Tensor, grad_entropy: torch.Tensor | Non
 
 @_stats_backward_op.register_fake
 def _(grad_loss, grad_entropy, stats, logps, old_logps, advantages, ref_logps, sampler_logps, mask, cu_seqlens,
-      options, params, has_entropy, entropy_dtype):
+      ints, floats, has_entropy, entropy_dtype):
     d_entropy = logps.new_empty(logps.shape if has_entropy else (0,), dtype=entropy_dtype)
     return torch.empty_like(logps), d_entropy
 
 
 def _setup_context(ctx, inputs, output):
-    logps, old_logps, advantages, ref_logps, sampler_logps, entropy, mask, cu_seqlens, options, params = inputs
-    ctx.save_for_backward(logps, old_logps, advantages, ref_logps, sampler_logps, mask, cu_seqlens, output)
-    ctx.options, ctx.params = options, params
-    ctx.has_entropy = entropy is not None
-    ctx.entropy_dtype = entropy.dtype if entropy is not None else logps.dtype
+    n = len(_Tensors._fields)
+    tensors = _Tensors._make(inputs[:n])  # the op's arguments: the tensors, then ints and floats
+    ctx.ints, ctx.floats = inputs[n:]
+    backward = tensors.for_backward()
+    ctx.backward_names = tuple(backward)
+    ctx.save_for_backward(*backward.values(), output)
+    ctx.has_entropy = tensors.entropy is not None
+    ctx.entropy_dtype = tensors.entropy.dtype if tensors.entropy is not None else tensors.logps.dtype
 
 
 def _backward(ctx, grad_stats):
-    logps, old_logps, advantages, ref_logps, sampler_logps, mask, cu_seqlens, stats = ctx.saved_tensors
+    *saved, stats = ctx.saved_tensors
     grad_entropy = grad_stats[:, ENT] if ctx.has_entropy else None
-    d_logps, d_entropy = _stats_backward_op(grad_stats[:, LOSS], grad_entropy, stats, logps, old_logps, advantages,
-                                            ref_logps, sampler_logps, mask, cu_seqlens, ctx.options, ctx.params,
-                                            ctx.has_entropy, ctx.entropy_dtype)
-    return (d_logps, None, None, None, None, d_entropy if ctx.has_entropy else None, None, None, None, None)
+    d_logps, d_entropy = _stats_backward_op(grad_stats[:, LOSS], grad_entropy, stats,
+                                            **dict(zip(ctx.backward_names, saved)), ints=ctx.ints,
+                                            floats=ctx.floats, has_entropy=ctx.has_entropy,
+                                            entropy_dtype=ctx.entropy_dtype)
+    grads = _Tensors(logps=d_logps, entropy=d_entropy if ctx.has_entropy else None)
+    return (*grads, None, None)  # nothing for ints, floats
 
 
 _stats_op.register_autograd(_backward, setup_context=_setup_context)

@@ -147,7 +147,9 @@ class Settings:
             if options:
                 raise TypeError(f"pass settings or keyword options ({', '.join(sorted(options))}), not both")
             return settings
-        names = [f.name for f in dataclasses.fields(cls)]
+        # what dataclasses.fields(cls) returns, read off the class: torch.compile (a loss called inside a
+        # compiled function) traces dataclasses.fields() of an instance only
+        names = [name for name, f in cls.__dataclass_fields__.items() if f._field_type is dataclasses._FIELD]
         for key in options:
             if key not in names:
                 near = difflib.get_close_matches(key, names, n=1)

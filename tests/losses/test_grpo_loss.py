@@ -297,7 +297,7 @@ def test_reference_backward_matches_autograd(loss_type, level):
         data = _batch(seed=20 + index, per_token_adv=index == 2)
         kw = _features(loss_type, level, kl, index)
         kw.pop("entropy_coef", None)
-        settings = R.GRPOSettings.create(**kw)
+        settings = R.GRPOSettings(**kw)
         sampler = data["sampler"] if "is_mode" in kw else None
         logps = data["logps"].clone().requires_grad_()
         entropy = data["entropy"].clone().requires_grad_()
@@ -493,7 +493,7 @@ def test_token_weights_reproduce_the_loss(loss_type, agg):
                                  max_completion_length=30)
     w_entropy = grpo_token_weights(data["mask"], loss_type=loss_type, loss_agg_mode=agg, entropy=True,
                                    num_items_in_batch=33, max_completion_length=30)
-    settings = R.GRPOSettings.create(**{k: v for k, v in kw.items() if k != "num_items_in_batch"})
+    settings = R.GRPOSettings(**{k: v for k, v in kw.items() if k != "num_items_in_batch"})
     per_token = R._token_terms(data["logps"], data["old"], data["adv"], data["mask"], None, data["ref"], None,
                                settings)["loss"].reshape(data["logps"].shape)
     loss, _ = R.grpo_loss(data["logps"], data["old"], data["adv"], data["mask"], entropy=data["entropy"],
@@ -559,13 +559,16 @@ def test_torch_compile_fullgraph_follows_the_backend(small_blocks):
 
 def test_opcheck():
     data = _batch(dtype=torch.float32, seed=10)
-    settings = OP._settings(loss_type="grpo", importance_sampling_level="sequence", kl="k3", beta=0.1,
-                            off_policy_mask_threshold=0.0, is_cap=2.0)
-    args = (data["logps"].requires_grad_(), data["old"], data["adv"], data["ref"], data["sampler"],
-            data["entropy"].requires_grad_(), data["mask"], None, *OP._encode(settings))
+    settings = OP.GRPOSettings(loss_type="grpo", importance_sampling_level="sequence", kl="k3", beta=0.1,
+                               off_policy_mask_threshold=0.0, is_cap=2.0)
+    tensors = OP._Tensors(logps=data["logps"].requires_grad_(), old_logps=data["old"], advantages=data["adv"],
+                          ref_logps=data["ref"], sampler_logps=data["sampler"],
+                          entropy=data["entropy"].requires_grad_(), mask=data["mask"], cu_seqlens=None)
+    args = (*tensors, *settings.encode())
     torch.library.opcheck(torch.ops.fastrl.grpo_loss_stats.default, args)
     stats = OP._stats_op(*args)
-    bwd = (torch.randn(len(LENGTHS)), torch.randn(len(LENGTHS)), stats, *args[:5], *args[6:], True, torch.bfloat16)
+    bwd = (torch.randn(len(LENGTHS)), torch.randn(len(LENGTHS)), stats, *tensors.for_backward().values(),
+           *settings.encode(), True, torch.bfloat16)
     torch.library.opcheck(torch.ops.fastrl.grpo_loss_stats_backward.default, bwd,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -18,31 +18,26 @@ The computation is split the way the kernels split it:
 
 The loss is linear in ``S`` and ``E`` with weights that depend only on the token counts, so
 ``d loss / d logps = grpo_sequence_stats_backward(gS=c, gE=-entropy_coef * e)``.
+
+:class:`GRPOSettings` (exported as :class:`fastrl.losses.GRPOSettings`) is defined here, below the
+names it chooses among, because every function here reads it and the custom ops of
+:mod:`fastrl.losses.grpo` import this module (not the other way round).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
-# Columns of the per-sequence ``stats`` [B, NSTATS] (fp32; fp64 for fp64 inputs).
-LOSS = 0  # sum over the sequence's tokens of the per-token loss l_t (policy + beta * KL)
-ENT = 1  # sum of the entropy
-COUNT = 2  # number of tokens
-KL = 3  # sum of the per-token KL term (times the ratio when bias-corrected)
-RATIO = 4  # sum of the importance ratio applied at each token
-LOW = 5  # tokens clipped low: ratio < 1 - eps_low and A < 0
-HIGH = 6  # tokens clipped high: ratio > 1 + eps_high and A > 0 (cispo: ratio > eps_high and A > 0)
-DUAL = 7  # tokens where the dual clip bounds the loss (A < 0)
-PHI = 8  # vespo: phi of the sequence (advantages [B]) or the sum of the tokens' phi (per-token advantages)
-LOG_RATIO = 9  # sequence levels: mean over the sequence of log(pi / pi_old)
-COUPLING = 10  # sequence level: sum over tokens of d l_t / d s (s = the sequence ratio)
-OFF_POLICY_KL = 11  # off-policy mask: mean over the sequence of log pi_sampler - log pi (NaN -> 0)
-IS_WEIGHT = 12  # sequence-level sampler IS modes: the sequence's weight
-VESPO_LOG_W = 13  # vespo: clamped log of the sequence importance weight w
-NSTATS = 16  # (padded: rows of 64 bytes)
+from fastrl.kernels.grpo_columns import (COUNT, COUPLING, DUAL, ENT, HIGH, IS_WEIGHT, KL, LOG_EPS, LOG_RATIO, LOSS,
+                                         LOW, NSTATS, OFF_POLICY_KL, PHI, RATIO, VESPO_LOG_W)
+from fastrl.losses.settings import Settings, option
+
+# The columns of the per-sequence ``stats`` [B, NSTATS] (fp32; fp64 for fp64 inputs) and vespo's clamp
+# LOG_EPS are the kernels' (fastrl.kernels.grpo_columns, one module both implementations read).
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
@@ -55,67 +50,152 @@ DEFAULT_AGG = {"grpo": "grpo", "sapo": "grpo", "bnpo": "bnpo", "dr_grpo": "dr_gr
 # Per-token policy term of each loss type.
 POLICY = {"grpo": "clip", "bnpo": "clip", "dr_grpo": "clip", "dapo": "clip", "luspo": "clip", "cispo": "cispo",
           "sapo": "sapo", "vespo": "vespo"}
-KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "low_var_kl")  # the canonical names (GRPOSettings.kl_estimator)
 KL_ALIASES = {"kl": "k1", "mse": "k2"}
+KL_NAMES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")  # what GRPOSettings.kl accepts, each also with "+"
 IS_LEVELS = ("token", "sequence", "sequence_token")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-LOG_EPS = math.log(1e-8)  # the lower clamp of TRL's vespo log-weights
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOSettings:
-    """The resolved, scalar settings of a GRPO-family loss (see :func:`fastrl.losses.grpo_loss`).
+class GRPOSettings(Settings):
+    """The settings of a GRPO-family loss (:func:`fastrl.losses.grpo_loss` and the functions and modules
+    built on it), checked on construction; each field is also a keyword of those functions. What the
+    options mean in the loss is written out in :func:`fastrl.losses.grpo_loss`.
 
-    Build it with :meth:`create`, which applies the defaults and aliases (it does not validate; the
-    public functions do that first)."""
+    - ``loss_type``: grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo, vespo;
+    - ``epsilon`` (0.2) and ``epsilon_high`` (default ``epsilon``): the clip range
+      ``[1 - epsilon, 1 + epsilon_high]`` of the ratio (cispo: ``epsilon_high`` caps the ratio);
+    - ``delta`` (> 1): two-sided clipping of the unclipped term; ``clip_ratio_c`` (> 1): verl's dual clip;
+    - ``beta`` (>= 0) the KL coefficient, ``kl`` its estimator: k1 (kl), abs, k2 (mse), k3 (default),
+      low_var_kl, each optionally with a trailing ``+`` (value of the estimator, gradient of k2);
+      ``use_bias_correction_kl``: KL times the ratio (TRL);
+    - ``importance_sampling_level``: token (default), sequence (GSPO), sequence_token (GSPO-token);
+    - ``is_mode`` (token_truncate, token_mask, sequence_truncate, sequence_mask), ``is_cap`` (> 0) and
+      ``is_min`` (>= 0, below ``is_cap``): the sampler importance weight from ``sampler_logps``;
+    - ``off_policy_mask_threshold``: drop negative-advantage sequences this far off-policy;
+    - ``entropy_coef``: the entropy bonus;
+    - ``max_completion_length`` (>= 1): the normaliser of dr_grpo / seq-mean-token-sum-norm;
+    - ``sapo_tau_pos`` / ``sapo_tau_neg`` (> 0): sapo's temperatures by the sign of A;
+    - ``vespo_k`` / ``vespo_lambda``: vespo's (k, lambda), a number or a (positive, negative advantage) pair;
+    - ``loss_agg_mode``: a verl aggregation (token-mean, seq-mean-token-mean, seq-mean-token-sum,
+      seq-mean-token-sum-norm, token-sum) in place of the loss type's.
 
-    loss_type: str = "dapo"
-    agg: str = "dapo"  # one of DEFAULT_AGG's values or LOSS_AGG_MODES
-    policy: str = "clip"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    delta: float | None = None
-    clip_ratio_c: float | None = None
-    beta: float = 0.0
-    kl: str = "k3"  # canonical estimator name (KL_ESTIMATORS)
-    kl_straight_through: bool = False  # verl "k3+" etc.: the value of kl, the gradient of k2
-    use_bias_correction_kl: bool = False
-    level: str = "token"
-    is_mode: str = "token_truncate"
-    is_cap: float | None = None
-    is_min: float | None = None
-    off_policy_mask_threshold: float | None = None
-    entropy_coef: float = 0.0
-    entropy_agg: str = "bnpo"  # the entropy bonus's aggregation: token mean (TRL) or loss_agg_mode (verl)
-    max_completion_length: int | None = None
-    sapo_tau_pos: float = 1.0
-    sapo_tau_neg: float = 1.05
-    vespo_k_pos: float = 2.0
-    vespo_k_neg: float = 3.0
-    vespo_lambda_pos: float = 3.0
-    vespo_lambda_neg: float = 2.0
+    The properties below are what the implementations read: the aggregation, the policy term, the clip
+    range and the KL estimator resolved from the options.
 
-    @classmethod
-    def create(cls, *, loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None, clip_ratio_c=None, beta=0.0,
-               kl="k3", use_bias_correction_kl=False, importance_sampling_level="token", is_mode="token_truncate",
-               is_cap=None, is_min=None, off_policy_mask_threshold=None, entropy_coef=0.0,
-               max_completion_length=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, vespo_k=(2.0, 3.0),
-               vespo_lambda=(3.0, 2.0), loss_agg_mode=None) -> GRPOSettings:
-        straight = kl.endswith("+") and kl not in ("k2+", "mse+")  # verl: k2 is its own straight-through
-        name = kl.rstrip("+")
-        name = KL_ALIASES.get(name, name)
-        k_pos, k_neg = vespo_k if isinstance(vespo_k, (tuple, list)) else (vespo_k, vespo_k)
-        l_pos, l_neg = vespo_lambda if isinstance(vespo_lambda, (tuple, list)) else (vespo_lambda, vespo_lambda)
-        return cls(
-            loss_type=loss_type, agg=loss_agg_mode or DEFAULT_AGG[loss_type], policy=POLICY[loss_type],
-            epsilon_low=float(epsilon), epsilon_high=float(epsilon if epsilon_high is None else epsilon_high),
-            delta=delta, clip_ratio_c=clip_ratio_c, beta=float(beta), kl=name, kl_straight_through=straight,
-            use_bias_correction_kl=use_bias_correction_kl, level=importance_sampling_level, is_mode=is_mode,
-            is_cap=is_cap, is_min=is_min, off_policy_mask_threshold=off_policy_mask_threshold,
-            entropy_coef=float(entropy_coef), entropy_agg=loss_agg_mode or "bnpo",
-            max_completion_length=max_completion_length, sapo_tau_pos=float(sapo_tau_pos),
-            sapo_tau_neg=float(sapo_tau_neg), vespo_k_pos=float(k_pos), vespo_k_neg=float(k_neg),
-            vespo_lambda_pos=float(l_pos), vespo_lambda_neg=float(l_neg))
+    >>> s = GRPOSettings(loss_type="sapo", kl="mse+", vespo_k=4)
+    >>> s.agg, s.policy, s.eps_high, s.kl_estimator, s.kl_straight_through, s.vespo_k
+    ('grpo', 'sapo', 0.2, 'k2', False, (4.0, 4.0))
+    """
+
+    family: ClassVar[str] = "grpo"
+
+    loss_type: str = option("dapo", "policy loss: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo",
+                            choices=LOSS_TYPES)
+    epsilon: float = option(0.2, "lower clip ε of the ratio (1 - epsilon)", low=0.0)
+    epsilon_high: float | None = option(None, "upper clip ε of the ratio (default epsilon; cispo: the ratio's cap)",
+                                        low=0.0)
+    delta: float | None = option(None, "two-sided clipping bound of the ratio (> 1)", low=1.0, low_open=True)
+    clip_ratio_c: float | None = option(None, "dual-clip c (verl, > 1)", low=1.0, low_open=True)
+    beta: float = option(0.0, "KL coefficient (0 = no reference model)", low=0.0)
+    kl: str = option("k3", "KL estimator: k1 (kl), abs, k2 (mse), k3, low_var_kl; a trailing + keeps the value "
+                     "with the gradient of k2", choices=KL_NAMES + tuple(n + "+" for n in KL_NAMES))
+    use_bias_correction_kl: bool = option(False, "TRL's KL × ratio")
+    importance_sampling_level: str = option("token", "token, sequence (GSPO) or sequence_token", choices=IS_LEVELS)
+    is_mode: str = option("token_truncate", "sampler importance-weight mode: token_truncate, token_mask, "
+                          "sequence_truncate, sequence_mask", choices=IS_MODES)
+    is_cap: float | None = option(None, "sampler importance-weight cap", low=0.0, low_open=True)
+    is_min: float | None = option(None, "sampler importance-weight floor", low=0.0)
+    off_policy_mask_threshold: float | None = option(None, "drop negative-advantage sequences this far off-policy")
+    entropy_coef: float = option(0.0, "entropy bonus coefficient")
+    max_completion_length: int | None = option(None, "normaliser of dr_grpo and seq-mean-token-sum-norm (default: "
+                                               "L padded, the longest sequence packed)", integer=True, low=1)
+    sapo_tau_pos: float = option(1.0, "sapo temperature where A > 0", low=0.0, low_open=True)
+    sapo_tau_neg: float = option(1.05, "sapo temperature where A <= 0", low=0.0, low_open=True)
+    vespo_k: tuple[float, float] = option((2.0, 3.0), "vespo k: a number or a (positive, negative advantage) pair",
+                                          many=True, length=2)
+    vespo_lambda: tuple[float, float] = option((3.0, 2.0), "vespo λ: a number or a (positive, negative advantage) "
+                                               "pair", many=True, length=2)
+    loss_agg_mode: str | None = option(None, "verl aggregation name (overrides the loss type's)",
+                                       choices=LOSS_AGG_MODES)
+
+    def __post_init__(self) -> None:
+        # the wording of three refusals, more specific than the generic field checks' (which follow)
+        if not isinstance(self.loss_type, str):
+            raise TypeError(f"loss_type must be a str, got {type(self.loss_type).__name__}")
+        if isinstance(self.kl, str) and self.kl.removesuffix("+") not in KL_NAMES:
+            raise ValueError(f"kl must be one of {', '.join(KL_NAMES)} (optionally with a trailing '+'); "
+                             f"got {self.kl!r}")
+        for name in ("vespo_k", "vespo_lambda"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, list)) and len(value) != 2:
+                raise ValueError(f"{name} must be a number or a (positive, negative advantage) pair, got {value!r}")
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.is_cap is not None and self.is_min is not None and self.is_min >= self.is_cap:
+            raise ValueError(f"is_min ({self.is_min}) must be less than is_cap ({self.is_cap})")
+        if self.loss_type == "vespo" and self.is_mode.startswith("sequence"):
+            raise ValueError(f"is_mode must be token_truncate or token_mask with loss_type='vespo' (TRL); "
+                             f"got {self.is_mode!r}")
+
+    # ---- what the implementations read
+
+    @property
+    def agg(self) -> str:
+        """The loss's aggregation: ``loss_agg_mode``, else the loss type's (:data:`DEFAULT_AGG`)."""
+        return self.loss_agg_mode or DEFAULT_AGG[self.loss_type]
+
+    @property
+    def entropy_agg(self) -> str:
+        """The entropy bonus's aggregation: the batch's token mean (TRL), or ``loss_agg_mode`` (verl)."""
+        return self.loss_agg_mode or "bnpo"
+
+    @property
+    def policy(self) -> str:
+        """The per-token policy term: clip, cispo, sapo or vespo."""
+        return POLICY[self.loss_type]
+
+    @property
+    def level(self) -> str:
+        return self.importance_sampling_level
+
+    @property
+    def eps_low(self) -> float:
+        return self.epsilon
+
+    @property
+    def eps_high(self) -> float:
+        """``epsilon_high``, ``epsilon`` when not given."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def kl_estimator(self) -> str:
+        """The canonical name of ``kl`` (:data:`KL_ESTIMATORS`): aliases resolved, ``+`` dropped."""
+        name = self.kl.rstrip("+")
+        return KL_ALIASES.get(name, name)
+
+    @property
+    def kl_straight_through(self) -> bool:
+        """verl's ``"k3+"`` etc.: the value of the estimator with the gradient of k2 (k2 is its own)."""
+        return self.kl.endswith("+") and self.kl_estimator != "k2"
+
+    @property
+    def vespo_k_pos(self) -> float:
+        return self.vespo_k[0]
+
+    @property
+    def vespo_k_neg(self) -> float:
+        return self.vespo_k[1]
+
+    @property
+    def vespo_lambda_pos(self) -> float:
+        return self.vespo_lambda[0]
+
+    @property
+    def vespo_lambda_neg(self) -> float:
+        return self.vespo_lambda[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -245,13 +325,13 @@ def _isw(log_ratio: torch.Tensor, s: GRPOSettings) -> torch.Tensor:
 def _kl_terms(lp: torch.Tensor, ref: torch.Tensor, s: GRPOSettings):
     """(value, d value / d lp) of the per-token KL estimator between pi (lp) and pi_ref (ref)."""
     x = lp - ref
-    if s.kl == "k1":
+    if s.kl_estimator == "k1":
         value, grad = x, torch.ones_like(x)
-    elif s.kl == "abs":
+    elif s.kl_estimator == "abs":
         value, grad = x.abs(), torch.sign(x)
-    elif s.kl == "k2":
+    elif s.kl_estimator == "k2":
         value, grad = 0.5 * x * x, x
-    elif s.kl == "k3":
+    elif s.kl_estimator == "k3":
         value, grad = torch.exp(-x) + x - 1.0, 1.0 - torch.exp(-x)
     else:  # low_var_kl, verl's clamped k3
         d = (-x).clamp(-20.0, 20.0)
@@ -271,17 +351,17 @@ def _policy_terms(r: torch.Tensor, adv: torch.Tensor, lp: torch.Tensor, phi: tor
     low = high = dual = zero.bool()
     if s.policy == "clip":
         r1 = r if s.delta is None else r.clamp(max=s.delta)  # two-sided clipping (INTELLECT-2)
-        r2 = r.clamp(1.0 - s.epsilon_low, 1.0 + s.epsilon_high)
+        r2 = r.clamp(1.0 - s.eps_low, 1.0 + s.eps_high)
         a, b = r1 * adv, r2 * adv
         loss = -torch.minimum(a, b)
         d1 = (r <= s.delta).to(r.dtype) if s.delta is not None else torch.ones_like(r)
-        d2 = ((r >= 1.0 - s.epsilon_low) & (r <= 1.0 + s.epsilon_high)).to(r.dtype)
+        d2 = ((r >= 1.0 - s.eps_low) & (r <= 1.0 + s.eps_high)).to(r.dtype)
         # torch.minimum sends the gradient to the smaller input, half to each on a tie
         d_min = torch.where(a < b, d1, torch.where(b < a, d2, 0.5 * (d1 + d2)))
         d_r = -adv * d_min
         r_c = r1.detach()
-        low = (r_c < 1.0 - s.epsilon_low) & (adv < 0)
-        high = (r_c > 1.0 + s.epsilon_high) & (adv > 0)
+        low = (r_c < 1.0 - s.eps_low) & (adv < 0)
+        high = (r_c > 1.0 + s.eps_high) & (adv > 0)
         if s.clip_ratio_c is not None:  # dual clip (verl): for A < 0 the loss is at most -c * A
             bound = -s.clip_ratio_c * adv
             neg = adv < 0
@@ -291,8 +371,8 @@ def _policy_terms(r: torch.Tensor, adv: torch.Tensor, lp: torch.Tensor, phi: tor
             loss = torch.where(neg, torch.minimum(bound, loss), loss)
         return loss, d_r.detach(), zero, low, high, dual
     if s.policy == "cispo":
-        weight = r.clamp(max=s.epsilon_high).detach()
-        high = (r.detach() > s.epsilon_high) & (adv > 0)
+        weight = r.clamp(max=s.eps_high).detach()
+        high = (r.detach() > s.eps_high) & (adv > 0)
         return -weight * adv * lp, zero, (-weight * adv).detach(), low, high, dual
     if s.policy == "sapo":
         tau = _pick(adv > 0, s.sapo_tau_pos, s.sapo_tau_neg, r)
@@ -412,8 +492,8 @@ def _token_terms(logps, old_logps, advantages, mask, cu_seqlens, ref_logps, samp
 
 def grpo_sequence_stats(logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None,
                         sampler_logps=None, entropy=None, settings: GRPOSettings) -> torch.Tensor:
-    """Per-sequence sums and constants ``stats`` [B, NSTATS] (columns above), differentiable with
-    respect to ``logps`` and ``entropy`` through columns ``LOSS`` and ``ENT`` (autograd).
+    """Per-sequence sums and constants ``stats`` [B, NSTATS] (columns: :mod:`fastrl.kernels.grpo_columns`),
+    differentiable with respect to ``logps`` and ``entropy`` through columns ``LOSS`` and ``ENT`` (autograd).
 
     ``logps`` [B, L] with ``mask`` [B, L], or [T] with ``cu_seqlens`` [B+1]; the other per-token
     tensors share that layout; ``advantages`` [B] (or [B, 1]) per sequence or per token.
@@ -526,10 +606,10 @@ def _metrics(stats, settings: GRPOSettings, per_token_adv: bool, has_ref: bool, 
 
 
 def grpo_loss(logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None, sampler_logps=None,
-              entropy=None, num_items_in_batch=None, **settings_kwargs):
-    """The reference of :func:`fastrl.losses.grpo_loss` (same arguments, no validation):
-    ``(loss, metrics)``, differentiable by autograd. fp64 inputs compute in fp64."""
-    settings = GRPOSettings.create(**settings_kwargs)
+              entropy=None, num_items_in_batch=None, settings: GRPOSettings | None = None, **options):
+    """The reference of :func:`fastrl.losses.grpo_loss` (same arguments; the settings are checked, the
+    tensors are not): ``(loss, metrics)``, differentiable by autograd. fp64 inputs compute in fp64."""
+    settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
     stats = grpo_sequence_stats(logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                                 sampler_logps=sampler_logps, entropy=entropy, settings=settings)
     max_len = settings.max_completion_length
