@@ -9,6 +9,10 @@ Layout of ``<output_dir>/checkpoints/step-00000042/``::
     trainer_state.pt     scheduler, every process's RNG states, step, data position, counters
     trainer_state.json   the same counters and the config, for people
 
+Online DPO with a previous-iterate reference also keeps that reference beside the checkpoint, as
+``checkpoints/reference-step-00000042.safetensors`` (:func:`save_reference`, :func:`load_reference`),
+written before the checkpoint and removed with it (:func:`prune_reference_files`).
+
 A checkpoint is written under ``step-00000042.tmp`` (files fsynced), then renamed into place — a
 rename is atomic — and only then does ``checkpoints/latest`` (also replaced atomically) name it
 and are the oldest checkpoints beyond ``keep`` removed. A crash mid-write leaves a ``.tmp``
@@ -30,7 +34,8 @@ import torch
 
 from fastrl.train import distributed
 
-__all__ = ["find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["find_checkpoint", "load_checkpoint", "load_reference", "prune_reference_files", "save_checkpoint",
+           "save_reference"]
 
 _PREFIX = "model."  # Policy wraps the Hugging Face model as .model
 
@@ -81,11 +86,38 @@ def _model_tensors(full: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return tensors, tied
 
 
+def _write_weights(full: dict[str, torch.Tensor], path: Path) -> None:
+    """A full model state dict as one safetensors file under the HF names, tied weights stored once
+    (the ``tied`` metadata, JSON, names each tied name's source)."""
+    from safetensors.torch import save_file
+
+    tensors, tied = _model_tensors(full)
+    save_file(tensors, str(path), metadata={"format": "pt", "tied": json.dumps(tied)})
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict (``Policy`` names) of a file :func:`_write_weights` wrote, tied weights restored."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        text = (f.metadata() or {}).get("tied", "{}")
+    try:
+        tied = json.loads(text)
+    except json.JSONDecodeError:  # a reference file from before JSON metadata: a Python dict literal
+        import ast
+
+        tied = ast.literal_eval(text)
+    for name, source in tied.items():
+        tensors[name] = tensors[source]
+    return {_PREFIX + k: v for k, v in tensors.items()}
+
+
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimizer, scheduler,
                     trainer_state: dict[str, Any], config: dict[str, Any], world: distributed.World,
                     keep: int, tokenizer=None) -> Path:
     """Write ``checkpoints/step-<step>`` atomically (see the module docstring); every process calls it."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -101,8 +133,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimiz
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"step-{step:08d}.tmp"
         tmp.mkdir()
-        tensors, tied = _model_tensors(model_sd)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "tied": json.dumps(tied)})
+        _write_weights(model_sd, tmp / "model.safetensors")
         policy.model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -150,8 +181,6 @@ def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
                     world: distributed.World) -> dict[str, Any]:
     """Restore weights, optimiser, scheduler and this process's RNG from ``path``; returns the
     trainer state (step, data position, counters). Every process calls it."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -159,13 +188,8 @@ def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
     for name in ("model.safetensors", "optimizer.pt", "trainer_state.pt"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no {name})")
-    tensors = load_file(str(path / "model.safetensors"))
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        tied = json.loads((f.metadata() or {}).get("tied", "{}"))
-    for name, source in tied.items():
-        tensors[name] = tensors[source]
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(policy, {_PREFIX + k: v for k, v in tensors.items()}, options=options)
+    set_model_state_dict(policy, _read_weights(path / "model.safetensors"), options=options)
     optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     set_optimizer_state_dict(policy, optimizer, optim_sd, options=options)
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
@@ -173,3 +197,46 @@ def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
     rngs = state["rng"]
     set_rng_state(rngs[world.rank] if world.rank < len(rngs) else rngs[0])
     return state["trainer"]
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+def _reference_file(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where :func:`save_reference` keeps the reference of the checkpoint at ``step``."""
+    return Path(output_dir) / "checkpoints" / f"reference-step-{step:08d}.safetensors"
+
+
+def save_reference(reference, output_dir: str | os.PathLike, step: int, world: distributed.World) -> None:
+    """The (previous-iterate) reference model of the checkpoint at ``step``, written atomically before
+    the checkpoint; every process calls it (its full state dict is gathered collectively)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(reference, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world.is_main:
+        path = _reference_file(output_dir, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        _write_weights(state, tmp)
+        os.replace(tmp, path)
+    distributed.barrier()
+
+
+def load_reference(reference, checkpoint: str | os.PathLike) -> None:
+    """Restore into ``reference`` the model :func:`save_reference` kept beside ``checkpoint``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    checkpoint = Path(checkpoint)
+    path = checkpoint.parent / f"reference-{checkpoint.name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: {path} is missing; it holds the previous-iterate reference of "
+                                f"{checkpoint.name}")
+    set_model_state_dict(reference, _read_weights(path), options=StateDictOptions(full_state_dict=True))
+
+
+def prune_reference_files(output_dir: str | os.PathLike) -> None:
+    """Remove the reference files of checkpoints no longer kept (run by process 0 after a save)."""
+    root = Path(output_dir) / "checkpoints"
+    kept = {p.name for p in root.glob("step-*") if p.is_dir()}
+    for f in root.glob("reference-step-*.safetensors"):
+        if f.name.removeprefix("reference-").removesuffix(".safetensors") not in kept:
+            f.unlink(missing_ok=True)

@@ -331,7 +331,11 @@ class _RolloutFields:
         if self.stop_token_ids is not None:
             if isinstance(self.stop_token_ids, int):
                 self.stop_token_ids = [self.stop_token_ids]
-            if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            from fastrl.rollout import resolve_stop_tokens  # the one check of stop ids (rollout and trainer)
+
+            try:
+                resolve_stop_tokens(self.stop_token_ids)
+            except ValueError:
                 self._fail("stop_token_ids", f"must be non-negative token ids, got {self.stop_token_ids!r}")
         if isinstance(self.reward_funcs, str) or callable(self.reward_funcs):
             self.reward_funcs = [self.reward_funcs]

@@ -3,20 +3,25 @@
 NCCL on CUDA, gloo on the CPU (2 CPU processes is how the multi-process path is tested). Every
 process reads the same data order and takes its own slice of each micro-batch
 (:class:`fastrl.train.data.BatchOrder`); FSDP2 averages gradients over processes, so a loss that is
-a mean over examples gives the same step as one process on the whole batch.
+a mean over examples gives the same step as one process on the whole batch. For a rollout,
+:func:`full_weights` holds every FSDP2 unit gathered so that the decoder sees whole weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import weakref
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["World", "all_gather_object", "all_reduce", "barrier", "broadcast_object", "close_world", "init_world",
-           "gradient_sync", "reshard", "shard"]
+from fastrl.train.packing import pack
+
+__all__ = ["World", "all_gather_object", "all_reduce", "barrier", "broadcast_object", "close_world", "full_weights",
+           "init_world", "gradient_sync", "reshard", "shard"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +90,59 @@ def reshard(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+_FSDP_READY: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def full_weights(policy: nn.Module, world: World):
+    """Every FSDP2 unit of ``policy`` (a :class:`fastrl.train.model.Policy`) gathered for the rollout,
+    and kept gathered through the prompt prefill's forward (no reshard after forward), so that the
+    lean decoder, which calls the layers' sub-modules directly, runs on FSDP2 models too; resharded,
+    and the units' reshard-after-forward restored, after. A no-op in one process."""
+    units = []
+    if world.distributed:
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+        if units and policy not in _FSDP_READY:
+            # FSDP2 initialises its units from the root's first forward; unsharding a layer first
+            # would make it a root of its own
+            with torch.no_grad():
+                policy(pack([[0]], [[0]]).to(world.device), lambda hidden, weight, bias: hidden)
+            reshard(policy)
+            _FSDP_READY.add(policy)
+    held = []  # (unit, what to restore or None), filled one unit at a time so a failure restores the ones held
+    try:
+        for unit in units:
+            held.append((unit, None))
+            held[-1] = (unit, _hold_gathered(unit))
+        yield
+    finally:
+        for unit, saved in held:
+            if saved is not None:
+                auto, infos = saved
+                state = unit._get_fsdp_state()
+                state._auto_reshard_after_forward = auto  # what set_reshard_after_forward changed
+                for group, info in zip(state._fsdp_param_groups, infos):
+                    group.post_forward_mesh_info = info
+            unit.reshard()
+
+
+def _hold_gathered(unit) -> tuple | None:
+    """Gather an FSDP2 unit and keep it gathered after its forwards; returns what to restore (each
+    parameter group's post-forward mesh, None being FSDP2's "do not reshard after forward")."""
+    state = unit._get_fsdp_state()
+    if not (hasattr(state, "_auto_reshard_after_forward") and hasattr(state, "_fsdp_param_groups")):
+        # another torch's FSDP2 internals: gather only (its forwards may reshard, and the rollout then
+        # takes the HF path, slower but correct)
+        unit.unshard()
+        return None
+    saved = (state._auto_reshard_after_forward, [group.post_forward_mesh_info for group in state._fsdp_param_groups])
+    unit.set_reshard_after_forward(False, recurse=False)
+    unit.unshard()
+    return saved
 
 
 def gradient_sync(module: nn.Module, enabled: bool) -> None:

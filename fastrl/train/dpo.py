@@ -29,8 +29,7 @@ from fastrl.train.data import PreferencePairs, load_preference_pairs
 from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
 from fastrl.train.packing import SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, pair_logps, precompute_pair_logps
-from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save_if_due,
-                              start_run, step_metrics)
+from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "dpo_step", "pair_batch", "train_dpo"]
@@ -144,24 +143,17 @@ def train_dpo(config: DPOConfig) -> TrainResult:
             local = dpo_step(policy, micro_batches, make_batch=make_batch, loss_fn=loss_fn, reference=reference,
                              autocast=run.autocast, telemetry=telemetry)
             metrics = _reduce(local, world.device)
-            with telemetry.phase("optimizer"):
-                lr = run.scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimize(run, metrics["loss"], step + 1)
-            elapsed = time.perf_counter() - started
-            run.tokens_seen += int(metrics["tokens"])
-            telemetry.advance()
-            if log_due(run, step + 1):
-                tokens = metrics["tokens"]
-                record = {
-                    **{k: v for k, v in metrics.items() if k not in ("tokens", "slots", "padded_slots")},
-                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=tokens,
-                                   step_s=elapsed, flops=tokens * step_flops_per_token,
-                                   layout=(tokens, metrics["slots"], metrics["padded_slots"])),
-                    **precompute_record,
-                }
-                precompute_record = {}  # reported once, on the first logged step
-                run.history.append(telemetry.log(step + 1, record))
-            save_if_due(run, step + 1)
+            tokens = metrics["tokens"]
+
+            def step_record():
+                record = {**{k: v for k, v in metrics.items() if k not in ("tokens", "slots", "padded_slots")},
+                          **precompute_record}
+                precompute_record.clear()  # reported once, on the first logged step
+                return record
+
+            end_step(run, step + 1, started=started, loss=metrics["loss"], tokens=tokens,
+                     flops=tokens * step_flops_per_token, layout=(tokens, metrics["slots"], metrics["padded_slots"]),
+                     record=step_record)
         return finish(run)
     finally:
         telemetry.close()

@@ -41,187 +41,30 @@ sequences. ``mask_truncated_completions`` drops completions without a stop token
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, NamedTuple
 
 import torch
 
 from fastrl.losses import FusedLinearGRPOLoss
 from fastrl.losses.torch_impl.grpo import DEFAULT_AGG
 from fastrl.ops import group_advantages
-from fastrl.rollout import generate, release
+from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
-from fastrl.train.config import ConfigError, GRPOConfig, TrainConfig
-from fastrl.train.data import Prompts, load_prompts
-from fastrl.train.model import Policy, frozen_copy, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.packing import SequenceBatch, pack
+from fastrl.train.config import GRPOConfig
+from fastrl.train.model import Policy, frozen_copy, prepare_for_training
+from fastrl.train.online import (Completions, gather_rows, mean_over_processes, online_setup, reward_metrics, rollout,
+                                 sample_records, score_completions, step_generator)
+from fastrl.train.packing import SequenceBatch
 from fastrl.train.reference import completion_logps
-from fastrl.train.run import (Run, TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume,
-                              save_if_due, start_run, step_metrics)
+from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, optimize, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 
-__all__ = ["Completions", "OnlineSetup", "advantages_of", "grpo_step", "loss_scales", "online_setup", "rollout",
-           "score_completions", "train_grpo"]
+__all__ = ["MicroBatch", "advantages_of", "grpo_step", "loss_scales", "micro_batches", "train_grpo"]
 
 
-# ---------------------------------------------------------------------------------------------- rollout
-
-@dataclass
-class Completions:
-    """The N = P × G completions of one step on this process, prompt-major (rows ``[p G, (p+1) G)``
-    continue prompt p). Token lists are on the CPU; ``sampler_logps[i]`` is ``[len(completions[i])]``."""
-
-    prompts: list[list[int]]       # the prompt of each completion (repeated G times)
-    completions: list[list[int]]
-    sampler_logps: list[torch.Tensor]
-    stopped: torch.Tensor          # [N] bool: ended on a stop token
-    rows: list[int]                # data row of each completion's prompt
-    group_size: int
-    engine: str = "fastrl"         # the rollout engine that ran (fastrl.rollout.Rollout.engine)
-
-    def __len__(self) -> int:
-        return len(self.completions)
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return torch.tensor([len(c) for c in self.completions], dtype=torch.long)
-
-
-_FSDP_READY: weakref.WeakSet = weakref.WeakSet()
-
-
-@contextlib.contextmanager
-def full_weights(policy: Policy, world: distributed.World):
-    """Every FSDP2 unit of ``policy`` gathered for the rollout, and kept gathered through the prompt
-    prefill's forward (no reshard after forward), so that the lean decoder, which calls the layers'
-    sub-modules directly, runs on FSDP2 models too; resharded, and the units' reshard-after-forward
-    restored, after. A no-op in one process."""
-    units = []
-    if world.distributed:
-        from torch.distributed.fsdp import FSDPModule
-
-        units = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-        if units and policy not in _FSDP_READY:
-            # FSDP2 initialises its units from the root's first forward; unsharding a layer first
-            # would make it a root of its own
-            with torch.no_grad():
-                policy(pack([[0]], [[0]]).to(world.device), lambda hidden, weight, bias: hidden)
-            distributed.reshard(policy)
-            _FSDP_READY.add(policy)
-    held = []  # (unit, what to restore or None), filled one unit at a time so a failure restores the ones held
-    try:
-        for unit in units:
-            held.append((unit, None))
-            held[-1] = (unit, _hold_gathered(unit))
-        yield
-    finally:
-        for unit, saved in held:
-            if saved is not None:
-                auto, infos = saved
-                state = unit._get_fsdp_state()
-                state._auto_reshard_after_forward = auto  # what set_reshard_after_forward changed
-                for group, info in zip(state._fsdp_param_groups, infos):
-                    group.post_forward_mesh_info = info
-            unit.reshard()
-
-
-def _hold_gathered(unit) -> tuple | None:
-    """Gather an FSDP2 unit and keep it gathered after its forwards; returns what to restore (each
-    parameter group's post-forward mesh, None being FSDP2's "do not reshard after forward")."""
-    state = unit._get_fsdp_state()
-    if not (hasattr(state, "_auto_reshard_after_forward") and hasattr(state, "_fsdp_param_groups")):
-        # another torch's FSDP2 internals: gather only (its forwards may reshard, and the rollout then
-        # takes the HF path, slower but correct)
-        unit.unshard()
-        return None
-    saved = (state._auto_reshard_after_forward, [group.post_forward_mesh_info for group in state._fsdp_param_groups])
-    unit.set_reshard_after_forward(False, recurse=False)
-    unit.unshard()
-    return saved
-
-
-def stop_tokens(config, tokenizer, model) -> list[int]:
-    """``config.stop_token_ids``, else the tokenizer's and the model's EOS ids (possibly none)."""
-    if config.stop_token_ids is not None:
-        return list(config.stop_token_ids)
-    ids = set()
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in ([eos] if isinstance(eos, int) else list(eos or [])):
-        ids.add(int(i))
-    return sorted(ids)
-
-
-def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """The sampling generator of one step on one process: a function of (seed, rank, step), so a
-    resumed run draws exactly what the uninterrupted one would."""
-    mixed = (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1)
-    return torch.Generator(device=device.type).manual_seed(mixed)
-
-
-def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config, world: distributed.World,
-            stop_ids: list[int], generator: torch.Generator, num_samples: int | None = None,
-            temperature: float | None = None) -> Completions:
-    """G completions of each prompt from the policy (eval mode, no grad; one prefill per prompt)."""
-    g = num_samples or config.num_generations
-    was_training = policy.training
-    policy.eval()
-    try:
-        with full_weights(policy, world):
-            out = generate(policy.model, [torch.tensor(p) for p in prompts],
-                           max_new_tokens=config.max_completion_length,
-                           num_samples=g, temperature=config.temperature if temperature is None else temperature,
-                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, stop_token_ids=stop_ids,
-                           generator=generator, engine=config.rollout_engine,
-                           keep_graph=config.rollout_keep_cuda_graph)
-    finally:
-        policy.train(was_training)
-    ids, logps, lengths = out.completion_ids.cpu(), out.logprobs.cpu(), out.lengths.cpu().tolist()
-    return Completions(prompts=[prompts[i // g] for i in range(len(lengths))],
-                       completions=[ids[i, :n].tolist() for i, n in enumerate(lengths)],
-                       sampler_logps=[logps[i, :n].clone() for i, n in enumerate(lengths)],
-                       stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g,
-                       engine=out.engine)
-
-
-# ---------------------------------------------------------------------------------------------- rewards
-
-def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[dict[str, Any]]:
-    """The keyword arguments of each completion's reward call: its data row, ``completion`` (text,
-    with a tokenizer) and ``finish_reason``."""
-    texts = None
-    if tokenizer is not None:  # one call for the batch (a fast tokenizer decodes it in Rust)
-        texts = tokenizer.batch_decode(completions.completions, skip_special_tokens=True)
-    stopped = completions.stopped.tolist()
-    out = []
-    for i, row in enumerate(completions.rows):
-        columns = {k: v for k, v in data.rows[row].items() if k not in ("prompt_ids", "completion_ids")}
-        if texts is not None:
-            columns["completion"] = texts[i]
-        columns["finish_reason"] = "stop" if stopped[i] else "length"
-        out.append(columns)
-    return out
-
-
-def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, completions: Completions,
-                      tokenizer) -> torch.Tensor:
-    """``[N, R]`` rewards of this process's completions (NaN = unscorable)."""
-    return rewards_lib.score(rewards, completions.prompts, completions.completions,
-                             reward_columns(data, completions, tokenizer))
-
-
-def gather_rows(local: torch.Tensor, world: distributed.World) -> torch.Tensor:
-    """Every process's rows of ``local`` (same row count on each), in rank order (CPU)."""
-    if not world.distributed:
-        return local
-    return torch.cat(distributed.all_gather_object(local.cpu()))
-
+# ---------------------------------------------------------------------------------------------- advantages
 
 def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *, weights: list[float] | None,
                   lengths: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
@@ -245,23 +88,6 @@ def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *,
     elif weights is not None and rewards.shape[1] == 1:
         table = table * weights[0]
     return group_advantages(table, group_size, **options)
-
-
-def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:
-    """Mean / std of the combined reward and of each reward over the global batch (scorable
-    completions only), the unscorable fraction and the fraction of groups with one reward value."""
-    finite = ~torch.isnan(combined)
-    values = combined[finite]
-    out = {"reward/mean": float(values.mean()) if values.numel() else math.nan,
-           "reward/std": float(values.std()) if values.numel() > 1 else 0.0,
-           "reward/unscorable": float((~finite).float().mean())}
-    groups = combined.view(-1, group_size)
-    spread = torch.nan_to_num(groups.amax(1) - groups.amin(1), nan=0.0)
-    out["reward/frac_zero_std_groups"] = float((spread == 0).float().mean())
-    for j, name in enumerate(names):
-        col = rewards[:, j][~torch.isnan(rewards[:, j])]
-        out[f"reward/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -367,84 +193,7 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
     return out
 
 
-def _mean_over_processes(metrics: dict[str, float], device: torch.device, world: distributed.World) -> dict:
-    if not world.distributed:
-        return metrics
-    names = sorted(metrics)
-    values = distributed.all_reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=device))
-    return {k: float(v) / world.world_size for k, v in zip(names, values.tolist())}
-
-
-def _check_lengths(config: TrainConfig, data: Prompts, model) -> None:
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    longest = max(len(p) for p in data.prompts)
-    if limit is not None and longest + config.max_completion_length > limit:
-        raise ConfigError(f"{type(config).__name__}.max_completion_length: the longest prompt ({longest} tokens) + "
-                          f"max_completion_length ({config.max_completion_length}) exceeds the model's "
-                          f"max_position_embeddings ({limit})")
-
-
-def sample_records(completions: Completions, rewards: torch.Tensor, advantages: torch.Tensor | None, tokenizer,
-                   count: int) -> list[dict[str, Any]]:
-    """The first ``count`` completions of the step, for ``completions.jsonl``."""
-    out = []
-    for i in range(min(count, len(completions))):
-        record = {"prompt": completions.prompts[i], "completion": completions.completions[i],
-                  "rewards": [None if math.isnan(r) else r for r in rewards[i].tolist()],
-                  "finish_reason": "stop" if bool(completions.stopped[i]) else "length"}
-        if advantages is not None:
-            record["advantage"] = float(advantages[i])
-        if tokenizer is not None:
-            record["prompt_text"] = tokenizer.decode(completions.prompts[i])
-            record["completion_text"] = tokenizer.decode(completions.completions[i])
-        out.append(record)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- recipe
-
-def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> list[rewards_lib.RewardFunction]:
-    """The run's rewards: ``reward_funcs`` (Python objects) when given, else the config's; then the
-    reward model. Import problems raise :class:`ConfigError` naming the field."""
-    name = type(config).__name__
-    funcs = list(reward_funcs) if reward_funcs is not None else list(config.reward_funcs)
-    if not funcs and config.reward_model is None:
-        raise ConfigError(f"{name}.reward_funcs: give at least one reward: reward_funcs and/or reward_model")
-    n = len(funcs) + (config.reward_model is not None)
-    if config.reward_weights is not None and len(config.reward_weights) != n:
-        raise ConfigError(f"{name}.reward_weights: needs one weight per reward ({n}), got {len(config.reward_weights)}")
-    from fastrl.train.model import DTYPES
-
-    try:
-        return rewards_lib.load_rewards(funcs, config.reward_model, field_name=f"{name}.reward_funcs",
-                                        tokenizer=tokenizer, batch_size=config.reward_batch_size, device=device,
-                                        dtype=DTYPES[config.dtype])
-    except rewards_lib.RewardError as e:
-        raise ConfigError(str(e)) from None
-
-
-class OnlineSetup(NamedTuple):
-    """What the online recipes (GRPO, online DPO) set up alike."""
-
-    data: Prompts                                  # the prompts, lengths checked
-    rewards: list[rewards_lib.RewardFunction]
-    names: list[str]                               # the rewards' names (metric keys)
-    layout: Any                                    # packed or padded batches (sequence_layout)
-    stop_ids: list[int]
-    group: int                                     # completions per prompt
-
-
-def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
-    """Prompts (lengths checked against the model), rewards (``reward_funcs`` replace the config's),
-    the batch layout, stop tokens and group size of an online run."""
-    config, tokenizer, device = run.config, run.tokenizer, run.world.device
-    data = load_prompts(config, tokenizer, run.vocab_size)
-    _check_lengths(config, data, run.model)
-    rewards = load_run_rewards(config, reward_funcs, tokenizer, device)
-    layout = sequence_layout(run.model, config.packing and packing_works(run.policy, run.vocab_size, device))
-    return OnlineSetup(data, rewards, [r.name for r in rewards], layout, stop_tokens(config, tokenizer, run.model),
-                       config.num_generations)
-
 
 def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     """Run GRPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional): reward
@@ -517,8 +266,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
             local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=run.autocast,
                               telemetry=telemetry, optimize=lambda loss: optimize(run, loss, step + 1))
 
-            # ---- telemetry
-            elapsed = time.perf_counter() - started
+            # ---- optimiser steps taken (in grpo_step); counters, log record, checkpoint
             lengths = all_lengths.float()
             sequence_tokens = float(sum(len(p) + len(c) for p, c in zip(completions.prompts,
                                                                           completions.completions)))
@@ -526,26 +274,21 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
                 [sequence_tokens, sum(m.batch.tokens for m in micros), sum(m.batch.slots for m in micros),
                  sum(m.batch.padded_slots for m in micros), float(completions.stopped.sum())],
                 dtype=torch.float64, device=world.device)).tolist()
-            run.tokens_seen += int(counts[0])
-            telemetry.advance()
-            if log_due(run, step + 1):
-                metrics = _mean_over_processes({k: v for k, v in local.items() if k != "train_tokens"},
-                                               world.device, world)
+
+            def step_record():
                 record.update({
-                    **metrics,
-                    **step_metrics(run, grad_norm=metrics["grad_norm"], lr=run.scheduler.get_last_lr()[0],
-                                   skipped=metrics["skipped"], tokens=counts[0], step_s=elapsed,
-                                   flops=counts[0] * run.forward_flops * forwards_per_token, layout=counts[1:4]),
+                    **mean_over_processes({k: v for k, v in local.items() if k != "train_tokens"}, world),
                     "train_tokens": local["train_tokens"],
                     "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                     "completions/max_length": float(lengths.max()),
                     "completions/clipped_ratio": 1.0 - counts[4] / lengths.numel(),
                 })
-                run.history.append(telemetry.log(step + 1, record))
-                if config.log_completions:
-                    telemetry.log_completions(step + 1, sample_records(
-                        completions, local_rewards, local_advantages, tokenizer, config.log_completions))
-            save_if_due(run, step + 1)
+                return record
+
+            end_step(run, step + 1, started=started, tokens=counts[0], layout=counts[1:4],
+                     flops=counts[0] * run.forward_flops * forwards_per_token, record=step_record,
+                     samples=lambda: sample_records(completions, local_rewards, local_advantages, tokenizer,
+                                                    config.log_completions))
         return finish(run)
     finally:
         release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run

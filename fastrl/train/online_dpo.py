@@ -5,11 +5,11 @@ any DPO-family loss. The whole recipe, top to bottom.
     result = train_online_dpo(OnlineDPOConfig(model="path/to/model", train_data="prompts.jsonl",
                                               reward_funcs=["my_rewards:exact_match"], num_generations=4))
 
-Setup as in :mod:`fastrl.train.grpo`. Each step:
+Setup as in :mod:`fastrl.train.grpo` (:func:`fastrl.train.online.online_setup`). Each step:
 
 1. **rollout** — G = ``num_generations`` (≥ 2) completions of each of this process's
    ``batch_size × gradient_accumulation_steps`` prompts from the current policy
-   (:func:`fastrl.train.grpo.rollout`: one prefill per prompt, eval mode, no grad).
+   (:func:`fastrl.train.online.rollout`: one prefill per prompt, eval mode, no grad).
 2. **reward** — every reward, combined into one number per completion (the weighted sum of its
    scorable rewards; a completion with none is never paired).
 3. **pairs** — per prompt, best vs worst (``pairing: best_worst``) or every pair with different
@@ -29,7 +29,6 @@ Setup as in :mod:`fastrl.train.grpo`. Each step:
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,15 +38,14 @@ import torch
 from fastrl.losses import FusedLinearDPOLoss
 from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
-from fastrl.train.checkpoint import _model_tensors
+from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
-from fastrl.train.grpo import (Completions, _mean_over_processes, gather_rows, online_setup, reward_metrics, rollout,
-                               sample_records, score_completions, step_generator)
 from fastrl.train.model import Policy, frozen_copy, prepare_for_training
+from fastrl.train.online import (Completions, gather_rows, mean_over_processes, online_setup, reward_metrics, rollout,
+                                 sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.reference import pair_logps
-from fastrl.train.run import (Run, TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save,
-                              save_if_due, start_run, step_metrics)
+from fastrl.train.run import Run, TrainResult, end_step, finish, open_telemetry, plan_steps, resume, save, start_run
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["make_pairs", "online_dpo_step", "train_online_dpo"]
@@ -124,56 +122,6 @@ def online_dpo_step(policy: Policy, micros: list[tuple[SequenceBatch, int]], *, 
 
 # ---------------------------------------------------------------------------------------------- reference
 
-def _reference_file(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"reference-step-{step:08d}.safetensors"
-
-
-def save_reference(reference: Policy, out: Path, step: int, world: distributed.World) -> None:
-    """The previous-iterate reference of a checkpoint at ``step`` (written before the checkpoint,
-    atomically; files of checkpoints no longer kept are removed)."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(reference, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if world.is_main:
-        path = _reference_file(out, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors, tied = _model_tensors(state)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"tied": repr(tied)})
-        os.replace(tmp, path)
-    distributed.barrier()
-
-
-def load_reference(reference: Policy, checkpoint: Path) -> None:
-    """Restore the previous-iterate reference saved beside ``checkpoint`` by :func:`save_reference`."""
-    import ast
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    path = checkpoint.parent / f"reference-{checkpoint.name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: {path} is missing; it holds the previous-iterate reference of "
-                                f"{checkpoint.name}")
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        tied = ast.literal_eval((f.metadata() or {}).get("tied", "{}"))
-    for name, source in tied.items():
-        tensors[name] = tensors[source]
-    set_model_state_dict(reference, {"model." + k: v for k, v in tensors.items()},
-                         options=StateDictOptions(full_state_dict=True))
-
-
-def _prune_reference_files(out: Path) -> None:
-    root = out / "checkpoints"
-    kept = {p.name for p in root.glob("step-*") if p.is_dir()}
-    for f in root.glob("reference-step-*.safetensors"):
-        if f.name.removeprefix("reference-").removesuffix(".safetensors") not in kept:
-            f.unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def copy_weights(target: Policy, source: Policy) -> None:
     """``target`` ← ``source`` parameter by parameter (same sharding, so local shards copy)."""
@@ -215,7 +163,7 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
             save_reference(reference_model, run.out, step, world)
         path = save(run, step)
         if world.is_main:
-            _prune_reference_files(run.out)
+            prune_reference_files(run.out)
         return path
 
     try:
@@ -242,38 +190,27 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                                         device=world.device)
             local = online_dpo_step(policy, micros, loss_fn=loss_fn, reference=reference, world=world,
                                     autocast=run.autocast, telemetry=telemetry)
-            with telemetry.phase("optimizer"):
-                lr = run.scheduler.get_last_lr()[0]
-                metrics = _mean_over_processes({k: v for k, v in local.items() if k != "pairs"}, world.device, world)
-                if local["pairs"] > 0:
-                    grad_norm, stepped = optimize(run, metrics["loss"], step + 1)
-                else:  # nothing to learn from: no optimiser step (Adam's moments would still move the weights)
-                    run.optimizer.zero_grad(set_to_none=True)
-                    run.scheduler.step()
-                    grad_norm, stepped = 0.0, False
+            metrics = mean_over_processes({k: v for k, v in local.items() if k != "pairs"}, world)
 
-            elapsed = time.perf_counter() - started
             counts = distributed.all_reduce(torch.tensor(
                 [float(sum(len(p) + len(c) for p, c in zip(completions.prompts, completions.completions))),
                  float(sum(b.tokens for b, n in micros if n)), float(sum(gaps)), float(completions.stopped.sum())],
                 dtype=torch.float64, device=world.device)).tolist()
-            run.tokens_seen += int(counts[0])
-            telemetry.advance()
-            if log_due(run, step + 1):
+
+            def step_record():
                 lengths = gather_rows(completions.lengths, world).float()
-                flops = run.forward_flops * (counts[0] + counts[1] * (3 + (reference_model is not None)))
                 record.update({
                     **metrics, "pairs": local["pairs"], "pairs/reward_gap": counts[2] / max(local["pairs"], 1),
-                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=counts[0],
-                                   step_s=elapsed, flops=flops),
                     "train_tokens": counts[1], "completions/mean_length": float(lengths.mean()),
                     "completions/clipped_ratio": 1.0 - counts[3] / lengths.numel(),
                 })
-                run.history.append(telemetry.log(step + 1, record))
-                if config.log_completions:
-                    telemetry.log_completions(step + 1, sample_records(completions, local_rewards, None, tokenizer,
-                                                                       config.log_completions))
-            save_if_due(run, step + 1, save=save_with_reference)
+                return record
+
+            flops = run.forward_flops * (counts[0] + counts[1] * (3 + (reference_model is not None)))
+            # a step without pairs has nothing to learn from: no optimiser step
+            end_step(run, step + 1, started=started, loss=metrics["loss"], empty=local["pairs"] == 0,
+                     tokens=counts[0], flops=flops, record=step_record, save=save_with_reference,
+                     samples=lambda: sample_records(completions, local_rewards, None, tokenizer, config.log_completions))
         return finish(run, save=save_with_reference)
     finally:
         release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run

@@ -1,4 +1,4 @@
-"""What every recipe does around its step: start the run, plan its steps, resume, log, save, finish.
+"""What every recipe does around its step: start the run, plan its steps, resume, end each step, finish.
 
 A recipe reads top to bottom with these in order::
 
@@ -9,10 +9,10 @@ A recipe reads top to bottom with these in order::
     open_telemetry(run)
     try:
         for step in range(run.start_step, run.total_steps):
-            ...                                   # the recipe's step; run.tokens_seen += its tokens
-            if log_due(run, step + 1):
-                run.history.append(run.telemetry.log(step + 1, {..., **step_metrics(run, ...)}))
-            save_if_due(run, step + 1)
+            started = time.perf_counter()
+            ...                                   # the recipe's forwards and backwards
+            end_step(run, step + 1, started=started, loss=loss, tokens=tokens, flops=flops,
+                     record=lambda: {...})        # optimiser step, counters, log record, checkpoint
         return finish(run)                        # the final checkpoint, if not just saved
     finally:
         run.telemetry.close()
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +36,8 @@ from fastrl.train.model import Policy, build_model, load_tokenizer
 from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
 from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
 
-__all__ = ["Run", "TrainResult", "finish", "log_due", "open_telemetry", "optimize", "plan_steps", "resume", "save",
-           "save_if_due", "start_run", "step_metrics"]
+__all__ = ["Run", "TrainResult", "end_step", "finish", "log_due", "open_telemetry", "optimize", "plan_steps", "resume",
+           "save", "save_if_due", "start_run", "step_metrics"]
 
 
 @dataclasses.dataclass
@@ -187,6 +188,52 @@ def save_if_due(run: Run, step: int, save: Callable[[Run, int], Path] = save) ->
     """Checkpoint after step ``step`` (1-based) every ``save_every`` steps."""
     if run.config.save_every and step % run.config.save_every == 0:
         run.last_saved = save(run, step)
+
+
+def end_step(run: Run, step: int, *, started: float, tokens: float, flops: float,
+             record: Callable[[], dict[str, Any]], loss: float | None = None, empty: bool = False,
+             layout: tuple[float, float, float] | None = None, samples: Callable[[], list[dict[str, Any]]] | None = None,
+             save: Callable[[Run, int], Path] = save) -> None:
+    """The end of step ``step`` (1-based), the same in every recipe, in this order:
+
+    1. the optimiser step (telemetry phase ``optimizer``): on ``loss`` (the step's, every process)
+       with :func:`optimize`; with ``empty`` (a step with nothing to learn from) none, the gradients
+       dropped and the schedule advanced all the same; with ``loss=None`` the recipe has stepped the
+       optimiser itself (GRPO's μ updates) and ``record()`` holds the step's ``grad_norm`` and
+       ``skipped``;
+    2. ``tokens`` (the step's, every process) counted into ``tokens_seen``, the telemetry advanced;
+    3. on a log step (:func:`log_due`): ``record()`` — the recipe's metrics, called on log steps only,
+       on every process (it may hold collectives) — then :func:`step_metrics` (``lr`` read before the
+       optimiser step, ``step_s`` since ``started``, a ``time.perf_counter()``, ``flops`` the step's
+       over every process, ``layout`` = model-batch tokens, slots, padded slots), logged and appended
+       to ``history``; and, with ``samples`` and ``config.log_completions``, ``samples()`` written to
+       ``completions.jsonl``;
+    4. a checkpoint when due (:func:`save_if_due` with ``save``).
+    """
+    lr = run.scheduler.get_last_lr()[0]
+    grad_norm = skipped = None
+    if loss is not None or empty:
+        with run.telemetry.phase("optimizer"):
+            if empty:  # no optimiser step (Adam's moments would still move the weights)
+                run.optimizer.zero_grad(set_to_none=True)
+                run.scheduler.step()
+                grad_norm, stepped = 0.0, False
+            else:
+                grad_norm, stepped = optimize(run, loss, step)
+        skipped = float(not stepped)
+    step_s = time.perf_counter() - started
+    run.tokens_seen += int(tokens)
+    run.telemetry.advance()
+    if log_due(run, step):
+        entries = record()
+        if skipped is None:
+            grad_norm, skipped = entries["grad_norm"], entries["skipped"]
+        entries.update(step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=skipped, tokens=tokens, step_s=step_s,
+                                    flops=flops, layout=layout))
+        run.history.append(run.telemetry.log(step, entries))
+        if samples is not None and run.config.log_completions:
+            run.telemetry.log_completions(step, samples())
+    save_if_due(run, step, save)
 
 
 def finish(run: Run, save: Callable[[Run, int], Path] = save) -> TrainResult:

@@ -28,8 +28,7 @@ from fastrl.train.config import SFTConfig
 from fastrl.train.data import DataError, Encoder, fingerprint, fit_prompt, load_table
 from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save_if_due,
-                              start_run, step_metrics)
+from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["SFTExamples", "load_sft_examples", "sft_step", "train_sft"]
@@ -124,21 +123,10 @@ def train_sft(config: SFTConfig) -> TrainResult:
             local = sft_step(policy, batches, world=world, autocast=run.autocast, telemetry=telemetry)
             counts = distributed.all_reduce(torch.tensor([local["tokens"], local["slots"], local["padded_slots"]],
                                                          dtype=torch.float64, device=world.device)).tolist()
-            with telemetry.phase("optimizer"):
-                lr = run.scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimize(run, local["loss"], step + 1)
-            elapsed = time.perf_counter() - started
-            run.tokens_seen += int(counts[0])
-            telemetry.advance()
-            if log_due(run, step + 1):
-                record = {
-                    "loss": local["loss"], "ppl": math.exp(min(local["loss"], 50.0)),
-                    "completion_tokens": local["completion_tokens"],
-                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=counts[0],
-                                   step_s=elapsed, flops=counts[0] * (3 * run.forward_flops), layout=counts),
-                }
-                run.history.append(telemetry.log(step + 1, record))
-            save_if_due(run, step + 1)
+            end_step(run, step + 1, started=started, loss=local["loss"], tokens=counts[0],
+                     flops=counts[0] * (3 * run.forward_flops), layout=counts,
+                     record=lambda: {"loss": local["loss"], "ppl": math.exp(min(local["loss"], 50.0)),
+                                     "completion_tokens": local["completion_tokens"]})
         return finish(run)
     finally:
         telemetry.close()

@@ -22,7 +22,7 @@ WORKER = r'''
 import json, sys
 import torch
 from fastrl.train import distributed
-from fastrl.train.grpo import rollout
+from fastrl.train.online import rollout
 from tests.train.test_distributed_rollout import config, policy_and_model
 
 torch.set_num_threads(1)
@@ -62,7 +62,7 @@ def config():
 
 def test_fsdp2_rollout_takes_the_lean_decoder_and_matches_one_process(tmp_path):
     from fastrl.train.distributed import World
-    from fastrl.train.grpo import rollout
+    from fastrl.train.online import rollout
 
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

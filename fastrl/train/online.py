@@ -1,0 +1,215 @@
+"""What the online recipes (GRPO, online DPO) share: rollout, rewards, gathering, logging.
+
+A step of either recipe: :func:`rollout` draws G completions of each of this process's prompts from
+the policy (:func:`fastrl.rollout.generate`, FSDP2 units gathered by
+:func:`fastrl.train.distributed.full_weights`, the draws seeded by :func:`step_generator`) into
+:class:`Completions`; :func:`score_completions` runs every reward on them; :func:`gather_rows`
+collects the rows of every process; :func:`reward_metrics` and :func:`sample_records` are what the
+step logs. :func:`online_setup` prepares a run: prompts (lengths checked against the model), rewards
+(:func:`load_run_rewards`), batch layout, stop tokens
+(:func:`fastrl.rollout.resolve_stop_tokens`) and group size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from fastrl.rollout import generate, resolve_stop_tokens
+from fastrl.train import distributed, rewards as rewards_lib
+from fastrl.train.config import ConfigError, TrainConfig
+from fastrl.train.data import Prompts, load_prompts
+from fastrl.train.model import DTYPES, Policy, packing_works, sequence_layout
+from fastrl.train.run import Run
+
+__all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "mean_over_processes", "online_setup",
+           "reward_columns", "reward_metrics", "rollout", "sample_records", "score_completions", "step_generator"]
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+@dataclass
+class Completions:
+    """The N = P × G completions of one step on this process, prompt-major (rows ``[p G, (p+1) G)``
+    continue prompt p). Token lists are on the CPU; ``sampler_logps[i]`` is ``[len(completions[i])]``."""
+
+    prompts: list[list[int]]       # the prompt of each completion (repeated G times)
+    completions: list[list[int]]
+    sampler_logps: list[torch.Tensor]
+    stopped: torch.Tensor          # [N] bool: ended on a stop token
+    rows: list[int]                # data row of each completion's prompt
+    group_size: int
+    engine: str = "fastrl"         # the rollout engine that ran (fastrl.rollout.Rollout.engine)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(c) for c in self.completions], dtype=torch.long)
+
+
+def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The sampling generator of one step on one process: a function of (seed, rank, step), so a
+    resumed run draws exactly what the uninterrupted one would."""
+    mixed = (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1)
+    return torch.Generator(device=device.type).manual_seed(mixed)
+
+
+def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config, world: distributed.World,
+            stop_ids: list[int], generator: torch.Generator, num_samples: int | None = None,
+            temperature: float | None = None) -> Completions:
+    """G completions of each prompt from the policy (eval mode, no grad; one prefill per prompt)."""
+    g = num_samples or config.num_generations
+    was_training = policy.training
+    policy.eval()
+    try:
+        with distributed.full_weights(policy, world):
+            out = generate(policy.model, [torch.tensor(p) for p in prompts],
+                           max_new_tokens=config.max_completion_length,
+                           num_samples=g, temperature=config.temperature if temperature is None else temperature,
+                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, stop_token_ids=stop_ids,
+                           generator=generator, engine=config.rollout_engine,
+                           keep_graph=config.rollout_keep_cuda_graph)
+    finally:
+        policy.train(was_training)
+    ids, logps, lengths = out.completion_ids.cpu(), out.logprobs.cpu(), out.lengths.cpu().tolist()
+    return Completions(prompts=[prompts[i // g] for i in range(len(lengths))],
+                       completions=[ids[i, :n].tolist() for i, n in enumerate(lengths)],
+                       sampler_logps=[logps[i, :n].clone() for i, n in enumerate(lengths)],
+                       stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g,
+                       engine=out.engine)
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[dict[str, Any]]:
+    """The keyword arguments of each completion's reward call: its data row, ``completion`` (text,
+    with a tokenizer) and ``finish_reason``."""
+    texts = None
+    if tokenizer is not None:  # one call for the batch (a fast tokenizer decodes it in Rust)
+        texts = tokenizer.batch_decode(completions.completions, skip_special_tokens=True)
+    stopped = completions.stopped.tolist()
+    out = []
+    for i, row in enumerate(completions.rows):
+        columns = {k: v for k, v in data.rows[row].items() if k not in ("prompt_ids", "completion_ids")}
+        if texts is not None:
+            columns["completion"] = texts[i]
+        columns["finish_reason"] = "stop" if stopped[i] else "length"
+        out.append(columns)
+    return out
+
+
+def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, completions: Completions,
+                      tokenizer) -> torch.Tensor:
+    """``[N, R]`` rewards of this process's completions (NaN = unscorable)."""
+    return rewards_lib.score(rewards, completions.prompts, completions.completions,
+                             reward_columns(data, completions, tokenizer))
+
+
+def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:
+    """Mean / std of the combined reward and of each reward over the global batch (scorable
+    completions only), the unscorable fraction and the fraction of groups with one reward value."""
+    finite = ~torch.isnan(combined)
+    values = combined[finite]
+    out = {"reward/mean": float(values.mean()) if values.numel() else math.nan,
+           "reward/std": float(values.std()) if values.numel() > 1 else 0.0,
+           "reward/unscorable": float((~finite).float().mean())}
+    groups = combined.view(-1, group_size)
+    spread = torch.nan_to_num(groups.amax(1) - groups.amin(1), nan=0.0)
+    out["reward/frac_zero_std_groups"] = float((spread == 0).float().mean())
+    for j, name in enumerate(names):
+        col = rewards[:, j][~torch.isnan(rewards[:, j])]
+        out[f"reward/{name}/mean"] = float(col.mean()) if col.numel() else math.nan
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- processes, logs
+
+def gather_rows(local: torch.Tensor, world: distributed.World) -> torch.Tensor:
+    """Every process's rows of ``local`` (same row count on each), in rank order (CPU)."""
+    if not world.distributed:
+        return local
+    return torch.cat(distributed.all_gather_object(local.cpu()))
+
+
+def mean_over_processes(metrics: dict[str, float], world: distributed.World) -> dict[str, float]:
+    """The mean of each metric over the processes (one collective; the metrics themselves in one process)."""
+    if not world.distributed:
+        return metrics
+    names = sorted(metrics)
+    values = distributed.all_reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64,
+                                                 device=world.device))
+    return {k: float(v) / world.world_size for k, v in zip(names, values.tolist())}
+
+
+def sample_records(completions: Completions, rewards: torch.Tensor, advantages: torch.Tensor | None, tokenizer,
+                   count: int) -> list[dict[str, Any]]:
+    """The first ``count`` completions of the step, for ``completions.jsonl``."""
+    out = []
+    for i in range(min(count, len(completions))):
+        record = {"prompt": completions.prompts[i], "completion": completions.completions[i],
+                  "rewards": [None if math.isnan(r) else r for r in rewards[i].tolist()],
+                  "finish_reason": "stop" if bool(completions.stopped[i]) else "length"}
+        if advantages is not None:
+            record["advantage"] = float(advantages[i])
+        if tokenizer is not None:
+            record["prompt_text"] = tokenizer.decode(completions.prompts[i])
+            record["completion_text"] = tokenizer.decode(completions.completions[i])
+        out.append(record)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+def _check_lengths(config: TrainConfig, data: Prompts, model) -> None:
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max(len(p) for p in data.prompts)
+    if limit is not None and longest + config.max_completion_length > limit:
+        raise ConfigError(f"{type(config).__name__}.max_completion_length: the longest prompt ({longest} tokens) + "
+                          f"max_completion_length ({config.max_completion_length}) exceeds the model's "
+                          f"max_position_embeddings ({limit})")
+
+
+def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> list[rewards_lib.RewardFunction]:
+    """The run's rewards: ``reward_funcs`` (Python objects) when given, else the config's; then the
+    reward model. Import problems raise :class:`ConfigError` naming the field."""
+    name = type(config).__name__
+    funcs = list(reward_funcs) if reward_funcs is not None else list(config.reward_funcs)
+    if not funcs and config.reward_model is None:
+        raise ConfigError(f"{name}.reward_funcs: give at least one reward: reward_funcs and/or reward_model")
+    n = len(funcs) + (config.reward_model is not None)
+    if config.reward_weights is not None and len(config.reward_weights) != n:
+        raise ConfigError(f"{name}.reward_weights: needs one weight per reward ({n}), got {len(config.reward_weights)}")
+    try:
+        return rewards_lib.load_rewards(funcs, config.reward_model, field_name=f"{name}.reward_funcs",
+                                        tokenizer=tokenizer, batch_size=config.reward_batch_size, device=device,
+                                        dtype=DTYPES[config.dtype])
+    except rewards_lib.RewardError as e:
+        raise ConfigError(str(e)) from None
+
+
+class OnlineSetup(NamedTuple):
+    """What the online recipes (GRPO, online DPO) set up alike."""
+
+    data: Prompts                                  # the prompts, lengths checked
+    rewards: list[rewards_lib.RewardFunction]
+    names: list[str]                               # the rewards' names (metric keys)
+    layout: Any                                    # packed or padded batches (sequence_layout)
+    stop_ids: list[int]
+    group: int                                     # completions per prompt
+
+
+def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
+    """Prompts (lengths checked against the model), rewards (``reward_funcs`` replace the config's),
+    the batch layout, stop tokens and group size of an online run."""
+    config, tokenizer, device = run.config, run.tokenizer, run.world.device
+    data = load_prompts(config, tokenizer, run.vocab_size)
+    _check_lengths(config, data, run.model)
+    rewards = load_run_rewards(config, reward_funcs, tokenizer, device)
+    layout = sequence_layout(run.model, config.packing and packing_works(run.policy, run.vocab_size, device))
+    stop_ids = resolve_stop_tokens(config.stop_token_ids, model=run.model, tokenizer=tokenizer)
+    return OnlineSetup(data, rewards, [r.name for r in rewards], layout, stop_ids, config.num_generations)
