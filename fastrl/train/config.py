@@ -242,51 +242,44 @@ def _dummy_check(config: TrainConfig, fn, *args, **kwargs) -> None:
         raise ConfigError(f"{type(config).__name__}.{str(e).split(' ', 1)[0]}: {e}") from None
 
 
-@dataclass
-class _DPOLossFields:
-    """The options of :func:`fastrl.losses.dpo_loss`, same names and defaults."""
+def _dpo_loss_fields() -> list:
+    """The fields of :class:`fastrl.losses.DPOSettings` (same names, defaults and help; tuples as lists), then
+    ``ld_alpha``, an option of the fused loss rather than of the settings."""
+    from fastrl.losses import DPOSettings
+    from fastrl.losses.settings import config_fields
 
-    loss_type: list[str] = _help("DPO-family loss type(s): sigmoid, ipo, hinge, robust, simpo, ... (LOSSES.md)",
-                                 default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = _help("weights of several loss types (default 1 each)", None)
-    beta: float = _help("β", 0.1)
-    label_smoothing: float = _help("ε of cdpo / robust / exo_pair", 0.0)
-    f_divergence: str = _help("reverse_kl, forward_kl, js or alpha", "reverse_kl")
-    f_alpha: float = _help("α of the alpha divergence", 1.0)
-    gamma_beta_ratio: float = _help("SimPO γ/β", 0.5)
-    rpo_alpha: float | None = _help("RPO: add rpo_alpha × the chosen per-token NLL", None)
-    discopop_tau: float = _help("DiscoPOP τ", 0.05)
-    cpo_alpha: float = _help("CPO NLL weight", 1.0)
-    dpop_lambda: float = _help("DPO-Positive λ", 50.0)
-    bco_delta: float = _help("bco_pair reward shift δ (TRL 1.16: 0)", 0.0)
-    ld_alpha: float | None = _help("LD-DPO: weight of the tokens beyond the shorter completion of a pair", None)
+    ld_alpha = _help("LD-DPO: weight of the tokens beyond the shorter completion of a pair", None)
+    return [*config_fields(DPOSettings), ("ld_alpha", float | None, ld_alpha)]
+
+
+class _DPOLossFields(dataclasses.make_dataclass("_DPOLossFieldsBase", _dpo_loss_fields(),
+                                                namespace={"__module__": __name__})):
+    """The loss fields of the DPO configs: those of :class:`fastrl.losses.DPOSettings` (:meth:`loss_settings`)
+    and ``ld_alpha``."""
+
+    def loss_settings(self):
+        """The loss fields but ``ld_alpha`` as :class:`fastrl.losses.DPOSettings` (checked)."""
+        from fastrl.losses import DPOSettings
+
+        return DPOSettings(**{k: v for k, v in self.loss_options().items() if k != "ld_alpha"})
 
     def loss_options(self) -> dict[str, Any]:
-        """Keywords for :class:`fastrl.losses.FusedLinearDPOLoss`."""
-        names = ("loss_type", "loss_weights", "beta", "label_smoothing", "f_divergence", "f_alpha",
-                 "gamma_beta_ratio", "rpo_alpha", "discopop_tau", "cpo_alpha", "dpop_lambda", "bco_delta", "ld_alpha")
-        return {name: getattr(self, name) for name in names}
+        """Keywords for :class:`fastrl.losses.FusedLinearDPOLoss`: the loss fields, as the config holds them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(_DPOLossFields)}
 
     @property
     def needs_reference(self) -> bool:
-        from fastrl.losses.dpo import REFERENCE_FREE
-
-        return any(t not in REFERENCE_FREE for t in self.loss_type)
+        return self.loss_settings().needs_reference
 
     def _validate_dpo_loss(self) -> None:
-        import torch
-
-        from fastrl.losses import dpo_loss
-
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
-        options = self.loss_options()
-        ld_alpha = options.pop("ld_alpha")
-        if ld_alpha is not None:
+        if self.ld_alpha is not None:
             self._real("ld_alpha", 0.0, 1.0)
-        one = torch.full((1,), -1.0)
-        _dummy_check(self, dpo_loss, one, one, one, one, chosen_lengths=torch.ones(1), rejected_lengths=torch.ones(1),
-                     **options)
+        try:
+            self.loss_settings()
+        except (TypeError, ValueError) as e:  # the settings' message starts with the field's name
+            raise ConfigError(f"{type(self).__name__}.{str(e).split(' ', 1)[0]}: {e}") from None
 
 
 @dataclass
