@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fastrl.losses import GRPOSettings
+from fastrl.losses.settings import config_fields
+
 __all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "config_class",
            "load_config"]
 
@@ -392,25 +395,20 @@ class DPOConfig(_DPOLossFields, TrainConfig):
         self._validate_dpo_loss()
 
 
+# The loss fields of GRPOConfig: every field of GRPOSettings (same names, defaults and help) but
+# max_completion_length, which the config has already (TrainConfig) and hands to the settings.
+_GRPOLossFields = dataclasses.make_dataclass(
+    "_GRPOLossFields", config_fields(GRPOSettings, exclude=("max_completion_length",),
+                                     help={"beta": "KL coefficient (0 = no reference model is loaded)"}),
+    namespace={"__module__": __name__, "__doc__": "The fields of :class:`fastrl.losses.GRPOSettings`."})
+
+
 @dataclass
-class GRPOConfig(_RolloutFields, TrainConfig):
-    """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`)."""
+class GRPOConfig(_GRPOLossFields, _RolloutFields, TrainConfig):
+    """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`). The loss fields are
+    those of :class:`fastrl.losses.GRPOSettings` (:meth:`loss_settings`)."""
 
     num_iterations: int = _help("μ: optimiser passes over each rollout batch", 1)
-    loss_type: str = _help("grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo", "dapo")
-    epsilon: float = _help("lower clip ε", 0.2)
-    epsilon_high: float | None = _help("upper clip (default epsilon)", None)
-    delta: float | None = _help("two-sided clipping bound of the ratio", None)
-    clip_ratio_c: float | None = _help("dual-clip c (verl)", None)
-    beta: float = _help("KL coefficient (0 = no reference model)", 0.0)
-    kl: str = _help("KL estimator: k1, k2, k3, abs", "k3")
-    use_bias_correction_kl: bool = _help("TRL's KL × ratio", False)
-    importance_sampling_level: str = _help("token, sequence (GSPO) or sequence_token", "token")
-    is_mode: str = _help("sampler importance-weight mode", "token_truncate")
-    is_cap: float | None = _help("sampler importance-weight cap", None)
-    off_policy_mask_threshold: float | None = _help("drop negative-advantage sequences this far off-policy", None)
-    entropy_coef: float = _help("entropy bonus coefficient", 0.0)
-    loss_agg_mode: str | None = _help("verl aggregation name (overrides the loss type's)", None)
     mask_truncated_completions: bool = _help("completions without EOS get no loss", False)
     advantage_estimator: str = _help(
         "group_advantages estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, remax (baseline: the "
@@ -425,12 +423,15 @@ class GRPOConfig(_RolloutFields, TrainConfig):
         "policy; policy = a no-grad fused forward of the policy before the first update; sampler = the rollout "
         "engine's log-probs (no extra forward)", "auto")
 
+    def loss_settings(self) -> GRPOSettings:
+        """The loss settings: the loss fields and the config's ``max_completion_length`` (checked)."""
+        names = [f.name for f in dataclasses.fields(_GRPOLossFields)]
+        return GRPOSettings(**{name: getattr(self, name) for name in names},
+                            max_completion_length=self.max_completion_length)
+
     def loss_options(self) -> dict[str, Any]:
-        """Keywords for :class:`fastrl.losses.FusedLinearGRPOLoss`."""
-        names = ("loss_type", "epsilon", "epsilon_high", "delta", "clip_ratio_c", "beta", "kl",
-                 "use_bias_correction_kl", "importance_sampling_level", "is_mode", "is_cap",
-                 "off_policy_mask_threshold", "entropy_coef", "loss_agg_mode")
-        return {name: getattr(self, name) for name in names} | {"max_completion_length": self.max_completion_length}
+        """Keywords for :class:`fastrl.losses.FusedLinearGRPOLoss`: the fields of :meth:`loss_settings`."""
+        return self.loss_settings().options()
 
     def advantage_options(self) -> dict[str, Any]:
         """Keywords for :func:`fastrl.ops.group_advantages`."""
@@ -441,15 +442,14 @@ class GRPOConfig(_RolloutFields, TrainConfig):
         super().validate()
         self._validate_rollout(min_generations=2)
         self._positive("num_iterations")
+        try:
+            self.loss_settings()
+        except (TypeError, ValueError) as e:  # the settings' message starts with the field's name
+            raise ConfigError(f"GRPOConfig.{str(e).split(' ', 1)[0]}: {e}") from None
         import torch
 
-        from fastrl.losses import grpo_loss
         from fastrl.ops import group_advantages
 
-        zeros = torch.zeros(1, 1)
-        tensors = {"ref_logps": zeros if self.beta else None,
-                   "sampler_logps": zeros if self.is_cap is not None or self.is_mode != "token_truncate" else None}
-        _dummy_check(self, grpo_loss, zeros, zeros, torch.zeros(1), torch.ones(1, 1), **tensors, **self.loss_options())
         self._choice("old_logps", ("auto", "policy", "sampler"))
         extras = {"remax": {"baseline_rewards": torch.zeros(2)}, "opo": {"lengths": torch.ones(2)},
                   "pref_grpo": {"preferences": torch.zeros(2, 2)}}.get(self.advantage_estimator, {})

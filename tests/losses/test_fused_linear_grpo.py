@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrl.losses import FusedLinearGRPOLoss, fused_linear_grpo_loss, grpo_loss
+from fastrl.losses import FusedLinearGRPOLoss, GRPOSettings, fused_linear_grpo_loss, grpo_loss
 from fastrl.losses.torch_impl import grpo as loss_reference
 from fastrl.ops import backend, fused_linear_logprobs
 from conftest import gemm_counter
@@ -160,6 +160,21 @@ def test_module_form():
                                      temperature=0.7)
     torch.testing.assert_close(got, want)
     assert "dr_grpo" in repr(module)
+
+
+def test_settings_object_or_keywords():
+    hidden, weight, bias, labels, mask, old, ref, _, advantages = _case()
+    settings = GRPOSettings(loss_type="grpo", beta=0.1, epsilon_high=0.28)
+    module = FusedLinearGRPOLoss(settings, temperature=0.7)
+    assert module.settings is settings and "beta=0.1" in repr(module) and "temperature=0.7" in repr(module)
+    got, _ = module(hidden, weight, labels, old, advantages, mask, bias=bias, ref_logps=ref)
+    want, _ = fused_linear_grpo_loss(hidden, weight, labels, old, advantages, mask, bias=bias, ref_logps=ref,
+                                     temperature=0.7, loss_type="grpo", beta=0.1, epsilon_high=0.28)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="not both"):
+        fused_linear_grpo_loss(hidden, weight, labels, old, advantages, mask, settings=settings, beta=0.2)
+    with pytest.raises(TypeError, match=r"FusedLinearGRPOLoss\(\) got an unexpected keyword argument 'epsilon_hi'"):
+        FusedLinearGRPOLoss(epsilon_hi=0.3)
 
 
 def _bad(**over):

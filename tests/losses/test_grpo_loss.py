@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fastrl.losses import GRPOLoss, grpo_loss, grpo_loss_grad, grpo_token_weights
+from fastrl.losses import GRPOLoss, GRPOSettings, grpo_loss, grpo_loss_grad, grpo_token_weights
 from fastrl.losses.torch_impl import grpo as R
 from fastrl.ops import backend
 from fastrl.ops.packing import pack_sequences
@@ -525,6 +525,78 @@ def test_module_form_and_defaults():
     a = grpo_loss(data["logps"], data["old"], data["adv"], data["mask"], num_items_in_batch=torch.tensor(50))[0]
     b = grpo_loss(data["logps"], data["old"], data["adv"], data["mask"], num_items_in_batch=50)[0]
     torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPOSettings: the options declared once, encoded for the ops, accepted as keywords
+
+
+@pytest.mark.parametrize("kw", [{}, dict(loss_type="vespo", epsilon=0.1, epsilon_high=0.3, delta=1.5, clip_ratio_c=2.0,
+                                      beta=0.2, kl="mse+", use_bias_correction_kl=True,
+                                      importance_sampling_level="sequence_token", is_mode="token_mask", is_cap=3.0,
+                                      is_min=0.5, off_policy_mask_threshold=-0.1, entropy_coef=-0.01,
+                                      max_completion_length=7, sapo_tau_pos=0.5, sapo_tau_neg=2.0, vespo_k=(1.0, 4.0),
+                                      vespo_lambda=2.5, loss_agg_mode="seq-mean-token-sum-norm")])
+def test_settings_round_trip_through_the_op_encoding(kw):
+    settings = GRPOSettings(**kw)
+    ints, floats = settings.encode()
+    assert GRPOSettings.decode(ints, floats) == settings
+    assert GRPOSettings(**settings.options()) == settings
+
+
+def test_settings_resolve_what_the_implementations_read():
+    s = GRPOSettings()
+    assert (s.agg, s.entropy_agg, s.policy, s.level, s.eps_low, s.eps_high) == ("dapo", "bnpo", "clip", "token", 0.2,
+                                                                                0.2)
+    assert (s.kl_estimator, s.kl_straight_through, s.vespo_k_pos, s.vespo_k_neg, s.vespo_lambda_pos,
+            s.vespo_lambda_neg) == ("k3", False, 2.0, 3.0, 3.0, 2.0)
+    s = GRPOSettings(loss_type="cispo", epsilon_high=5, kl="kl+", loss_agg_mode="token-sum", vespo_lambda=[1, 2])
+    assert (s.agg, s.entropy_agg, s.policy, s.eps_high, s.kl_estimator, s.kl_straight_through) == (
+        "token-sum", "token-sum", "cispo", 5.0, "k1", True)
+    assert s.vespo_lambda == (1.0, 2.0) and GRPOSettings(kl="k2+").kl_straight_through is False
+    assert GRPOSettings(loss_type="sapo").agg == "grpo" and GRPOSettings(loss_type="luspo").agg == "luspo"
+
+
+def test_settings_or_keywords_are_the_same_call():
+    data = _batch(dtype=torch.float32, seed=3)
+    kw = dict(loss_type="grpo", beta=0.1, epsilon_high=0.28, importance_sampling_level="sequence")
+    settings = GRPOSettings(**kw)
+    args = (data["logps"], data["old"], data["adv"], data["mask"])
+    by_keywords = grpo_loss(*args, ref_logps=data["ref"], **kw)
+    by_settings = grpo_loss(*args, ref_logps=data["ref"], settings=settings)
+    torch.testing.assert_close(by_settings[0], by_keywords[0], rtol=0, atol=0)
+    assert GRPOLoss(settings).settings is settings and GRPOLoss(**kw).settings == settings
+    torch.testing.assert_close(grpo_loss_grad(*args, ref_logps=data["ref"], settings=settings)[1],
+                               grpo_loss_grad(*args, ref_logps=data["ref"], **kw)[1], rtol=0, atol=0)
+    torch.testing.assert_close(grpo_token_weights(data["mask"], settings=settings),
+                               grpo_token_weights(data["mask"], loss_type="grpo"), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="not both"):
+        grpo_loss(*args, settings=settings, beta=0.2)
+    with pytest.raises(TypeError, match=r"grpo_loss\(\) got an unexpected keyword argument 'betta' "
+                                        r"\(did you mean 'beta'\?\)"):
+        grpo_loss(*args, betta=0.1)
+    with pytest.raises(TypeError, match="settings must be a GRPOSettings"):
+        GRPOLoss(settings=dict(kw))
+
+
+def test_stat_columns_are_one_module_without_triton():
+    import subprocess
+    import sys
+
+    from fastrl.kernels import grpo_columns as columns
+
+    code = ("import sys; import fastrl.kernels.grpo_columns, fastrl.losses.torch_impl.grpo; "
+            "print('triton' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    assert (R.LOSS, R.ENT, R.NSTATS, R.LOG_EPS) == (columns.LOSS, columns.ENT, columns.NSTATS, math.log(1e-8))
+    pytest.importorskip("triton")
+    from fastrl.kernels import grpo_loss as kernels
+
+    for name in ("LOSS", "ENT", "COUNT", "KL", "RATIO", "LOW", "HIGH", "DUAL", "PHI", "LOG_RATIO", "COUPLING",
+                 "OFF_POLICY_KL", "IS_WEIGHT", "VESPO_LOG_W", "LOG_EPS"):
+        assert getattr(kernels, f"_{name}").value == getattr(columns, name) == getattr(R, name)
+    assert kernels.NSTATS.value == columns.NSTATS and columns.USED <= columns.NSTATS
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -99,6 +99,30 @@ def test_bad_grpo_fields_are_named(data, fields, message):
     expect_error(GRPOConfig, ConfigError, message, **{**base, **fields})
 
 
+def test_grpo_config_embeds_the_loss_settings(tmp_path, data):
+    import dataclasses
+
+    from fastrl.losses import GRPOSettings
+
+    base = {"model_config": dict(TINY["qwen2"]), "train_data": str(data), "reward_funcs": ["my_rewards:exact_match"]}
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    assert {f.name for f in dataclasses.fields(GRPOSettings)} <= names  # max_completion_length: TrainConfig's
+    config = GRPOConfig(**base, loss_type="vespo", vespo_k=[1.0, 4.0], is_min=0.5, max_completion_length=64)
+    assert config.loss_settings() == GRPOSettings(loss_type="vespo", vespo_k=(1.0, 4.0), is_min=0.5,
+                                                  max_completion_length=64)
+    assert config.loss_options() == config.loss_settings().options()
+    path = tmp_path / "g.yaml"
+    path.write_text(f"model_config: {json.dumps(TINY['qwen2'])}\ntrain_data: {data}\n"
+                    f"reward_funcs: [my_rewards:exact_match]\nvespo_lambda: [2.0, 1.0]\n")
+    loaded = load_config("grpo", path, ["--sapo_tau_neg", "1.5", "--loss_agg_mode", "token-sum"])
+    assert loaded.loss_settings() == GRPOSettings(vespo_lambda=(2.0, 1.0), sapo_tau_neg=1.5, loss_agg_mode="token-sum",
+                                                  max_completion_length=loaded.max_completion_length)
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.is_min: is_min \(2\.0\) must be less than is_cap"):
+        GRPOConfig(**base, is_min=2.0, is_cap=1.0)
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.vespo_k: vespo_k must be a number or"):
+        GRPOConfig(**base, vespo_k=[1.0, 2.0, 3.0])
+
+
 def test_grpo_and_online_dpo_configs(data):
     base = {"model_config": dict(TINY["qwen2"]), "train_data": str(data), "reward_funcs": ["my_rewards:exact_match"]}
     grpo = GRPOConfig(**base, loss_type="grpo", beta=0.04, num_generations=4)
