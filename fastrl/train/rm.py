@@ -42,8 +42,7 @@ from fastrl.train.config import RMConfig
 from fastrl.train.data import PreferencePairs, load_preference_pairs
 from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
 from fastrl.train.packing import SequenceBatch, pack
-from fastrl.train.run import (TrainResult, finish, log_due, open_telemetry, optimize, plan_steps, resume, save_if_due,
-                              start_run, step_metrics)
+from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "last_token_batch", "rm_step", "sequence_scores", "train_rm"]
@@ -153,22 +152,10 @@ def train_rm(config: RMConfig) -> TrainResult:
             local = rm_step(policy, micro_batches, make_batch=make_batch, loss_fn=loss_fn, margins=margins,
                             autocast=run.autocast, telemetry=telemetry)
             metrics = _over_processes(local, world.device)
-            with telemetry.phase("optimizer"):
-                lr = run.scheduler.get_last_lr()[0]
-                grad_norm, stepped = optimize(run, metrics["loss"], step + 1)
-            elapsed = time.perf_counter() - started
-            run.tokens_seen += int(metrics["tokens"])
-            telemetry.advance()
-            if log_due(run, step + 1):
-                tokens = metrics["tokens"]
-                record = {
-                    **{k: v for k, v in metrics.items() if k not in COUNTS},
-                    **step_metrics(run, grad_norm=grad_norm, lr=lr, skipped=float(not stepped), tokens=tokens,
-                                   step_s=elapsed, flops=tokens * 3 * run.forward_flops,
-                                   layout=(tokens, metrics["slots"], metrics["padded_slots"])),
-                }
-                run.history.append(telemetry.log(step + 1, record))
-            save_if_due(run, step + 1)
+            tokens = metrics["tokens"]
+            end_step(run, step + 1, started=started, loss=metrics["loss"], tokens=tokens,
+                     flops=tokens * 3 * run.forward_flops, layout=(tokens, metrics["slots"], metrics["padded_slots"]),
+                     record=lambda: {k: v for k, v in metrics.items() if k not in COUNTS})
         return finish(run)
     finally:
         telemetry.close()
