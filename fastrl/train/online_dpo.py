@@ -210,7 +210,8 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
             # a step without pairs has nothing to learn from: no optimiser step
             end_step(run, step + 1, started=started, loss=metrics["loss"], empty=local["pairs"] == 0,
                      tokens=counts[0], flops=flops, record=step_record, save=save_with_reference,
-                     samples=lambda: sample_records(completions, local_rewards, None, tokenizer, config.log_completions))
+                     samples=lambda: sample_records(completions, local_rewards, None, tokenizer,
+                                                    config.log_completions))
         return finish(run, save=save_with_reference)
     finally:
         release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run

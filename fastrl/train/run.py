@@ -192,7 +192,8 @@ def save_if_due(run: Run, step: int, save: Callable[[Run, int], Path] = save) ->
 
 def end_step(run: Run, step: int, *, started: float, tokens: float, flops: float,
              record: Callable[[], dict[str, Any]], loss: float | None = None, empty: bool = False,
-             layout: tuple[float, float, float] | None = None, samples: Callable[[], list[dict[str, Any]]] | None = None,
+             layout: tuple[float, float, float] | None = None,
+             samples: Callable[[], list[dict[str, Any]]] | None = None,
              save: Callable[[Run, int], Path] = save) -> None:
     """The end of step ``step`` (1-based), the same in every recipe, in this order:
 

@@ -70,3 +70,49 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(pairs_file, tmp_path, mon
 def test_resume_auto_without_checkpoint_starts_fresh(pairs_file, tmp_path):
     result = train_dpo(dpo_config(pairs_file, tmp_path / "run", max_steps=1, resume="auto"))
     assert result.steps == 1
+
+
+def test_reference_file_round_trip_with_tied_weights(tmp_path):
+    """Online DPO's previous-iterate reference: written beside a checkpoint with JSON tie metadata, read
+    back into a model (tied weights restored), and pruned with its checkpoint; a file of the older
+    Python-literal metadata still loads."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastrl.train.distributed import World
+    from fastrl.train.model import Policy
+
+    def policy(seed):
+        torch.manual_seed(seed)
+        config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+        return Policy(Qwen2ForCausalLM(config))
+
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    source, target = policy(0), policy(1)
+    checkpoint_module.save_reference(source, tmp_path, 3, world)
+    path = tmp_path / "checkpoints" / "reference-step-00000003.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["tied"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+    (tmp_path / "checkpoints" / "step-00000003").mkdir()
+    checkpoint_module.load_reference(target, tmp_path / "checkpoints" / "step-00000003")
+    a, b = state(source), state(target)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert target.model.lm_head.weight.data_ptr() == target.model.model.embed_tokens.weight.data_ptr()
+
+    old = tmp_path / "checkpoints" / "reference-step-00000005.safetensors"  # metadata written with repr()
+    tensors = {k.removeprefix("model."): v.contiguous() for k, v in policy(2).state_dict().items()
+               if k != "model.lm_head.weight"}
+    save_file(tensors, str(old), metadata={"tied": repr({"lm_head.weight": "model.embed_tokens.weight"})})
+    (tmp_path / "checkpoints" / "step-00000005").mkdir()
+    checkpoint_module.load_reference(target, tmp_path / "checkpoints" / "step-00000005")
+    assert torch.equal(target.model.lm_head.weight, tensors["model.embed_tokens.weight"])
+
+    (tmp_path / "checkpoints" / "step-00000003").rmdir()
+    checkpoint_module.prune_reference_files(tmp_path)
+    assert not path.exists() and old.exists()
+    with pytest.raises(FileNotFoundError, match="previous-iterate reference"):
+        checkpoint_module.load_reference(target, tmp_path / "checkpoints" / "step-00000003")
