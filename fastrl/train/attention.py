@@ -49,8 +49,15 @@ VARLEN = ("flash_attention_2", "flash_attention_3", XFORMERS)  # HF implementati
 
 
 def installed(module: str) -> bool:
-    """Whether ``module`` can be imported (looked up, not imported; a module already in
-    ``sys.modules`` counts, a ``None`` entry there does not)."""
+    """Whether ``module`` can be imported (looked up, not imported).
+
+    Args:
+        module: a dotted module name; one already in ``sys.modules`` counts, a ``None`` entry there
+            does not.
+
+    Returns:
+        True when it can be imported.
+    """
     if module in sys.modules:
         return sys.modules[module] is not None
     try:
@@ -60,8 +67,17 @@ def installed(module: str) -> bool:
 
 
 def sliding_window_layers(config: Any) -> bool:
-    """Whether a transformers config has sliding-window attention layers (xformers' path here
-    builds a plain block-diagonal causal mask, so it refuses those models)."""
+    """Whether a transformers config has sliding-window attention layers.
+
+    xformers' path here builds a plain block-diagonal causal mask, so it refuses those models.
+
+    Args:
+        config: a transformers config (its text config is read for a multimodal one), or None.
+
+    Returns:
+        True when some layer is not full attention (``layer_types``) or the config turns
+        ``use_sliding_window`` on with a ``sliding_window``; False for None.
+    """
     if config is None:
         return False
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -72,10 +88,25 @@ def sliding_window_layers(config: Any) -> bool:
 
 
 def select(attention: str, device: torch.device | str, *, model_config: Any = None, half: bool = True) -> str:
-    """The packed-attention path for ``attention`` (auto | flash | xformers | sdpa) on ``device``:
-    ``"flash"``, ``"xformers"`` or ``"sdpa"``. ``half``: the attention inputs are bf16/fp16
-    (flash-attn's only dtypes: ``auto`` passes it over for fp32). ``model_config``: the
-    transformers config, to refuse xformers for sliding-window models."""
+    """The packed-attention path for ``attention`` on ``device``.
+
+    ``auto`` takes the first of flash, xformers, sdpa that is installed and fits (see the module
+    docstring).
+
+    Args:
+        attention: ``"auto"``, ``"flash"``, ``"xformers"`` or ``"sdpa"``.
+        device: the training device; off CUDA ``auto`` is always sdpa.
+        model_config: the transformers config, to refuse xformers for sliding-window models.
+        half: the attention inputs are bf16/fp16 (flash-attn's only dtypes: ``auto`` passes it over
+            for fp32).
+
+    Returns:
+        ``"flash"``, ``"xformers"`` or ``"sdpa"``.
+
+    Raises:
+        ValueError: ``attention`` is not a choice, names a kernel whose package is not installed
+            (the message says how to install it), or xformers for a sliding-window model.
+    """
     if not isinstance(attention, str) or attention not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {attention!r}")
     device = torch.device(device)
@@ -99,8 +130,16 @@ def select(attention: str, device: torch.device | str, *, model_config: Any = No
 
 
 def hf_implementation(path: str) -> str:
-    """The transformers ``attn_implementation`` of a path from :func:`select` (registering the
-    xformers one on first use)."""
+    """The transformers ``attn_implementation`` of a path from :func:`select`.
+
+    The xformers implementation is registered with transformers on first use.
+
+    Args:
+        path: ``"flash"``, ``"xformers"`` or ``"sdpa"``.
+
+    Returns:
+        ``"flash_attention_2"``, :data:`XFORMERS` or ``"sdpa"``.
+    """
     if path == "xformers":
         register_xformers()
     return HF_NAMES[path]
@@ -108,8 +147,10 @@ def hf_implementation(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------ xformers path
 def register_xformers() -> None:
-    """Register :func:`xformers_attention` (and its mask builder) with transformers as
-    :data:`XFORMERS`. Idempotent."""
+    """Register :func:`xformers_attention` (and its mask builder) with transformers as :data:`XFORMERS`.
+
+    Idempotent.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -138,12 +179,24 @@ _SEQLENS_CACHE: list = [None, None, None]  # (position_ids, its shape/version ke
 
 
 def packed_seqlens(position_ids: torch.Tensor | None, batch: int, length: int) -> list[int]:
-    """Lengths of the sequences in ``batch`` rows of ``length`` positions laid end to end: a new
-    sequence starts at each row start and wherever a position id is not the previous one plus 1
-    (transformers' packed-sequence rule). Without ``position_ids`` each row is one sequence.
+    """Lengths of the sequences in ``batch`` rows of ``length`` positions laid end to end.
 
-    >>> packed_seqlens(torch.tensor([[0, 1, 2, 0, 1, 0]]), 1, 6)
-    [3, 2, 1]
+    A new sequence starts at each row start and wherever a position id is not the previous one plus
+    1 (transformers' packed-sequence rule). The result for the last ``position_ids`` seen is cached
+    (one device sync per forward, not one per layer).
+
+    Args:
+        position_ids: ``[batch, length]`` or ``[1, length]`` (broadcast over the rows) int64 (any
+            integer dtype), or None: each row is one sequence.
+        batch: the number of rows.
+        length: positions per row.
+
+    Returns:
+        The sequence lengths, in order; they sum to ``batch * length``.
+
+    Example:
+        >>> packed_seqlens(torch.tensor([[0, 1, 2, 0, 1, 0]]), 1, 6)
+        [3, 2, 1]
     """
     if position_ids is None:
         return [length] * batch
@@ -162,12 +215,35 @@ def packed_seqlens(position_ids: torch.Tensor | None, batch: int, length: int) -
 def xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        sliding_window: int | None = None, is_causal: bool | None = None, **kwargs):
-    """A transformers attention function: ``query`` [B, H, L, D], ``key`` / ``value`` [B, Hkv, L, D]
-    -> ``([B, L, H, D], None)``. Causal self-attention without a padding mask (training forwards,
-    packed or not, and prefills) runs ``xformers.ops.memory_efficient_attention`` on the B·L
-    positions as one ``[1, B·L, H, D]`` row under ``BlockDiagonalCausalMask.from_seqlens`` of
-    :func:`packed_seqlens`; anything else (a padding mask, a decode step against a cache) goes to
-    transformers' SDPA function with the SDPA mask :func:`_xformers_mask` built."""
+    """A transformers attention function over xformers' memory-efficient kernel.
+
+    Causal self-attention without a padding mask (training forwards, packed or not, and prefills)
+    runs ``xformers.ops.memory_efficient_attention`` on the B·L positions as one ``[1, B·L, H, D]``
+    row under ``BlockDiagonalCausalMask.from_seqlens`` of :func:`packed_seqlens`; anything else (a
+    padding mask, a decode step against a cache) goes to transformers' SDPA function with the SDPA
+    mask :func:`_xformers_mask` built. Grouped-query key/value heads are repeated to H (xformers'
+    5-D grouped form has no backward).
+
+    Args:
+        module: the attention layer (its ``is_causal`` is read when ``is_causal`` is None).
+        query: ``[B, H, L, D]`` fp32, bf16 or fp16.
+        key: ``[B, Hkv, L, D]``, ``query``'s dtype, H a multiple of Hkv (``[B, Hkv, S, D]`` against
+            a cache).
+        value: ``[B, Hkv, L, D]``, ``query``'s dtype.
+        attention_mask: the mask transformers built (e.g. bool or floating ``[B, 1, L, S]``), or
+            None (the xformers path).
+        dropout: attention dropout probability.
+        scaling: the score scale; None: ``1 / sqrt(D)``.
+        sliding_window: must be None on the xformers path.
+        is_causal: None: the module's ``is_causal`` (default True).
+        **kwargs: transformers' extra arguments; ``position_ids`` marks the packed sequences.
+
+    Returns:
+        ``(out, None)``: ``out`` ``[B, L, H, D]`` in ``query``'s dtype, no attention weights.
+
+    Raises:
+        ValueError: a sliding window on the xformers path.
+    """
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     batch, heads, length, head_dim = query.shape
     if attention_mask is not None or key.shape[2] != length or not causal:

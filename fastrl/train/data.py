@@ -26,8 +26,21 @@ class DataError(ValueError):
 
 
 def load_table(path: str, columns: list[str], *, field: str = "train_data"):
-    """The ``datasets.Dataset`` of a local .jsonl / .json / .parquet file (or a directory of them);
-    raises :class:`DataError` naming each missing column."""
+    """The ``datasets.Dataset`` of a local .jsonl / .json / .parquet file (or a directory of them).
+
+    Args:
+        path: the file, or a directory whose .jsonl / .json / .parquet files are read together
+            (JSON and Parquet not mixed).
+        columns: the columns the table must have.
+        field: the config field that named ``path``, for the error messages.
+
+    Returns:
+        The table (``datasets.Dataset``, in memory), with every column of the files.
+
+    Raises:
+        DataError: no data file, JSON and Parquet mixed, a file that cannot be parsed, a missing
+            column (the message names it and lists the columns there are), or no rows.
+    """
     import datasets
 
     p = Path(path)
@@ -156,8 +169,16 @@ def fingerprint(*columns: list[list[int]]) -> str:
 
 @dataclasses.dataclass
 class PreferencePairs:
-    """Tokenised preference pairs: ``prompts[i]``, ``chosen[i]``, ``rejected[i]`` token id lists;
-    ``margins[i]`` the pair's margin where the config names a ``margin_column`` (reward models), else None."""
+    """Tokenised preference pairs, pair i being ``(prompts[i], chosen[i], rejected[i])``.
+
+    Args:
+        prompts: the prompts' token id lists.
+        chosen: the preferred completions' token id lists.
+        rejected: the other completions' token id lists.
+        truncated_completions: how many completions were cut to ``max_completion_length``.
+        margins: ``margins[i]`` the pair's margin where the config names a ``margin_column``
+            (reward models), else None.
+    """
 
     prompts: list[list[int]]
     chosen: list[list[int]]
@@ -175,7 +196,12 @@ class PreferencePairs:
 
 @dataclasses.dataclass
 class Prompts:
-    """Tokenised prompts (GRPO / online DPO) with each row's other columns for the reward functions."""
+    """Tokenised prompts (GRPO / online DPO) with each row's other columns for the reward functions.
+
+    Args:
+        prompts: the prompts' token id lists.
+        rows: ``rows[i]``, prompt i's data row, every column (a reference answer, a target, ...).
+    """
 
     prompts: list[list[int]]
     rows: list[dict[str, Any]]
@@ -188,9 +214,27 @@ class Prompts:
 
 
 def load_preference_pairs(config, tokenizer, vocab_size: int) -> PreferencePairs:
-    """The pairs of ``config.train_data`` (columns ``prompt_column``, ``chosen_column``,
-    ``rejected_column``, and ``margin_column`` where the config has one set), tokenised; completions cut
-    to ``max_completion_length``; a margin must be a finite number."""
+    """The preference pairs of ``config.train_data``, tokenised.
+
+    Completions are cut to ``max_completion_length`` (counted in
+    :attr:`PreferencePairs.truncated_completions`); prompts longer than ``max_prompt_length`` are
+    cut from the left or refused, by ``prompt_truncation``.
+
+    Args:
+        config: a trainer config: ``train_data``, ``prompt_column``, ``chosen_column``,
+            ``rejected_column``, ``margin_column`` (where the config has one set), ``chat_template``,
+            ``max_prompt_length``, ``prompt_truncation``, ``max_completion_length``.
+        tokenizer: the tokenizer for text cells, or None (cells then hold token ids).
+        vocab_size: the model's vocabulary size; a token id must be below it.
+
+    Returns:
+        The :class:`PreferencePairs`, in file order.
+
+    Raises:
+        DataError: an unreadable file, a missing column, an empty prompt or completion, a prompt
+            too long, a token id outside the vocabulary, a margin that is not a finite number (the
+            message names the file, row and column).
+    """
     margin_column = getattr(config, "margin_column", None)
     columns = [config.prompt_column, config.chosen_column, config.rejected_column] + [c for c in [margin_column] if c]
     table = load_table(config.train_data, columns)
@@ -219,8 +263,23 @@ def load_preference_pairs(config, tokenizer, vocab_size: int) -> PreferencePairs
 
 
 def load_prompts(config, tokenizer, vocab_size: int) -> Prompts:
-    """The prompts of ``config.train_data`` (column ``prompt_column``), tokenised; each row's
-    other columns are kept for the reward functions (e.g. a reference answer)."""
+    """The prompts of ``config.train_data``, tokenised, each with its row's other columns.
+
+    The other columns are kept for the reward functions (e.g. a reference answer).
+
+    Args:
+        config: a trainer config: ``train_data``, ``prompt_column``, ``chat_template``,
+            ``max_prompt_length``, ``prompt_truncation``.
+        tokenizer: the tokenizer for text cells, or None (cells then hold token ids).
+        vocab_size: the model's vocabulary size; a token id must be below it.
+
+    Returns:
+        The :class:`Prompts`, in file order.
+
+    Raises:
+        DataError: an unreadable file, a missing column, an empty or too long prompt, a token id
+            outside the vocabulary (the message names the file, row and column).
+    """
     table = load_table(config.train_data, [config.prompt_column])
     enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
     out = Prompts([], [])
@@ -233,10 +292,20 @@ def load_prompts(config, tokenizer, vocab_size: int) -> Prompts:
 
 
 class BatchOrder:
-    """Which examples each micro-batch of each process reads: a seeded permutation per epoch,
-    consumed ``batch_size × world_size`` examples at a time (rank r reads its own slice), the
-    incomplete tail of an epoch dropped. Its state (epoch, position) is the data position a
-    checkpoint stores."""
+    """Which examples each micro-batch of each process reads.
+
+    A seeded permutation per epoch, consumed ``batch_size × world_size`` examples at a time (rank r
+    reads its own slice), the incomplete tail of an epoch dropped. Its state (epoch, position) is
+    the data position a checkpoint stores.
+
+    Args:
+        num_examples: the size of the dataset.
+        batch_size: examples per micro-batch of one process.
+        world_size: the number of processes.
+        rank: this process's rank, in ``[0, world_size)``.
+        seed: the permutation of epoch e is seeded with ``seed + e``.
+        shuffle: False: every epoch reads the examples in order.
+    """
 
     def __init__(self, num_examples: int, *, batch_size: int, world_size: int, rank: int, seed: int, shuffle: bool):
         self.n, self.batch_size, self.world_size, self.rank = num_examples, batch_size, world_size, rank

@@ -29,12 +29,25 @@ Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
 
 def attention_implementation(requested: str, device: torch.device, attention: str = "auto", *,
                              model_config: Any = None, half: bool = True) -> str:
-    """The transformers ``attn_implementation`` to build the model with. An explicit ``requested``
-    one (flash_attention_2, sdpa, eager) is used as is; ``auto`` follows ``attention``, the
-    packed-attention switch (auto | flash | xformers | sdpa, see :func:`fastrl.train.attention.select`):
-    auto -> flash_attention_2 on CUDA with flash-attn installed, else xformers' memory-efficient
-    attention when installed, else sdpa (flash-attn only for bf16/fp16 compute, ``half``).
-    A switch whose package is missing raises ``ValueError`` naming ``attention``."""
+    """The transformers ``attn_implementation`` to build the model with.
+
+    Args:
+        requested: the config's ``attn_implementation``: an explicit one (flash_attention_2, sdpa,
+            eager) is used as is; ``auto`` follows ``attention``.
+        device: the training device.
+        attention: the packed-attention switch (auto | flash | xformers | sdpa, see
+            :func:`fastrl.train.attention.select`): auto -> flash_attention_2 on CUDA with
+            flash-attn installed, else xformers' memory-efficient attention when installed, else
+            sdpa.
+        model_config: the transformers config, to refuse xformers for sliding-window models.
+        half: bf16/fp16 compute (flash-attn runs only then).
+
+    Returns:
+        The ``attn_implementation`` string.
+
+    Raises:
+        ValueError: a switch whose package is missing (or a bad switch), naming ``attention``.
+    """
     if requested != "auto":
         return requested
     return attention_backends.hf_implementation(
@@ -43,10 +56,26 @@ def attention_implementation(requested: str, device: torch.device, attention: st
 
 def load_model(path: str | None, model_config: dict | None, *, dtype: torch.dtype, attn_implementation: str,
                seed: int, num_labels: int | None = None) -> nn.Module:
-    """A causal LM from the local directory ``path`` or, with ``model_config`` (``model_type`` plus
-    the config's fields), randomly initialised under ``torch.manual_seed(seed)``. On the CPU; the
-    caller moves it. With ``num_labels``: a sequence classifier with that many outputs
-    (``AutoModelForSequenceClassification``; a causal LM's directory gives its body, the head is new)."""
+    """A causal LM from a local directory, or randomly initialised from a config.
+
+    On the CPU; the caller moves it.
+
+    Args:
+        path: the local model directory (``local_files_only``), or None to build from
+            ``model_config``.
+        model_config: ``model_type`` plus the config's fields, read when ``path`` is None.
+        dtype: the parameters' dtype.
+        attn_implementation: the transformers attention implementation
+            (:func:`attention_implementation`).
+        seed: the random initialisation runs under ``torch.manual_seed(seed)`` (the global RNG
+            state is restored after).
+        num_labels: None for a causal LM; else a sequence classifier with that many outputs
+            (``AutoModelForSequenceClassification``; a causal LM's directory gives its body, the
+            head is new).
+
+    Returns:
+        The ``nn.Module``, on the CPU.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
@@ -62,7 +91,14 @@ def load_model(path: str | None, model_config: dict | None, *, dtype: torch.dtyp
 
 
 def load_tokenizer(path: str | None):
-    """The tokenizer of a local directory, or None (data are then token ids)."""
+    """The tokenizer of a local directory, or None (data are then token ids).
+
+    Args:
+        path: the local directory (``local_files_only``), or None.
+
+    Returns:
+        The transformers tokenizer, or None when ``path`` is None.
+    """
     if path is None:
         return None
     from transformers import AutoTokenizer
@@ -71,10 +107,19 @@ def load_tokenizer(path: str | None):
 
 
 class Policy(nn.Module):
-    """``Policy(model)(batch, head)`` = ``head(hidden [T_c, H], lm_head.weight [V, H], lm_head.bias)``
+    """The model run up to its last hidden states, with the lm-head handed to a head (a loss).
+
+    ``Policy(model)(batch, head)`` = ``head(hidden [T_c, H], lm_head.weight [V, H], lm_head.bias)``
     where ``hidden`` holds, in ``batch.labels`` order, the last hidden states that predict the
-    completion tokens. ``compute_dtype`` (e.g. bf16 under autocast) casts hidden and weight for
-    the head; the cast is differentiable."""
+    completion tokens.
+
+    Args:
+        model: a transformers causal LM (or sequence classifier, whose score head stands in for
+            the lm-head).
+        compute_dtype: e.g. bf16 under autocast: casts hidden and weight (and bias) for the head;
+            the cast is differentiable. None: the weight is cast to the hidden states' dtype where
+            they differ.
+    """
 
     def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -92,6 +137,17 @@ class Policy(nn.Module):
         return head if head is not None else self.model.score
 
     def forward(self, batch: SequenceBatch, head: Head):
+        """Run the decoder on ``batch`` and the head on the hidden states that predict its labels.
+
+        Args:
+            batch: the sequences (:class:`~fastrl.train.packing.SequenceBatch`), on the model's device.
+            head: ``head(hidden, weight, bias)`` with ``hidden [T_c, H]`` (row j predicts
+                ``batch.labels[j]``), ``weight [V, H]`` and ``bias [V]`` or None, all in the compute
+                dtype.
+
+        Returns:
+            What ``head`` returns.
+        """
         out = self.decoder(**batch.model_inputs(), use_cache=False)
         hidden = out.last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
@@ -117,9 +173,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def packing_works(policy: Policy, vocab_size: int, device: torch.device) -> bool:
-    """Whether this model keeps packed sequences apart: two short random sequences run packed and
-    padded must give the same hidden states. (A model whose attention ignores the position-id
-    restarts would let packed sequences see each other; the trainer then pads instead.)"""
+    """Whether this model keeps packed sequences apart.
+
+    Two short random sequences run packed and padded must give the same hidden states. (A model
+    whose attention ignores the position-id restarts would let packed sequences see each other; the
+    trainer then pads instead.) Warns when they differ.
+
+    Args:
+        policy: the :class:`Policy` to try (run without gradients).
+        vocab_size: the range of the random token ids.
+        device: the policy's device.
+
+    Returns:
+        True when packed and padded hidden states agree (to 1e-3 in fp32, 5e-2 in half precision,
+        relative to their largest magnitude).
+    """
     gen = torch.Generator().manual_seed(0)
     def tokens(n: int) -> list[int]:
         return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
@@ -139,13 +207,21 @@ def packing_works(policy: Policy, vocab_size: int, device: torch.device) -> bool
 
 
 def sequence_layout(model, packing_ok: bool):
-    """``layout(prompts, completions) -> SequenceBatch``: :func:`~fastrl.train.packing.pack` or
-    :func:`~fastrl.train.packing.pad`, whichever costs fewer FLOPs for that batch. With flash-attn's
-    varlen kernel or xformers' block-diagonal mask packing always wins; with a mask-based attention
-    (SDPA, eager) a packed row of T tokens attends over all T² positions (its block-diagonal mask
-    is dense), a padded batch of N rows of length L over N·L², so many short sequences (G
-    completions of short prompts) run cheaper padded. Without working packing (``packing_ok``
-    False): always padded."""
+    """The batch layout: packed or padded, whichever costs fewer FLOPs for each batch.
+
+    With flash-attn's varlen kernel or xformers' block-diagonal mask packing always wins; with a
+    mask-based attention (SDPA, eager) a packed row of T tokens attends over all T² positions (its
+    block-diagonal mask is dense), a padded batch of N rows of length L over N·L², so many short
+    sequences (G completions of short prompts) run cheaper padded.
+
+    Args:
+        model: the transformers model (its config's attention implementation and sizes).
+        packing_ok: whether packing works for it (:func:`packing_works`); False: always padded.
+
+    Returns:
+        ``layout(prompts, completions) -> SequenceBatch``: :func:`~fastrl.train.packing.pack`,
+        :func:`~fastrl.train.packing.pad`, or a function choosing between them per batch.
+    """
     if not packing_ok:
         return pad
     if model.config._attn_implementation in attention_backends.VARLEN:  # no dense mask: packing always wins

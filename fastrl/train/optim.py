@@ -26,6 +26,24 @@ def _fused_supported(device: torch.device) -> bool:
 
 
 def build_optimizer(module: torch.nn.Module, config, device: torch.device) -> torch.optim.Optimizer:
+    """The optimiser of ``module``'s trainable parameters, with weight decay on the matrices only.
+
+    ``adamw``: torch's AdamW with its fused kernel where torch has one for ``device``, else the
+    foreach one; ``adamw_8bit`` / ``paged_adamw_8bit``: bitsandbytes' 8-bit AdamW. Parameters of
+    two or more dimensions get ``weight_decay``; norms and biases (fewer) none.
+
+    Args:
+        module: the model, already sharded (FSDP2) when it is.
+        config: a trainer config: ``optimizer``, ``learning_rate``, ``weight_decay``,
+            ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``.
+        device: where the parameters live (picks the fused or foreach AdamW).
+
+    Returns:
+        The ``torch.optim.Optimizer`` (one or two parameter groups).
+
+    Raises:
+        RuntimeError: some parameters are sharded and some gathered (reshard the model first).
+    """
     params = [p for p in module.parameters() if p.requires_grad]
     sharded = {type(p).__name__ == "DTensor" for p in params}
     if len(sharded) > 1:  # FSDP2 left a unit gathered: the optimiser would miss its sharded parameters
@@ -45,7 +63,18 @@ def build_optimizer(module: torch.nn.Module, config, device: torch.device) -> to
 
 
 def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based)."""
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
+
+    Args:
+        step: the optimiser step, from 0.
+        total: the run's optimiser steps.
+        warmup: steps of linear warm-up, from ``1 / (warmup + 1)`` up to 1.
+        kind: ``"constant"``, ``"linear"`` or ``"cosine"``: the decay after the warm-up.
+        min_ratio: the multiplier the decay ends at.
+
+    Returns:
+        The multiplier, in ``[min_ratio, 1]`` after the warm-up.
+    """
     if step < warmup:
         return (step + 1) / (warmup + 1)
     if kind == "constant":
@@ -56,6 +85,18 @@ def lr_factor(step: int, *, total: int, warmup: int, kind: str, min_ratio: float
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule: a linear warm-up, then constant, linear or cosine decay.
+
+    The decay ends at ``learning_rate * min_lr_ratio`` (:func:`lr_factor` gives the multiplier).
+
+    Args:
+        optimizer: the optimiser whose learning rates it sets.
+        config: a trainer config: ``warmup_steps``, ``lr_scheduler``, ``min_lr_ratio``.
+        total_steps: the run's optimiser steps.
+
+    Returns:
+        A ``LambdaLR``; step it once per optimiser step.
+    """
     def factor(step: int) -> float:
         return lr_factor(step, total=total_steps, warmup=config.warmup_steps, kind=config.lr_scheduler,
                          min_ratio=config.min_lr_ratio)
@@ -64,7 +105,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) 
 
 
 class NonFiniteSteps:
-    """Counts consecutive skipped steps (non-finite loss or gradient norm); raises after ``limit``."""
+    """Counts consecutive skipped steps (non-finite loss or gradient norm); raises after ``limit``.
+
+    ``update`` warns at each skipped step and raises ``FloatingPointError`` at the ``limit``-th in
+    a row; its ``state_dict`` goes into a checkpoint.
+
+    Args:
+        limit: how many consecutive skipped steps stop the run.
+    """
 
     def __init__(self, limit: int):
         self.limit, self.consecutive, self.total = limit, 0, 0
@@ -90,9 +138,27 @@ class NonFiniteSteps:
 
 def optimizer_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, max_grad_norm: float,
                    loss: torch.Tensor, guard: NonFiniteSteps, step: int) -> tuple[float, bool]:
-    """Clip, then step the optimiser and the schedule unless the (process-averaged) ``loss`` or the
-    global gradient norm is not finite — then skip the step (the guard counts it). Gradients are
-    zeroed either way. Returns ``(grad_norm before clipping, stepped)``."""
+    """Clip, then step the optimiser and the schedule unless the loss or the gradient norm is not finite.
+
+    A step whose (process-averaged) ``loss`` or global gradient norm is not finite is skipped (the
+    guard counts it). Gradients are zeroed either way.
+
+    Args:
+        module: the model whose gradients are clipped (under FSDP2 the norm is the global one).
+        optimizer: its optimiser.
+        scheduler: its learning-rate schedule, stepped with the optimiser.
+        max_grad_norm: the clipping threshold; 0 or less: no clipping (the norm is still measured).
+        loss: ``[]`` (or any shape) floating, the step's loss; a non-finite entry skips the step.
+        guard: the :class:`NonFiniteSteps` that counts skipped steps.
+        step: the step number, for the guard's messages.
+
+    Returns:
+        ``(grad_norm, stepped)``: the gradient norm before clipping (a float) and whether the
+        optimiser stepped.
+
+    Raises:
+        FloatingPointError: from the guard, when this skip is the ``limit``-th in a row.
+    """
     params = [p for p in module.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the global norm

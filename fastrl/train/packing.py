@@ -34,12 +34,18 @@ __all__ = ["SequenceBatch", "pack", "pad"]
 class SequenceBatch:
     """One forward's worth of sequences, laid out for the model and for the fused-linear losses.
 
-    ``input_ids`` [1, T] (packed) or [N, L] (padded); ``position_ids`` [1, T] (packed) or None;
-    ``attention_mask`` [N, L] (padded) or None; ``score_index`` [T_c] int64 indexes the flattened
-    ``[*, H]`` hidden states: entry j is the position whose hidden state predicts ``labels[j]``;
-    ``cu_seqlens`` [N+1] int32 bounds each completion in ``labels``; ``lengths`` [N] int64 is each
-    whole sequence's length. ``tokens`` counts prompt + completion tokens, ``slots`` the positions
-    the forward processes (T packed, N·L padded).
+    Built by :func:`pack` or :func:`pad`. ``tokens`` counts prompt + completion tokens, ``slots``
+    the positions the forward processes (T packed, N·L padded).
+
+    Args:
+        input_ids: ``[1, T]`` (packed) or ``[N, L]`` (padded) int64.
+        position_ids: ``[1, T]`` int64, restarting at 0 for each sequence (packed), or None (padded).
+        attention_mask: ``[N, L]`` int64, 1 on the sequences' positions (padded), or None (packed).
+        score_index: ``[T_c]`` int64, indexes the flattened ``[*, H]`` hidden states: entry j is the
+            position whose hidden state predicts ``labels[j]``.
+        labels: ``[T_c]`` int64, the completion tokens, completion after completion.
+        cu_seqlens: ``[N+1]`` int32, bounds each completion in ``labels``.
+        lengths: ``[N]`` int64, each whole sequence's length (prompt + completion).
     """
 
     input_ids: torch.Tensor
@@ -103,7 +109,20 @@ def _scoring(prompt_lens: list[int], completions: list[list[int]], starts: list[
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatch:
-    """Sequence i = ``prompts[i] + completions[i]``, all in one row (see the module docstring)."""
+    """Sequence i = ``prompts[i] + completions[i]``, all in one row (see the module docstring).
+
+    Args:
+        prompts: the prompts' token ids, each at least one token.
+        completions: the completions' token ids, one per prompt, each at least one token.
+
+    Returns:
+        A packed :class:`SequenceBatch` (``input_ids`` and ``position_ids`` ``[1, T]``, no attention
+        mask), on the CPU.
+
+    Raises:
+        ValueError: no sequence, unequal numbers of prompts and completions, or an empty prompt or
+            completion (naming the sequence).
+    """
     _check(prompts, completions)
     seqs = [p + c for p, c in zip(prompts, completions)]
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
@@ -115,7 +134,22 @@ def pack(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatc
 
 
 def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0) -> SequenceBatch:
-    """Sequence i = ``prompts[i] + completions[i]`` in row i, right-padded with ``pad_id``."""
+    """Sequence i = ``prompts[i] + completions[i]`` in row i, right-padded with ``pad_id``.
+
+    Args:
+        prompts: the prompts' token ids, each at least one token.
+        completions: the completions' token ids, one per prompt, each at least one token.
+        pad_id: the token id written past each sequence (masked out: it is never attended to nor
+            scored).
+
+    Returns:
+        A padded :class:`SequenceBatch` (``input_ids`` and ``attention_mask`` ``[N, L]``, L the
+        longest sequence; no position ids), on the CPU.
+
+    Raises:
+        ValueError: no sequence, unequal numbers of prompts and completions, or an empty prompt or
+            completion (naming the sequence).
+    """
     _check(prompts, completions)
     seqs = [p + c for p, c in zip(prompts, completions)]
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)

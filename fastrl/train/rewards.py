@@ -62,8 +62,18 @@ class RewardError(ValueError):
 
 @dataclass
 class RewardFunction:
-    """One reward: ``fn`` and how to call it. ``name`` labels its metrics (``reward/<name>``);
-    ``where`` names it in errors (e.g. ``reward_funcs[1] (examples/rewards.py:count_token)``)."""
+    """One reward: ``fn`` and how to call it (built by :func:`reward_function`).
+
+    Args:
+        fn: the callable (a function, or a :class:`RewardModel`).
+        name: labels its metrics (``reward/<name>``).
+        where: names it in errors (e.g. ``reward_funcs[1] (examples/rewards.py:count_token)``).
+        batched: called once with lists (one entry per completion) rather than once per completion.
+        is_async: ``fn`` is a coroutine function: its calls are awaited, concurrently.
+        keywords: the column keywords ``fn`` accepts; None: it takes ``**kwargs`` (every column).
+        is_model: ``fn`` is a learned reward model.
+        options: extra settings of this reward.
+    """
 
     fn: Callable
     name: str
@@ -131,7 +141,23 @@ def _is_list_annotation(annotation: Any) -> bool:
 
 
 def reward_function(spec: str | Callable, where: str = "reward_funcs") -> RewardFunction:
-    """The :class:`RewardFunction` of ``spec`` (a ``"module:function"`` string or a callable)."""
+    """The :class:`RewardFunction` of ``spec``: the callable and how to call it.
+
+    Whether it is batched, async and which keywords it takes are read from its signature (see the
+    module docstring).
+
+    Args:
+        spec: a ``"module:function"`` string (a dotted module importable from the working
+            directory, or a file path such as ``examples/rewards.py:count_token``) or a callable.
+        where: the config field it came from, for the error messages.
+
+    Returns:
+        The :class:`RewardFunction`, named after the callable.
+
+    Raises:
+        RewardError: a module or file that cannot be imported, a missing attribute, something not
+            callable, or a signature without ``(prompt_ids, completion_ids, ...)``.
+    """
     label = f"{where} ({spec if isinstance(spec, str) else getattr(spec, '__name__', type(spec).__name__)})"
     fn = _import(spec, label) if isinstance(spec, str) else spec
     if not callable(fn):
@@ -162,8 +188,25 @@ def reward_function(spec: str | Callable, where: str = "reward_funcs") -> Reward
 def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None, *, field_name: str = "reward_funcs",
                  tokenizer=None, batch_size: int = 32, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> list[RewardFunction]:
-    """Every reward of a run, in config order: the functions, then the reward model (a local
-    directory or a module). ``field_name`` prefixes the error messages (``GRPOConfig.reward_funcs``)."""
+    """Every reward of a run, in config order: the functions, then the reward model.
+
+    Names that repeat get their index appended (metrics need distinct names).
+
+    Args:
+        reward_funcs: each a ``"module:function"`` string or a callable (:func:`reward_function`).
+        reward_model: a local model directory or an ``nn.Module`` (:class:`RewardModel`), or None.
+        field_name: prefixes the error messages (``GRPOConfig.reward_funcs``).
+        tokenizer: the policy's tokenizer, for a reward model with its own vocabulary.
+        batch_size: sequences per reward-model forward.
+        device: where the reward model runs.
+        dtype: the reward model's dtype when loaded from a directory.
+
+    Returns:
+        The :class:`RewardFunction` list.
+
+    Raises:
+        RewardError: a reward that cannot be loaded, naming it.
+    """
     rewards = []
     for i, spec in enumerate(reward_funcs):
         rewards.append(reward_function(spec, f"{field_name}[{i}]"))
@@ -182,12 +225,32 @@ def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None,
 # ---------------------------------------------------------------------------------------------- models
 
 class RewardModel:
-    """A learned reward model scored in batches: ``RewardModel(model_or_dir)(prompt_ids,
-    completion_ids) -> list[float]`` (lists of token-id lists; no gradient).
+    """A learned reward model scored in batches.
 
-    ``to_ids(prompt_ids, completion_ids) -> ids`` (optional) builds the sequence the model reads
-    (default: prompt + completion, re-tokenised through the text when the model directory has its
-    own tokenizer whose vocabulary differs from the policy's ``tokenizer``)."""
+    ``RewardModel(model_or_dir)(prompt_ids, completion_ids) -> list[float]`` (lists of token-id
+    lists; no gradient). Sequences are right-padded with the model's pad id; a transformers model
+    without one scores a row at a time.
+
+    Args:
+        model: a local ``AutoModelForSequenceClassification`` directory (with a config.json), or an
+            ``nn.Module`` whose ``forward(input_ids, attention_mask)`` returns a score per row (a
+            tensor ``[N]`` / ``[N, 1]``, or an output with ``.logits [N, 1]``).
+        batch_size: sequences per forward.
+        device: where a model loaded from a directory is put (a module stays where it is; the
+            inputs of one without parameters go there).
+        dtype: the dtype a model loaded from a directory is read in.
+        tokenizer: the policy's tokenizer.
+        to_ids: ``to_ids(prompt_ids, completion_ids) -> ids`` (optional) builds the sequence the
+            model reads (default: prompt + completion, re-tokenised through the text when the model
+            directory has its own tokenizer whose vocabulary differs from the policy's
+            ``tokenizer``).
+        where: names it in errors.
+
+    Raises:
+        RewardError: a directory without a config.json, a model that cannot be loaded, something
+            that is not an ``nn.Module``; when called, a model output that is not one score per
+            sequence.
+    """
 
     batched = True
 
@@ -309,8 +372,24 @@ def _run(coroutine):
 
 def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
           columns: Sequence[dict[str, Any]]) -> torch.Tensor:
-    """Rewards ``[N, R]`` fp32 (NaN = unscorable) of N completions under R rewards. ``columns[i]``
-    are the keyword arguments of completion i (its data row and extras)."""
+    """Rewards of N completions under R rewards.
+
+    Async rewards are awaited together, every call of every async function concurrently, in one
+    event loop (a fresh one in a worker thread when the caller already runs a loop).
+
+    Args:
+        rewards: the R rewards (:func:`load_rewards`).
+        prompt_ids: the N prompts' token ids.
+        completion_ids: the N completions' token ids.
+        columns: ``columns[i]`` are the keyword arguments of completion i (its data row and
+            extras).
+
+    Returns:
+        ``[N, R]`` fp32, NaN where a reward returned None or NaN (unscorable).
+
+    Raises:
+        RewardError: a reward returned an inf, a non-number or a wrong number of values, naming it.
+    """
     n = len(completion_ids)
     table = torch.full((n, len(rewards)), math.nan, dtype=torch.float32)
     names = sorted({k for c in columns for k in c})

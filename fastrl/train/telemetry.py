@@ -26,8 +26,17 @@ _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A
 
 
 def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """The device's peak FLOP/s for the MFU: ``override_tflops`` if given, else the table's bf16
-    number for a known GPU, else None (no MFU, e.g. on the CPU)."""
+    """The device's peak FLOP/s for the MFU.
+
+    Args:
+        device: the training device; only CUDA devices have a table entry (matched by a substring of
+            the device name: H200, H100, A100, L40S, 4090, ...; dense bf16 tensor-core peaks).
+        override_tflops: the peak in TFLOP/s, used as given when not None.
+
+    Returns:
+        ``override_tflops * 1e12`` if given, else the table's bf16 number for a known GPU, else None
+        (no MFU, e.g. on the CPU).
+    """
     if override_tflops is not None:
         return override_tflops * 1e12
     if device.type != "cuda":
@@ -40,8 +49,18 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
 
 
 def flops_per_token(model: torch.nn.Module) -> float:
-    """Forward FLOPs per token, 2 × the parameters that multiply (everything but the input
-    embedding, the lm-head included); training costs 3× this (PaLM's 6N; attention scores left out)."""
+    """Forward FLOPs per token: 2 × the parameters that multiply.
+
+    The parameters that multiply are everything but the input embedding, the lm-head included (an
+    lm-head tied to the input embedding is counted, once); training costs 3× this (PaLM's 6N; attention
+    scores left out).
+
+    Args:
+        model: a transformers model (``get_input_embeddings`` / ``get_output_embeddings``).
+
+    Returns:
+        The FLOPs, a float.
+    """
     n = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()  # None: a sequence classifier (its score head is counted)
@@ -77,11 +96,23 @@ class _NVML:
 
 
 class Telemetry:
-    """``phase(name)`` times a block (synchronising CUDA so that GPU work is charged to the phase
+    """A run's reporting: phase timings, metrics records and their sinks.
+
+    ``phase(name)`` times a block (synchronising CUDA so that GPU work is charged to the phase
     that queued it); ``log(step, metrics)`` adds the phase breakdown, ``elapsed_s`` (wall-clock
     seconds since the telemetry started: differences between records measure throughput over
     everything a step does, logging included) and device figures and writes every sink;
-    ``close()`` flushes them."""
+    ``close()`` flushes them. The sinks: ``metrics.jsonl`` (and ``completions.jsonl``) under
+    ``config.output_dir``, a progress bar, TensorBoard / W&B when installed and asked for.
+
+    Args:
+        config: the trainer config: ``output_dir``, ``progress``, ``report_to``, ``run_name``.
+        total_steps: the run's steps (the progress bar's total).
+        device: the training device (CUDA is synchronised around phases and reports memory,
+            utilisation and power; the CPU its peak RSS).
+        is_main: whether this process writes (only process 0 does); the others only time.
+        start_step: the step a resumed run starts at (the progress bar's start).
+    """
 
     def __init__(self, config, *, total_steps: int, device: torch.device, is_main: bool, start_step: int = 0):
         self.device, self.is_main = device, is_main
