@@ -12,7 +12,8 @@ model run to its last hidden states; the lm-head goes to a fused-linear loss),
 (reward callables and reward models), :mod:`~fastrl.train.optim`, :mod:`~fastrl.train.checkpoint`
 (atomic, bit-exact resume), :mod:`~fastrl.train.telemetry`, :mod:`~fastrl.train.distributed`
 (torchrun + FSDP2), :mod:`~fastrl.train.run` (what every recipe does around its step: start, plan,
-resume, log, save, finish), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
+resume, end each step, finish), :mod:`~fastrl.train.online` (rollout, rewards and logs of the online
+recipes), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
 :mod:`~fastrl.train.grpo`, :mod:`~fastrl.train.online_dpo`, :mod:`~fastrl.train.rm` (a Bradley–Terry reward
 model, the ``reward_model`` of the online methods).
 """

@@ -6,12 +6,14 @@
 
 Setup as in :mod:`fastrl.train.dpo` (processes, model, tokenizer, prompts, packing check, a frozen
 reference when ``beta > 0``, sharding, optimiser, resume), plus the rewards
-(:mod:`fastrl.train.rewards`). Then every step (one rollout, ``num_iterations`` = μ updates):
+(:func:`fastrl.train.online.online_setup`, which GRPO and online DPO share with the rollout, reward
+and logging steps of :mod:`fastrl.train.online`). Then every step (one rollout, ``num_iterations`` =
+μ updates):
 
 1. **rollout** — this process's ``batch_size × gradient_accumulation_steps`` prompts go through
-   :func:`fastrl.rollout.generate` in one call: each prompt is prefilled once and its KV cache
-   shared by its G = ``num_generations`` samples; the policy is in eval mode without gradients; the
-   sampler's per-token log-probs are kept.
+   :func:`fastrl.rollout.generate` in one call (:func:`fastrl.train.online.rollout`): each prompt is
+   prefilled once and its KV cache shared by its G = ``num_generations`` samples; the policy is in
+   eval mode without gradients; the sampler's per-token log-probs are kept.
 2. **reward** — every reward on every completion (``[N, R]``, NaN = unscorable); the rewards of all
    processes are gathered so that the advantages use the statistics of the global batch.
 3. **advantages** — :func:`fastrl.ops.group_advantages` with the config's estimator, scale,
