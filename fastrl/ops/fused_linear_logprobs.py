@@ -93,7 +93,15 @@ VOCAB_ALIGN = 256  # vocabulary slices: multiples of 256 columns (16-byte aligne
 
 
 def workspace_budget(device: torch.device, workspace_bytes: int | None) -> int:
-    """Bytes of the fp32 logits workspace: ``workspace_bytes``, else 1 GiB on CUDA and 64 MiB elsewhere."""
+    """Bytes of the fp32 logits workspace: ``workspace_bytes``, else 1 GiB on CUDA and 64 MiB elsewhere.
+
+    Args:
+        device: where the pass runs.
+        workspace_bytes: the cap asked for; None or 0: the default.
+
+    Returns:
+        The budget in bytes.
+    """
     return workspace_bytes or (DEFAULT_WORKSPACE_BYTES if device.type == "cuda" else 64 << 20)
 
 
@@ -137,7 +145,16 @@ def chunk_spans(n: int, width: int, budget: int, align: int) -> list[tuple[int, 
 
 def scored_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """Indices of the rows whose label is not ``ignore_index``, or None when every row is scored.
-    One host sync (the count is data-dependent)."""
+
+    One host sync (the count is data-dependent).
+
+    Args:
+        labels: ``[N]`` int64 or int32.
+        ignore_index: label of the rows left out.
+
+    Returns:
+        ``[S]`` int64 row indices, increasing, or None when S = N.
+    """
     sel = (labels != ignore_index).nonzero().squeeze(1)
     return None if sel.numel() == labels.shape[0] else sel
 

@@ -32,7 +32,22 @@ def _launch_config(device: torch.device, vocab: int) -> dict:
 
 
 def row_stats(logits, labels, temperature, ignore_index, return_entropy):
-    """(logp, entropy, stats) of each row of a 2-D ``logits`` (entropy 0 unless asked)."""
+    """(logp, entropy, stats) of each row of a 2-D ``logits`` (entropy 0 unless asked).
+
+    The forward of :func:`selective_logprobs` without its checks (the caller checked): the Triton
+    kernel, or :func:`fastrl.ops.torch_impl.selective_logprobs` on the torch backend.
+
+    Args:
+        logits: ``[N, V]`` fp32, bf16 or fp16, rows of stride ``logits.stride(0)``, unit column stride.
+        labels: ``[N]`` int64 or int32, in ``[0, V)`` or ``ignore_index``.
+        temperature: > 0; the logits are divided by it.
+        ignore_index: label of the rows that get 0 (log-prob and entropy).
+        return_entropy: compute the entropy (else it is zeros).
+
+    Returns:
+        ``(logp [N], entropy [N], stats [N, 2])`` fp32; ``stats`` = (max of logits / T, log of the
+        sum of exp(logits / T - max)), what :func:`grad_logits` needs.
+    """
     if resolve(logits.device) == "torch":
         return torch_impl.selective_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                                             return_entropy=return_entropy)  # entropy zeros unless asked
@@ -64,7 +79,27 @@ def _(logits, labels, temperature, ignore_index, return_entropy, inplace_backwar
 
 
 def grad_logits(grad_logp, grad_entropy, logits, labels, entropy, stats, temperature, ignore_index, out):
-    """Writes d logits into ``out`` (which may be ``logits`` itself: each block is read, then written)."""
+    """Writes d logits into ``out`` (which may be ``logits`` itself: each block is read, then written).
+
+    The backward of :func:`selective_logprobs` without its checks, from what :func:`row_stats`
+    returned.
+
+    Args:
+        grad_logp: ``[N]`` fp32, the gradient of the log-probs.
+        grad_entropy: ``[N]`` fp32, the gradient of the entropies, or None (no entropy term).
+        logits: ``[N, V]`` fp32, bf16 or fp16, as given to :func:`row_stats`.
+        labels: ``[N]`` int64 or int32, as given to :func:`row_stats` (a label outside ``[0, V)``
+            that is not ``ignore_index`` adds no one-hot term: the vocabulary-slice backward uses it).
+        entropy: ``[N]`` fp32 from :func:`row_stats`.
+        stats: ``[N, 2]`` fp32 from :func:`row_stats`.
+        temperature: the forward's temperature.
+        ignore_index: the forward's ignore index (those rows get a zero gradient).
+        out: ``[N, V]`` floating (``logits``' dtype, or the model's for the fused-linear path), the
+            gradient's destination.
+
+    Returns:
+        Nothing: the gradient is in ``out``.
+    """
     if resolve(logits.device) == "torch":
         out.copy_(torch_impl.selective_logprobs_backward(grad_logp, grad_entropy, logits, labels, entropy, stats,
                                                         temperature=temperature, ignore_index=ignore_index))

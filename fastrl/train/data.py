@@ -71,7 +71,18 @@ def load_table(path: str, columns: list[str], *, field: str = "train_data"):
 
 
 class Encoder:
-    """Turns cells into token ids under one set of settings; ``where(row, column)`` names a cell."""
+    """Turns cells into token ids under one set of settings; ``where(row, column)`` names a cell.
+
+    ``prompt(value, row, column)`` and ``completion(prompt_value, prompt_ids, value, row, column)``
+    tokenise a cell (text, chat messages or token ids; see the module docstring) and raise
+    :class:`DataError` naming it.
+
+    Args:
+        tokenizer: the tokenizer for text cells, or None (cells must then hold token ids).
+        vocab_size: a token id must be below it.
+        use_template: use the tokenizer's chat template (when it has one).
+        source: names the data in messages (e.g. ``train_data (path)``).
+    """
 
     def __init__(self, tokenizer, vocab_size: int, *, use_template: bool, source: str):
         self.tokenizer = tokenizer
@@ -147,6 +158,21 @@ class Encoder:
 
 
 def fit_prompt(ids: list[int], limit: int, truncation: str, where: str) -> list[int]:
+    """A prompt within ``limit`` tokens: cut from the left, or refused, by ``truncation``.
+
+    Args:
+        ids: the prompt's token ids.
+        limit: ``max_prompt_length``.
+        truncation: ``"left"`` keeps the last ``limit`` tokens; anything else refuses a longer prompt.
+        where: names the cell in messages (:meth:`Encoder.where`).
+
+    Returns:
+        ``ids``, or its last ``limit`` tokens.
+
+    Raises:
+        DataError: an empty prompt (a completion's first token needs one before it), or one too
+            long without left truncation.
+    """
     if not ids:
         raise DataError(f"{where}: the prompt is empty (a completion's first token needs at least one prompt token "
                         f"before it)")
@@ -159,6 +185,14 @@ def fit_prompt(ids: list[int], limit: int, truncation: str, where: str) -> list[
 
 
 def fingerprint(*columns: list[list[int]]) -> str:
+    """sha256 of every token id of ``columns``, in order, each list's length included.
+
+    Args:
+        *columns: lists of token-id lists (e.g. prompts, chosen, rejected).
+
+    Returns:
+        The hex digest (keys the reference log-prob cache).
+    """
     h = hashlib.sha256()
     for column in columns:
         for ids in column:

@@ -162,8 +162,19 @@ class Policy(nn.Module):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (the classes named in ``model._no_split_modules``), in order: the
-    units of FSDP sharding and of ``compile``."""
+    """The transformer blocks (the classes named in ``model._no_split_modules``), in order.
+
+    They are the units of FSDP sharding and of ``compile``.
+
+    Args:
+        model: a transformers model.
+
+    Returns:
+        The blocks, in module order.
+
+    Raises:
+        ValueError: the model names no decoder-layer class in ``_no_split_modules``.
+    """
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
@@ -245,8 +256,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_model(config, device: torch.device, path: str | None = None) -> nn.Module:
-    """The config's model (or the one at ``path``) on ``device`` in the config's dtype and
-    attention implementation, in training mode."""
+    """The config's model (or the one at ``path``) on ``device``, in training mode.
+
+    In the config's dtype and attention implementation (:func:`attention_implementation`); a
+    config with ``num_labels`` (a reward model's) gives a sequence classifier.
+
+    Args:
+        config: a trainer config: ``model`` / ``model_config``, ``dtype``, ``bf16``,
+            ``attn_implementation``, ``attention``, ``seed`` (and ``num_labels`` where it has one).
+        device: where the model goes.
+        path: a local model directory to load instead of the config's model.
+
+    Returns:
+        The ``nn.Module``.
+    """
     model_config = None
     if config.attn_implementation == "auto":  # the HF config, for the checks of the attention switch
         from transformers import AutoConfig
@@ -270,8 +293,19 @@ def build_model(config, device: torch.device, path: str | None = None) -> nn.Mod
 
 
 def prepare_for_training(policy: Policy, config, world) -> Policy:
-    """Gradient checkpointing, ``torch.compile`` of each decoder layer, FSDP2 sharding — the
-    features the config asks for, in the order they must be applied."""
+    """Gradient checkpointing, ``torch.compile`` of each decoder layer, FSDP2 sharding.
+
+    The features the config asks for, in the order they must be applied.
+
+    Args:
+        policy: the :class:`Policy` to prepare (its model is changed in place).
+        config: a trainer config: ``gradient_checkpointing``, ``compile``.
+        world: the processes (a :class:`fastrl.train.distributed.World`); FSDP2 shards over them,
+            a no-op in one process.
+
+    Returns:
+        The policy, sharded when the world has several processes.
+    """
     from fastrl.train import distributed
 
     model = policy.model
@@ -288,8 +322,18 @@ def prepare_for_training(policy: Policy, config, world) -> Policy:
 
 
 def frozen_copy(policy: Policy, config, world, path: str | None = None) -> Policy:
-    """A frozen reference: the model at ``path``, or a copy of ``policy`` as it is now (call it
-    before training or loading a checkpoint), sharded like the policy."""
+    """A frozen reference model, sharded like the policy.
+
+    Args:
+        policy: the policy; copied as it is now (call this before training or loading a
+            checkpoint) unless ``path`` is given.
+        config: the trainer config (:func:`build_model` reads it for ``path``).
+        world: the processes (a :class:`fastrl.train.distributed.World`).
+        path: a local model directory to load the reference from, instead of the copy.
+
+    Returns:
+        A :class:`Policy` in eval mode without gradients, with the policy's compute dtype.
+    """
     import copy
 
     from fastrl.train import distributed

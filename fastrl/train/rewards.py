@@ -421,7 +421,15 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
 
 
 def combine(table: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:
-    """The weighted sum ``[N]`` of each row's scorable rewards; NaN where none is scorable."""
+    """The weighted sum ``[N]`` of each row's scorable rewards; NaN where none is scorable.
+
+    Args:
+        table: ``[N, R]`` fp32 rewards (:func:`score`), NaN for unscorable.
+        weights: R weights, or None (all 1).
+
+    Returns:
+        ``[N]`` in ``table``'s dtype.
+    """
     w = torch.tensor(weights if weights is not None else [1.0] * table.shape[1], dtype=table.dtype)
     finite = ~torch.isnan(table)
     total = torch.where(finite, table * w, torch.zeros_like(table)).sum(1)
