@@ -54,8 +54,6 @@ def sections(doc: str) -> dict[str, list[str]]:
         match = _HEADER.match(line)
         if match:
             current = match.group(1)
-            if current in out:
-                out[current].append("\0duplicate")
             out.setdefault(current, [])
             continue
         if current and line.strip() and not line[0].isspace():
@@ -122,8 +120,10 @@ def parameter_problems(doc: str, params: list[inspect.Parameter], what: str) -> 
     """Every parameter (but self / cls) has an ``Args:`` entry, every entry names a parameter, and a
     tensor parameter's entry gives a shape in brackets and a dtype."""
     params = [p for p in params if p.name not in _IMPLICIT]
-    parts = sections(inspect.cleandoc(doc))
-    problems = [f"{what}: a section header appears twice" for lines in parts.values() if "\0duplicate" in lines]
+    doc = inspect.cleandoc(doc)
+    parts = sections(doc)
+    headers = [m.group(1) for m in map(_HEADER.match, doc.splitlines()) if m]
+    problems = [f"{what}: the {h}: header appears twice" for h in sorted(set(headers)) if headers.count(h) > 1]
     if not params:
         return problems
     if "Args" not in parts:
@@ -150,7 +150,7 @@ def parameter_problems(doc: str, params: list[inspect.Parameter], what: str) -> 
 
 def function_problems(fn, what: str) -> list[str]:
     """The style problems of a function's (or other callable's) docstring."""
-    doc = inspect.getdoc(fn) if not inspect.isclass(fn) else fn.__doc__
+    doc = inspect.getdoc(fn)
     problems = _summary_problems(doc, what)
     if problems:
         return problems
@@ -193,7 +193,7 @@ def class_problems(cls, what: str) -> list[str]:
         elif forward.__doc__:
             problems += function_problems(forward, f"{what}.forward")
         else:
-            names = [p for p in list(inspect.signature(forward).parameters)[1:]]
+            names = list(inspect.signature(forward).parameters)[1:]
             if "forward" not in doc or any(f"``{n}``" not in doc for n in names):
                 problems.append(f"{what}.forward is documented neither in its own docstring nor in the class's")
     return problems
@@ -461,6 +461,23 @@ def test_a_dataclass_documents_its_fields():
         mask: torch.Tensor | None = None
 
     assert _only(problems_of(Batch, "Batch"), "does not document mask")
+
+
+def test_a_repeated_section_is_found():
+    def twice(x: int) -> int:
+        """Sum.
+
+        Args:
+            x: a number.
+
+        Returns:
+            x.
+
+        Args:
+            x: again.
+        """
+
+    assert any("Args: header appears twice" in p for p in problems_of(twice, "twice"))
 
 
 def test_sections_parse_prose_back_at_the_margin():
