@@ -764,3 +764,103 @@ def _bad_calls():
 
 
 test_bad_arguments_are_refused = refusal_test(_bad_calls)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DPOSettings: the options as one value
+
+
+def test_settings_normalise_check_and_encode():
+    from fastrl.losses import DPOSettings
+
+    assert DPOSettings(f_divergence="js_divergence").f_divergence == "js"
+    assert DPOSettings(f_divergence="alpha_divergence", f_alpha=0.5) == DPOSettings(f_divergence="alpha", f_alpha=0.5)
+    assert DPOSettings(loss_type="ipo", f_divergence="js_divergence").f_div_id == 2
+    s = DPOSettings(loss_type=["sigmoid", "sft", "cpo"], loss_weights=[1.0, 0.3, 0.5], cpo_alpha=0.4, rpo_alpha=0.2)
+    assert s.loss_type == ("sigmoid", "sft", "cpo") and s.loss_weights == (1.0, 0.3, 0.5)
+    assert DPOSettings.decode(*s.encode()) == s
+    assert s.mask == (1 << LOSS_TYPES.index("sigmoid")) | (1 << LOSS_TYPES.index("sft")) | (1 << LOSS_TYPES.index("cpo"))
+    assert s.type_weights[LOSS_TYPES.index("sft")] == 0.3 and s.type_weights[LOSS_TYPES.index("ipo")] == 0.0
+    assert s.nll_coef == pytest.approx(0.3 + 0.5 * 0.4) and s.reports_nll and s.needs_chosen_lengths
+    assert s.needs_reference and not s.needs_rejected_lengths and s.f_div_id == 0
+    assert not DPOSettings(loss_type=["simpo", "orpo"]).needs_reference
+    assert DPOSettings(loss_type=["aot", "sigmoid"]).sorted_types == ("aot",)
+    assert DPOSettings(f_divergence="alpha", f_alpha=1.0).f_div_id == 0  # the α → 1 limit
+    with pytest.raises(ValueError, match="loss_type 'kto' is unknown"):
+        DPOSettings(loss_type="kto")
+    with pytest.raises(ValueError, match="loss_weights must hold one weight per loss type"):
+        DPOSettings(loss_type=["sigmoid", "ipo"], loss_weights=[1.0])
+
+
+def test_settings_and_keywords_are_the_same_call():
+    from fastrl.losses import DPOSettings
+
+    pc, pr, qc, qr, lc, lr = _pairs()
+    kw = dict(loss_type=["sigmoid", "ipo", "bco_pair"], loss_weights=[1.0, 0.2, 0.5], beta=0.2, bco_delta=0.3)
+    want, want_metrics = dpo_loss(pc, pr, qc, qr, chosen_lengths=lc, rejected_lengths=lr, **kw)
+    s = DPOSettings(**kw)
+    got, metrics = dpo_loss(pc, pr, qc, qr, chosen_lengths=lc, rejected_lengths=lr, settings=s)
+    assert torch.equal(got, want) and metrics.keys() == want_metrics.keys()
+    # bco_delta as a one-element tensor replaces the setting
+    tensor_delta = dpo_loss(pc, pr, qc, qr, chosen_lengths=lc, rejected_lengths=lr, settings=s.replace(bco_delta=0.0),
+                            bco_delta=torch.tensor(0.3, dtype=torch.float64))[0]
+    torch.testing.assert_close(tensor_delta, want)
+    for module in (DPOLoss(settings=s), DPOLoss(kw["loss_type"], **{k: v for k, v in kw.items() if k != "loss_type"})):
+        assert module.settings == s
+        assert torch.equal(module(pc, pr, qc, qr, chosen_lengths=lc, rejected_lengths=lr)[0], want)
+    with pytest.raises(TypeError, match=r"dpo_loss\(\) got an unexpected keyword argument 'bta' \(did you mean 'beta'"):
+        dpo_loss(pc, pr, qc, qr, bta=0.2)
+    with pytest.raises(TypeError, match="not both"):
+        dpo_loss(pc, pr, qc, qr, settings=s, beta=0.2)
+    with pytest.raises(TypeError, match="settings must be a DPOSettings"):
+        DPOLoss(settings=dict(beta=0.2))
+
+
+def test_one_torch_backward_path_eager_and_compiled(monkeypatch):
+    """The torch path's gradient, eager or compiled, is the vjp of torch_impl.dpo.dpo_loss_stats taken in the
+    operator's backward (one path, no second autograd.Function)."""
+    calls = []
+    real = OP._torch_grads
+
+    def counting(grad, pairs, settings):
+        calls.append(settings.loss_type)
+        return real(grad, pairs, settings)
+
+    monkeypatch.setattr(OP, "_torch_grads", counting)
+    pc, pr, qc, qr, lc, lr = _pairs()
+
+    def step(a, b):
+        return dpo_loss(a, b, qc, qr, loss_type=["sigmoid", "aot"], loss_weights=[1.0, 0.5], label_smoothing=0.1)[0]
+
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        xs = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+        with backend("torch"):
+            fn(*xs).backward()
+        grads.append([x.grad for x in xs])
+    assert calls == [("sigmoid", "aot")] * 2
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want)
+
+
+def test_stat_layout_is_shared_and_needs_no_triton():
+    import subprocess
+    import sys
+
+    from fastrl.kernels import dpo_columns
+    from fastrl.kernels import dpo_loss as kernels
+    from fastrl.losses.torch_impl import dpo as torch_dpo
+
+    assert torch_dpo.DPO_STATS is dpo_columns.DPO_STATS and OP.LOSS_TYPES is dpo_columns.LOSS_TYPES
+    assert kernels.NSTAT == len(dpo_columns.PARTIALS) <= dpo_columns.NSTAT_PAD
+    assert set(dpo_columns.GRAD_ROWS) <= set(OP.PairTensors._fields) and OP.DIFFERENTIABLE == dpo_columns.GRAD_ROWS
+    code = ("import sys; sys.modules['triton'] = None; import fastrl.kernels.dpo_columns, fastrl.losses.torch_impl.dpo; "
+            "assert 'fastrl.kernels.launch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_op_schema_is_made_from_the_pair_tensors():
+    schema = str(torch.ops.fastrl.dpo_loss.default._schema)
+    for name in OP.PairTensors._fields:
+        assert f" {name}," in schema
+    assert "int[] ints, float[] floats" in schema

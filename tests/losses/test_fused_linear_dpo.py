@@ -126,6 +126,26 @@ def test_module_form_and_no_grad_path():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_settings_or_keywords_and_per_pair_tensors():
+    from fastrl.losses import DPOSettings
+
+    hidden, weight, bias, labels, mask, ref_c, ref_r = _case()
+    kw = dict(loss_type=["sigmoid", "ipo"], beta=0.2, loss_weights=[1.0, 0.5])
+    settings = DPOSettings(**kw)
+    module = FusedLinearDPOLoss(settings, temperature=0.9)
+    assert module.settings == settings and "temperature=0.9" in repr(module)
+    want, _ = FusedLinearDPOLoss(temperature=0.9, **kw)(hidden, weight, labels, ref_c, ref_r, mask=mask, bias=bias)
+    got, _ = module(hidden, weight, labels, ref_c, ref_r, mask=mask, bias=bias)
+    assert torch.equal(got, want)
+    # the per-pair tensors of dpo_loss pass through beside the settings
+    w = torch.tensor([0.5, 1.0, 2.0])
+    weighted, _ = fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, mask=mask, bias=bias, temperature=0.9,
+                                        settings=settings, pair_weights=w)
+    assert not torch.allclose(weighted, want)
+    with pytest.raises(TypeError, match=r"fused_linear_dpo_loss\(\) got an unexpected keyword argument 'bta'"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_c, ref_r, mask=mask, bta=0.1)
+
+
 def test_precompute_reference_logps_matches_the_loss_inputs():
     torch.manual_seed(0)
     emb = torch.nn.Embedding(V, H)
