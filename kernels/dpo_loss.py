@@ -424,10 +424,12 @@ def dpo_loss_bwd_kernel(
     BATCH_NLL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """``dx[k, i]`` = d loss / d input k of pair i, rows :data:`fastrl.kernels.dpo_columns.GRAD_ROWS`: π_c, π_r,
-    NLL_c, Δ_aot, Δ_aot_unpaired (the last three written only when that input exists), times the upstream gradient ``grad[0]``.
+    NLL_c, Δ_aot, Δ_aot_unpaired (the last three written only when that input exists), times the upstream
+    gradient ``grad[0]``.
 
     ``loss = Σ_i w_i P_i / B + c · (Σ w / B) · Σ NLL / Σ |y_c|``: the batch term's share of each
-    pair's NLL gradient is ``c · mean(w) / Σ |y_c|`` (read from ``stats``: mean(w) and Σ |y_c|, elements weight_mean and chosen_tokens)."""
+    pair's NLL gradient is ``c · mean(w) / Σ |y_c|`` (both read from ``stats``: its weight_mean and
+    chosen_tokens elements)."""
     pid = tl.program_id(0)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n

@@ -245,7 +245,8 @@ class FusedLinearDPOLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         default = DPOSettings()
         changed = {k: v for k, v in self.settings.options().items() if getattr(default, k) != v}
-        changed.update({k: v for k, v in self.extras.items() if v is not None and not (k == "temperature" and v == 1.0)})
+        changed.update({k: v for k, v in self.extras.items()
+                        if v is not None and not (k == "temperature" and v == 1.0)})
         return ", ".join(f"{k}={v!r}" for k, v in changed.items())
 
 

@@ -779,7 +779,7 @@ def test_settings_normalise_check_and_encode():
     s = DPOSettings(loss_type=["sigmoid", "sft", "cpo"], loss_weights=[1.0, 0.3, 0.5], cpo_alpha=0.4, rpo_alpha=0.2)
     assert s.loss_type == ("sigmoid", "sft", "cpo") and s.loss_weights == (1.0, 0.3, 0.5)
     assert DPOSettings.decode(*s.encode()) == s
-    assert s.mask == (1 << LOSS_TYPES.index("sigmoid")) | (1 << LOSS_TYPES.index("sft")) | (1 << LOSS_TYPES.index("cpo"))
+    assert s.mask == sum(1 << LOSS_TYPES.index(t) for t in ("sigmoid", "sft", "cpo"))
     assert s.type_weights[LOSS_TYPES.index("sft")] == 0.3 and s.type_weights[LOSS_TYPES.index("ipo")] == 0.0
     assert s.nll_coef == pytest.approx(0.3 + 0.5 * 0.4) and s.reports_nll and s.needs_chosen_lengths
     assert s.needs_reference and not s.needs_rejected_lengths and s.f_div_id == 0
@@ -854,8 +854,8 @@ def test_stat_layout_is_shared_and_needs_no_triton():
     assert torch_dpo.DPO_STATS is dpo_columns.DPO_STATS and OP.LOSS_TYPES is dpo_columns.LOSS_TYPES
     assert kernels.NSTAT == len(dpo_columns.PARTIALS) <= dpo_columns.NSTAT_PAD
     assert set(dpo_columns.GRAD_ROWS) <= set(OP.PairTensors._fields) and OP.DIFFERENTIABLE == dpo_columns.GRAD_ROWS
-    code = ("import sys; sys.modules['triton'] = None; import fastrl.kernels.dpo_columns, fastrl.losses.torch_impl.dpo; "
-            "assert 'fastrl.kernels.launch' not in sys.modules")
+    code = ("import sys; sys.modules['triton'] = None; import fastrl.kernels.dpo_columns, "
+            "fastrl.losses.torch_impl.dpo; assert 'fastrl.kernels.launch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

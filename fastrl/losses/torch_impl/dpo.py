@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 # DPO_STATS: what :func:`dpo_loss_stats` returns, in this order (one fp32 / fp64 vector, so that one launch
 # of the finishing kernel writes everything on the GPU), the layout the kernels share.
-from fastrl.kernels.dpo_columns import DPO_STATS
+from fastrl.kernels.dpo_columns import DPO_STATS  # noqa: F401 (re-exported: the layout this module returns)
 
 # The types whose batch term is the mean token NLL of the chosen completions, Σ NLL_c / Σ |y_c|
 # (TRL: DPO ``sft``, ``cpo_alpha`` × the CPO cross-entropy, ORPO's NLL); the coefficient of each.
