@@ -379,8 +379,8 @@ def _launch(kernel, pointers, logps, mask, cu_seqlens, s: GRPOSettings, *, per_t
     launch(kernel, (b,), *pointers, logps.shape[0], length,
            1.0 - s.eps_low, 1.0 + s.eps_high, s.eps_high, s.delta or 0.0, s.clip_ratio_c or 0.0, s.beta,
            0.0 if s.is_min is None else s.is_min, inf if s.is_cap is None else s.is_cap,
-           s.off_policy_mask_threshold or 0.0, s.sapo_tau_pos, s.sapo_tau_neg, s.vespo_k_pos, s.vespo_k_neg,
-           s.vespo_lambda_pos, s.vespo_lambda_neg,
+           s.off_policy_mask_threshold or 0.0, s.sapo_tau_pos, s.sapo_tau_neg,
+           *s.vespo_k, *s.vespo_lambda,  # each (pos, neg)
            PACKED=packed, ADV_TOKEN=per_token_adv, POLICY=policy, LEVEL=level, KL=KL_ESTIMATORS.index(s.kl_estimator),
            KL_ST=s.kl_straight_through, BIAS=s.use_bias_correction_kl, HAS_REF=has_ref,
            HAS_BETA=has_ref and s.beta != 0.0, HAS_DELTA=s.delta is not None, DUAL=s.clip_ratio_c is not None,

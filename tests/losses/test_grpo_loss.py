@@ -548,8 +548,7 @@ def test_settings_resolve_what_the_implementations_read():
     s = GRPOSettings()
     assert (s.agg, s.entropy_agg, s.policy, s.level, s.eps_low, s.eps_high) == ("dapo", "bnpo", "clip", "token", 0.2,
                                                                                 0.2)
-    assert (s.kl_estimator, s.kl_straight_through, s.vespo_k_pos, s.vespo_k_neg, s.vespo_lambda_pos,
-            s.vespo_lambda_neg) == ("k3", False, 2.0, 3.0, 3.0, 2.0)
+    assert (s.kl_estimator, s.kl_straight_through, s.vespo_k, s.vespo_lambda) == ("k3", False, (2.0, 3.0), (3.0, 2.0))
     s = GRPOSettings(loss_type="cispo", epsilon_high=5, kl="kl+", loss_agg_mode="token-sum", vespo_lambda=[1, 2])
     assert (s.agg, s.entropy_agg, s.policy, s.eps_high, s.kl_estimator, s.kl_straight_through) == (
         "token-sum", "token-sum", "cispo", 5.0, "k1", True)

@@ -181,22 +181,6 @@ class GRPOSettings(Settings):
         """verl's ``"k3+"`` etc.: the value of the estimator with the gradient of k2 (k2 is its own)."""
         return self.kl.endswith("+") and self.kl_estimator != "k2"
 
-    @property
-    def vespo_k_pos(self) -> float:
-        return self.vespo_k[0]
-
-    @property
-    def vespo_k_neg(self) -> float:
-        return self.vespo_k[1]
-
-    @property
-    def vespo_lambda_pos(self) -> float:
-        return self.vespo_lambda[0]
-
-    @property
-    def vespo_lambda_neg(self) -> float:
-        return self.vespo_lambda[1]
-
 
 # ------------------------------------------------------------------------------------------------
 # Layout: every per-token tensor is read as a flat list of positions, each with its sequence
@@ -392,8 +376,8 @@ def _vespo_phi(log_w: torch.Tensor, adv: torch.Tensor, s: GRPOSettings) -> torch
     """phi(w) = exp(lambda + k log w - lambda w), (k, lambda) by the sign of A (A >= 0: pos);
     NaN / inf -> 0 (TRL)."""
     nonneg = adv >= 0
-    k = _pick(nonneg, s.vespo_k_pos, s.vespo_k_neg, log_w)
-    lam = _pick(nonneg, s.vespo_lambda_pos, s.vespo_lambda_neg, log_w).clamp(min=1e-4)
+    k = _pick(nonneg, *s.vespo_k, log_w)  # (pos, neg)
+    lam = _pick(nonneg, *s.vespo_lambda, log_w).clamp(min=1e-4)
     phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
     return torch.where(torch.isfinite(phi), phi, 0.0)
 
