@@ -237,14 +237,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _dummy_check(config: TrainConfig, fn, *args, **kwargs) -> None:
-    """Let a loss function check its own options: it raises naming the argument, which is the field."""
-    try:
-        fn(*args, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{type(config).__name__}.{str(e).split(' ', 1)[0]}: {e}") from None
-
-
 def _dpo_loss_fields() -> list:
     """The fields of :class:`fastrl.losses.DPOSettings` (same names, defaults and help; tuples as lists), then
     ``ld_alpha``, an option of the fused loss rather than of the settings."""
