@@ -14,9 +14,10 @@ Traceback (most recent call last):
 fastrl.train.config.ConfigError: DPOConfig.beta: beta must be finite and in (0.0, inf], got -1.0
 
 ``GRPOConfig``, ``DPOConfig``, ``OnlineDPOConfig`` and ``SFTConfig`` share :class:`TrainConfig` (model, data,
-batch, optimiser, schedule, logging, checkpointing, seed, systems); the loss options are fields
-named as the keywords of :func:`fastrl.losses.dpo_loss` / :func:`fastrl.losses.grpo_loss`, checked
-by those functions themselves (one place for each check). Every field has a default, so a YAML
+batch, optimiser, schedule, logging, checkpointing, seed, systems); the loss options are not written
+here again: they are the fields of :class:`fastrl.losses.GRPOSettings` / :class:`fastrl.losses.DPOSettings`
+(same names, defaults and help, made by :func:`fastrl.losses.settings.config_fields`), checked by building
+those settings (one place for each check; ``loss_settings()`` returns them). Every field has a default, so a YAML
 file names only what it changes. :func:`load_config` reads the YAML and applies overrides such as
 ``--beta 0.2 --loss_type sigmoid ipo`` with transformers' ``HfArgumentParser`` (argparse): YAML
 values become the parser's defaults and the command line wins. Dict fields (``model_config``) are
