@@ -1,4 +1,4 @@
-# fastrl — the two README commands (`make demo`, `make test`) and the rest.
+# fastrl — the two README commands (`make demo`, `make test`) and the rest (`make test-fast`: the quick test loop).
 # Every target installs what it needs into .venv first:
 #   - CPU machine: a fresh venv, the local CPU wheel torch==$(TORCH_CPU_VERSION) (an unpinned torch
 #     would pull gigabytes of CUDA wheels), then fastrl built against it (--no-build-isolation).
@@ -43,7 +43,7 @@ WHEELS_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x
 TRITON_GPU_VERSION ?= 3.6.0
 VENV_TRITON_GPU ?= .venv-triton$(subst .,,$(basename $(TRITON_GPU_VERSION)))
 
-.PHONY: install demo test bench bench-gpu gpu-smoke bench-baseline bench-compare bench-report wheels wheels-install \
+.PHONY: install demo test test-fast bench bench-gpu gpu-smoke bench-baseline bench-compare bench-report wheels wheels-install \
   gpu-test gpu-all gpu-resources gpu-compile-triton-gpu info clean
 
 install: $(STAMP)
@@ -77,6 +77,11 @@ $(VENV)/.fastrl-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The quick loop: the suite without the tests marked slow (compiles, two-process runs, the trainer benchmark,
+# the demo pipeline; listed in tests/conftest.py), a few minutes on 2 CPU cores. `make test` (CI) runs them all.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 info: $(STAMP)
 	$(VENV)/bin/fastrl info
