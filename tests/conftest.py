@@ -23,8 +23,8 @@ SLOW_FILES = (
 )
 # Single tests, as patterns over "path under tests/::test name[parameters]" (the ids `pytest --durations`
 # prints; `*` is the only wildcard, brackets are literal), chosen from `--durations` runs on the 2-core
-# machine: each took seconds, or its family's cases did together. Where a family is cut, the cases left
-# in the fast tier still cover each of its settings once.
+# machine: each took seconds, or its family's cases did together. Where only some cases of a family are
+# listed, the ones left in the fast tier still cover each loss type / setting once.
 SLOW_TESTS = (
     # compiles: Triton ahead of time for a GPU (PTX / cubin checks) and torch.compile (dynamo's first use)
     "*::test_*compile*_for_the_gpu_*",
