@@ -23,6 +23,7 @@ tensor([[-0.2000, -0.2000, -0.2000],
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -30,10 +31,10 @@ from typing import NamedTuple
 import torch
 
 from fastrl import _checks
+from fastrl._checks import check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks, raise_first
 from fastrl.losses.torch_impl import grpo as torch_grpo
 from fastrl.losses.torch_impl.grpo import ENT, IS_LEVELS, IS_MODES, KL_ESTIMATORS, LOSS, NSTATS, GRPOSettings
 from fastrl.ops.dispatch import resolve
-from fastrl.ops.packing import check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks, raise_first
 
 __all__ = ["GRPOLoss", "GRPOSettings", "grpo_loss", "grpo_loss_grad", "grpo_token_weights"]
 
@@ -131,7 +132,8 @@ def grpo_loss(
     (``cu_seqlens`` offsets, a 0/1 ``mask``, finite ``advantages``) cost one device sync and are
     skipped under ``torch.compile``.
     """
-    settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
+    if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
+        settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
     prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                         sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
     stats = _stats_op(**prepared.tensors._asdict(), ints=prepared.ints, floats=prepared.floats)
@@ -160,7 +162,8 @@ def grpo_loss_grad(
     without ``entropy``). One forward and one backward launch on CUDA. Meant for fused losses that
     backpropagate further by hand (e.g. through the LM head), where the loss is terminal.
     """
-    settings = GRPOSettings.from_options(settings, options, where="grpo_loss_grad")
+    if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
+        settings = GRPOSettings.from_options(settings, options, where="grpo_loss_grad")
     with torch.no_grad():
         prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                             sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
@@ -341,7 +344,7 @@ def _prepare(settings: GRPOSettings, logps, old_logps, advantages, mask, cu_seql
     max_len = settings.max_completion_length
     if max_len is None and cu_seqlens is None:
         max_len = shape[1]
-    ints, floats = settings.encode()
+    ints, floats = settings.encoded
     return _Prepared(tensors, ints, floats, num_items, max_len, per_token)
 
 
@@ -355,7 +358,10 @@ def _combine(stats, settings, prepared: _Prepared):
 
 # ------------------------------------------------------------------------------------------------
 # Custom ops: per-sequence stats forward, gradients backward. The settings travel as
-# ``GRPOSettings.encode()``'s ``(ints, floats)``; each op reads them back with ``GRPOSettings.decode``.
+# ``GRPOSettings.encode()``'s ``(ints, floats)``; each op reads them back with ``GRPOSettings.decode``
+# (cached: a step's ops see the same few settings, checked once).
+
+_decode = functools.lru_cache(maxsize=256)(GRPOSettings.decode)
 
 
 def _launch(kernel, pointers, logps, mask, cu_seqlens, s: GRPOSettings, *, per_token_adv: bool, has_ref: bool,
@@ -397,7 +403,7 @@ def _stats_op(logps: torch.Tensor, old_logps: torch.Tensor | None, advantages: t
     """The operator under :func:`grpo_loss` (arguments checked there; per-token tensors contiguous; the
     tensors are those of :class:`_Tensors`, in its order): per-sequence ``stats`` [B, NSTATS] fp32
     (columns: :mod:`fastrl.kernels.grpo_columns`)."""
-    s = GRPOSettings.decode(ints, floats)
+    s = _decode(tuple(ints), tuple(floats))
     b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
     per_token = torch_grpo.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
     if resolve(logps.device) == "torch" or b == 0:
@@ -432,7 +438,7 @@ def _stats_backward_op(grad_loss: torch.Tensor, grad_entropy: torch.Tensor | Non
     """``(d logps, d entropy)`` of ``sum_i grad_loss[i] * stats[i, LOSS] + grad_entropy[i] *
     stats[i, ENT]``; the tensors after ``stats`` are :meth:`_Tensors.for_backward`'s. ``d entropy`` is
     an empty tensor without entropy (``has_entropy`` False)."""
-    s = GRPOSettings.decode(ints, floats)
+    s = _decode(tuple(ints), tuple(floats))
     b = torch_grpo.num_sequences(logps.shape, cu_seqlens)
     per_token = torch_grpo.advantages_per_token(advantages, tuple(logps.shape), cu_seqlens)
     empty = logps.new_empty(0, dtype=entropy_dtype)

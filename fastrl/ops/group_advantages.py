@@ -22,9 +22,9 @@ import numbers
 import torch
 
 from fastrl import _checks
+from fastrl._checks import INDEX_DTYPES, raise_first
 from fastrl.ops import torch_impl
 from fastrl.ops.dispatch import resolve
-from fastrl.ops.packing import INDEX_DTYPES, raise_first
 
 __all__ = ["group_advantages"]
 

@@ -10,7 +10,7 @@
 >>> padded.tolist(), mask.tolist()
 ([[1, 2], [3, 0]], [[True, True], [True, False]])
 
-Also home of the ``cu_seqlens`` checks every packed op shares (:func:`cu_seqlens_checks`).
+The ``cu_seqlens`` and mask checks every packed op shares are in :mod:`fastrl._checks`.
 """
 
 from __future__ import annotations
@@ -20,95 +20,9 @@ import numbers
 import torch
 
 from fastrl import _checks
-from fastrl._checks import raise_first
+from fastrl._checks import check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks, raise_first
 
 __all__ = ["pack_sequences", "unpack"]
-
-INDEX_DTYPES = (torch.int32, torch.int64)
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-               torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_cu_seqlens(cu_seqlens: object, device: torch.device, name: str = "cu_seqlens") -> torch.Tensor:
-    """Kind, rank, dtype (int32 / int64) and device of a ``cu_seqlens`` [N+1].
-
-    Its values are checked by :func:`cu_seqlens_checks`.
-
-    Args:
-        cu_seqlens: should be ``[N+1]`` int32 / int64, N >= 0.
-        device: the device it must be on (the other inputs').
-        name: the argument's name in the messages.
-
-    Returns:
-        ``cu_seqlens``, unchanged.
-
-    Raises:
-        TypeError: not a tensor.
-        ValueError: not 1-D, empty, of another dtype or on another device.
-    """
-    _checks.check_tensor(name, cu_seqlens, ndim=1, dtypes=INDEX_DTYPES, device=device)
-    if cu_seqlens.shape[0] == 0:
-        raise ValueError(f"{name} must hold N+1 >= 1 offsets (a leading 0), got an empty tensor")
-    return cu_seqlens
-
-
-def cu_seqlens_checks(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens") -> list[tuple[torch.Tensor, str]]:
-    """Value checks of ``cu_seqlens`` for :func:`raise_first`.
-
-    Args:
-        cu_seqlens: ``[N+1]`` int32 / int64 (checked by :func:`check_cu_seqlens`).
-        total: the number of packed tokens, where it must end.
-        name: the argument's name in the messages.
-
-    Returns:
-        ``(flag, message)`` pairs, each flag a 0-d bool tensor, true when it fails: starts at 0,
-        never decreases, ends at ``total``.
-    """
-    return [
-        (cu_seqlens[0] != 0, f"{name} must start at 0"),
-        ((cu_seqlens[1:] < cu_seqlens[:-1]).any(), f"{name} must be non-decreasing"),
-        (cu_seqlens[-1] != total, f"{name} must end at the number of tokens, {total}"),
-    ]
-
-
-def check_mask(mask: object, shape: tuple[int, ...], device: torch.device, name: str = "mask") -> torch.Tensor:
-    """Kind, shape, dtype (bool, integer or floating) and device of a 0/1 ``mask``.
-
-    Its values are checked by :func:`mask_checks`.
-
-    Args:
-        mask: should be ``shape``, bool, integer or floating.
-        shape: the shape it must have.
-        device: the device it must be on.
-        name: the argument's name in the messages.
-
-    Returns:
-        ``mask``, unchanged.
-
-    Raises:
-        TypeError: not a tensor.
-        ValueError: another shape, dtype or device.
-    """
-    _checks.check_tensor(name, mask, ndim=len(shape), dtypes=MASK_DTYPES, device=device)
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    return mask
-
-
-def mask_checks(mask: torch.Tensor, name: str = "mask") -> list[tuple[torch.Tensor, str]]:
-    """Value check of a mask for :func:`raise_first`: only 0 and 1 (nothing to check for bool).
-
-    Args:
-        mask: ``[...]`` (any shape) bool, integer or floating.
-        name: the argument's name in the message.
-
-    Returns:
-        ``[(flag, message)]`` with a 0-d bool flag, or ``[]`` for a bool mask.
-    """
-    if mask.dtype == torch.bool:
-        return []
-    return [(((mask != 0) & (mask != 1)).any(), f"{name} must hold only 0 and 1 (or be bool)")]
-
 
 def pack_sequences(padded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack the masked positions of ``padded`` into one flat tensor.

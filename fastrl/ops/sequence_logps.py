@@ -16,10 +16,9 @@ from collections.abc import Sequence
 import torch
 
 from fastrl import _checks
+from fastrl._checks import INDEX_DTYPES, check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks, raise_first
 from fastrl.ops import torch_impl
 from fastrl.ops.dispatch import resolve
-from fastrl.ops.packing import (INDEX_DTYPES, check_cu_seqlens, check_mask, cu_seqlens_checks, mask_checks,
-                                raise_first)
 
 __all__ = ["sequence_logps"]
 
