@@ -263,6 +263,8 @@ DIFFERENTIABLE = GRAD_ROWS
 _REQUIRED = ("pc", "pr")
 _PAIRS_SCHEMA = ", ".join(f"Tensor{'' if name in _REQUIRED else '?'} {name}" for name in PairTensors._fields)
 _ENCODING_SCHEMA = "int[] ints, float[] floats"
+# The ops read the settings back from that encoding, once per distinct setting (a step's calls share a few).
+_decode = functools.lru_cache(maxsize=256)(DPOSettings.decode)
 
 
 _FLOATS = (*_checks.FLOAT_DTYPES, torch.float64)
@@ -356,7 +358,9 @@ def dpo_loss(
     under ``torch.compile``.
     """
     bco_delta = options.pop("bco_delta") if isinstance(options.get("bco_delta"), torch.Tensor) else None
-    s = DPOSettings.from_options(settings, options, where="dpo_loss")
+    s = settings
+    if options or type(s) is not DPOSettings:  # settings as given were checked when made
+        s = DPOSettings.from_options(settings, options, where="dpo_loss")
     _checks.check_tensor("chosen_logps", chosen_logps, ndim=1, dtypes=_FLOATS)
     device, n = chosen_logps.device, chosen_logps.shape[0]
     if n == 0:
@@ -433,7 +437,7 @@ def dpo_loss(
         d2 = torch_dpo.aot_unpaired_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     pairs = PairTensors(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
                         rejected_lengths, chosen_nll, pair_beta, soft_labels, pair_weights, d1, d2, delta)
-    stats = _dpo_loss_op(*pairs, *s.encode())
+    stats = _dpo_loss_op(*pairs, *s.encoded)
     detached = stats.detach()
     metrics = {name: detached[STAT[name]] for name in METRICS}
     if s.reports_nll:
@@ -519,7 +523,7 @@ def _dpo_loss_impl(*args) -> torch.Tensor:
     the settings as :meth:`DPOSettings.encode` wrote them; returns the vector of
     :data:`fastrl.kernels.dpo_columns.DPO_STATS`, element 0 the loss."""
     *tensors, ints, floats = args
-    p, s = PairTensors(*tensors), DPOSettings.decode(ints, floats)
+    p, s = PairTensors(*tensors), _decode(tuple(ints), tuple(floats))
     if resolve(p.pc.device) == "torch":
         return _torch_stats(p, s)
     from fastrl.kernels import launch
@@ -553,7 +557,7 @@ def _dpo_loss_backward_impl(grad: torch.Tensor, stats: torch.Tensor, *args) -> t
     """d loss / d :data:`DIFFERENTIABLE` as rows of a [5, B] tensor, times ``grad[0]`` (the gradient of
     the loss element of the stats vector). Rows of absent inputs are unspecified."""
     *tensors, ints, floats = args
-    p, s = PairTensors(*tensors), DPOSettings.decode(ints, floats)
+    p, s = PairTensors(*tensors), _decode(tuple(ints), tuple(floats))
     if resolve(p.pc.device) == "torch":
         return _torch_grads(grad, p, s)
     from fastrl.kernels import launch

@@ -127,6 +127,10 @@ class Settings:
                 continue
             object.__setattr__(self, f.name, _check_value(f.name, getattr(self, f.name), _meta(f)))
         self.check()
+        ints, floats = self.encode()
+        # made once: the ops read it on every call (an attribute, not a field: equality, repr and replace
+        # see only the fields)
+        object.__setattr__(self, "encoded", (tuple(ints), tuple(floats)))
 
     def check(self) -> None:
         """The family's rules across fields (raise naming the first field); called after the field checks."""
@@ -166,7 +170,8 @@ class Settings:
 
     def encode(self) -> tuple[list[int], list[float]]:
         """``(ints, floats)``: a choice as its index, a bool or an int as itself, a real as itself, an optional
-        field as a 0/1 flag (int) before its value, a tuple as its length (int) then its items."""
+        field as a 0/1 flag (int) before its value, a tuple as its length (int) then its items. The same
+        values, as tuples, are the attribute ``encoded``, made once on construction for the ops' calls."""
         ints: list[int] = []
         floats: list[float] = []
         for f in dataclasses.fields(self):
