@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DataError", "PreferencePairs", "Prompts", "BatchOrder", "load_preference_pairs", "load_prompts",
+__all__ = ["DataError", "PreferencePairs", "Prompts", "load_preference_pairs", "load_prompts",
            "load_table"]
 
 
@@ -323,57 +323,3 @@ def load_prompts(config, tokenizer, vocab_size: int) -> Prompts:
                                        enc.where(i, config.prompt_column)))
         out.rows.append(dict(row))
     return out
-
-
-class BatchOrder:
-    """Which examples each micro-batch of each process reads.
-
-    A seeded permutation per epoch, consumed ``batch_size × world_size`` examples at a time (rank r
-    reads its own slice), the incomplete tail of an epoch dropped. Its state (epoch, position) is
-    the data position a checkpoint stores.
-
-    Args:
-        num_examples: the size of the dataset.
-        batch_size: examples per micro-batch of one process.
-        world_size: the number of processes.
-        rank: this process's rank, in ``[0, world_size)``.
-        seed: the permutation of epoch e is seeded with ``seed + e``.
-        shuffle: False: every epoch reads the examples in order.
-    """
-
-    def __init__(self, num_examples: int, *, batch_size: int, world_size: int, rank: int, seed: int, shuffle: bool):
-        self.n, self.batch_size, self.world_size, self.rank = num_examples, batch_size, world_size, rank
-        self.seed, self.shuffle = seed, shuffle
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world_size
-
-    def micro_batches_per_epoch(self) -> int:
-        return self.n // self.global_batch
-
-    def next(self) -> list[int]:
-        """The example indices of this process's next micro-batch."""
-        if self.position + self.global_batch > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        start = self.position + self.rank * self.batch_size
-        self.position += self.global_batch
-        return self._order[start:start + self.batch_size]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_examples": self.n}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["num_examples"] != self.n or state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint was taken on {state['num_examples']} examples with seed {state['seed']}; "
-                             f"this run has {self.n} with seed {self.seed}")
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation()

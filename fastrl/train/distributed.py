@@ -2,7 +2,7 @@
 
 NCCL on CUDA, gloo on the CPU (2 CPU processes is how the multi-process path is tested). Every
 process reads the same data order and takes its own slice of each micro-batch
-(:class:`fastrl.train.data.BatchOrder`); FSDP2 averages gradients over processes, so a loss that is
+(:class:`fastrl.train.run.BatchOrder`); FSDP2 averages gradients over processes, so a loss that is
 a mean over examples gives the same step as one process on the whole batch. For a rollout,
 :func:`full_weights` holds every FSDP2 unit gathered so that the decoder sees whole weights.
 """

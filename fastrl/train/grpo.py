@@ -23,7 +23,7 @@ and logging steps of :mod:`fastrl.train.online`). Then every step (one rollout, 
    log-probs detached (ratio 1, as TRL when it skips the old-log-prob forward); with μ > 1 (or
    ``old_logps: policy``) one no-grad fused-kernel forward of the policy before the first update;
    ``old_logps: sampler`` reuses the rollout's log-probs. All from
-   :func:`fastrl.train.reference.completion_logps` (no ``[tokens, V]`` logits).
+   :func:`fastrl.train.model.completion_logps` (no ``[tokens, V]`` logits).
 5. **train** — μ passes over the micro-batches; each micro-batch (``batch_size`` prompts × G
    completions, packed) runs the policy to its last hidden states with
    :class:`fastrl.losses.FusedLinearGRPOLoss` as the head, and one optimiser step ends each pass.
@@ -55,11 +55,10 @@ from fastrl.ops import group_advantages
 from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
-from fastrl.train.model import Policy, frozen_copy, prepare_for_training
+from fastrl.train.model import Policy, completion_logps, frozen_copy, prepare_for_training
 from fastrl.train.online import (Completions, gather_rows, mean_over_processes, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.reference import completion_logps
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, optimize, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastrl.ops import fused_linear_logprobs, sequence_logps
 from fastrl.train import attention as attention_backends
 from fastrl.train.packing import SequenceBatch, pack, pad
 from fastrl.train.telemetry import flops_per_token
 
-__all__ = ["Policy", "attention_implementation", "load_model", "load_tokenizer", "packing_works", "sequence_layout"]
+__all__ = ["Policy", "attention_implementation", "completion_logps", "pair_logps", "load_model", "load_tokenizer", "packing_works", "sequence_layout"]
 
 Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
 
@@ -341,3 +342,56 @@ def frozen_copy(policy: Policy, config, world, path: str | None = None) -> Polic
     model = build_model(config, world.device, path) if path is not None else copy.deepcopy(policy.model)
     ref = Policy(model, policy.compute_dtype).requires_grad_(False).eval()
     return distributed.shard(ref, decoder_layers(model), world)
+
+
+@torch.no_grad()
+def completion_logps(policy, batch: SequenceBatch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probs of every completion token of ``batch`` under ``policy``, without gradients.
+
+    The old / reference log-probs of a GRPO step, through the fused lm-head (no ``[tokens, V]`` logits).
+
+    Args:
+        policy: a :class:`Policy` (sharded or not; resharded after the forward).
+        batch: a :class:`~fastrl.train.packing.SequenceBatch` of prompts and completions.
+        temperature: the log-probs are those of ``softmax(logits / temperature)``.
+
+    Returns:
+        ``[T_c]`` fp32, packed like ``batch.labels`` (bounded by ``batch.cu_seqlens``).
+    """
+    logps = policy(batch, lambda hidden, weight, bias: fused_linear_logprobs(hidden, weight, batch.labels, bias,
+                                                                             temperature=temperature)).float()
+    from fastrl.train import distributed
+
+    distributed.reshard(policy)
+    return logps
+
+
+@torch.no_grad()
+def pair_logps(policy, batch: SequenceBatch, *, ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of a batch of preference pairs under ``policy``, without gradients.
+
+    Args:
+        policy: a :class:`Policy` (sharded or not; resharded after the forward).
+        batch: a :class:`~fastrl.train.packing.SequenceBatch` of 2B sequences, chosen first, then rejected
+            (pair i = sequences i and B + i).
+        ld_alpha: LD-DPO: weight of the tokens beyond the shorter completion of each pair (None: all 1).
+
+    Returns:
+        ``(chosen [B], rejected [B])`` fp32.
+    """
+    lengths = batch.completion_lengths.to(batch.labels.device)
+    pairs = lengths.numel() // 2
+    pair_lengths = None
+    if ld_alpha is not None:
+        shorter = torch.minimum(lengths[:pairs], lengths[pairs:])
+        pair_lengths = torch.cat([shorter, shorter])
+
+    def head(hidden, weight, bias):
+        token_logps = fused_linear_logprobs(hidden, weight, batch.labels, bias)
+        return sequence_logps(token_logps, batch.cu_seqlens, ld_alpha=ld_alpha, pair_lengths=pair_lengths)
+
+    seq = policy(batch, head).float()
+    from fastrl.train import distributed
+
+    distributed.reshard(policy)
+    return seq[:pairs], seq[pairs:]

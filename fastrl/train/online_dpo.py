@@ -40,11 +40,10 @@ from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
-from fastrl.train.model import Policy, frozen_copy, prepare_for_training
+from fastrl.train.model import Policy, frozen_copy, pair_logps, prepare_for_training
 from fastrl.train.online import (Completions, gather_rows, mean_over_processes, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.reference import pair_logps
 from fastrl.train.run import Run, TrainResult, end_step, finish, open_telemetry, plan_steps, resume, save, start_run
 from fastrl.train.telemetry import Telemetry
 

@@ -1,7 +1,7 @@
 """Reference log-probs for DPO: per batch from a frozen model (live), or once for the whole
 dataset before training (precomputed, the default) and cached on disk.
 
-Both run the same no-grad forward, :func:`pair_logps`: the :class:`~fastrl.train.model.Policy`
+Both run the same no-grad forward, :func:`fastrl.train.model.pair_logps`: the :class:`~fastrl.train.model.Policy`
 forward with a head that takes the completion tokens' log-probs with
 :func:`fastrl.ops.fused_linear_logprobs` and sums them per sequence with
 :func:`fastrl.ops.sequence_logps` (LD-DPO weights included) — the ops of
@@ -21,41 +21,10 @@ from pathlib import Path
 
 import torch
 
-from fastrl.ops import fused_linear_logprobs, sequence_logps
 from fastrl.train import distributed
-from fastrl.train.packing import SequenceBatch
+from fastrl.train.model import pair_logps
 
-__all__ = ["cache_key", "completion_logps", "model_fingerprint", "pair_logps", "precompute_pair_logps"]
-
-
-@torch.no_grad()
-def completion_logps(policy, batch: SequenceBatch, *, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probs ``[T_c]`` fp32 of every completion token of ``batch`` (packed like
-    ``batch.labels``, bounded by ``batch.cu_seqlens``): the old / reference log-probs of a GRPO step."""
-    logps = policy(batch, lambda hidden, weight, bias: fused_linear_logprobs(hidden, weight, batch.labels, bias,
-                                                                             temperature=temperature)).float()
-    distributed.reshard(policy)
-    return logps
-
-
-@torch.no_grad()
-def pair_logps(policy, batch: SequenceBatch, *, ld_alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs ``(chosen [B], rejected [B])`` fp32 of a batch of 2B sequences
-    laid out chosen first, then rejected (pair i = sequences i and B + i)."""
-    lengths = batch.completion_lengths.to(batch.labels.device)
-    pairs = lengths.numel() // 2
-    pair_lengths = None
-    if ld_alpha is not None:
-        shorter = torch.minimum(lengths[:pairs], lengths[pairs:])
-        pair_lengths = torch.cat([shorter, shorter])
-
-    def head(hidden, weight, bias):
-        token_logps = fused_linear_logprobs(hidden, weight, batch.labels, bias)
-        return sequence_logps(token_logps, batch.cu_seqlens, ld_alpha=ld_alpha, pair_lengths=pair_lengths)
-
-    seq = policy(batch, head).float()
-    distributed.reshard(policy)
-    return seq[:pairs], seq[pairs:]
+__all__ = ["cache_key", "model_fingerprint", "precompute_pair_logps"]
 
 
 def model_fingerprint(path: str | None, model: torch.nn.Module | None) -> str:

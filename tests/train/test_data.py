@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fastrl.train import DataError
-from fastrl.train.data import BatchOrder, load_preference_pairs, load_prompts
+from fastrl.train.data import load_preference_pairs, load_prompts
+from fastrl.train.run import BatchOrder
 
 from .conftest import dpo_config, make_tokenizer, toy_pairs, write_jsonl
 

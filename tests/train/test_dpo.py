@@ -10,7 +10,7 @@ from fastrl.train.data import load_preference_pairs
 from fastrl.train.model import Policy, load_model
 from fastrl.train.optim import NonFiniteSteps, optimizer_step
 from fastrl.train.packing import pack
-from fastrl.train.reference import pair_logps
+from fastrl.train.model import pair_logps
 
 from .conftest import dpo_config, state
 

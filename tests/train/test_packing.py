@@ -10,7 +10,7 @@ import torch
 from fastrl.losses import FusedLinearDPOLoss, precompute_reference_logps
 from fastrl.train.model import Policy, load_model, packing_works, sequence_layout
 from fastrl.train.packing import pack, pad
-from fastrl.train.reference import pair_logps
+from fastrl.train.model import pair_logps
 
 from .conftest import TINY, toy_pairs
 
