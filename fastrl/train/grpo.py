@@ -50,7 +50,6 @@ from dataclasses import dataclass
 import torch
 
 from fastrl.losses import FusedLinearGRPOLoss
-from fastrl.losses.torch_impl.grpo import DEFAULT_AGG
 from fastrl.ops import group_advantages
 from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
@@ -151,7 +150,7 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
     """μ passes of forward + backward over the micro-batches, each pass ended by ``optimize(loss)``
     (the optimiser step; returns ``(grad_norm, stepped)``). Returns this step's metrics: the
     loss (the step aggregate, mean over passes), the loss's metrics (token-weighted), grad norms."""
-    agg = config.loss_agg_mode or DEFAULT_AGG[config.loss_type]
+    agg = loss_fn.settings.agg
     counts = [(0 if m.empty else m.batch.labels.numel(), 0 if m.empty else m.batch.num_sequences, m.every)
               for m in micros]
     totals = distributed.all_reduce(torch.tensor([sum(c[i] for c in counts) for i in range(3)],
@@ -213,7 +212,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     resume(run, updates_per_step=config.num_iterations)
     open_telemetry(run)
     telemetry = run.telemetry
-    loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, **config.loss_options())
+    loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, settings=config.loss_settings())
     forwards_per_token = 1 + (reference_model is not None) + (old_source == "policy") + 3 * config.num_iterations
 
     try:
