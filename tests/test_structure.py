@@ -195,3 +195,19 @@ def test_the_checks_would_fail(source, tmp_path, monkeypatch):
         test_no_cross_module_private_import()
     with pytest.raises(AssertionError, match="layer above"):
         test_layers_import_downwards()
+
+
+@pytest.mark.slow
+def test_architecture_states_the_files_a_grpo_step_passes_through():
+    # docs/architecture.md states the count benchmarks/step_files.py measures; a change that moves the
+    # step through more (or fewer) files must update the stated number
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    stated = re.search(r"A\s+GRPO step passes through \*\*(\d+) files\*\*", text)
+    assert stated, "docs/architecture.md no longer states the count"
+    from conftest import load_benchmark_script
+
+    files = load_benchmark_script("step_files").step_files()
+    assert "fastrl/train/grpo.py" in files and "fastrl/losses/grpo.py" in files  # the trace saw the step
+    assert len(files) == int(stated.group(1)), files
