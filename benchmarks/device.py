@@ -20,7 +20,7 @@ import torch
 #     1,979 TFLOP/s bf16 with sparsity; H200 NVL 4.8 TB/s and 1,671.
 #   NVIDIA A100 Tensor Core GPU datasheet (nvidia.com/en-us/data-center/a100): 312 TFLOP/s bf16 dense;
 #     80GB SXM 2,039 GB/s, 80GB PCIe 1,935 GB/s, 40GB 1,555 GB/s.
-# "measured" are the ceilings seen on this project's lent machines (shared/GPU.md): a large
+# "measured" are the ceilings seen on this project's lent machines (docs/design.md#performance-method): a large
 # device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul through torch.
 # Matched in order against torch.cuda.get_device_name() (e.g. "NVIDIA H100 80GB HBM3" is the SXM part).
 GPU_PEAKS = [

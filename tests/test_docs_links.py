@@ -245,7 +245,5 @@ def test_links_inside_docs_resolve():
     assert broken_doc_links(DOCS) == []
 
 
-@pytest.mark.xfail(strict=False, reason="docstrings and tests still cite shared/LOSSES.md, shared/DESIGN.md, "
-                   "shared/GPU.md (notes outside the repository); remove this mark once they cite docs/ instead")
 def test_nothing_cites_notes_outside_the_repository():
     assert outside_note_citations(ROOT) == []

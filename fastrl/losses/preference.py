@@ -15,8 +15,8 @@
 
 Each has a module form (options in ``__init__``, tensors in ``forward``) and returns
 ``(loss, metrics)`` with detached metrics. No Python loop runs over rows or lists: pairs within a
-list are ``[N, K, K]`` tensors (K is small). Formulas: ``shared/LOSSES.md``; items marked ‡ there
-are marked here too, with whether they were checked.
+list are ``[N, K, K]`` tensors (K is small). Formulas: ``docs/losses.md#listwise-unpaired-and-reward-model-losses``;
+items marked ‡ there are marked here too, with whether they were checked.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """fastrl.losses.dpo: every loss type and modifier against fp64 formulas written here from
-shared/LOSSES.md (with autograd gradients), the Triton kernels (in the interpreter, several blocks)
+docs/losses.md#pairwise-dpo-family (with autograd gradients), the Triton kernels (in the interpreter, several blocks)
 against the torch reference, TRL 1.16's DPO / CPO / ORPO code paths and Liger-Kernel's losses where
 they are installed, torch.compile, opcheck, ahead-of-time GPU builds, and the argument checks."""
 
@@ -41,7 +41,7 @@ def _pairs(n=B, dtype=torch.float64, seed=0, spread=3.0):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent fp64 formulas, from the LOSSES.md table (and PEERS.md for TRL's conventions)
+# Independent fp64 formulas, from the docs/losses.md table (and its #peer-conventions for TRL's)
 
 
 def ls(x):

@@ -67,7 +67,7 @@ def _batch(lengths=LENGTHS, width=27, dtype=torch.float64, seed=0, per_token_adv
 
 
 # ---------------------------------------------------------------------------------------------------
-# An independent fp64 implementation: one sequence at a time, written from LOSSES.md / TRL / verl
+# An independent fp64 implementation: one sequence at a time, written from docs/losses.md / TRL / verl
 
 
 def _nan0(x):

@@ -57,7 +57,7 @@ def _div(a, b):
 
 
 def _advantages_of(x, groups, estimator, scale, eps, lengths):
-    """One value per sample (None = unscorable) -> advantages, by the formulas of LOSSES.md."""
+    """One value per sample (None = unscorable) -> advantages, by the formulas of docs/losses.md#advantage-estimators."""
     n = len(x)
     a = [0.0] * n
     scorable = [i for i in range(n) if x[i] is not None]

@@ -2,8 +2,8 @@
 
 The fused Triton kernels of :mod:`fastrl.losses.grpo` are tested against the functions here, and
 these against an independent per-sequence implementation in ``tests/losses/test_grpo_loss.py``.
-They are also the ``torch`` backend (the CPU path). The maths is that of ``shared/LOSSES.md``
-("GRPO family") with TRL 1.16 ``GRPOTrainer._compute_loss`` conventions; verl names are accepted
+They are also the ``torch`` backend (the CPU path). The maths is that of ``docs/losses.md#grpo-family``
+with TRL 1.16 ``GRPOTrainer._compute_loss`` conventions; verl names are accepted
 where verl has the same thing (KL estimators, ``loss_agg_mode``, ``clip_ratio_c``, GSPO-token).
 
 The computation is split the way the kernels split it:
@@ -59,30 +59,45 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSettings(Settings):
-    """The settings of a GRPO-family loss (:func:`fastrl.losses.grpo_loss` and the functions and modules
-    built on it), checked on construction; each field is also a keyword of those functions. What the
-    options mean in the loss is written out in :func:`fastrl.losses.grpo_loss`.
+    """The settings of a GRPO-family loss, checked on construction.
 
-    - ``loss_type``: grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo, vespo;
-    - ``epsilon`` (0.2) and ``epsilon_high`` (default ``epsilon``): the clip range
-      ``[1 - epsilon, 1 + epsilon_high]`` of the ratio (cispo: ``epsilon_high`` caps the ratio);
-    - ``delta`` (> 1): two-sided clipping of the unclipped term; ``clip_ratio_c`` (> 1): verl's dual clip;
-    - ``beta`` (>= 0) the KL coefficient, ``kl`` its estimator: k1 (kl), abs, k2 (mse), k3 (default),
-      low_var_kl, each optionally with a trailing ``+`` (value of the estimator, gradient of k2);
-      ``use_bias_correction_kl``: KL times the ratio (TRL);
-    - ``importance_sampling_level``: token (default), sequence (GSPO), sequence_token (GSPO-token);
-    - ``is_mode`` (token_truncate, token_mask, sequence_truncate, sequence_mask), ``is_cap`` (> 0) and
-      ``is_min`` (>= 0, below ``is_cap``): the sampler importance weight from ``sampler_logps``;
-    - ``off_policy_mask_threshold``: drop negative-advantage sequences this far off-policy;
-    - ``entropy_coef``: the entropy bonus;
-    - ``max_completion_length`` (>= 1): the normaliser of dr_grpo / seq-mean-token-sum-norm;
-    - ``sapo_tau_pos`` / ``sapo_tau_neg`` (> 0): sapo's temperatures by the sign of A;
-    - ``vespo_k`` / ``vespo_lambda``: vespo's (k, lambda), a number or a (positive, negative advantage) pair;
-    - ``loss_agg_mode``: a verl aggregation (token-mean, seq-mean-token-mean, seq-mean-token-sum,
-      seq-mean-token-sum-norm, token-sum) in place of the loss type's.
+    They serve :func:`fastrl.losses.grpo_loss` and the functions and modules built on it; each field is
+    also a keyword of those functions (their ``**options``). What the options mean in the loss is
+    written out in :func:`fastrl.losses.grpo_loss`. The properties below the fields are what the
+    implementations read: the aggregation, the policy term, the clip range and the KL estimator
+    resolved from the options.
 
-    The properties below are what the implementations read: the aggregation, the policy term, the clip
-    range and the KL estimator resolved from the options.
+    Args:
+        loss_type: the policy loss: grpo, bnpo, dr_grpo, dapo (default), cispo, sapo, luspo, vespo.
+        epsilon: the lower clip ε of the ratio, ``1 - epsilon`` (0.2; >= 0).
+        epsilon_high: the upper clip ε (default ``epsilon``): the clip range is
+            ``[1 - epsilon, 1 + epsilon_high]``; cispo: ``epsilon_high`` caps the ratio.
+        delta: two-sided clipping bound of the unclipped term's ratio (> 1).
+        clip_ratio_c: verl's dual-clip c (> 1).
+        beta: the KL coefficient (>= 0; 0 = no reference model).
+        kl: the KL estimator: k1 (kl), abs, k2 (mse), k3 (default), low_var_kl, each optionally with a
+            trailing ``+`` (the value of the estimator, the gradient of k2).
+        use_bias_correction_kl: KL times the ratio (TRL).
+        importance_sampling_level: token (default), sequence (GSPO) or sequence_token (GSPO-token).
+        is_mode: the sampler importance-weight mode (from ``sampler_logps``): token_truncate (default),
+            token_mask, sequence_truncate, sequence_mask.
+        is_cap: the sampler importance-weight cap (> 0).
+        is_min: the sampler importance-weight floor (>= 0, below ``is_cap``).
+        off_policy_mask_threshold: drop negative-advantage sequences this far off-policy.
+        entropy_coef: the entropy bonus coefficient.
+        max_completion_length: the normaliser of dr_grpo / seq-mean-token-sum-norm (>= 1; default: L
+            padded, the longest sequence packed).
+        sapo_tau_pos: sapo's temperature where A > 0 (> 0).
+        sapo_tau_neg: sapo's temperature where A <= 0 (> 0).
+        vespo_k: vespo's k, a number or a (positive, negative advantage) pair.
+        vespo_lambda: vespo's λ, a number or a (positive, negative advantage) pair.
+        loss_agg_mode: a verl aggregation (token-mean, seq-mean-token-mean, seq-mean-token-sum,
+            seq-mean-token-sum-norm, token-sum) in place of the loss type's.
+
+    Raises:
+        TypeError: a field of the wrong type, naming it.
+        ValueError: a field out of range or not among its choices, ``is_min >= is_cap``, or a
+            sequence ``is_mode`` with vespo.
 
     >>> s = GRPOSettings(loss_type="sapo", kl="mse+", vespo_k=4)
     >>> s.agg, s.policy, s.eps_high, s.kl_estimator, s.kl_straight_through, s.vespo_k
