@@ -33,7 +33,22 @@ MODULES = [
     "fastrl.train.telemetry",
     "fastrl.train.attention",
     "fastrl.train.rewards",
+    "fastrl.losses.grpo",
+    "fastrl.losses.dpo",
+    "fastrl.losses.fused_linear_grpo",
+    "fastrl.losses.fused_linear_dpo",
+    "fastrl.losses.preference",
+    "fastrl.losses.settings",
+    "fastrl.losses.torch_impl.grpo",
+    "fastrl.losses.torch_impl.dpo",
+    "fastrl.rollout.generate",
+    "fastrl.rollout.types",
+    "fastrl.rollout.decoders",
+    "fastrl.rollout.vllm_engine",
 ]
+
+# nn.Modules that are state holders, not layers: no forward (their docstring says how they are used).
+NO_FORWARD = {"fastrl.losses.preference.RunningMean"}
 
 SECTIONS = ("Args", "Returns", "Yields", "Raises", "Example", "Examples", "Note", "Notes", "Warning")
 _HEADER = re.compile(r"^(%s):\s*$" % "|".join(SECTIONS))
@@ -186,7 +201,7 @@ def class_problems(cls, what: str) -> list[str]:
     init = _python_init(cls)
     if init is not None:
         problems += parameter_problems(doc, list(init.parameters.values()), what)
-    if issubclass(cls, torch.nn.Module):
+    if issubclass(cls, torch.nn.Module) and what not in NO_FORWARD:
         forward = next((k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__), None)
         if forward is None or forward is torch.nn.Module.forward:
             problems.append(f"{what}: an nn.Module without a forward")

@@ -81,6 +81,7 @@ def _loss_types(loss_type) -> tuple[str, ...]:
 class DPOSettings(Settings):
     """Every option of :func:`dpo_loss` that is not a tensor, checked on construction.
 
+    Each field is also a keyword of :func:`dpo_loss` and :class:`DPOLoss` (their ``**options``).
     ``loss_type`` is one name or a list, summed with ``loss_weights`` (default 1 each). Per pair,
     with r = π − ρ, F the f-divergence score (``f_divergence``), h = F(r_c) − F(r_r),
     h̄ = F(r_c)/|y_c| − F(r_r)/|y_r|, ε = ``label_smoothing``, ls = log σ, s = 2p̃ − 1 (1 without soft
@@ -121,18 +122,32 @@ class DPOSettings(Settings):
     has the type (``tests/losses/test_dpo_loss.py``, run when they are installed); "table":
     ``docs/losses.md`` only; ‡ as there (summarised from a paper, not yet checked against it).
 
-    Options (defaults in brackets): ``loss_type`` [sigmoid]; ``loss_weights`` [1 each];
-    ``beta`` β > 0 [0.1]; ``label_smoothing`` ε in [0, 0.5) [0; > 0 for exo_pair];
-    ``f_divergence`` reverse_kl | forward_kl | js | alpha [reverse_kl] (TRL's js_divergence /
-    alpha_divergence accepted and stored as js / alpha; constants as TRL; only on the types marked
-    with h or h̄ above, and sft) with ``f_alpha`` its α [1]; ``gamma_beta_ratio`` SimPO's γ/β [0.5];
-    ``rpo_alpha`` >= 0 adds α·NLL_c/|y_c| per pair (RPO, a per-sequence mean) [off];
-    ``discopop_tau`` τ > 0 [0.05]; ``cpo_alpha`` >= 0 [1]; ``dpop_lambda`` λ >= 0 [50];
-    ``bco_delta`` δ [0] (:func:`dpo_loss` also takes a one-element tensor for it).
-
     The loss is ``mean_i(w_i·P_i) + c·mean_i(w_i)·Σ NLL_c / Σ |y_c|`` with P the per-pair sum above
     and c = weight_sft + weight_cpo·cpo_alpha + weight_orpo (:attr:`nll_coef`). A TRL CPOTrainer
     SimPO run with ``cpo_alpha`` a is ``loss_type=["simpo", "sft"], loss_weights=[1, a]``.
+
+    Args:
+        loss_type: one name of :data:`LOSS_TYPES` or a list of them [sigmoid].
+        loss_weights: the weight of each entry of ``loss_type`` [1 each].
+        beta: β > 0 [0.1].
+        label_smoothing: ε in [0, 0.5) of cdpo / robust / exo_pair [0; > 0 for exo_pair].
+        f_divergence: reverse_kl | forward_kl | js | alpha [reverse_kl] (TRL's js_divergence /
+            alpha_divergence accepted and stored as js / alpha; constants as TRL; only on the types
+            marked with h or h̄ above, and sft).
+        f_alpha: the α of the alpha divergence [1].
+        gamma_beta_ratio: SimPO's γ/β [0.5].
+        rpo_alpha: >= 0, adds α·NLL_c/|y_c| per pair (RPO, a per-sequence mean) [off].
+        discopop_tau: DiscoPOP's τ > 0 [0.05].
+        cpo_alpha: CPO's NLL weight >= 0 [1].
+        dpop_lambda: DPO-Positive's λ >= 0 [50].
+        bco_delta: bco_pair's reward shift δ [0; TRL 1.16: 0] (:func:`dpo_loss` also takes a
+            one-element tensor for it).
+
+    Raises:
+        TypeError: a field of the wrong type, naming it.
+        ValueError: an unknown, empty or repeated loss type, a field out of range, ``loss_weights``
+            not one per type, exo_pair without ``label_smoothing``, or an ``f_divergence`` on a type
+            it does not apply to.
     """
 
     family: ClassVar[str] = "dpo"
@@ -240,8 +255,10 @@ class DPOSettings(Settings):
 
 
 class PairTensors(NamedTuple):
-    """The per-pair tensors of the DPO op, all ``[B]`` on one device (an absent one is None); the op's
-    schema is made from these names, in this order."""
+    """The per-pair tensors of the DPO op, all ``[B]`` on one device (an absent one is None).
+
+    The op's schema is made from these names, in this order.
+    """
 
     pc: torch.Tensor  # π_c, the policy's summed log-probs of the chosen completions
     pr: torch.Tensor  # π_r, of the rejected ones
@@ -286,8 +303,23 @@ def _finite(name: str, t: torch.Tensor):
 
 
 def dynamic_beta(reward_margins: torch.Tensor, beta: float = 0.1, *, w: float = 0.5, k: float = 0.5) -> torch.Tensor:
-    """Per-pair β from the reward-model margin δ of each pair (MM-DPO ‡, unchecked against the paper):
-    ``β_i = β·(1 + w·(1 − e^{−k·δ_i}))``. Pass the result as ``pair_beta``. [B] fp32, no grad."""
+    """Per-pair β from the reward-model margin δ of each pair (MM-DPO ‡, unchecked against the paper).
+
+    ``β_i = β·(1 + w·(1 − e^{−k·δ_i}))``. Pass the result as ``pair_beta``.
+
+    Args:
+        reward_margins: ``[B]`` fp32, bf16, fp16 or fp64, the margins δ.
+        beta: the base β > 0.
+        w: the weight of the margin term.
+        k: the margin's scale.
+
+    Returns:
+        ``[B]`` fp32 β, no grad.
+
+    Raises:
+        TypeError: ``reward_margins`` not a floating tensor, or a non-number scalar.
+        ValueError: ``reward_margins`` not 1-D, or ``beta <= 0``.
+    """
     _checks.check_tensor("reward_margins", reward_margins, ndim=1, dtypes=_FLOATS)
     beta = _checks.check_real("beta", beta, low=0.0, low_open=True)
     w = _checks.check_real("w", w)
@@ -299,9 +331,26 @@ def dynamic_beta(reward_margins: torch.Tensor, beta: float = 0.1, *, w: float = 
 def wpo_weights(chosen_token_logps: torch.Tensor, chosen_log_sum_sq: torch.Tensor, chosen_mask: torch.Tensor,
                 rejected_token_logps: torch.Tensor, rejected_log_sum_sq: torch.Tensor,
                 rejected_mask: torch.Tensor) -> torch.Tensor:
-    """WPO pair weights ``w_c·w_r``, ``w = exp(mean_t(logp_t − log Σ_v p_v²))`` (WPO Eq. 2 as TRL 1.16's
-    ``use_weighting``), from padded per-token log-probs, per-token ``log Σ_v p_v²`` and masks
-    ``[B, L]``. Pass the result as ``pair_weights``. [B] fp32, no grad."""
+    """WPO pair weights ``w_c·w_r``, ``w = exp(mean_t(logp_t − log Σ_v p_v²))``.
+
+    WPO Eq. 2 as TRL 1.16's ``use_weighting``, from padded per-token log-probs, per-token
+    ``log Σ_v p_v²`` and masks. Pass the result as ``pair_weights``.
+
+    Args:
+        chosen_token_logps: ``[B, L]`` fp32, bf16, fp16 or fp64, the chosen completions' token log-probs.
+        chosen_log_sum_sq: ``[B, L]`` floating, ``log Σ_v p_v²`` per chosen token.
+        chosen_mask: ``[B, L]`` bool or 0/1 integer, the chosen completions' tokens.
+        rejected_token_logps: ``[B, L']`` fp32, bf16, fp16 or fp64, the rejected completions'.
+        rejected_log_sum_sq: ``[B, L']`` floating.
+        rejected_mask: ``[B, L']`` bool or 0/1 integer.
+
+    Returns:
+        ``[B]`` fp32 weights, no grad.
+
+    Raises:
+        TypeError: a token_logps that is not a floating tensor.
+        ValueError: a token_logps not 2-D, or its log_sum_sq / mask of another shape.
+    """
     with torch.no_grad():
         def mean_aligned(logps, log_sum_sq, mask):
             _checks.check_tensor("token_logps", logps, ndim=2, dtypes=_FLOATS)
@@ -331,31 +380,44 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A pairwise preference loss (or a weighted sum of several) and its metrics.
 
-    Tensors, all ``[B]`` on one device: ``chosen_logps``, ``rejected_logps`` (π_c, π_r: summed
-    completion log-probs of the policy; fp32 / bf16 / fp16 / fp64; differentiable), the reference's
-    ``ref_chosen_logps``, ``ref_rejected_logps`` (ρ; no gradient; required by every type except the
-    reference-free sft, simpo, orpo, cpo, which ignore them), ``chosen_lengths`` /
-    ``rejected_lengths`` (|y| in tokens, int or float, >= 0; clamped to >= 1 where they divide),
-    ``chosen_nll`` (summed token NLL of the chosen completion; differentiable; default ``−π_c``, the
-    right value unless π_c carries LD-DPO weights), ``pair_beta`` (dynamic β per pair, > 0, e.g.
-    :func:`dynamic_beta`; MM-DPO ‡, unchecked; replaces β everywhere), ``soft_labels`` (SmPO
-    preference probabilities p̃ in [0, 1] scaling h; ‡, unchecked; only on the h-based types),
-    ``pair_weights`` (WPO weights w_c·w_r >= 0, e.g. :func:`wpo_weights`, multiplying each pair's
-    total and the batch NLL term by their mean, TRL's ``use_weighting``; no gradient).
-
     The options are ``settings`` (a :class:`DPOSettings`, where each is documented) or the same
     fields as keywords (``loss_type="ipo", beta=0.2``), not both; ``bco_delta`` may also be a
-    one-element tensor (e.g. a running mean), which replaces the setting.
+    one-element tensor (e.g. a running mean), which replaces the setting. Gradients reach
+    ``chosen_logps``, ``rejected_logps`` and ``chosen_nll``.
 
-    Returns ``(loss, metrics)``: loss 0-d fp32 (fp64 for fp64 inputs); metrics, detached:
-    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (batch
-    means of β·r, TRL's naming; β·π/|y| for the reference-free simpo / orpo without a reference,
-    as TRL's CPO / ORPO log them), ``logps/chosen``, ``logps/rejected`` and, when a type uses it,
-    ``nll_loss``. Gradients reach ``chosen_logps``, ``rejected_logps`` and ``chosen_nll``.
+    Args:
+        chosen_logps: ``[B]`` fp32, bf16, fp16 or fp64: π_c, the policy's summed completion log-probs
+            of the chosen completions; differentiable.
+        rejected_logps: ``[B]`` fp32, bf16, fp16 or fp64: π_r, of the rejected ones; differentiable.
+        ref_chosen_logps: ``[B]`` floating: ρ_c, the reference's (no gradient; required by every type
+            except the reference-free sft, simpo, orpo, cpo, which ignore them).
+        ref_rejected_logps: ``[B]`` floating: ρ_r (pass both references or neither).
+        chosen_lengths: ``[B]`` int or float, |y_c| in tokens, >= 0; clamped to >= 1 where they divide.
+        rejected_lengths: ``[B]`` int or float, |y_r| in tokens, >= 0.
+        chosen_nll: ``[B]`` floating, the summed token NLL of the chosen completion; differentiable;
+            default ``−π_c``, the right value unless π_c carries LD-DPO weights.
+        pair_beta: ``[B]`` floating, dynamic β per pair, > 0, e.g. :func:`dynamic_beta` (MM-DPO ‡,
+            unchecked); replaces β everywhere.
+        soft_labels: ``[B]`` floating, SmPO preference probabilities p̃ in [0, 1] scaling h (‡,
+            unchecked; only on the h-based types).
+        pair_weights: ``[B]`` floating, WPO weights w_c·w_r >= 0, e.g. :func:`wpo_weights`, multiplying
+            each pair's total and the batch NLL term by their mean (TRL's ``use_weighting``); no
+            gradient.
+        settings: a :class:`DPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`DPOSettings` (``bco_delta`` also as a one-element tensor).
 
-    Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument; the value checks (finite
-    inputs, lengths >= 0, p̃ in [0, 1], β > 0, weights >= 0) cost one device sync and are skipped
-    under ``torch.compile``.
+    Returns:
+        ``(loss, metrics)``: ``loss`` 0-d fp32 (fp64 for fp64 inputs); ``metrics`` a dict of detached
+        0-d tensors: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+        ``rewards/accuracies`` (batch means of β·r, TRL's naming; β·π/|y| for the reference-free
+        simpo / orpo without a reference, as TRL's CPO / ORPO log them), ``logps/chosen``,
+        ``logps/rejected`` and, when a type uses it, ``nll_loss``.
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype, naming it.
+        ValueError: a bad shape, a missing reference or length a type needs, per-pair values with a
+            sorting type, bad settings; the value checks (finite inputs, lengths >= 0, p̃ in [0, 1],
+            β > 0, weights >= 0) cost one device sync and are skipped under ``torch.compile``.
     """
     bco_delta = options.pop("bco_delta") if isinstance(options.get("bco_delta"), torch.Tensor) else None
     s = settings
@@ -607,14 +669,22 @@ _dpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class DPOLoss(nn.Module):
-    """Module form of :func:`dpo_loss`: the options in ``__init__`` (a :class:`DPOSettings` or its
-    fields as keywords, ``loss_type`` also as the first argument; checked there), the tensors in
-    ``forward``, which returns ``(loss, metrics)``.
+    """Module form of :func:`dpo_loss`: the options in ``__init__`` (checked there), the tensors in ``forward``.
 
     ``bco_running_mean=True`` (with ``loss_type`` "bco_pair") keeps BCO's reward baseline δ as
     buffers (the count-weighted mean of every β·r_c and β·r_r seen in training mode, updated with
     the batch before its loss, as TRL's BCO ``RunningMoments``); TRL 1.16's DPO ``bco_pair`` uses
     δ = 0, the default. In eval mode δ is read, not updated.
+
+    Args:
+        loss_type: one loss type or a list (also a field of the settings), or None.
+        settings: a :class:`DPOSettings`; or pass its fields as ``**options``.
+        bco_running_mean: keep BCO's running reward mean as δ (needs ``loss_type`` "bco_pair").
+        **options: the fields of :class:`DPOSettings`.
+
+    Raises:
+        TypeError: bad settings, naming the field.
+        ValueError: bad settings, or ``bco_running_mean`` without "bco_pair".
     """
 
     def __init__(self, loss_type: str | Sequence[str] | None = None, *, settings: DPOSettings | None = None,
@@ -637,7 +707,28 @@ class DPOLoss(nn.Module):
                 chosen_nll: torch.Tensor | None = None, pair_beta: torch.Tensor | None = None,
                 soft_labels: torch.Tensor | None = None, pair_weights: torch.Tensor | None = None,
                 bco_delta: float | torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``bco_delta`` (a number or a one-element tensor) replaces the setting for this call."""
+        """The loss of one batch of pairs: :func:`dpo_loss` with this module's settings.
+
+        Args:
+            chosen_logps: ``[B]`` fp32, bf16, fp16 or fp64, as :func:`dpo_loss`.
+            rejected_logps: ``[B]`` fp32, bf16, fp16 or fp64.
+            ref_chosen_logps: ``[B]`` floating, or None.
+            ref_rejected_logps: ``[B]`` floating, or None.
+            chosen_lengths: ``[B]`` int or float, or None.
+            rejected_lengths: ``[B]`` int or float, or None.
+            chosen_nll: ``[B]`` floating, or None.
+            pair_beta: ``[B]`` floating, or None.
+            soft_labels: ``[B]`` floating, or None.
+            pair_weights: ``[B]`` floating, or None.
+            bco_delta: a number or a one-element (``[]`` / ``[1]``) floating tensor, which replaces the
+                setting for this call (with ``bco_running_mean``, the running mean is used instead).
+
+        Returns:
+            ``(loss, metrics)`` as :func:`dpo_loss`.
+
+        Raises:
+            ValueError: as :func:`dpo_loss`; with ``bco_running_mean``, missing references.
+        """
         settings = self.settings
         if bco_delta is not None and not isinstance(bco_delta, torch.Tensor):
             settings, bco_delta = settings.replace(bco_delta=bco_delta), None

@@ -74,8 +74,17 @@ def fused_linear_dpo_loss(
     settings: DPOSettings | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`fastrl.losses.dpo_loss` of the policy's sequence log-probs, computed from ``hidden`` and
-    the lm-head without a ``[tokens, V]`` logits tensor.
+    """:func:`fastrl.losses.dpo_loss` of the policy's sequence log-probs, from ``hidden`` and the lm-head.
+
+    No ``[tokens, V]`` logits tensor is made. Only the scored (unmasked) positions go through the
+    lm-head GEMMs. The batch is cut into chunks of whole pairs that fit the workspace; each chunk's
+    logits give its log-probs and, since a pair's loss depends on that pair alone, at once its
+    gradients: three GEMMs, what a linear layer's forward and backward cost (several chunks sum
+    ``d_weight`` in an fp32 ``[V, H]`` accumulator). Two passes (four GEMMs: the log-probs, the loss,
+    then the logits recomputed slice by slice, the backward of :func:`fastrl.ops.fused_linear_logprobs`)
+    when a pair alone overflows the workspace, when the accumulator would exceed both the workspace
+    and the ``[tokens, H]`` one of the two-pass backward, or for the types that sort the batch (aot,
+    aot_unpaired).
 
     Args:
         hidden: the policy's last hidden states of 2B completions, the B chosen ones first and then
@@ -83,31 +92,35 @@ def fused_linear_dpo_loss(
             ``mask [2B, L]`` (1 on the completion tokens to score), or packed ``[T, H]`` with
             ``cu_seqlens [2B+1]``. Position t holds the hidden state that predicts ``labels[t]``.
             fp32, bf16 or fp16; H a multiple of 16.
-        weight: the lm-head ``[V, H]``, same dtype; ``bias`` optional ``[V]``.
-        labels: ``[2B, L]`` / ``[T]`` token ids in ``[0, V)`` (padding positions are never read).
-        ref_chosen_logps, ref_rejected_logps: ``[B]`` summed reference log-probs (e.g. from
-            :func:`precompute_reference_logps`), or None for the reference-free types.
+        weight: the lm-head ``[V, H]``, the dtype of ``hidden`` (fp32, bf16 or fp16).
+        labels: ``[2B, L]`` / ``[T]`` int64 or int32 token ids in ``[0, V)`` (padding positions are
+            never read).
+        ref_chosen_logps: ``[B]`` floating (fp32, bf16, fp16 or fp64) summed reference log-probs of the
+            chosen completions (e.g. from :func:`precompute_reference_logps`), or None for the
+            reference-free types.
+        ref_rejected_logps: ``[B]`` floating, of the rejected ones, or None.
+        mask: ``[2B, L]`` bool or 0/1 integer (padded layout).
+        cu_seqlens: ``[2B+1]`` int32 or int64 (packed layout).
+        bias: optional ``[V]``, the dtype of ``hidden``.
         temperature: logits are divided by it.
         ld_alpha: LD-DPO: tokens of a completion beyond the shorter completion of its pair weigh
             ``ld_alpha`` (:func:`fastrl.ops.sequence_logps`); the NLL terms keep plain sums.
         workspace_bytes: cap on the fp32 logits slice (default 1 GiB on CUDA, 64 MiB on CPU).
-        settings, options: the loss options, a :class:`~fastrl.losses.DPOSettings` or its fields as
-            keywords (``loss_type``, ``beta``, ...), and the per-pair tensors of
-            :func:`~fastrl.losses.dpo_loss` (``pair_beta``, ``soft_labels``, ``pair_weights``, a tensor
-            ``bco_delta``); ``chosen_lengths`` / ``rejected_lengths`` / ``chosen_nll`` come from the layout.
+        settings: a :class:`~fastrl.losses.DPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`~fastrl.losses.DPOSettings` (``loss_type``, ``beta``, ...), and
+            the per-pair tensors of :func:`~fastrl.losses.dpo_loss` (``pair_beta``, ``soft_labels``,
+            ``pair_weights``, a tensor ``bco_delta``); ``chosen_lengths`` / ``rejected_lengths`` /
+            ``chosen_nll`` come from the layout.
 
     Returns:
-        ``(loss, metrics)`` as :func:`~fastrl.losses.dpo_loss`; the forward also computes, when a
-        gradient is wanted, the gradients of ``hidden``, ``weight`` and ``bias``, and
-        ``loss.backward()`` hands them on. Only the scored (unmasked) positions go through the
-        lm-head GEMMs. The batch is cut into chunks of whole pairs that fit the workspace; each
-        chunk's logits give its log-probs and, since a pair's loss depends on that pair alone, at
-        once its gradients: three GEMMs, what a linear layer's forward and backward cost (several
-        chunks sum ``d_weight`` in an fp32 ``[V, H]`` accumulator). Two passes (four GEMMs: the
-        log-probs, the loss, then the logits recomputed slice by slice, the backward of
-        :func:`fastrl.ops.fused_linear_logprobs`) when a pair alone overflows the workspace, when
-        the accumulator would exceed both the workspace and the ``[tokens, H]`` one of the
-        two-pass backward, or for the types that sort the batch (aot, aot_unpaired).
+        ``(loss, metrics)`` as :func:`~fastrl.losses.dpo_loss` (0-d fp32 tensors); the forward also
+        computes, when a gradient is wanted, the gradients of ``hidden``, ``weight`` and ``bias``, and
+        ``loss.backward()`` hands them on.
+
+    Raises:
+        ValueError: ``chosen_lengths`` / ``rejected_lengths`` / ``chosen_nll`` passed (they come from the
+            layout), a bad layout or shape, bad settings; and as :func:`~fastrl.losses.dpo_loss`.
+        TypeError: as :func:`~fastrl.losses.dpo_loss`.
     """
     for name in ("chosen_lengths", "rejected_lengths", "chosen_nll"):
         if name in options:
@@ -227,10 +240,19 @@ def _pair_chunked_pass(hidden, weight, bias, labels, loss_fn, chunks, common):
 
 
 class FusedLinearDPOLoss(torch.nn.Module):
-    """:func:`fused_linear_dpo_loss` as a module: the loss options (a :class:`~fastrl.losses.DPOSettings`
-    or its fields as keywords, checked here) and ``temperature``, ``ld_alpha``, ``workspace_bytes`` set
-    here; ``forward(hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
-    cu_seqlens=None, bias=None)`` returns ``(loss, metrics)``."""
+    """:func:`fused_linear_dpo_loss` as a module: the loss options checked once here, the tensors in ``forward``.
+
+    Args:
+        settings: a :class:`~fastrl.losses.DPOSettings`; or pass its fields as ``**options``.
+        temperature: logits are divided by it.
+        ld_alpha: LD-DPO's weight of the tokens beyond the shorter completion, or None.
+        workspace_bytes: cap on the fp32 logits slice, or None for the default.
+        **options: the fields of :class:`~fastrl.losses.DPOSettings`.
+
+    Raises:
+        TypeError: bad settings, naming the field.
+        ValueError: bad settings, naming the field.
+    """
 
     def __init__(self, settings: DPOSettings | None = None, *, temperature: float = 1.0,
                  ld_alpha: float | None = None, workspace_bytes: int | None = None, **options):
@@ -240,6 +262,21 @@ class FusedLinearDPOLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, labels, ref_chosen_logps=None, ref_rejected_logps=None, *, mask=None,
                 cu_seqlens=None, bias=None):
+        """The loss of one batch of pairs: :func:`fused_linear_dpo_loss` with this module's options.
+
+        Args:
+            hidden: ``[2B, L, H]`` padded or ``[T, H]`` packed; fp32, bf16 or fp16.
+            weight: ``[V, H]``, the dtype of ``hidden``.
+            labels: ``[2B, L]`` / ``[T]`` int64 or int32.
+            ref_chosen_logps: ``[B]`` floating, or None.
+            ref_rejected_logps: ``[B]`` floating, or None.
+            mask: ``[2B, L]`` bool or 0/1 integer, or None.
+            cu_seqlens: ``[2B+1]`` int32 or int64, or None.
+            bias: ``[V]``, the dtype of ``hidden``, or None.
+
+        Returns:
+            ``(loss, metrics)`` as :func:`fused_linear_dpo_loss`.
+        """
         return fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps, ref_rejected_logps, mask=mask,
                                      cu_seqlens=cu_seqlens, bias=bias, settings=self.settings, **self.extras)
 
@@ -255,22 +292,29 @@ class FusedLinearDPOLoss(torch.nn.Module):
 def precompute_reference_logps(backbone, weight: torch.Tensor, batches: Iterable[dict], *,
                                bias: torch.Tensor | None = None, temperature: float = 1.0,
                                progress: bool = True) -> torch.Tensor:
-    """Summed log-probs of every completion of a dataset under a frozen reference model, in one
-    pass, so that DPO training keeps no second model in memory.
+    """Summed log-probs of every completion of a dataset under a frozen reference model, in one pass.
+
+    So DPO training keeps no second model in memory.
 
     Args:
         backbone: ``backbone(input_ids, attention_mask) -> hidden [N, L, H]``, the reference model
             up to its last hidden states (for a Hugging Face causal LM: ``lambda ids, am:
             model.get_decoder()(input_ids=ids, attention_mask=am).last_hidden_state``).
-        weight, bias: the reference's lm-head.
+        weight: the reference's lm-head ``[V, H]``, the dtype of the hidden states (fp32, bf16 or fp16).
         batches: dicts with ``input_ids`` [N, L], ``attention_mask`` [N, L] and
             ``completion_mask`` [N, L] (1 on the completion tokens whose log-prob is summed).
             The hidden state at position t scores the token at t + 1.
+        bias: the reference's lm-head bias ``[V]`` (the dtype of ``weight``), or None.
+        temperature: logits are divided by it.
         progress: a tqdm bar when tqdm is installed.
 
     Returns:
         ``[total N]`` fp32 on the CPU, the batches' sequences in order (e.g. chosen and rejected
         halves to split as the batches were laid out).
+
+    Raises:
+        ValueError: a batch lacking one of the three keys, or whose three tensors do not share one
+            ``[N, L]`` shape.
     """
     try:
         from tqdm.auto import tqdm

@@ -50,21 +50,29 @@ def fused_linear_grpo_loss(
     settings: GRPOSettings | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`fastrl.losses.grpo_loss` of the log-probs ``fused_linear_logprobs(hidden, weight,
-    labels, bias, temperature=...)``, with its gradients computed during the forward.
+    """The GRPO-family loss straight from hidden states and the lm-head weight, its gradients made in the forward.
+
+    It is :func:`fastrl.losses.grpo_loss` of the log-probs ``fused_linear_logprobs(hidden, weight,
+    labels, bias, temperature=...)``.
 
     Args:
         hidden: padded ``[B, L, H]`` with ``mask [B, L]``, or packed ``[T, H]`` with
             ``cu_seqlens [B+1]`` (the layouts of :func:`~fastrl.losses.grpo_loss`); fp32, bf16 or
             fp16, H a multiple of 16. Position t holds the hidden state that predicts ``labels[t]``.
-        weight: the lm-head ``[V, H]``, same dtype; ``bias`` optional ``[V]``.
-        labels: the completion tokens, ``[B, L]`` / ``[T]`` in ``[0, V)`` (padding positions, where
-            ``mask`` is 0, are never read as tokens: they may hold anything in range or -100).
-        old_logps, advantages, ref_logps, sampler_logps, num_items_in_batch: as in
+        weight: the lm-head ``[V, H]``, the dtype of ``hidden`` (fp32, bf16 or fp16).
+        labels: the completion tokens, ``[B, L]`` / ``[T]`` int64 or int32 in ``[0, V)`` (padding
+            positions, where ``mask`` is 0, are never read as tokens: they may hold anything in range
+            or -100).
+        old_logps: ``[B, L]`` / ``[T]`` fp32, bf16 or fp16, or None; as in :func:`~fastrl.losses.grpo_loss`.
+        advantages: ``[B]`` per sequence or per token, floating; as in :func:`~fastrl.losses.grpo_loss`.
+        mask: ``[B, L]`` bool or 0/1 integer (padded layout).
+        cu_seqlens: ``[B+1]`` int32 or int64 (packed layout).
+        bias: optional ``[V]``, the dtype of ``hidden``.
+        ref_logps: ``[B, L]`` / ``[T]`` fp32, bf16 or fp16, or None; as in :func:`~fastrl.losses.grpo_loss`.
+        sampler_logps: ``[B, L]`` / ``[T]`` fp32, bf16 or fp16, or None; as in
             :func:`~fastrl.losses.grpo_loss`.
-        settings, options: a :class:`~fastrl.losses.GRPOSettings` or its fields as keywords, as in
-            :func:`~fastrl.losses.grpo_loss` (``entropy_coef != 0`` makes the op compute the entropy
-            of each position too; ``entropy`` itself is not an argument here).
+        num_items_in_batch: a number or a one-element (``[]`` / ``[1]``) integer or floating tensor;
+            as in :func:`~fastrl.losses.grpo_loss`.
         temperature: the sampling temperature the log-probs are taken at (logits / T).
         mode: ``"single_pass"`` computes each slice of tokens' logits once: log-probs, the loss's
             gradient at those tokens, the logits' gradient in place, and its products into
@@ -80,12 +88,21 @@ def fused_linear_grpo_loss(
             smaller one (at least as many scored tokens as vocabulary entries); else two passes.
             Either way only the scored (unmasked) positions go through the lm-head GEMMs.
         workspace_bytes: cap on the fp32 logits slice (default 1 GiB on CUDA, 64 MiB on CPU).
+        settings: a :class:`~fastrl.losses.GRPOSettings`, as in :func:`~fastrl.losses.grpo_loss`
+            (``entropy_coef != 0`` makes the op compute the entropy of each position too; ``entropy``
+            itself is not an argument here); or pass its fields as ``**options``.
+        **options: the fields of :class:`~fastrl.losses.GRPOSettings`.
 
     Returns:
-        ``(loss, metrics)`` as :func:`~fastrl.losses.grpo_loss`; ``loss.backward()`` hands the
-        stored gradients of ``hidden``, ``weight`` and ``bias`` on (scaled by the incoming gradient)
-        without touching the logits again. Without grad mode, or when no input requires a
-        gradient, only the forward work is done.
+        ``(loss, metrics)`` as :func:`~fastrl.losses.grpo_loss` (0-d fp32 tensors);
+        ``loss.backward()`` hands the stored gradients of ``hidden``, ``weight`` and ``bias`` on
+        (scaled by the incoming gradient) without touching the logits again. Without grad mode, or
+        when no input requires a gradient, only the forward work is done.
+
+    Raises:
+        ValueError: an unknown ``mode``, both or neither of ``mask`` / ``cu_seqlens``, bad shapes,
+            bad settings; and as :func:`~fastrl.losses.grpo_loss`.
+        TypeError: as :func:`~fastrl.losses.grpo_loss`.
     """
     if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
         settings = GRPOSettings.from_options(settings, options, where="fused_linear_grpo_loss")
@@ -176,11 +193,19 @@ def fused_linear_grpo_loss(
 
 
 class FusedLinearGRPOLoss(torch.nn.Module):
-    """:func:`fused_linear_grpo_loss` as a module: ``temperature``, ``mode``, ``workspace_bytes`` and the
-    loss settings (a :class:`~fastrl.losses.GRPOSettings`, or its fields as keywords) are checked once here;
-    ``forward(hidden, weight, labels, old_logps, advantages, mask=None, cu_seqlens=None, *,
-    bias=None, ref_logps=None, sampler_logps=None, num_items_in_batch=None)`` returns
-    ``(loss, metrics)``."""
+    """:func:`fused_linear_grpo_loss` as a module, its options and loss settings checked once here.
+
+    Args:
+        settings: a :class:`~fastrl.losses.GRPOSettings`; or pass its fields as ``**options``.
+        temperature: the sampling temperature (> 0).
+        mode: ``"auto"``, ``"single_pass"`` or ``"two_pass"`` (:func:`fused_linear_grpo_loss`).
+        workspace_bytes: cap on the fp32 logits slice (>= 1), or None for the default.
+        **options: the fields of :class:`~fastrl.losses.GRPOSettings`.
+
+    Raises:
+        ValueError: an unknown ``mode``, a bad ``temperature`` / ``workspace_bytes`` or bad settings.
+        TypeError: an option of the wrong type.
+    """
 
     def __init__(self, settings: GRPOSettings | None = None, *, temperature: float = 1.0, mode: str = "auto",
                  workspace_bytes: int | None = None, **options):
@@ -195,6 +220,24 @@ class FusedLinearGRPOLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, labels, old_logps, advantages, mask=None, cu_seqlens=None, *, bias=None,
                 ref_logps=None, sampler_logps=None, num_items_in_batch=None):
+        """The loss of one batch: :func:`fused_linear_grpo_loss` with this module's options.
+
+        Args:
+            hidden: ``[B, L, H]`` padded or ``[T, H]`` packed; fp32, bf16 or fp16.
+            weight: ``[V, H]``, the dtype of ``hidden``.
+            labels: ``[B, L]`` / ``[T]`` int64 or int32.
+            old_logps: ``[B, L]`` / ``[T]`` fp32, bf16 or fp16, or None.
+            advantages: ``[B]`` or per token, floating.
+            mask: ``[B, L]`` bool or 0/1 integer, or None.
+            cu_seqlens: ``[B+1]`` int32 or int64, or None.
+            bias: ``[V]``, the dtype of ``hidden``, or None.
+            ref_logps: ``[B, L]`` / ``[T]`` floating, or None.
+            sampler_logps: ``[B, L]`` / ``[T]`` floating, or None.
+            num_items_in_batch: a number or a one-element integer or floating tensor, or None.
+
+        Returns:
+            ``(loss, metrics)`` as :func:`fused_linear_grpo_loss`.
+        """
         return fused_linear_grpo_loss(hidden, weight, labels, old_logps, advantages, mask, cu_seqlens, bias=bias,
                                       ref_logps=ref_logps, sampler_logps=sampler_logps,
                                       num_items_in_batch=num_items_in_batch, settings=self.settings,

@@ -61,19 +61,14 @@ def grpo_loss(
     settings: GRPOSettings | None = None,
     **options,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The GRPO-family policy loss of a batch of completions: ``(loss, metrics)``.
+    """The GRPO-family policy loss of a batch of completions, with its metrics.
 
-    **Layouts** (pass exactly one of ``mask`` and ``cu_seqlens``): padded ``logps`` [B, L] with
-    ``mask`` [B, L] (bool or 0/1; sequence i is row i's masked positions), or packed ``logps`` [T]
-    with ``cu_seqlens`` [B+1] int32/int64. ``old_logps``, ``ref_logps``, ``sampler_logps`` and
-    ``entropy`` have the layout of ``logps`` (fp32, bf16 or fp16; maths in fp32). ``old_logps=None``
-    is on-policy (``logps.detach()``). ``advantages`` is [B] (or [B, 1]) per sequence, or per token
-    in the logps shape (packed with T == B a 1-D tensor is read per sequence); it must be finite.
+    Two layouts (pass exactly one of ``mask`` and ``cu_seqlens``): padded, ``logps`` [B, L] with
+    ``mask`` [B, L] (sequence i is row i's masked positions), or packed, ``logps`` [T] with
+    ``cu_seqlens`` [B+1]. The settings are ``settings``, a :class:`GRPOSettings`, or its fields as
+    keyword ``options`` (not both; the defaults are the fields'). What each does:
 
-    **Settings**: ``settings``, a :class:`GRPOSettings`, or its fields as keyword ``options`` (not both;
-    the defaults are the fields'). What each does:
-
-    **Per-token loss** (``shared/LOSSES.md``, TRL 1.16 ``GRPOTrainer._compute_loss``), with ratio
+    **Per-token loss** (``docs/losses.md``, TRL 1.16 ``GRPOTrainer._compute_loss``), with ratio
     ``r = exp(logps - old_logps)`` per token (``importance_sampling_level="token"``), or the GSPO
     sequence ratio ``s_i = exp(mean_t(logps - old_logps))`` on every token of sequence i
     (``"sequence"``, TRL), or verl's GSPO-token ratio of value ``s_i`` and gradient ``s_i * d logp_t``
@@ -116,21 +111,46 @@ def grpo_loss(
     which then receives the gradient ``-entropy_coef * w^H_t``. An empty batch or sequence
     contributes 0 (never NaN).
 
-    **Metrics** (detached fp32 scalars): ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-    ``clip_ratio/region_mean`` (clip family; TRL: token means, per-sequence means at the sequence
-    level), ``clip_ratio/dual_mean`` (with ``clip_ratio_c``), ``cispo_clip_ratio`` (cispo),
-    ``vespo/phi_seq_mean`` (vespo), ``kl`` (with ``ref_logps``: token mean of ``KL_t`` as it
-    enters the loss), ``ratio/mean`` (token mean of the ratio), ``entropy`` (with ``entropy``).
-
     Gradients flow to ``logps`` and ``entropy`` only. On CUDA one Triton launch computes every
     token's terms and their per-sequence sums (one program per sequence; a first pass over the
     sequence only when a sequence-level quantity is needed), and one launch computes the
     gradients; the aggregation of the B sums is a few torch ops on [B] vectors.
-    ``num_items_in_batch`` is ignored by aggregations that do not use it (as TRL).
 
-    Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument. The value checks
-    (``cu_seqlens`` offsets, a 0/1 ``mask``, finite ``advantages``) cost one device sync and are
-    skipped under ``torch.compile``.
+    Args:
+        logps: ``[B, L]`` padded or ``[T]`` packed, fp32, bf16 or fp16 (maths in fp32): the policy's
+            log-probs, with gradient.
+        old_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16: the log-probs at sampling time; None is
+            on-policy (``logps.detach()``).
+        advantages: ``[B]`` (or ``[B, 1]``) per sequence, or per token in the logps shape (packed with
+            T == B a 1-D tensor is read per sequence); fp32, bf16, fp16 or fp64; must be finite.
+        mask: ``[B, L]`` bool or 0/1 integer, the padded layout's valid positions.
+        cu_seqlens: ``[B+1]`` int32 or int64 offsets of the packed layout.
+        ref_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16: the reference model's
+            log-probs (required when ``beta != 0``; never differentiated).
+        sampler_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16: the rollout engine's
+            log-probs (the sampler importance weight and the off-policy mask).
+        entropy: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16: per-token entropies with
+            gradient (required when ``entropy_coef != 0``).
+        num_items_in_batch: a number or a one-element (``[]`` or ``[1]``) integer or floating tensor,
+            the divisor of the dapo/cispo/vespo aggregation (default the tokens in the batch);
+            ignored by aggregations that do not use it (as TRL).
+        settings: a :class:`GRPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`GRPOSettings` (not together with ``settings``).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` a 0-d fp32 tensor; ``metrics`` a dict of detached 0-d fp32
+        tensors: ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (clip
+        family; TRL: token means, per-sequence means at the sequence level), ``clip_ratio/dual_mean``
+        (with ``clip_ratio_c``), ``cispo_clip_ratio`` (cispo), ``vespo/phi_seq_mean`` (vespo), ``kl``
+        (with ``ref_logps``: token mean of ``KL_t`` as it enters the loss), ``ratio/mean`` (token mean
+        of the ratio), ``entropy`` (with ``entropy``).
+
+    Raises:
+        TypeError: an argument of the wrong type or dtype, naming it.
+        ValueError: bad shapes, both or neither of ``mask`` / ``cu_seqlens``, ``beta != 0`` without
+            ``ref_logps``, ``entropy_coef != 0`` without ``entropy``, bad settings; the value checks
+            (``cu_seqlens`` offsets, a 0/1 ``mask``, finite ``advantages``) cost one device sync and
+            are skipped under ``torch.compile``.
     """
     if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
         settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
@@ -155,12 +175,33 @@ def grpo_loss_grad(
     settings: GRPOSettings | None = None,
     **options,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """:func:`grpo_loss` and its gradients, without autograd: ``(loss, d_logps, d_entropy, metrics)``.
+    """:func:`grpo_loss` and its gradients, computed without autograd.
 
-    Same arguments as :func:`grpo_loss` (options: the fields of :class:`GRPOSettings`). ``d_logps``
-    has the shape and dtype of ``logps`` (0 at padding), ``d_entropy`` those of ``entropy`` (None
-    without ``entropy``). One forward and one backward launch on CUDA. Meant for fused losses that
-    backpropagate further by hand (e.g. through the LM head), where the loss is terminal.
+    One forward and one backward launch on CUDA. Meant for fused losses that backpropagate further by
+    hand (e.g. through the LM head), where the loss is terminal.
+
+    Args:
+        logps: ``[B, L]`` padded or ``[T]`` packed, fp32, bf16 or fp16; as in :func:`grpo_loss`.
+        old_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None (on-policy).
+        advantages: ``[B]`` per sequence or the logps shape per token; fp32, bf16, fp16 or fp64.
+        mask: ``[B, L]`` bool or 0/1 integer (padded layout).
+        cu_seqlens: ``[B+1]`` int32 or int64 (packed layout).
+        ref_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None.
+        sampler_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None.
+        entropy: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None.
+        num_items_in_batch: a number or a one-element (``[]`` or ``[1]``) integer or floating tensor, as
+            in :func:`grpo_loss`.
+        settings: a :class:`GRPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`GRPOSettings`.
+
+    Returns:
+        ``(loss, d_logps, d_entropy, metrics)``: ``loss`` 0-d fp32; ``d_logps`` the shape and dtype of
+        ``logps`` (0 at padding); ``d_entropy`` those of ``entropy`` (None without ``entropy``);
+        ``metrics`` as :func:`grpo_loss`'s.
+
+    Raises:
+        TypeError: as :func:`grpo_loss`.
+        ValueError: as :func:`grpo_loss`.
     """
     if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
         settings = GRPOSettings.from_options(settings, options, where="grpo_loss_grad")
@@ -187,12 +228,11 @@ def grpo_token_weights(
     settings: GRPOSettings | None = None,
     **options,
 ) -> torch.Tensor:
-    """The aggregation weight ``w_t`` of every token: ``loss = sum_t w_t * l_t - entropy_coef *
-    sum_t w^H_t * entropy_t`` (``entropy=True`` returns ``w^H``), with ``l_t`` the per-token loss of
-    :func:`grpo_loss`. fp32, in the logps layout: [B, L] for ``mask`` [B, L], [T] for ``cu_seqlens``
-    (pass ``num_tokens=T`` when it cannot be read from ``cu_seqlens[-1]`` without a sync you want to
-    avoid); 0 at padding. ``w_t`` is constant over a sequence and depends on the token counts only.
-    Options: the fields of :class:`GRPOSettings`, of which the weights read ``loss_type``,
+    """The aggregation weight ``w_t`` of every token, with which ``loss = sum_t w_t * l_t``.
+
+    In full ``loss = sum_t w_t * l_t - entropy_coef * sum_t w^H_t * entropy_t`` (``entropy=True``
+    returns ``w^H``), with ``l_t`` the per-token loss of :func:`grpo_loss`. ``w_t`` is constant over a
+    sequence and depends on the token counts only; the weights read the settings' ``loss_type``,
     ``loss_agg_mode`` and ``max_completion_length``.
 
     Hence, at ``importance_sampling_level="token"`` the gradient is per token:
@@ -201,6 +241,26 @@ def grpo_token_weights(
     (the off-policy mask, vespo's ``phi``, a sequence-level sampler weight). At
     ``"sequence"`` every token of sequence i also gets ``w_i * s_i / n_i * sum_u d l_u / d s_i``
     (``s_i`` the sequence ratio, ``n_i`` its token count). :func:`grpo_loss_grad` computes both.
+
+    Args:
+        mask: ``[B, L]`` bool or 0/1 integer (padded layout; pass exactly one of ``mask`` and
+            ``cu_seqlens``).
+        cu_seqlens: ``[B+1]`` int32 or int64 (packed layout).
+        num_tokens: T, the packed length, when it cannot be read from ``cu_seqlens[-1]`` without a
+            sync you want to avoid.
+        num_items_in_batch: a number or a one-element (``[]`` or ``[1]``) integer or floating tensor, as
+            in :func:`grpo_loss`.
+        entropy: return the entropy bonus's weights ``w^H`` instead of ``w``.
+        settings: a :class:`GRPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`GRPOSettings`.
+
+    Returns:
+        fp32 weights in the logps layout: ``[B, L]`` for ``mask`` [B, L], ``[T]`` for ``cu_seqlens``;
+        0 at padding.
+
+    Raises:
+        ValueError: both or neither of ``mask`` and ``cu_seqlens``, bad offsets or mask, bad settings.
+        TypeError: an argument of the wrong type.
     """
     if (mask is None) == (cu_seqlens is None):
         raise ValueError("pass exactly one of cu_seqlens (packed [T]) and mask (padded [B, L])")
@@ -223,10 +283,19 @@ def grpo_token_weights(
 
 
 class GRPOLoss(torch.nn.Module):
-    """:func:`grpo_loss` as a module: the settings (a :class:`GRPOSettings`, or its fields as keywords)
-    are checked once here; ``forward(logps, old_logps, advantages, mask=None, cu_seqlens=None, *,
-    ref_logps=None, sampler_logps=None, entropy=None, num_items_in_batch=None)`` returns
-    ``(loss, metrics)``."""
+    """:func:`grpo_loss` as a module, its settings checked once when it is made.
+
+    ``forward(logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None,
+    sampler_logps=None, entropy=None, num_items_in_batch=None)`` returns ``(loss, metrics)``.
+
+    Args:
+        settings: a :class:`GRPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`GRPOSettings`.
+
+    Raises:
+        TypeError: bad settings, naming the field.
+        ValueError: bad settings, naming the field.
+    """
 
     def __init__(self, settings: GRPOSettings | None = None, **options):
         super().__init__()
@@ -234,6 +303,22 @@ class GRPOLoss(torch.nn.Module):
 
     def forward(self, logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None,
                 sampler_logps=None, entropy=None, num_items_in_batch=None):
+        """The loss of one batch: :func:`grpo_loss` with this module's settings.
+
+        Args:
+            logps: ``[B, L]`` padded or ``[T]`` packed, fp32, bf16 or fp16.
+            old_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None (on-policy).
+            advantages: ``[B]`` per sequence or the logps shape per token; fp32, bf16, fp16 or fp64.
+            mask: ``[B, L]`` bool or 0/1 integer (padded layout).
+            cu_seqlens: ``[B+1]`` int32 or int64 (packed layout).
+            ref_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None.
+            sampler_logps: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None.
+            entropy: ``[B, L]`` / ``[T]`` as ``logps``, fp32, bf16 or fp16, or None.
+            num_items_in_batch: a number or a one-element (``[]`` or ``[1]``) integer or floating tensor.
+
+        Returns:
+            ``(loss, metrics)`` as :func:`grpo_loss`: a 0-d fp32 loss and a dict of 0-d fp32 metrics.
+        """
         return grpo_loss(logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                          sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch,
                          settings=self.settings)

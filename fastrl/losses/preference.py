@@ -104,8 +104,9 @@ def _ranks(key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def lipo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, scores: torch.Tensor,
               mask: torch.Tensor | None = None, *, beta: float = 0.1, weighting: str = "lambda",
               rank_by: str = "policy") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """LiPO-λ ‡ (Liu et al. 2024, the LambdaLoss objective of its Sec. 4): for each list of K
-    completions with scores ψ,
+    """LiPO-λ ‡ (Liu et al. 2024, the LambdaLoss objective of its Sec. 4), a listwise preference loss.
+
+    For each list of K completions with scores ψ,
 
         ``−Σ_{ψ_i > ψ_j} Δ_ij · ls(s_i − s_j)``, ``s = β(π − ρ)``,
         ``Δ_ij = |G_i − G_j| · |1/D(τ_i) − 1/D(τ_j)|``, ``G = 2^ψ − 1``, ``D(τ) = log(1 + τ)``,
@@ -115,12 +116,26 @@ def lipo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, scores
     logistic loss over all ordered pairs: DPO for K = 2). RankDPO ‡ (Karthik et al. 2024) is this
     DCG-weighted form with reward-model scores as ψ. Both ‡ items are checked against a summary of
     the LiPO paper (gain 2^ψ − 1, discount log(1 + τ), τ by model score), not the paper itself;
-    RankDPO's choice of τ is unchecked.
+    RankDPO's choice of τ is unchecked. The loss is the mean over lists of the per-list sums.
 
-    ``policy_logps`` [N, K] (differentiable), ``ref_logps`` [N, K] or None (reference-free),
-    ``scores`` [N, K] (ψ; higher is better), ``mask`` [N, K] bool of the valid items (lists shorter
-    than K). The loss is the mean over lists of the per-list sums. Metrics: pairwise accuracy and
-    margin of s over the ordered pairs, mean s.
+    Args:
+        policy_logps: ``[N, K]`` fp32, bf16, fp16 or fp64, K >= 2 (differentiable).
+        ref_logps: ``[N, K]`` floating, or None (reference-free).
+        scores: ``[N, K]`` floating, ψ; higher is better.
+        mask: ``[N, K]`` bool, the valid items (lists shorter than K); None: all valid.
+        beta: β > 0.
+        weighting: ``"lambda"`` (Δ as above) or ``"uniform"`` (Δ = 1).
+        rank_by: ``"policy"`` or ``"scores"``, what τ ranks by.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` 0-d fp32 (fp64 for fp64 inputs); ``metrics`` detached 0-d:
+        ``rewards/accuracies`` and ``rewards/margins`` (pairwise accuracy and margin of s over the
+        ordered pairs), ``rewards/mean`` (mean s).
+
+    Raises:
+        ValueError: an unknown ``weighting`` / ``rank_by``, K < 2, mismatched shapes, ``beta <= 0``,
+            non-finite inputs.
+        TypeError: a non-tensor or a wrong dtype, naming the argument.
     """
     if weighting not in LIPO_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(LIPO_WEIGHTINGS)}; got {weighting!r}")
@@ -144,13 +159,29 @@ def lipo_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, scores
 def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, scores: torch.Tensor,
                        mask: torch.Tensor | None = None, *,
                        beta: float = 0.1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO under the Plackett–Luce model (DPO paper, Appendix A.3, Eq. 18): for each list, with
-    ``s = β(π − ρ)`` and τ the order of the items by ``scores`` descending (ties in index order),
+    """DPO under the Plackett–Luce model (DPO paper, Appendix A.3, Eq. 18), a listwise preference loss.
+
+    For each list, with ``s = β(π − ρ)`` and τ the order of the items by ``scores`` descending (ties in
+    index order),
 
         ``−Σ_k [s_{τ(k)} − logsumexp_{j ≥ k} s_{τ(j)}]``
 
-    over the valid items. Shapes and metrics as :func:`lipo_loss`; the loss is the mean over lists.
-    K = 2 gives the DPO sigmoid loss."""
+    over the valid items; the loss is the mean over lists. K = 2 gives the DPO sigmoid loss.
+
+    Args:
+        policy_logps: ``[N, K]`` fp32, bf16, fp16 or fp64, K >= 2 (differentiable).
+        ref_logps: ``[N, K]`` floating, or None (reference-free).
+        scores: ``[N, K]`` floating; higher is better.
+        mask: ``[N, K]`` bool, the valid items; None: all valid.
+        beta: β > 0.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`lipo_loss`.
+
+    Raises:
+        ValueError: as :func:`lipo_loss`.
+        TypeError: as :func:`lipo_loss`.
+    """
     s, psi, mask = _list_inputs(policy_logps, ref_logps, scores, mask, beta)
     _, _, metrics = _ordered_pairs(s, psi, mask)
     order = torch.argsort(psi.masked_fill(~mask, float("-inf")), dim=1, descending=True, stable=True)
@@ -163,7 +194,19 @@ def plackett_luce_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor | Non
 
 
 class LiPOLoss(nn.Module):
-    """Module form of :func:`lipo_loss`."""
+    """Module form of :func:`lipo_loss`.
+
+    Its ``forward`` takes ``policy_logps``, ``ref_logps``, ``scores`` and ``mask`` as
+    :func:`lipo_loss` does and returns ``(loss, metrics)``.
+
+    Args:
+        beta: β > 0.
+        weighting: ``"lambda"`` or ``"uniform"``.
+        rank_by: ``"policy"`` or ``"scores"``.
+
+    Raises:
+        ValueError: an unknown ``weighting`` / ``rank_by``, or ``beta <= 0``.
+    """
 
     def __init__(self, *, beta: float = 0.1, weighting: str = "lambda", rank_by: str = "policy"):
         super().__init__()
@@ -180,7 +223,17 @@ class LiPOLoss(nn.Module):
 
 
 class PlackettLuceLoss(nn.Module):
-    """Module form of :func:`plackett_luce_loss`."""
+    """Module form of :func:`plackett_luce_loss`.
+
+    Its ``forward`` takes ``policy_logps``, ``ref_logps``, ``scores`` and ``mask`` as
+    :func:`plackett_luce_loss` does and returns ``(loss, metrics)``.
+
+    Args:
+        beta: β > 0.
+
+    Raises:
+        ValueError: ``beta <= 0``.
+    """
 
     def __init__(self, *, beta: float = 0.1):
         super().__init__()
@@ -215,8 +268,9 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
              kl_logps: torch.Tensor | None = None, ref_kl_logps: torch.Tensor | None = None,
              kl: float | torch.Tensor | None = None, beta: float = 0.1, desirable_weight: float = 1.0,
              undesirable_weight: float = 1.0, loss_type: str = "kto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """KTO (Ethayarajh et al. 2024, Eq. 7) as TRL 1.16's ``KTOTrainer._compute_loss``: with
-    ``r = π − ρ`` per completion and the reference point ``z₀``,
+    """KTO (Ethayarajh et al. 2024, Eq. 7) as TRL 1.16's ``KTOTrainer._compute_loss``, an unpaired loss.
+
+    With ``r = π − ρ`` per completion and the reference point ``z₀``,
 
         desirable ``λ_D·(1 − σ(β(r − z₀)))``, undesirable ``λ_U·(1 − σ(β(z₀ − r)))``,
 
@@ -226,9 +280,27 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
     processes), else 0; it carries no gradient. ``loss_type="apo_zero_unpaired"``: desirable
     ``1 − σ(βr)``, undesirable ``σ(βr)`` (APO, TRL), no z₀.
 
-    ``policy_logps`` [B] (differentiable), ``ref_logps`` [B], ``labels`` [B] bool (True =
-    desirable). Metrics (TRL's names): rewards/chosen, rewards/rejected, rewards/margins (means of
-    β·r per class, 0 for an empty class), logps/chosen, logps/rejected, kl (z₀).
+    Args:
+        policy_logps: ``[B]`` fp32, bf16, fp16 or fp64 (differentiable).
+        ref_logps: ``[B]`` floating.
+        labels: ``[B]`` bool, True = desirable.
+        kl_logps: ``[B']`` floating, the policy's log-probs of the mismatched pairs, or None.
+        ref_kl_logps: ``[B']`` floating, the reference's of the same pairs, or None.
+        kl: ``z₀`` as a number or a one-element (``[]`` / ``[1]``) floating tensor, or None.
+        beta: β > 0.
+        desirable_weight: λ_D >= 0.
+        undesirable_weight: λ_U >= 0.
+        loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` 0-d fp32 (fp64 for fp64 inputs); ``metrics`` (TRL's names),
+        detached 0-d: rewards/chosen, rewards/rejected, rewards/margins (means of β·r per class, 0 for
+        an empty class), logps/chosen, logps/rejected, kl (z₀).
+
+    Raises:
+        ValueError: an unknown ``loss_type``, ``kl`` together with ``kl_logps``, one of ``kl_logps`` /
+            ``ref_kl_logps`` without the other, bad shapes or values.
+        TypeError: a non-tensor or a wrong dtype, naming the argument.
     """
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(KTO_LOSS_TYPES)}; got {loss_type!r}")
@@ -273,11 +345,27 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
 
 def bco_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor, *, beta: float = 0.1,
              delta: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """BCO (Jung et al. 2024) as TRL's ``BCOTrainer.bco_loss`` without its optional prompt-embedding
-    density-ratio weights: desirable ``−ls(βr − δ)``, undesirable ``−ls(−(βr − δ))``, ``r = π − ρ``,
-    averaged over all B completions. ``delta`` is the reward baseline δ (a number or 0-d tensor, no
-    gradient); :class:`BCOLoss` keeps it as the running mean of the rewards. Shapes and metrics as
-    :func:`kto_loss` (plus ``delta``)."""
+    """BCO (Jung et al. 2024) as TRL's ``BCOTrainer.bco_loss``, an unpaired loss.
+
+    Without TRL's optional prompt-embedding density-ratio weights: desirable ``−ls(βr − δ)``,
+    undesirable ``−ls(−(βr − δ))``, ``r = π − ρ``, averaged over all B completions. :class:`BCOLoss`
+    keeps δ as the running mean of the rewards.
+
+    Args:
+        policy_logps: ``[B]`` fp32, bf16, fp16 or fp64 (differentiable).
+        ref_logps: ``[B]`` floating.
+        labels: ``[B]`` bool, True = desirable.
+        beta: β > 0.
+        delta: the reward baseline δ, a number or a one-element (``[]`` / ``[1]``) floating tensor (no
+            gradient).
+
+    Returns:
+        ``(loss, metrics)`` as :func:`kto_loss`, the metrics with ``delta`` in place of ``kl``.
+
+    Raises:
+        ValueError: bad shapes or values, ``beta <= 0``.
+        TypeError: a non-tensor or a wrong dtype, naming the argument.
+    """
     values = _unpaired_inputs(policy_logps, ref_logps, labels)
     beta = _checks.check_real("beta", beta, low=0.0, low_open=True)
     dtype = _dtype(policy_logps, ref_logps)
@@ -298,8 +386,11 @@ def bco_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.
 
 
 class RunningMean(nn.Module):
-    """The running mean of every value passed to :meth:`update`, count-weighted (TRL's
-    ``RunningMoments.mean``), kept as fp64 buffers so that it is checkpointed with the module."""
+    """The running mean of every value passed to :meth:`update`, count-weighted (TRL's ``RunningMoments.mean``).
+
+    Kept as fp64 buffers (``mean``, ``count``) so that it is checkpointed with the module. It has no
+    ``forward``: call :meth:`update` with a tensor of any shape and dtype, read ``mean``.
+    """
 
     def __init__(self):
         super().__init__()
@@ -318,9 +409,19 @@ class RunningMean(nn.Module):
 
 
 class BCOLoss(nn.Module):
-    """Module form of :func:`bco_loss` with BCO's reward baseline: in training mode each call first
-    adds the batch's rewards β·r (desirable and undesirable alike) to a running mean, then uses it
-    as δ (TRL's ``do_train=True``); in eval mode δ is read, not updated."""
+    """Module form of :func:`bco_loss` with BCO's reward baseline kept as a running mean.
+
+    In training mode each call first adds the batch's rewards β·r (desirable and undesirable alike)
+    to a running mean, then uses it as δ (TRL's ``do_train=True``); in eval mode δ is read, not
+    updated. Its ``forward`` takes ``policy_logps``, ``ref_logps`` and ``labels`` as :func:`bco_loss`
+    does and returns ``(loss, metrics)``.
+
+    Args:
+        beta: β > 0.
+
+    Raises:
+        ValueError: ``beta <= 0``.
+    """
 
     def __init__(self, *, beta: float = 0.1):
         super().__init__()
@@ -335,7 +436,20 @@ class BCOLoss(nn.Module):
 
 
 class KTOLoss(nn.Module):
-    """Module form of :func:`kto_loss`."""
+    """Module form of :func:`kto_loss`.
+
+    Its ``forward`` takes ``policy_logps``, ``ref_logps``, ``labels`` and the keywords ``kl_logps``,
+    ``ref_kl_logps``, ``kl`` as :func:`kto_loss` does and returns ``(loss, metrics)``.
+
+    Args:
+        beta: β > 0.
+        desirable_weight: λ_D >= 0.
+        undesirable_weight: λ_U >= 0.
+        loss_type: ``"kto"`` or ``"apo_zero_unpaired"``.
+
+    Raises:
+        ValueError: an unknown ``loss_type`` or an option out of range.
+    """
 
     def __init__(self, *, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
                  loss_type: str = "kto"):
@@ -360,13 +474,25 @@ class KTOLoss(nn.Module):
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                        margin: torch.Tensor | float | None = None, *,
                        center_rewards_coefficient: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley–Terry reward-model loss, as TRL 1.16's ``RewardTrainer``: ``mean(−ls(r_c − r_r − m))``
-    with the optional ``margin`` m (a number or a per-pair tensor [B], no gradient), plus
+    """Bradley–Terry reward-model loss, as TRL 1.16's ``RewardTrainer``.
+
+    ``mean(−ls(r_c − r_r − m))`` with the optional margin m, plus
     ``center_rewards_coefficient · mean((r_c + r_r)²)`` when given (TRL's reward centring).
 
-    ``chosen_rewards``, ``rejected_rewards`` [B] (differentiable; any float dtype). Metrics:
-    rewards/chosen, rewards/rejected, rewards/margins (means), rewards/accuracies (share with
-    r_c > r_r).
+    Args:
+        chosen_rewards: ``[B]`` fp32, bf16, fp16 or fp64, r_c (differentiable).
+        rejected_rewards: ``[B]`` floating, r_r (differentiable).
+        margin: m, a number or a per-pair ``[B]`` floating tensor (no gradient), or None.
+        center_rewards_coefficient: >= 0, or None (no centring).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` 0-d fp32 (fp64 for fp64 inputs); ``metrics`` detached 0-d:
+        rewards/chosen, rewards/rejected, rewards/margins (means), rewards/accuracies (share with
+        r_c > r_r).
+
+    Raises:
+        ValueError: an empty batch, mismatched shapes, non-finite values, a negative coefficient.
+        TypeError: a non-tensor or a wrong dtype, naming the argument.
     """
     _checks.check_tensor("chosen_rewards", chosen_rewards, ndim=1, dtypes=_FLOATS)
     if chosen_rewards.shape[0] == 0:
@@ -394,7 +520,17 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 
 
 class BradleyTerryLoss(nn.Module):
-    """Module form of :func:`bradley_terry_loss`."""
+    """Module form of :func:`bradley_terry_loss`.
+
+    Its ``forward`` takes ``chosen_rewards``, ``rejected_rewards`` and ``margin`` as
+    :func:`bradley_terry_loss` does and returns ``(loss, metrics)``.
+
+    Args:
+        center_rewards_coefficient: >= 0, or None (no centring).
+
+    Raises:
+        ValueError: a negative ``center_rewards_coefficient``.
+    """
 
     def __init__(self, *, center_rewards_coefficient: float | None = None):
         super().__init__()

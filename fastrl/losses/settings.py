@@ -55,7 +55,22 @@ def option(default: Any, help: str, *, choices: Sequence[str] | None = None, low
     tuple of names); ``integer`` an int of at least ``low``; a bool default a bool; otherwise a finite real
     within ``[low, high]`` (``many``: a tuple of reals, ``length`` of them when given, a single number
     repeated to that length). A ``None`` default makes the field optional (``None`` allowed).
-    ``config=False`` keeps the field out of the trainer configs (:func:`config_fields`).
+
+    Args:
+        default: the field's default (``None``: optional).
+        help: one line saying what the field is (the trainer configs' ``--help``).
+        choices: the names the value must be among.
+        low: the lowest value allowed (integers and reals).
+        high: the highest value allowed (reals).
+        low_open: ``low`` itself is not allowed.
+        high_open: ``high`` itself is not allowed.
+        integer: the value is an int.
+        many: the value is a tuple (of names with ``choices``, else of reals).
+        length: the tuple's length with ``many``; a single number is repeated to it.
+        config: ``False`` keeps the field out of the trainer configs (:func:`config_fields`).
+
+    Returns:
+        A ``dataclasses.field`` whose metadata carries these rules and the help.
     """
     if choices is not None:
         kind = "choices" if many else "choice"
@@ -245,9 +260,18 @@ def _config_type(meta: dict) -> Any:
 
 def config_fields(cls: type[Settings], *, exclude: Sequence[str] = (),
                   help: Mapping[str, str] | None = None) -> list[tuple[str, Any, dataclasses.Field]]:
-    """The fields of ``cls`` as ``dataclasses.make_dataclass`` entries for a trainer config: same names,
-    defaults and help (``help`` overrides some), tuples as lists; fields declared ``config=False`` and
-    those in ``exclude`` are left out."""
+    """The fields of ``cls`` as ``dataclasses.make_dataclass`` entries for a trainer config.
+
+    Same names, defaults and help, tuples as lists; fields declared ``config=False`` and those in
+    ``exclude`` are left out. ``cls`` is a :class:`Settings` subclass.
+
+    Args:
+        exclude: names of fields to leave out.
+        help: ``{name: text}`` overriding some fields' help.
+
+    Returns:
+        ``[(name, type, dataclasses.Field), ...]``, in the order of the fields.
+    """
     out = []
     help = dict(help or {})
     for f in dataclasses.fields(cls):

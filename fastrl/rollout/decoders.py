@@ -33,6 +33,9 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+__all__ = ["HFDecoder", "KV_BUCKET", "LEAN_MODEL_TYPES", "LeanDecoder", "hf_prefill", "kept_decoder", "kept_decoders",
+           "lean_unsupported_reason", "release_kept"]
+
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # RoPE variants whose frequencies do not depend on the sequence length (a table built once is exact).
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -62,7 +65,18 @@ def _cache_layers(cache):
 
 
 def hf_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
-    """One forward over the left-padded prompts [P, Lp]: (logits of the last position [P, V], cache)."""
+    """One forward over the left-padded prompts with the model's own ``DynamicCache``.
+
+    Args:
+        model: a Hugging Face causal LM.
+        ids: ``[P, Lp]`` int64 left-padded prompt ids.
+        mask: ``[P, Lp]`` int64 or bool, 1 on tokens.
+        positions: ``[P, Lp]`` int64 rotary positions (counting real tokens only).
+
+    Returns:
+        ``(logits, cache)``: the last position's logits ``[P, V]`` in the model's dtype, and the filled
+        ``DynamicCache``.
+    """
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -75,7 +89,15 @@ def hf_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Te
 
 
 def lean_unsupported_reason(model, total_length: int) -> str | None:
-    """Why :class:`LeanDecoder` cannot run ``model`` (None when it can)."""
+    """Why :class:`LeanDecoder` cannot run ``model`` (None when it can).
+
+    Args:
+        model: a Hugging Face causal LM.
+        total_length: prompt + completion length the decode needs (a sliding window must cover it).
+
+    Returns:
+        A sentence, or None.
+    """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in LEAN_MODEL_TYPES:
@@ -127,7 +149,23 @@ def _hook_reason(module) -> str | None:
 
 
 class LeanDecoder:
-    """Static-KV decode of a Llama-family model for ``rows`` sequences of up to ``length`` tokens."""
+    """Static-KV decode of a Llama-family model for ``rows`` sequences of up to ``length`` tokens.
+
+    It keeps no reference to ``model`` itself (a decoder kept for the next call must not keep it
+    alive). Use: :meth:`prefill` once, then :meth:`step` per token, :meth:`release` to free the cache.
+
+    Args:
+        model: a model :func:`lean_unsupported_reason` accepts.
+        rows: N, the decoded rows (``P * G``).
+        length: the cache's slots (rounded up to a multiple of 128 with static shapes).
+        cuda_graph: capture the step in CUDA graphs (on CUDA only).
+        static_shapes: run the graphs' static-shape computation (default: with ``cuda_graph``; tests
+            set it on CPU).
+        kv_bucket: slots per kv-length bucket (default :data:`KV_BUCKET`, 512).
+
+    Raises:
+        ValueError: ``kv_bucket`` not a positive int.
+    """
 
     def __init__(self, model, rows: int, length: int, *, cuda_graph: bool, static_shapes: bool | None = None,
                  kv_bucket: int | None = None):
@@ -293,7 +331,15 @@ class LeanDecoder:
 
 
 class HFDecoder:
-    """Any Hugging Face causal LM: its own forward and ``DynamicCache`` for every step."""
+    """Any Hugging Face causal LM: its own forward and ``DynamicCache`` for every step.
+
+    Use as :class:`LeanDecoder`: :meth:`prefill`, :meth:`step` per token, :meth:`release`.
+
+    Args:
+        model: a Hugging Face causal LM.
+        rows: N, the decoded rows (``P * G``).
+        length: the longest prompt + completion.
+    """
 
     def __init__(self, model, rows: int, length: int):
         self.model = model
@@ -333,9 +379,21 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def kept_decoder(model, rows: int, length: int, *, cuda_graph: bool) -> LeanDecoder:
-    """The :class:`LeanDecoder` kept for ``model``, when it was built for the same ``rows``, the same
-    cache-length bucket of ``length`` (a multiple of 128 slots), the same ``cuda_graph`` and the
-    model's current parameter addresses; else a new one (the old one freed first), kept in its place."""
+    """The :class:`LeanDecoder` kept for ``model``, reused when it fits, else a new one kept in its place.
+
+    It fits when it was built for the same ``rows``, the same cache-length bucket of ``length`` (a
+    multiple of 128 slots), the same ``cuda_graph`` and the model's current parameter addresses; else
+    the old one is freed first.
+
+    Args:
+        model: a model :func:`lean_unsupported_reason` accepts.
+        rows: N, the decoded rows.
+        length: the longest prompt + completion.
+        cuda_graph: capture the step in CUDA graphs.
+
+    Returns:
+        The kept :class:`LeanDecoder`.
+    """
     buckets = -(-length // _GRAPH_LENGTH_BUCKET)
     signature = (rows, buckets, cuda_graph, tuple(p.data_ptr() for p in model.parameters()))
     cached = _KEPT.get(model)
@@ -349,7 +407,11 @@ def kept_decoder(model, rows: int, length: int, *, cuda_graph: bool) -> LeanDeco
 
 
 def release_kept(model=None) -> None:
-    """Free the decoder kept for ``model`` (for every model when None) and forget it."""
+    """Free the decoder kept for ``model`` (for every model when None) and forget it.
+
+    Args:
+        model: the model, or None for all.
+    """
     if model is None:
         for decoder in list(_KEPT.values()):
             decoder.release()
@@ -361,5 +423,9 @@ def release_kept(model=None) -> None:
 
 
 def kept_decoders() -> Mapping:
-    """The decoders kept now, by model (a read-only live view)."""
+    """The decoders kept now, by model.
+
+    Returns:
+        A read-only live view ``{model: LeanDecoder}``.
+    """
     return types.MappingProxyType(_KEPT)

@@ -24,8 +24,11 @@ _CUDA_EXIT_CHECK = 4  # steps between early-exit checks on an accelerator (each 
 
 
 def release(model=None) -> None:
-    """Free the KV cache and CUDA graph that :func:`generate` keeps for ``model`` (all models if None),
-    e.g. before a training step that needs the memory."""
+    """Free the KV cache and CUDA graph that :func:`generate` keeps for a model, e.g. before a training step.
+
+    Args:
+        model: the model whose kept decoder to free; None frees every model's.
+    """
     decoders.release_kept(None if model is None else _unwrap(model))
 
 
@@ -60,38 +63,52 @@ def generate(
 ) -> Rollout:
     """Sample ``num_samples`` (G) completions of each of P prompts from a causal LM.
 
-    ``prompt_ids``: a list of P 1-D integer tensors (any lengths), or a [P, L] integer tensor with
-    ``attention_mask`` [P, L] (1 on tokens, 0 on padding). Each row's tokens must be one contiguous run:
-    left padding, right padding, or none (each row is re-aligned to the left internally).
-
     Each prompt is run through the model once; its KV cache is then copied to its G rows. Each step
-    draws one token per row with :func:`fastrl.sampling.sample` under ``temperature`` (0 = greedy),
-    ``top_k``, ``top_p`` and ``min_p`` (numbers, or tensors of one value per row [P * G] or per
-    prompt [P]). A row ends after a token of ``stop_token_ids`` (an int or a list; default: the
-    model's ``generation_config.eos_token_id``; ``[]`` for none) or after ``max_new_tokens``; the loop
-    ends as soon as every row has. ``generator`` (on the model's device type) makes draws
-    reproducible. ``pad_token_id`` fills completions after their end (default: the model's pad
-    token, else its first stop token, else 0).
+    draws one token per row with :func:`fastrl.sampling.sample` under ``temperature``, ``top_k``,
+    ``top_p`` and ``min_p``. A row ends after a token of ``stop_token_ids`` or after
+    ``max_new_tokens``; the loop ends as soon as every row has.
 
-    ``engine``: ``"fastrl"`` - the lean static-KV decoder (Llama, Qwen2, Qwen3, Mistral), with the
-    decode step captured in CUDA graphs on GPU, one per kv-length bucket (``cuda_graph=False`` to run
-    it eagerly);
-    ``"hf"`` - the model's own forward and dynamic cache, any causal LM; ``"auto"`` - the first
-    that fits; ``"vllm"`` - ``model`` is a ``vllm.LLM`` (needs vLLM installed).
+    Args:
+        model: a Hugging Face causal LM (a PEFT model's adapter inside the linears is kept), or a
+            ``vllm.LLM`` with ``engine="vllm"``.
+        prompt_ids: a list of P 1-D integer tensors (any lengths), or a ``[P, L]`` integer (int64 /
+            int32) tensor with ``attention_mask``. Each row's tokens must be one contiguous run: left
+            padding, right padding, or none (each row is re-aligned to the left internally).
+        max_new_tokens: tokens to sample at most per row (>= 1).
+        num_samples: G, samples per prompt (>= 1).
+        temperature: 0 = greedy; a number, or a tensor of one value per row ``[P * G]`` or per prompt
+            ``[P]`` (floating).
+        top_k: 0 = off; a number or a ``[P * G]`` / ``[P]`` integer tensor.
+        top_p: a number or a ``[P * G]`` / ``[P]`` floating tensor.
+        min_p: a number or a ``[P * G]`` / ``[P]`` floating tensor.
+        stop_token_ids: an int or a list (default: the model's ``generation_config.eos_token_id``;
+            ``[]`` for none); see :func:`fastrl.rollout.resolve_stop_tokens`.
+        generator: a ``torch.Generator`` on the model's device type; makes draws reproducible.
+        pad_token_id: fills completions after their end (default: the model's pad token, else its
+            first stop token, else 0).
+        attention_mask: ``[P, L]`` int or bool, 1 on tokens, 0 on padding, with a padded ``prompt_ids``.
+        max_length: caps prompt + completion (default: ``config.max_position_embeddings``).
+        engine: ``"fastrl"`` - the lean static-KV decoder (Llama, Qwen2, Qwen3, Mistral), with the
+            decode step captured in CUDA graphs on GPU, one per kv-length bucket; ``"hf"`` - the
+            model's own forward and dynamic cache, any causal LM; ``"auto"`` - the first that fits;
+            ``"vllm"`` - ``model`` is a ``vllm.LLM`` (needs vLLM installed).
+        cuda_graph: ``False`` runs the lean decoder eagerly (default: graphs on GPU).
+        keep_graph: the lean decoder's static KV cache and CUDA graphs are freed when the call returns
+            (default), so that a training step after it has the memory. ``True`` keeps them for the
+            next call with the same rows and cache-length bucket (capture costs a few steps' time),
+            until a call with ``keep_graph=False`` or :func:`release`; the cache alone is
+            ``2 * layers * rows * slots * kv_heads * head_dim * dtype bytes`` (~9 GB for a 7B Qwen2 at
+            64 rows x 2560 slots in bf16), plus the graphs' memory pool.
+        progress: ``True`` shows a tqdm bar over the steps when tqdm is installed.
 
-    ``keep_graph``: the lean decoder's static KV cache and CUDA graphs are freed when the call returns
-    (default), so that a training step after it has the memory. ``True`` keeps them for the next call
-    with the same rows and cache-length bucket (capture costs a few steps' time), until a call with
-    ``keep_graph=False`` or :func:`release`; the cache alone is ``2 * layers * rows * slots * kv_heads
-    * head_dim * dtype bytes`` (~9 GB for a 7B Qwen2 at 64 rows x 2560 slots in bf16), plus the graphs'
-    memory pool.
+    Returns:
+        A :class:`Rollout`.
 
-    ``max_length`` caps prompt + completion (default: ``config.max_position_embeddings``).
-    ``progress=True`` shows a tqdm bar over the steps when tqdm is installed.
-
-    Returns a :class:`Rollout`. Raises ``ValueError`` naming the argument for empty prompts, prompts
-    or completions that do not fit ``max_length``, out-of-vocabulary tokens or stop ids, a
-    ``generator`` on another device than the model, ``num_samples`` or ``max_new_tokens`` < 1.
+    Raises:
+        ValueError: naming the argument, for an unknown ``engine``, empty prompts, prompts or
+            completions that do not fit ``max_length``, out-of-vocabulary tokens or stop ids, a
+            ``generator`` on another device than the model, ``num_samples`` or ``max_new_tokens`` < 1.
+        TypeError: ``model`` not a causal LM, ``generator`` not a ``torch.Generator``.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")

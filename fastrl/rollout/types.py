@@ -19,21 +19,25 @@ __all__ = ["Rollout", "prompt_list", "resolve_stop_tokens"]
 
 @dataclass
 class Rollout:
-    """What :func:`fastrl.rollout.generate` returns. ``N = P * num_samples`` rows, prompt-major: rows
-    ``[p * G, (p + 1) * G)`` are the samples of prompt ``p``. ``T`` is the longest completion.
+    """What :func:`fastrl.rollout.generate` returns: the completions of every prompt, with their log-probs.
 
-    - ``completion_ids`` [N, T] int64: sampled tokens, a row's stop token included, then
-      ``pad_token_id``;
-    - ``lengths`` [N] int64: tokens per row (stop token included);
-    - ``logprobs`` [N, T] fp32: each token's log-prob under ``softmax(logits / temperature)`` of the
-      model that sampled it, as :func:`fastrl.sampling.sample` returns it (the behaviour-policy
-      log-prob for importance-sampling corrections; 0 on padding; for greedy rows the sampler's 0,
-      or -log of the number of tied maxima);
-    - ``prompt_index`` [N] int64: the prompt each row continues;
-    - ``stopped`` [N] bool: True where the row ended on a stop token, False where it ran out of
-      ``max_new_tokens``;
-    - ``engine``: the decoder that ran: ``"fastrl"`` (the lean static-KV decoder), ``"hf"`` (the
-      model's own forward) or ``"vllm"``.
+    ``N = P * num_samples`` rows, prompt-major: rows ``[p * G, (p + 1) * G)`` are the samples of
+    prompt ``p``. ``T`` is the longest completion.
+
+    Args:
+        completion_ids: ``[N, T]`` int64: sampled tokens, a row's stop token included, then
+            ``pad_token_id``.
+        lengths: ``[N]`` int64: tokens per row (stop token included).
+        logprobs: ``[N, T]`` fp32: each token's log-prob under ``softmax(logits / temperature)`` of the
+            model that sampled it, as :func:`fastrl.sampling.sample` returns it (the behaviour-policy
+            log-prob for importance-sampling corrections; 0 on padding; for greedy rows the sampler's
+            0, or -log of the number of tied maxima).
+        prompt_index: ``[N]`` int64: the prompt each row continues.
+        stopped: ``[N]`` bool: True where the row ended on a stop token, False where it ran out of
+            ``max_new_tokens``.
+        num_samples: G, the samples per prompt.
+        engine: the decoder that ran: ``"fastrl"`` (the lean static-KV decoder), ``"hf"`` (the
+            model's own forward) or ``"vllm"``.
     """
 
     completion_ids: torch.Tensor
@@ -59,10 +63,20 @@ class Rollout:
 def prompt_list(prompt_ids, attention_mask, vocab: int) -> list[torch.Tensor]:
     """The prompts as a list of 1-D int64 CPU tensors, checked.
 
-    ``prompt_ids``: a list of P 1-D integer tensors (or sequences), or a [P, L] integer tensor with an
-    optional ``attention_mask`` [P, L] of 0 / 1 whose ones are one contiguous run per row (left or
-    right padding). Every token id must lie in ``[0, vocab)``. Raises ``ValueError`` naming the
-    argument (and the row) otherwise."""
+    Args:
+        prompt_ids: a list of P 1-D integer tensors (or sequences), or a ``[P, L]`` integer (int64,
+            int32, ...) tensor. Every token id must lie in ``[0, vocab)``.
+        attention_mask: with a ``[P, L]`` ``prompt_ids`` only, an optional ``[P, L]`` 0 / 1 (bool or
+            integer) mask whose ones are one contiguous run per row (left or right padding).
+        vocab: the vocabulary size.
+
+    Returns:
+        P 1-D int64 CPU tensors, each prompt without its padding.
+
+    Raises:
+        ValueError: naming the argument (and the row): not integer ids, empty, an id out of range, a
+            mask of another shape, not 0 / 1, all padding or with holes, a mask with a list.
+    """
     if isinstance(prompt_ids, torch.Tensor):
         _checks.check_tensor("prompt_ids", prompt_ids, ndim=2)
         if prompt_ids.dtype.is_floating_point or prompt_ids.dtype == torch.bool:
@@ -116,13 +130,23 @@ def prompt_list(prompt_ids, attention_mask, vocab: int) -> list[torch.Tensor]:
 def resolve_stop_tokens(stop_token_ids=None, *, model=None, tokenizer=None, vocab_size: int | None = None) -> list[int]:
     """The token ids that end a completion: sorted, each once, possibly none (``[]``).
 
-    ``stop_token_ids``: an int, a list / tuple / set of ints or a 1-D integer tensor, each id in
-    ``[0, vocab_size)`` (``>= 0`` when ``vocab_size`` is None); ``[]`` for no stop token. ``None``
-    takes the EOS ids of ``tokenizer`` (its ``eos_token_id``) and of ``model`` (its
+    ``None`` takes the EOS ids of ``tokenizer`` (its ``eos_token_id``) and of ``model`` (its
     ``generation_config.eos_token_id``, an int or a list), leaving out, when ``vocab_size`` is
     given, those outside the vocabulary (they can never be sampled).
 
-    Raises ``ValueError`` naming ``stop_token_ids`` for any other value.
+    Args:
+        stop_token_ids: an int, a list / tuple / set of ints or a 1-D integer tensor, each id in
+            ``[0, vocab_size)`` (``>= 0`` when ``vocab_size`` is None); ``[]`` for no stop token;
+            None for the EOS ids.
+        model: a model with a ``generation_config``, read when ``stop_token_ids`` is None.
+        tokenizer: a tokenizer with an ``eos_token_id``, read when ``stop_token_ids`` is None.
+        vocab_size: the vocabulary size the ids must lie below, or None.
+
+    Returns:
+        The sorted list of distinct ids.
+
+    Raises:
+        ValueError: naming ``stop_token_ids`` for any other value.
 
     >>> resolve_stop_tokens([9, 2, 9])
     [2, 9]

@@ -15,6 +15,8 @@ import torch
 from fastrl import _checks
 from fastrl.rollout.types import Rollout, prompt_list, resolve_stop_tokens
 
+__all__ = ["generate"]
+
 
 def _require_vllm():
     try:
@@ -27,6 +29,33 @@ def _require_vllm():
 
 def generate(llm, prompt_ids, *, max_new_tokens, num_samples, temperature, top_k, top_p, min_p, stop_token_ids,
              generator, pad_token_id, attention_mask):
+    """``generate(..., engine="vllm")``: a :class:`~fastrl.rollout.Rollout` sampled by a ``vllm.LLM``.
+
+    Called by :func:`fastrl.rollout.generate`, which passes its own arguments on (see there); the
+    differences are the module docstring's.
+
+    Args:
+        llm: a ``vllm.LLM`` the caller built and keeps in sync with the policy's weights.
+        prompt_ids: a list of 1-D integer tensors or a ``[P, L]`` integer tensor (:func:`prompt_list`).
+        max_new_tokens: tokens to sample at most per row.
+        num_samples: G, samples per prompt.
+        temperature: one number >= 0 (not a tensor).
+        top_k: one int >= 0 (0: off).
+        top_p: one number in (0, 1].
+        min_p: one number in [0, 1].
+        stop_token_ids: the ids that end a row (:func:`resolve_stop_tokens`), or None for vLLM's own.
+        generator: a ``torch.Generator`` that seeds vLLM's sampler, or None.
+        pad_token_id: the id after a row's end (default 0).
+        attention_mask: ``[P, L]`` 0 / 1 with a padded ``prompt_ids``, or None.
+
+    Returns:
+        The :class:`~fastrl.rollout.Rollout` (``engine="vllm"``), on the CPU.
+
+    Raises:
+        ImportError: vLLM is not installed.
+        TypeError: ``llm`` is not a ``vllm.LLM``.
+        ValueError: a sampling setting given as a tensor or out of range, bad prompts.
+    """
     vllm = _require_vllm()
     if not isinstance(llm, vllm.LLM):
         raise TypeError(f"with engine='vllm', model must be a vllm.LLM, got {type(llm).__name__}")

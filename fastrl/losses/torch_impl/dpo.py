@@ -24,6 +24,9 @@ import torch.nn.functional as F
 # of the finishing kernel writes everything on the GPU), the layout the kernels share.
 from fastrl.kernels.dpo_columns import DPO_STATS  # noqa: F401 (re-exported: the layout this module returns)
 
+__all__ = ["ALPHA_CLAMP", "DPO_STATS", "aot_delta", "aot_unpaired_delta", "compute_dtype", "dpo_loss_stats",
+           "dpo_pair_losses", "f_score", "log1mexp", "smoothed_sigmoid_loss"]
+
 # The types whose batch term is the mean token NLL of the chosen completions, Σ NLL_c / Σ |y_c|
 # (TRL: DPO ``sft``, ``cpo_alpha`` × the CPO cross-entropy, ORPO's NLL); the coefficient of each.
 _BATCH_NLL = ("sft", "cpo", "orpo")
@@ -33,14 +36,34 @@ ALPHA_CLAMP = 80.0
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp64 when any input is fp64, else fp32 (bf16 / fp16 inputs are widened)."""
+    """The dtype the loss computes in: fp64 when any input is fp64, else fp32 (bf16 / fp16 are widened).
+
+    Args:
+        *tensors: floating tensors of any shape (``[...]``), or None (skipped).
+
+    Returns:
+        ``torch.float64`` or ``torch.float32``.
+    """
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def f_score(r: torch.Tensor, f_divergence: str, f_alpha: float) -> torch.Tensor:
-    """The f′-score of a log-ratio ``r`` (f-DPO), TRL 1.16's constants kept: reverse_kl ``r``,
-    forward_kl ``1 − e^{−r}``, js ``log 2 + ls(r)``, alpha ``(e^{(α−1)r} − 1)/(α−1)`` with the
-    exponent clamped at 80 and ``|α − 1| < 1e-6`` falling back to reverse_kl."""
+    """The f′-score of a log-ratio ``r`` (f-DPO), TRL 1.16's constants kept.
+
+    reverse_kl ``r``, forward_kl ``1 − e^{−r}``, js ``log 2 + ls(r)``, alpha ``(e^{(α−1)r} − 1)/(α−1)``
+    with the exponent clamped at 80 and ``|α − 1| < 1e-6`` falling back to reverse_kl.
+
+    Args:
+        r: ``[B]`` (any shape) fp32 or fp64 log-ratios.
+        f_divergence: reverse_kl, forward_kl, js or alpha.
+        f_alpha: the α of alpha.
+
+    Returns:
+        The shape and dtype of ``r``.
+
+    Raises:
+        ValueError: an unknown ``f_divergence``.
+    """
     if f_divergence == "reverse_kl":
         return r
     if f_divergence == "forward_kl":
@@ -56,23 +79,58 @@ def f_score(r: torch.Tensor, f_divergence: str, f_alpha: float) -> torch.Tensor:
 
 
 def smoothed_sigmoid_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """The conservative (cDPO) logistic loss ``−(1−ε)·ls(z) − ε·ls(−z)``."""
+    """The conservative (cDPO) logistic loss ``−(1−ε)·ls(z) − ε·ls(−z)``.
+
+    Args:
+        z: ``[B]`` (any shape) fp32 or fp64.
+        eps: ε, the label smoothing.
+
+    Returns:
+        The shape and dtype of ``z``.
+    """
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 − e^x)`` for ``x < 0``, branching at −log 2 (TRL ORPO's ``log1mexp``)."""
+    """``log(1 − e^x)`` for ``x < 0``, branching at −log 2 (TRL ORPO's ``log1mexp``).
+
+    Args:
+        x: ``[B]`` (any shape) fp32 or fp64, negative.
+
+    Returns:
+        The shape and dtype of ``x``.
+    """
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
 def aot_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
-    """AOT (paired): sort ``π_c − π_r`` and ``ρ_c − ρ_r`` over the batch, their difference [B]."""
+    """AOT (paired): sort ``π_c − π_r`` and ``ρ_c − ρ_r`` over the batch; their difference.
+
+    Args:
+        chosen_logps: ``[B]`` floating, π_c.
+        rejected_logps: ``[B]`` floating, π_r.
+        ref_chosen_logps: ``[B]`` floating, ρ_c.
+        ref_rejected_logps: ``[B]`` floating, ρ_r.
+
+    Returns:
+        ``[B]``, the promoted dtype of the inputs; differentiable through the sorts.
+    """
     return torch.sort(chosen_logps - rejected_logps, dim=0).values - \
         torch.sort(ref_chosen_logps - ref_rejected_logps, dim=0).values
 
 
 def aot_unpaired_delta(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
-    """AOT (unpaired): sort ``r_c`` and ``r_r`` separately, their difference [B]."""
+    """AOT (unpaired): sort ``r_c`` and ``r_r`` separately over the batch; their difference.
+
+    Args:
+        chosen_logps: ``[B]`` floating, π_c.
+        rejected_logps: ``[B]`` floating, π_r.
+        ref_chosen_logps: ``[B]`` floating, ρ_c.
+        ref_rejected_logps: ``[B]`` floating, ρ_r.
+
+    Returns:
+        ``[B]``, the promoted dtype of the inputs; differentiable through the sorts.
+    """
     return torch.sort(chosen_logps - ref_chosen_logps, dim=0).values - \
         torch.sort(rejected_logps - ref_rejected_logps, dim=0).values
 
@@ -82,10 +140,40 @@ def dpo_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
                     f_alpha=1.0, chosen_lengths=None, rejected_lengths=None, gamma_beta_ratio=0.5, rpo_alpha=None,
                     chosen_nll=None, soft_labels=None, discopop_tau=0.05, dpop_lambda=50.0, bco_delta=0.0,
                     aot_delta=None, aot_unpaired_delta=None) -> torch.Tensor:
-    """The per-pair part of the loss [B] (before pair weights): ``Σ_type weight · loss_type`` plus
-    RPO's ``α·NLL_c/|y_c|``. The batch-level NLL of sft / cpo / orpo is not in it (see
-    :func:`dpo_loss_stats`). ``beta`` is a number or a per-pair tensor (dynamic β); lengths are
-    clamped to at least 1 where they divide; absent references count as 0."""
+    """The per-pair part of the loss (before pair weights): ``Σ_type weight · loss_type`` plus RPO's term.
+
+    RPO's term is ``α·NLL_c/|y_c|``. The batch-level NLL of sft / cpo / orpo is not in it (see
+    :func:`dpo_loss_stats`). Lengths are clamped to at least 1 where they divide; absent references
+    count as 0. The options are those of :class:`fastrl.losses.DPOSettings`, already checked.
+
+    Args:
+        chosen_logps: ``[B]`` fp32 or fp64, π_c.
+        rejected_logps: ``[B]`` fp32 or fp64, π_r.
+        ref_chosen_logps: ``[B]`` fp32 or fp64, ρ_c, or None.
+        ref_rejected_logps: ``[B]`` fp32 or fp64, ρ_r, or None.
+        loss_weights: ``{loss type: weight}``.
+        beta: a number or a per-pair ``[B]`` tensor (dynamic β).
+        label_smoothing: ε.
+        f_divergence: reverse_kl, forward_kl, js or alpha.
+        f_alpha: the α of alpha.
+        chosen_lengths: ``[B]`` integer or floating, |y_c|, or None.
+        rejected_lengths: ``[B]`` integer or floating, |y_r|, or None.
+        gamma_beta_ratio: SimPO's γ/β.
+        rpo_alpha: RPO's α, or None.
+        chosen_nll: ``[B]``, the summed chosen NLL (default ``−π_c``), or None.
+        soft_labels: ``[B]``, SmPO's p̃, or None.
+        discopop_tau: DiscoPOP's τ.
+        dpop_lambda: DPO-Positive's λ.
+        bco_delta: bco_pair's δ, a number or a 0-d tensor.
+        aot_delta: ``[B]``, :func:`aot_delta`'s, for aot, or None.
+        aot_unpaired_delta: ``[B]``, :func:`aot_unpaired_delta`'s, for aot_unpaired, or None.
+
+    Returns:
+        ``[B]`` in the dtype of ``chosen_logps``.
+
+    Raises:
+        ValueError: an unknown loss type.
+    """
     pc, pr = chosen_logps, rejected_logps
     zero = torch.zeros((), dtype=pc.dtype, device=pc.device)
     qc = zero if ref_chosen_logps is None else ref_chosen_logps
@@ -162,14 +250,30 @@ def dpo_pair_losses(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rej
 def dpo_loss_stats(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
                    loss_weights: dict[str, float], beta=0.1, pair_beta=None, pair_weights=None, cpo_alpha=1.0,
                    norm_rewards=False, **kwargs) -> torch.Tensor:
-    """The loss and its metrics, one vector laid out as :data:`DPO_STATS`
-    (:mod:`fastrl.kernels.dpo_columns`).
+    """The loss and its metrics, one vector laid out as :data:`DPO_STATS` (:mod:`fastrl.kernels.dpo_columns`).
 
     ``loss = mean_i(w_i · P_i) + c · mean_i(w_i) · Σ_i NLL_c,i / Σ_i |y_c,i|`` where ``P`` is
     :func:`dpo_pair_losses`, ``w`` the pair weights (WPO; 1 without), and
     ``c = weight_sft + weight_cpo·cpo_alpha + weight_orpo`` (0 when none of them is used; then the
     NLL term is left out, lengths or not). Rewards are ``β·r`` (``β·π/|y|`` with ``norm_rewards``,
     the SimPO / ORPO convention), accuracies count ``reward_c > reward_r``.
+
+    Args:
+        chosen_logps: ``[B]`` fp32, bf16, fp16 or fp64, π_c.
+        rejected_logps: ``[B]`` floating, π_r.
+        ref_chosen_logps: ``[B]`` floating, ρ_c, or None.
+        ref_rejected_logps: ``[B]`` floating, ρ_r, or None.
+        loss_weights: ``{loss type: weight}``.
+        beta: β, a number.
+        pair_beta: ``[B]`` floating dynamic β, or None.
+        pair_weights: ``[B]`` floating WPO weights, or None.
+        cpo_alpha: CPO's NLL weight.
+        norm_rewards: report rewards as ``β·π/|y|``.
+        **kwargs: the other keywords of :func:`dpo_pair_losses`.
+
+    Returns:
+        ``[len(DPO_STATS)]`` fp32 (fp64 for fp64 inputs), element 0 the loss (differentiable), the
+        metrics detached.
     """
     dtype = compute_dtype(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                           kwargs.get("chosen_nll"), pair_beta, pair_weights)

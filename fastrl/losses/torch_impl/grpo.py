@@ -36,6 +36,11 @@ from fastrl.kernels.grpo_columns import (COUNT, COUPLING, DUAL, ENT, HIGH, IS_WE
                                          LOW, NSTATS, OFF_POLICY_KL, PHI, RATIO, VESPO_LOG_W)
 from fastrl.losses.settings import Settings, option
 
+__all__ = ["GRPOSettings", "LOSS_TYPES", "LOSS_AGG_MODES", "DEFAULT_AGG", "POLICY", "KL_ESTIMATORS", "KL_ALIASES",
+           "KL_NAMES", "IS_LEVELS", "IS_MODES", "num_sequences", "advantages_per_token", "aggregation_weights",
+           "token_counts", "grpo_token_weights", "grpo_sequence_stats", "grpo_sequence_stats_backward", "combine",
+           "grpo_loss"]
+
 # The columns of the per-sequence ``stats`` [B, NSTATS] (fp32; fp64 for fp64 inputs) and vespo's clamp
 # LOG_EPS are the kernels' (fastrl.kernels.grpo_columns, one module both implementations read).
 
@@ -202,12 +207,31 @@ class GRPOSettings(Settings):
 
 
 def num_sequences(shape, cu_seqlens: torch.Tensor | None) -> int:
+    """The number of sequences B of a batch in either layout.
+
+    Args:
+        shape: the logps shape, ``(B, L)`` padded or ``(T,)`` packed.
+        cu_seqlens: ``[B+1]`` int32 or int64 offsets (packed), or None (padded).
+
+    Returns:
+        B, an int.
+    """
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else shape[0]
 
 
 def advantages_per_token(advantages: torch.Tensor, shape, cu_seqlens: torch.Tensor | None) -> bool:
-    """Whether ``advantages`` holds one value per token (the logps shape) rather than one per
-    sequence ([B] or [B, 1]). Packed with T == B, a 1-D ``advantages`` is read per sequence."""
+    """Whether ``advantages`` holds one value per token (the logps shape) rather than one per sequence.
+
+    Per sequence is ``[B]`` or ``[B, 1]``. Packed with T == B, a 1-D ``advantages`` is read per sequence.
+
+    Args:
+        advantages: ``[B]``, ``[B, 1]`` or the logps shape; any floating dtype (only the shape is read).
+        shape: the logps shape, ``(B, L)`` or ``(T,)``.
+        cu_seqlens: ``[B+1]`` int32 or int64 (packed), or None.
+
+    Returns:
+        True for per-token advantages.
+    """
     b = num_sequences(shape, cu_seqlens)
     return tuple(advantages.shape) not in ((b,), (b, 1))
 
@@ -227,10 +251,10 @@ def _layout(shape, mask, cu_seqlens, device):
 
 def aggregation_weights(counts: torch.Tensor, agg: str, *, num_items_in_batch=None,
                         max_completion_length=None) -> torch.Tensor:
-    """The weight ``c_i`` [B] of each sequence's summed per-token loss in the aggregated loss:
-    ``loss = sum_i c_i * sum_{t in i} l_t``. ``counts`` [B] are the sequences' token counts (float).
+    """The weight ``c_i`` of each sequence's summed per-token loss in the aggregated loss.
 
-    With B sequences of n_i tokens each, N = sum n_i and B' = the sequences with n_i > 0:
+    ``loss = sum_i c_i * sum_{t in i} l_t``. With B sequences of n_i tokens each, N = sum n_i and
+    B' = the sequences with n_i > 0:
 
     - ``grpo`` (loss types grpo, sapo): 1 / (B * max(n_i, 1)) (TRL: empty sequences count in the mean)
     - ``bnpo``: 1 / max(N, 1)
@@ -242,8 +266,19 @@ def aggregation_weights(counts: torch.Tensor, agg: str, *, num_items_in_batch=No
     - ``seq-mean-token-sum-norm``: 1 / max_completion_length (verl: no division by B)
     - ``token-sum``: 1
 
-    ``max_completion_length`` may be a number or a 0-d tensor (default: the longest sequence);
-    ``num_items_in_batch`` likewise. Every weight is finite: an empty batch aggregates to 0.
+    Every weight is finite: an empty batch aggregates to 0.
+
+    Args:
+        counts: ``[B]`` floating (fp32 or fp64), the sequences' token counts.
+        agg: the aggregation, one of the names above.
+        num_items_in_batch: a number or a 0-d tensor (default N).
+        max_completion_length: a number or a 0-d tensor (default: the longest sequence).
+
+    Returns:
+        ``[B]`` in the dtype of ``counts``.
+
+    Raises:
+        ValueError: an unknown ``agg``.
     """
     b = counts.shape[0]
 
@@ -279,7 +314,17 @@ def aggregation_weights(counts: torch.Tensor, agg: str, *, num_items_in_batch=No
 
 def token_counts(shape, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                  dtype=torch.float32) -> torch.Tensor:
-    """[B] token count of each sequence."""
+    """The token count of each sequence.
+
+    Args:
+        shape: the logps shape, ``(B, L)`` or ``(T,)``.
+        mask: ``[B, L]`` bool or 0/1 integer (padded), or None.
+        cu_seqlens: ``[B+1]`` int32 or int64 (packed), or None.
+        dtype: the result's dtype (fp32 by default).
+
+    Returns:
+        ``[B]`` counts in ``dtype``.
+    """
     if cu_seqlens is not None:
         return (cu_seqlens[1:] - cu_seqlens[:-1]).to(dtype)
     return (mask != 0).sum(-1).to(dtype)
@@ -288,8 +333,20 @@ def token_counts(shape, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | No
 def grpo_token_weights(mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None, *,
                        shape=None, agg: str = "dapo", num_items_in_batch=None, max_completion_length=None,
                        dtype=torch.float32) -> torch.Tensor:
-    """Per-token aggregation weights ``w_t = c_{seq(t)}`` (0 off the sequences), in the logps layout:
-    [B, L] for ``mask`` [B, L], [T] for ``cu_seqlens`` (then ``shape=(T,)`` must be given)."""
+    """Per-token aggregation weights ``w_t = c_{seq(t)}`` (0 off the sequences), in the logps layout.
+
+    Args:
+        mask: ``[B, L]`` bool or 0/1 integer (padded layout), or None.
+        cu_seqlens: ``[B+1]`` int32 or int64 (packed layout), or None.
+        shape: ``(T,)``, required with ``cu_seqlens``.
+        agg: the aggregation (:func:`aggregation_weights`).
+        num_items_in_batch: a number or a 0-d tensor, as :func:`aggregation_weights`.
+        max_completion_length: a number or a 0-d tensor (default L padded).
+        dtype: the result's dtype (fp32 by default).
+
+    Returns:
+        ``[B, L]`` for ``mask`` [B, L], ``[T]`` for ``cu_seqlens``, in ``dtype``.
+    """
     if cu_seqlens is not None:
         shape = tuple(shape)
         device = cu_seqlens.device
@@ -491,12 +548,24 @@ def _token_terms(logps, old_logps, advantages, mask, cu_seqlens, ref_logps, samp
 
 def grpo_sequence_stats(logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None,
                         sampler_logps=None, entropy=None, settings: GRPOSettings) -> torch.Tensor:
-    """Per-sequence sums and constants ``stats`` [B, NSTATS] (columns: :mod:`fastrl.kernels.grpo_columns`),
-    differentiable with respect to ``logps`` and ``entropy`` through columns ``LOSS`` and ``ENT`` (autograd).
+    """Per-sequence sums and constants ``stats`` of the GRPO loss (columns: :mod:`fastrl.kernels.grpo_columns`).
 
-    ``logps`` [B, L] with ``mask`` [B, L], or [T] with ``cu_seqlens`` [B+1]; the other per-token
-    tensors share that layout; ``advantages`` [B] (or [B, 1]) per sequence or per token.
-    ``old_logps=None`` is on-policy (``logps.detach()``). Computed in fp32 (fp64 for fp64 logps).
+    Differentiable with respect to ``logps`` and ``entropy`` through columns ``LOSS`` and ``ENT``
+    (autograd). Computed in fp32 (fp64 for fp64 logps).
+
+    Args:
+        logps: ``[B, L]`` with ``mask``, or ``[T]`` with ``cu_seqlens``; fp32, bf16, fp16 or fp64.
+        old_logps: the logps layout, floating; None is on-policy (``logps.detach()``).
+        advantages: ``[B]`` (or ``[B, 1]``) per sequence or per token in the logps layout; floating.
+        mask: ``[B, L]`` bool or 0/1 integer, or None.
+        cu_seqlens: ``[B+1]`` int32 or int64, or None.
+        ref_logps: the logps layout, floating, or None.
+        sampler_logps: the logps layout, floating, or None.
+        entropy: the logps layout, floating, or None.
+        settings: a :class:`GRPOSettings`.
+
+    Returns:
+        ``[B, NSTATS]`` fp32 (fp64 for fp64 logps).
     """
     t = _token_terms(logps, old_logps, advantages, mask, cu_seqlens, ref_logps, sampler_logps, settings)
     seg, b, dt = t["seg"], t["b"], t["dt"]
@@ -522,15 +591,32 @@ def grpo_sequence_stats(logps, old_logps, advantages, mask=None, cu_seqlens=None
 def grpo_sequence_stats_backward(grad_loss: torch.Tensor, grad_entropy: torch.Tensor | None, logps, old_logps,
                                  advantages, mask=None, cu_seqlens=None, *, ref_logps=None, sampler_logps=None,
                                  entropy_like: torch.Tensor | None = None, settings: GRPOSettings):
-    """The gradients of ``sum_i grad_loss[i] * S_i + grad_entropy[i] * E_i`` (S, E: the ``LOSS`` and
-    ``ENT`` columns of :func:`grpo_sequence_stats`), written out by hand.
+    """The gradients of ``sum_i grad_loss[i] * S_i + grad_entropy[i] * E_i``, written out by hand.
 
-    For a token t of sequence i: ``d/d logp_t = grad_loss[i] * D_t (+ grad_loss[i] * C_i * s_i / n_i
-    at importance_sampling_level="sequence")``, where ``D_t`` is the derivative of l_t through token
-    t's own log-prob (ratio, KL, cispo / vespo log-prob factor) and ``C_i = sum_u d l_u / d s_i`` the
+    S, E are the ``LOSS`` and ``ENT`` columns of :func:`grpo_sequence_stats`. For a token t of sequence
+    i: ``d/d logp_t = grad_loss[i] * D_t (+ grad_loss[i] * C_i * s_i / n_i at
+    importance_sampling_level="sequence")``, where ``D_t`` is the derivative of l_t through token t's
+    own log-prob (ratio, KL, cispo / vespo log-prob factor) and ``C_i = sum_u d l_u / d s_i`` the
     coupling through the sequence ratio ``s_i = exp(mean_u log(pi_u / pi_old,u))``; and
-    ``d/d entropy_t = grad_entropy[i]``. 0 at padding. Returns ``(d_logps in logps' dtype,
-    d_entropy in entropy_like's dtype or None)``.
+    ``d/d entropy_t = grad_entropy[i]``. 0 at padding.
+
+    Args:
+        grad_loss: ``[B]`` floating, the weight of each ``S_i``.
+        grad_entropy: ``[B]`` floating, the weight of each ``E_i``, or None.
+        logps: ``[B, L]`` or ``[T]``, floating; the other arguments as :func:`grpo_sequence_stats`.
+        old_logps: the logps layout, floating, or None.
+        advantages: ``[B]`` / ``[B, 1]`` or per token, floating.
+        mask: ``[B, L]`` bool or 0/1 integer, or None.
+        cu_seqlens: ``[B+1]`` int32 or int64, or None.
+        ref_logps: the logps layout, floating, or None.
+        sampler_logps: the logps layout, floating, or None.
+        entropy_like: ``[B, L]`` / ``[T]``, a tensor of the entropy's shape and dtype (its values unread),
+            or None (no entropy gradient).
+        settings: a :class:`GRPOSettings`.
+
+    Returns:
+        ``(d_logps, d_entropy)``: ``d_logps`` in the shape and dtype of ``logps``; ``d_entropy`` in
+        ``entropy_like``'s shape and dtype, or None.
     """
     with torch.no_grad():
         t = _token_terms(logps, old_logps, advantages, mask, cu_seqlens, ref_logps, sampler_logps, settings)
@@ -555,10 +641,25 @@ def grpo_sequence_stats_backward(grad_loss: torch.Tensor, grad_entropy: torch.Te
 
 def combine(stats: torch.Tensor, settings: GRPOSettings, *, per_token_adv: bool, num_items_in_batch=None,
             max_completion_length=None, has_ref: bool = False, has_entropy: bool = False):
-    """``(loss, metrics, c, e)`` from ``stats`` [B, NSTATS]: ``loss = sum_i c_i S_i - entropy_coef *
-    sum_i e_i E_i`` in the dtype of ``stats`` (differentiable through it), fp32 metrics (detached), and the weights
-    ``c`` and ``e`` [B]. ``max_completion_length`` defaults to the longest sequence here (the
-    public function passes L for padded input)."""
+    """The loss, the metrics and the aggregation weights from the per-sequence ``stats``.
+
+    ``loss = sum_i c_i S_i - entropy_coef * sum_i e_i E_i``, differentiable through ``stats``.
+    ``max_completion_length`` defaults to the longest sequence here (the public function passes L for
+    padded input).
+
+    Args:
+        stats: ``[B, NSTATS]`` fp32 or fp64, from :func:`grpo_sequence_stats`.
+        settings: a :class:`GRPOSettings`.
+        per_token_adv: whether the advantages were per token (:func:`advantages_per_token`).
+        num_items_in_batch: a number or a 0-d tensor, as :func:`aggregation_weights`.
+        max_completion_length: a number or a 0-d tensor, or None.
+        has_ref: whether ``ref_logps`` was given (the ``kl`` metric).
+        has_entropy: whether ``entropy`` was given (the bonus and the ``entropy`` metric).
+
+    Returns:
+        ``(loss, metrics, c, e)``: ``loss`` 0-d in the dtype of ``stats``; ``metrics`` a dict of
+        detached 0-d fp32 tensors; ``c`` and ``e`` the ``[B]`` weights (``e`` None without entropy).
+    """
     counts = stats[:, COUNT].detach()
     kw = dict(num_items_in_batch=num_items_in_batch,
               max_completion_length=max_completion_length if max_completion_length is not None
@@ -606,8 +707,26 @@ def _metrics(stats, settings: GRPOSettings, per_token_adv: bool, has_ref: bool, 
 
 def grpo_loss(logps, old_logps, advantages, mask=None, cu_seqlens=None, *, ref_logps=None, sampler_logps=None,
               entropy=None, num_items_in_batch=None, settings: GRPOSettings | None = None, **options):
-    """The reference of :func:`fastrl.losses.grpo_loss` (same arguments; the settings are checked, the
-    tensors are not): ``(loss, metrics)``, differentiable by autograd. fp64 inputs compute in fp64."""
+    """The torch implementation of :func:`fastrl.losses.grpo_loss`, differentiable by autograd.
+
+    The settings are checked, the tensors are not. fp64 inputs compute in fp64.
+
+    Args:
+        logps: ``[B, L]`` or ``[T]``, fp32, bf16, fp16 or fp64.
+        old_logps: the logps layout, floating, or None (on-policy).
+        advantages: ``[B]`` / ``[B, 1]`` or per token, floating.
+        mask: ``[B, L]`` bool or 0/1 integer, or None.
+        cu_seqlens: ``[B+1]`` int32 or int64, or None.
+        ref_logps: the logps layout, floating, or None.
+        sampler_logps: the logps layout, floating, or None.
+        entropy: the logps layout, floating, or None.
+        num_items_in_batch: a number or a 0-d tensor, or None.
+        settings: a :class:`GRPOSettings`; or pass its fields as ``**options``.
+        **options: the fields of :class:`GRPOSettings`.
+
+    Returns:
+        ``(loss, metrics)`` as :func:`fastrl.losses.grpo_loss`.
+    """
     settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
     stats = grpo_sequence_stats(logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                                 sampler_logps=sampler_logps, entropy=entropy, settings=settings)
