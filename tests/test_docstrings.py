@@ -10,6 +10,7 @@ names in each module's ``__all__``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import re
@@ -45,6 +46,16 @@ MODULES = [
     "fastrl.rollout.types",
     "fastrl.rollout.decoders",
     "fastrl.rollout.vllm_engine",
+    "fastrl.train.online",
+    "fastrl.train.grpo",
+    "fastrl.train.dpo",
+    "fastrl.train.online_dpo",
+    "fastrl.train.sft",
+    "fastrl.train.run",
+    "fastrl.train.checkpoint",
+    "fastrl.train.distributed",
+    "fastrl.train.reference",
+    "fastrl.train.config",
 ]
 
 # nn.Modules that are state holders, not layers: no forward (their docstring says how they are used).
@@ -131,16 +142,20 @@ def _summary_problems(doc: str | None, what: str) -> list[str]:
     return []
 
 
-def parameter_problems(doc: str, params: list[inspect.Parameter], what: str) -> list[str]:
+def parameter_problems(doc: str, params: list[inspect.Parameter], what: str,
+                       documented: frozenset[str] = frozenset()) -> list[str]:
     """Every parameter (but self / cls) has an ``Args:`` entry, every entry names a parameter, and a
-    tensor parameter's entry gives a shape in brackets and a dtype."""
-    params = [p for p in params if p.name not in _IMPLICIT]
+    tensor parameter's entry gives a shape in brackets and a dtype. The names in ``documented`` are
+    documented elsewhere (a config field's ``help``) and need no entry."""
+    params = [p for p in params if p.name not in _IMPLICIT and p.name not in documented]
     doc = inspect.cleandoc(doc)
     parts = sections(doc)
     headers = [m.group(1) for m in map(_HEADER.match, doc.splitlines()) if m]
     problems = [f"{what}: the {h}: header appears twice" for h in sorted(set(headers)) if headers.count(h) > 1]
     if not params:
-        return problems
+        return problems if "Args" not in parts else problems + [
+            f"{what}: Args documents {k}, which is not a parameter"
+            for k in arg_entries(parts["Args"])[0] if k not in documented]
     if "Args" not in parts:
         return problems + [f"{what}: no Args: section (parameters {', '.join(p.name for p in params)})"]
     entries, bad = arg_entries(parts["Args"])
@@ -159,7 +174,8 @@ def parameter_problems(doc: str, params: list[inspect.Parameter], what: str) -> 
                 problems.append(f"{what}: Args entry {p.name} (a tensor) gives no shape in brackets")
             if not _DTYPE.search(text):
                 problems.append(f"{what}: Args entry {p.name} (a tensor) gives no dtype")
-    problems += [f"{what}: Args documents {k}, which is not a parameter" for k in entries if k not in by_name]
+    problems += [f"{what}: Args documents {k}, which is not a parameter" for k in entries
+                 if k not in by_name and k not in documented]
     return problems
 
 
@@ -190,6 +206,14 @@ def _python_init(cls) -> inspect.Signature | None:
     return None
 
 
+def _helped_fields(cls) -> frozenset[str]:
+    """A dataclass's fields that carry ``metadata["help"]`` (the trainer configs': their ``--help``
+    text is their documentation)."""
+    if not dataclasses.is_dataclass(cls):
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(cls) if str(f.metadata.get("help", "")).strip())
+
+
 def class_problems(cls, what: str) -> list[str]:
     """A class: summary, ``Args:`` for the constructor's parameters, and for an ``nn.Module`` a
     documented ``forward`` (its own docstring, checked as a function's, or the class docstring naming
@@ -200,7 +224,7 @@ def class_problems(cls, what: str) -> list[str]:
         return problems
     init = _python_init(cls)
     if init is not None:
-        problems += parameter_problems(doc, list(init.parameters.values()), what)
+        problems += parameter_problems(doc, list(init.parameters.values()), what, _helped_fields(cls))
     if issubclass(cls, torch.nn.Module) and what not in NO_FORWARD:
         forward = next((k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__), None)
         if forward is None or forward is torch.nn.Module.forward:
@@ -476,6 +500,28 @@ def test_a_dataclass_documents_its_fields():
         mask: torch.Tensor | None = None
 
     assert _only(problems_of(Batch, "Batch"), "does not document mask")
+
+
+def test_a_dataclass_field_with_help_metadata_is_documented():
+    @dataclasses.dataclass
+    class Config:
+        """A config."""
+
+        steps: int = dataclasses.field(default=1, metadata={"help": "optimiser steps"})
+        seed: int = dataclasses.field(default=0, metadata={"help": " "})  # blank help documents nothing
+
+    @dataclasses.dataclass
+    class Stale:
+        """A config.
+
+        Args:
+            gone: not a field.
+        """
+
+        steps: int = dataclasses.field(default=1, metadata={"help": "optimiser steps"})
+
+    assert problems_of(Config, "Config") == ["Config: no Args: section (parameters seed)"]
+    assert _only(problems_of(Stale, "Stale"), "documents gone, which is not a parameter")
 
 
 def test_a_repeated_section_is_found():

@@ -117,7 +117,23 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimizer, scheduler,
                     trainer_state: dict[str, Any], config: dict[str, Any], world: distributed.World,
                     keep: int, tokenizer=None) -> Path:
-    """Write ``checkpoints/step-<step>`` atomically (see the module docstring); every process calls it."""
+    """Write ``checkpoints/step-<step>`` atomically (see the module docstring); every process calls it.
+
+    Args:
+        output_dir: the run's output directory.
+        step: the step just ended.
+        policy: the :class:`~fastrl.train.model.Policy` (its full state dict is gathered).
+        optimizer: the optimiser.
+        scheduler: the learning-rate schedule.
+        trainer_state: the trainer's state (step, tokens seen, data position, counters), JSON.
+        config: the config as a dict, JSON.
+        world: the processes.
+        keep: how many checkpoints to keep (older ones are removed).
+        tokenizer: saved beside the weights when given.
+
+    Returns:
+        The checkpoint's directory.
+    """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
@@ -163,8 +179,18 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimiz
 
 
 def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``resume`` itself if it is a directory; for ``"auto"`` the one
-    ``checkpoints/latest`` names, else the highest complete ``step-*`` (None when there is none)."""
+    """The checkpoint to resume from, or None when there is none.
+
+    ``resume`` itself if it is a directory; for ``"auto"`` the one ``checkpoints/latest`` names, else
+    the highest complete ``step-*``.
+
+    Args:
+        output_dir: the run's output directory.
+        resume: a checkpoint directory, ``"auto"``, or None (no resume).
+
+    Returns:
+        The checkpoint's directory, or None.
+    """
     if resume is None:
         return None
     if resume != "auto":
@@ -179,8 +205,21 @@ def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path |
 
 def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
                     world: distributed.World) -> dict[str, Any]:
-    """Restore weights, optimiser, scheduler and this process's RNG from ``path``; returns the
-    trainer state (step, data position, counters). Every process calls it."""
+    """Restore weights, optimiser, scheduler and this process's RNG from ``path``; every process calls it.
+
+    Args:
+        path: the checkpoint's directory.
+        policy: the :class:`~fastrl.train.model.Policy` to load into.
+        optimizer: the optimiser to load into.
+        scheduler: the schedule to load into.
+        world: the processes.
+
+    Returns:
+        The trainer state (step, data position, counters).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete checkpoint.
+    """
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
@@ -207,8 +246,16 @@ def _reference_file(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 def save_reference(reference, output_dir: str | os.PathLike, step: int, world: distributed.World) -> None:
-    """The (previous-iterate) reference model of the checkpoint at ``step``, written atomically before
-    the checkpoint; every process calls it (its full state dict is gathered collectively)."""
+    """Write the (previous-iterate) reference model of the checkpoint at ``step``, atomically, before it.
+
+    Every process calls it (its full state dict is gathered collectively).
+
+    Args:
+        reference: the reference model.
+        output_dir: the run's output directory.
+        step: the checkpoint's step.
+        world: the processes.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(reference, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -222,7 +269,15 @@ def save_reference(reference, output_dir: str | os.PathLike, step: int, world: d
 
 
 def load_reference(reference, checkpoint: str | os.PathLike) -> None:
-    """Restore into ``reference`` the model :func:`save_reference` kept beside ``checkpoint``."""
+    """Restore into ``reference`` the model :func:`save_reference` kept beside ``checkpoint``.
+
+    Args:
+        reference: the reference model to load into.
+        checkpoint: the checkpoint's directory.
+
+    Raises:
+        FileNotFoundError: the reference file is missing.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     checkpoint = Path(checkpoint)
@@ -234,7 +289,11 @@ def load_reference(reference, checkpoint: str | os.PathLike) -> None:
 
 
 def prune_reference_files(output_dir: str | os.PathLike) -> None:
-    """Remove the reference files of checkpoints no longer kept (run by process 0 after a save)."""
+    """Remove the reference files of checkpoints no longer kept (run by process 0 after a save).
+
+    Args:
+        output_dir: the run's output directory.
+    """
     root = Path(output_dir) / "checkpoints"
     kept = {p.name for p in root.glob("step-*") if p.is_dir()}
     for f in root.glob("reference-step-*.safetensors"):

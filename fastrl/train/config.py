@@ -398,8 +398,11 @@ _GRPOLossFields = dataclasses.make_dataclass(
 
 @dataclass
 class GRPOConfig(_GRPOLossFields, _RolloutFields, TrainConfig):
-    """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`). The loss fields are
-    those of :class:`fastrl.losses.GRPOSettings` (:meth:`loss_settings`)."""
+    """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`).
+
+    The loss fields are those of :class:`fastrl.losses.GRPOSettings` (:meth:`loss_settings`). Every
+    field is documented by its ``help`` (``fastrl train grpo --help``).
+    """
 
     num_iterations: int = _help("μ: optimiser passes over each rollout batch", 1)
     mask_truncated_completions: bool = _help("completions without EOS get no loss", False)
@@ -489,9 +492,12 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class RMConfig(TrainConfig):
-    """Reward model: a sequence classifier with one output (``AutoModelForSequenceClassification``,
-    ``num_labels=1``) trained with the Bradley–Terry loss on preference pairs (columns prompt / chosen /
-    rejected, optionally margin); :func:`fastrl.train.rm.train_rm`."""
+    """Reward model: a sequence classifier with one output trained with the Bradley–Terry loss on preference pairs.
+
+    The model is ``AutoModelForSequenceClassification`` with ``num_labels=1``; the pairs' columns are
+    prompt / chosen / rejected, optionally margin; :func:`fastrl.train.rm.train_rm`. Every field is
+    documented by its ``help`` (``fastrl train rm --help``).
+    """
 
     num_labels = 1  # not a field: the model the run builds is a sequence classifier with one output
     chosen_column: str = _help("column of the preferred completions", "chosen")
@@ -517,7 +523,17 @@ CONFIGS: dict[str, type[TrainConfig]] = {"dpo": DPOConfig, "grpo": GRPOConfig, "
 
 
 def config_class(method: str) -> type[TrainConfig]:
-    """``"dpo"`` / ``"grpo"`` / ``"online-dpo"`` (``online_dpo`` too) / ``"sft"`` -> its config class."""
+    """The config class of a training method.
+
+    Args:
+        method: ``"dpo"`` / ``"grpo"`` / ``"online-dpo"`` (``online_dpo`` too) / ``"rm"`` / ``"sft"``.
+
+    Returns:
+        Its :class:`TrainConfig` subclass.
+
+    Raises:
+        ValueError: an unknown ``method``.
+    """
     key = method.replace("_", "-")
     if key not in CONFIGS:
         raise ValueError(f"method must be one of {', '.join(CONFIGS)}; got {method!r}")
@@ -528,9 +544,20 @@ def load_config(cls: type[TrainConfig] | str, path: str | os.PathLike | None = N
                 overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """The config of ``cls`` from the YAML file ``path`` (optional) with ``overrides`` applied.
 
-    ``overrides`` are argparse options of transformers' ``HfArgumentParser``, one per field:
-    ``["--beta", "0.2", "--loss_type", "sigmoid", "ipo", "--no_packing", "--model_config", '{"...": 1}']``.
-    Unknown YAML keys and unknown options raise ``ConfigError`` naming them; the result is validated.
+    ``cls`` is a :class:`TrainConfig` subclass or a method name (:func:`config_class`).
+
+    Args:
+        path: a YAML mapping of field: value, or None.
+        overrides: argparse options of transformers' ``HfArgumentParser``, one per field:
+            ``["--beta", "0.2", "--loss_type", "sigmoid", "ipo", "--no_packing", "--model_config",
+            '{"...": 1}']``.
+
+    Returns:
+        The config, validated.
+
+    Raises:
+        ConfigError: unknown YAML keys and unknown options, naming them; a value of the wrong type or
+            outside the choices; a YAML file that is not a mapping; and the validation's errors.
     """
     import yaml
     from transformers import HfArgumentParser

@@ -26,6 +26,16 @@ __all__ = ["World", "all_gather_object", "all_reduce", "barrier", "broadcast_obj
 
 @dataclasses.dataclass(frozen=True)
 class World:
+    """This process's place among the processes of a run, and its device.
+
+    ``is_main`` is rank 0; ``distributed`` is more than one process.
+
+    Args:
+        rank: this process's global rank.
+        world_size: the number of processes.
+        local_rank: this process's rank on its machine.
+        device: this process's device.
+    """
     rank: int
     world_size: int
     local_rank: int
@@ -41,8 +51,14 @@ class World:
 
 
 def init_world(device: str | None = None) -> World:
-    """Join the process group that ``torchrun`` describes in the environment (if any) and pick
-    this process's device: ``device`` if given, else ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU."""
+    """Join the process group that ``torchrun`` describes in the environment (if any) and pick this process's device.
+
+    Args:
+        device: the device; default ``cuda:<LOCAL_RANK>`` when CUDA is there, else CPU.
+
+    Returns:
+        The :class:`World`.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
@@ -59,13 +75,24 @@ def init_world(device: str | None = None) -> World:
 
 
 def close_world() -> None:
+    """Leave the process group, if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def shard(module: nn.Module, layers: list[nn.Module], world: World) -> nn.Module:
     """FSDP2: each decoder layer its own unit, the rest (embeddings, norm, lm-head) the root's.
-    A no-op in one process."""
+
+    A no-op in one process.
+
+    Args:
+        module: the model (the root unit).
+        layers: its decoder layers.
+        world: the processes.
+
+    Returns:
+        ``module``, sharded in place.
+    """
     if not world.distributed:
         return module
     from torch.distributed.device_mesh import init_device_mesh
@@ -79,10 +106,15 @@ def shard(module: nn.Module, layers: list[nn.Module], world: World) -> nn.Module
 
 
 def reshard(module: nn.Module) -> None:
-    """Put every FSDP2 unit of ``module`` back in its sharded state. FSDP2 leaves the root unit
-    gathered after a forward (its backward would follow at once); after a no-grad forward, e.g.
-    the reference pass, that would keep a replicated copy of its parameters and hand an optimiser
-    built afterwards the gathered tensors instead of the sharded parameters."""
+    """Put every FSDP2 unit of ``module`` back in its sharded state.
+
+    FSDP2 leaves the root unit gathered after a forward (its backward would follow at once); after a
+    no-grad forward, e.g. the reference pass, that would keep a replicated copy of its parameters and
+    hand an optimiser built afterwards the gathered tensors instead of the sharded parameters.
+
+    Args:
+        module: the model.
+    """
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
@@ -97,10 +129,20 @@ _FSDP_READY: weakref.WeakSet = weakref.WeakSet()
 
 @contextlib.contextmanager
 def full_weights(policy: nn.Module, world: World):
-    """Every FSDP2 unit of ``policy`` (a :class:`fastrl.train.model.Policy`) gathered for the rollout,
-    and kept gathered through the prompt prefill's forward (no reshard after forward), so that the
-    lean decoder, which calls the layers' sub-modules directly, runs on FSDP2 models too; resharded,
-    and the units' reshard-after-forward restored, after. A no-op in one process."""
+    """Every FSDP2 unit of ``policy`` gathered for the rollout, and resharded after.
+
+    The units are kept gathered through the prompt prefill's forward (no reshard after forward), so
+    that the lean decoder, which calls the layers' sub-modules directly, runs on FSDP2 models too;
+    after the block they are resharded, and the units' reshard-after-forward restored. A no-op in one
+    process.
+
+    Args:
+        policy: a :class:`fastrl.train.model.Policy`.
+        world: the processes.
+
+    Yields:
+        Nothing: the block runs with the full weights.
+    """
     units = []
     if world.distributed:
         from torch.distributed.fsdp import FSDPModule
@@ -146,15 +188,30 @@ def _hold_gathered(unit) -> tuple | None:
 
 
 def gradient_sync(module: nn.Module, enabled: bool) -> None:
-    """Under FSDP2, whether the next backward reduce-scatters gradients: off for all but the last
-    micro-batch of a step, so that accumulation communicates once per step. A no-op otherwise."""
+    """Under FSDP2, whether the next backward reduce-scatters gradients.
+
+    Off for all but the last micro-batch of a step, so that accumulation communicates once per step.
+    A no-op otherwise.
+
+    Args:
+        module: the model.
+        enabled: reduce-scatter on the next backward.
+    """
     set_sync = getattr(module, "set_requires_gradient_sync", None)
     if set_sync is not None:
         set_sync(enabled)
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Sum (or mean) over processes, in place; the tensor itself in one process."""
+    """Sum (or mean) over processes, in place; the tensor itself in one process.
+
+    Args:
+        tensor: ``[...]`` any shape, a floating or integer dtype the backend reduces.
+        op: ``"sum"`` or ``"mean"``.
+
+    Returns:
+        ``tensor``, reduced.
+    """
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         if op == "mean":
@@ -163,12 +220,21 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait for every process, if a process group was joined."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):
-    """``obj`` of process ``src`` on every process."""
+    """``obj`` of process ``src`` on every process.
+
+    Args:
+        obj: a picklable object (only process ``src``'s is read).
+        src: the rank that sends.
+
+    Returns:
+        Process ``src``'s ``obj``.
+    """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj
     box = [obj]
@@ -177,6 +243,14 @@ def broadcast_object(obj, src: int = 0):
 
 
 def all_gather_object(obj) -> list:
+    """Every process's ``obj``, in rank order.
+
+    Args:
+        obj: a picklable object.
+
+    Returns:
+        A list of ``world_size`` objects (``[obj]`` in one process).
+    """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out = [None] * dist.get_world_size()

@@ -36,9 +36,18 @@ __all__ = ["TrainResult", "dpo_step", "pair_batch", "train_dpo"]
 
 
 def pair_batch(pairs: PreferencePairs, indices: list[int], *, layout=pack, device: torch.device) -> SequenceBatch:
-    """The 2B sequences of B pairs: prompt + chosen for each pair, then prompt + rejected, laid out
-    by ``layout`` (:func:`~fastrl.train.packing.pack`, ``pad`` or a
-    :func:`~fastrl.train.model.sequence_layout`)."""
+    """The 2B sequences of B pairs: prompt + chosen for each pair, then prompt + rejected.
+
+    Args:
+        pairs: the :class:`~fastrl.train.data.PreferencePairs`.
+        indices: the B pairs' indices.
+        layout: :func:`~fastrl.train.packing.pack`, ``pad`` or a
+            :func:`~fastrl.train.model.sequence_layout`.
+        device: where the batch goes.
+
+    Returns:
+        The :class:`~fastrl.train.packing.SequenceBatch` of the 2B sequences.
+    """
     prompts = [pairs.prompts[i] for i in indices] * 2
     completions = [pairs.chosen[i] for i in indices] + [pairs.rejected[i] for i in indices]
     return layout(prompts, completions).to(device)
@@ -46,10 +55,22 @@ def pair_batch(pairs: PreferencePairs, indices: list[int], *, layout=pack, devic
 
 def dpo_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss_fn: FusedLinearDPOLoss,
              reference, autocast, telemetry: Telemetry) -> dict[str, float]:
-    """Forward and backward of one optimiser step's micro-batches (example indices of this
-    process); gradients accumulate in the parameters. ``reference(indices, batch)`` gives the
-    reference log-probs ``(chosen [B], rejected [B])`` or ``(None, None)``. Returns this process's
-    metrics: the pair-weighted mean of the loss's metrics, and token counts."""
+    """Forward and backward of one optimiser step's micro-batches; gradients accumulate in the parameters.
+
+    Args:
+        policy: the :class:`~fastrl.train.model.Policy`.
+        micro_batches: example indices of this process, one list per micro-batch.
+        make_batch: ``make_batch(indices)``, the micro-batch's :class:`~fastrl.train.packing.SequenceBatch`.
+        loss_fn: the :class:`~fastrl.losses.FusedLinearDPOLoss` head.
+        reference: ``reference(indices, batch)`` gives the reference log-probs ``(chosen [B],
+            rejected [B])`` or ``(None, None)``.
+        autocast: a context-manager factory for the forward.
+        telemetry: the run's :class:`~fastrl.train.telemetry.Telemetry`.
+
+    Returns:
+        This process's metrics: the pair-weighted mean of the loss's metrics, and token counts
+        (``tokens``, ``slots``, ``padded_slots``).
+    """
     step_pairs = sum(len(indices) for indices in micro_batches)
     sums: dict[str, float] = defaultdict(float)
     for k, indices in enumerate(micro_batches):
@@ -83,7 +104,17 @@ def _reduce(metrics: dict[str, float], device: torch.device) -> dict[str, float]
 
 
 def train_dpo(config: DPOConfig) -> TrainResult:
-    """Run offline DPO as ``config`` says; see the module docstring."""
+    """Run offline DPO as ``config`` says; see the module docstring.
+
+    Args:
+        config: the :class:`~fastrl.train.config.DPOConfig`.
+
+    Returns:
+        The run's :class:`~fastrl.train.run.TrainResult`.
+
+    Raises:
+        ConfigError: a bad config field, naming it.
+    """
     run = start_run(config)
     policy, world, model = run.policy, run.world, run.model
 

@@ -68,9 +68,23 @@ __all__ = ["MicroBatch", "advantages_of", "grpo_step", "loss_scales", "micro_bat
 
 def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *, weights: list[float] | None,
                   lengths: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
-    """Advantages ``[N]`` of the global batch from its rewards ``[N, R]`` (the estimator's extra
-    inputs: completion lengths for opo, the greedy completions' rewards for remax, and for
-    pref_grpo the pairwise preferences of the combined reward: a win when higher, ½ when equal)."""
+    """Advantages of the global batch from its rewards, with the config's estimator.
+
+    The estimator's extra inputs: completion lengths for opo, the greedy completions' rewards for
+    remax, and for pref_grpo the pairwise preferences of the combined reward (a win when higher, ½
+    when equal).
+
+    Args:
+        rewards: ``[N, R]`` fp32, each reward of each completion.
+        group_size: G, completions per prompt.
+        config: the :class:`~fastrl.train.config.GRPOConfig` (estimator and its options).
+        weights: the R reward weights, or None.
+        lengths: ``[N]`` int64, the completion lengths (opo).
+        baseline: ``[N, R]`` fp32, the greedy completions' rewards (remax), or None.
+
+    Returns:
+        ``[N]`` fp32 advantages.
+    """
     options = dict(config.advantage_options(),
                    reward_weights=torch.tensor(weights) if weights is not None and rewards.shape[1] > 1 else None)
     table = rewards if rewards.shape[1] > 1 else rewards[:, 0]
@@ -94,12 +108,22 @@ def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *,
 
 def loss_scales(agg: str, micro: list[tuple[int, int, int]], step_totals: tuple[float, float, float],
                 world_size: int) -> tuple[list[float], float | None]:
-    """Per micro-batch loss multipliers and the ``num_items_in_batch`` that make the step's loss
-    the aggregation ``agg`` over the whole step batch (every micro-batch of every process).
+    """Per micro-batch loss multipliers and the ``num_items_in_batch`` that make the step's loss one aggregation.
 
-    ``micro[k] = (tokens, sequences kept, sequences in all)`` of micro-batch k on this process;
-    ``step_totals`` the same summed over the step and the processes. Gradients are averaged over
-    processes afterwards, hence the factor ``world_size``."""
+    The step's loss is then the aggregation ``agg`` over the whole step batch (every micro-batch of
+    every process). Gradients are averaged over processes afterwards, hence the factor ``world_size``.
+
+    Args:
+        agg: the loss's aggregation (:attr:`fastrl.losses.GRPOSettings.agg`).
+        micro: ``micro[k] = (tokens, sequences kept, sequences in all)`` of micro-batch k on this
+            process.
+        step_totals: the same summed over the step and the processes.
+        world_size: the number of processes.
+
+    Returns:
+        ``(scales, num_items_in_batch)``: one float per micro-batch, and the float to pass to the loss
+        (None for the aggregations that do not take it).
+    """
     tokens, kept, every = step_totals
     if agg in ("dapo", "token-mean"):
         return [1.0] * len(micro), tokens / world_size
@@ -114,7 +138,17 @@ def loss_scales(agg: str, micro: list[tuple[int, int, int]], step_totals: tuple[
 
 @dataclass
 class MicroBatch:
-    """One forward's worth of a step: the packed sequences and their per-token / per-sequence inputs."""
+    """One forward's worth of a step: the packed sequences and their per-token / per-sequence inputs.
+
+    Args:
+        batch: the packed :class:`~fastrl.train.packing.SequenceBatch`.
+        advantages: ``[n]`` fp32, one per sequence.
+        sampler_logps: ``[T_c]`` fp32, the sampler's log-probs of the completion tokens.
+        every: sequences before masking (for the sequence-count normalisers).
+        empty: every sequence masked: a placeholder forward (loss × 0) keeps FSDP in step.
+        old_logps: ``[T_c]`` fp32, π_old's log-probs, or None (on-policy).
+        ref_logps: ``[T_c]`` fp32, the reference's log-probs, or None.
+    """
 
     batch: SequenceBatch
     advantages: torch.Tensor       # [n]
@@ -127,9 +161,19 @@ class MicroBatch:
 
 def micro_batches(completions: Completions, advantages: torch.Tensor, *, prompts_per_micro: int, layout,
                   mask_truncated: bool, device: torch.device) -> list[MicroBatch]:
-    """The step's completions in micro-batches of ``prompts_per_micro`` prompts × G completions, laid
-    out by ``layout`` (:func:`sequence_layout`); with ``mask_truncated`` the completions that never
-    hit a stop token are left out."""
+    """The step's completions in micro-batches of ``prompts_per_micro`` prompts × G completions.
+
+    Args:
+        completions: the step's :class:`~fastrl.train.online.Completions`.
+        advantages: ``[N]`` fp32, one per completion.
+        prompts_per_micro: prompts per micro-batch.
+        layout: lays the sequences out (:func:`~fastrl.train.model.sequence_layout`).
+        mask_truncated: leave out the completions that never hit a stop token.
+        device: where the batches go.
+
+    Returns:
+        The :class:`MicroBatch` list, in order.
+    """
     rows_per_micro = prompts_per_micro * completions.group_size
     out = []
     for start in range(0, len(completions), rows_per_micro):
@@ -147,9 +191,22 @@ def micro_batches(completions: Completions, advantages: torch.Tensor, *, prompts
 
 def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearGRPOLoss, config: GRPOConfig,
               world: distributed.World, autocast, telemetry: Telemetry, optimize) -> dict[str, float]:
-    """μ passes of forward + backward over the micro-batches, each pass ended by ``optimize(loss)``
-    (the optimiser step; returns ``(grad_norm, stepped)``). Returns this step's metrics: the
-    loss (the step aggregate, mean over passes), the loss's metrics (token-weighted), grad norms."""
+    """μ passes of forward + backward over the micro-batches, each pass ended by an optimiser step.
+
+    Args:
+        policy: the :class:`~fastrl.train.model.Policy`.
+        micros: the step's :class:`MicroBatch` list.
+        loss_fn: the :class:`~fastrl.losses.FusedLinearGRPOLoss` head.
+        config: the :class:`~fastrl.train.config.GRPOConfig`.
+        world: the processes.
+        autocast: a context-manager factory for the forward.
+        telemetry: the run's :class:`~fastrl.train.telemetry.Telemetry`.
+        optimize: ``optimize(loss)``, the optimiser step; returns ``(grad_norm, stepped)``.
+
+    Returns:
+        This step's metrics: ``loss`` (the step aggregate, mean over passes), the loss's metrics
+        (token-weighted), ``grad_norm``, ``skipped``, ``train_tokens``.
+    """
     agg = loss_fn.settings.agg
     counts = [(0 if m.empty else m.batch.labels.numel(), 0 if m.empty else m.batch.num_sequences, m.every)
               for m in micros]
@@ -196,8 +253,19 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
 # ---------------------------------------------------------------------------------------------- recipe
 
 def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
-    """Run GRPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional): reward
-    callables that replace ``config.reward_funcs`` (the reward model, if any, is added after them)."""
+    """Run GRPO as ``config`` says; see the module docstring.
+
+    Args:
+        config: the :class:`~fastrl.train.config.GRPOConfig`.
+        reward_funcs: reward callables that replace ``config.reward_funcs`` (the reward model, if any,
+            is added after them), or None.
+
+    Returns:
+        The run's :class:`~fastrl.train.run.TrainResult`.
+
+    Raises:
+        ConfigError: a bad config field, naming it.
+    """
     run = start_run(config)
     policy, world, tokenizer = run.policy, run.world, run.tokenizer
 

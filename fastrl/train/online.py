@@ -33,8 +33,19 @@ __all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "mea
 
 @dataclass
 class Completions:
-    """The N = P × G completions of one step on this process, prompt-major (rows ``[p G, (p+1) G)``
-    continue prompt p). Token lists are on the CPU; ``sampler_logps[i]`` is ``[len(completions[i])]``."""
+    """The N = P × G completions of one step on this process, prompt-major.
+
+    Rows ``[p G, (p+1) G)`` continue prompt p. Token lists are on the CPU.
+
+    Args:
+        prompts: the prompt token ids of each completion (each prompt repeated G times).
+        completions: the completion token ids of each row.
+        sampler_logps: per row a ``[len(completions[i])]`` fp32 CPU tensor, the sampler's log-probs.
+        stopped: ``[N]`` bool, True where the row ended on a stop token.
+        rows: the data row of each completion's prompt.
+        group_size: G, completions per prompt.
+        engine: the rollout engine that ran (:attr:`fastrl.rollout.Rollout.engine`).
+    """
 
     prompts: list[list[int]]       # the prompt of each completion (repeated G times)
     completions: list[list[int]]
@@ -53,8 +64,19 @@ class Completions:
 
 
 def step_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
-    """The sampling generator of one step on one process: a function of (seed, rank, step), so a
-    resumed run draws exactly what the uninterrupted one would."""
+    """The sampling generator of one step on one process, a function of (seed, rank, step).
+
+    So a resumed run draws exactly what the uninterrupted one would.
+
+    Args:
+        seed: the run's seed.
+        rank: the process's rank.
+        step: the optimiser step.
+        device: the device whose type the generator is made for.
+
+    Returns:
+        A seeded ``torch.Generator``.
+    """
     mixed = (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 12_345) % (2**63 - 1)
     return torch.Generator(device=device.type).manual_seed(mixed)
 
@@ -62,7 +84,26 @@ def step_generator(seed: int, rank: int, step: int, device: torch.device) -> tor
 def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config, world: distributed.World,
             stop_ids: list[int], generator: torch.Generator, num_samples: int | None = None,
             temperature: float | None = None) -> Completions:
-    """G completions of each prompt from the policy (eval mode, no grad; one prefill per prompt)."""
+    """G completions of each prompt from the policy (eval mode, no grad; one prefill per prompt).
+
+    Under FSDP the weights are gathered for the rollout (:func:`fastrl.train.distributed.full_weights`);
+    the sampling settings are the config's (``max_completion_length``, ``temperature``, ``top_k``,
+    ``top_p``, ``min_p``, ``rollout_engine``, ``rollout_keep_cuda_graph``).
+
+    Args:
+        policy: the :class:`~fastrl.train.model.Policy`.
+        prompts: P prompts' token ids.
+        rows: the data row of each prompt.
+        config: the trainer config.
+        world: the processes (:class:`~fastrl.train.distributed.World`).
+        stop_ids: the ids that end a completion.
+        generator: the step's generator (:func:`step_generator`).
+        num_samples: G (default ``config.num_generations``).
+        temperature: overrides ``config.temperature`` when given.
+
+    Returns:
+        The step's :class:`Completions`.
+    """
     g = num_samples or config.num_generations
     was_training = policy.training
     policy.eval()
@@ -87,8 +128,19 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
 # ---------------------------------------------------------------------------------------------- rewards
 
 def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[dict[str, Any]]:
-    """The keyword arguments of each completion's reward call: its data row, ``completion`` (text,
-    with a tokenizer) and ``finish_reason``."""
+    """The keyword arguments of each completion's reward call.
+
+    Its data row (without ``prompt_ids`` / ``completion_ids``), ``completion`` (text, with a
+    tokenizer) and ``finish_reason``.
+
+    Args:
+        data: the run's :class:`~fastrl.train.data.Prompts`.
+        completions: the step's :class:`Completions`.
+        tokenizer: decodes the completions, or None (no ``completion`` text).
+
+    Returns:
+        One dict per completion.
+    """
     texts = None
     if tokenizer is not None:  # one call for the batch (a fast tokenizer decodes it in Rust)
         texts = tokenizer.batch_decode(completions.completions, skip_special_tokens=True)
@@ -105,14 +157,37 @@ def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[d
 
 def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, completions: Completions,
                       tokenizer) -> torch.Tensor:
-    """``[N, R]`` rewards of this process's completions (NaN = unscorable)."""
+    """The rewards of this process's completions (NaN = unscorable).
+
+    Args:
+        rewards: the run's reward functions.
+        data: the run's :class:`~fastrl.train.data.Prompts`.
+        completions: the step's :class:`Completions`.
+        tokenizer: decodes the completions for text rewards, or None.
+
+    Returns:
+        ``[N, R]`` fp32, one column per reward.
+    """
     return rewards_lib.score(rewards, completions.prompts, completions.completions,
                              reward_columns(data, completions, tokenizer))
 
 
 def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:
-    """Mean / std of the combined reward and of each reward over the global batch (scorable
-    completions only), the unscorable fraction and the fraction of groups with one reward value."""
+    """Mean / std of the combined reward and of each reward over the global batch.
+
+    Scorable completions only; also the unscorable fraction and the fraction of groups with one
+    reward value.
+
+    Args:
+        rewards: ``[N, R]`` floating (fp32), each reward; NaN = unscorable.
+        combined: ``[N]`` floating (fp32), the combined reward; NaN = unscorable.
+        names: the R rewards' names.
+        group_size: G, completions per prompt.
+
+    Returns:
+        ``{"reward/mean", "reward/std", "reward/unscorable", "reward/frac_zero_std_groups",
+        "reward/<name>/mean": float}``.
+    """
     finite = ~torch.isnan(combined)
     values = combined[finite]
     out = {"reward/mean": float(values.mean()) if values.numel() else math.nan,
@@ -130,14 +205,30 @@ def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[st
 # ---------------------------------------------------------------------------------------------- processes, logs
 
 def gather_rows(local: torch.Tensor, world: distributed.World) -> torch.Tensor:
-    """Every process's rows of ``local`` (same row count on each), in rank order (CPU)."""
+    """Every process's rows of ``local`` (same row count on each), in rank order (CPU).
+
+    Args:
+        local: ``[n, ...]`` any dtype, this process's rows.
+        world: the processes.
+
+    Returns:
+        ``[world_size * n, ...]`` in the dtype of ``local`` (``local`` itself on one process).
+    """
     if not world.distributed:
         return local
     return torch.cat(distributed.all_gather_object(local.cpu()))
 
 
 def mean_over_processes(metrics: dict[str, float], world: distributed.World) -> dict[str, float]:
-    """The mean of each metric over the processes (one collective; the metrics themselves in one process)."""
+    """The mean of each metric over the processes (one collective; the metrics themselves in one process).
+
+    Args:
+        metrics: ``{name: float}``, the same names on every process.
+        world: the processes.
+
+    Returns:
+        ``{name: float}``, the means.
+    """
     if not world.distributed:
         return metrics
     names = sorted(metrics)
@@ -148,7 +239,19 @@ def mean_over_processes(metrics: dict[str, float], world: distributed.World) -> 
 
 def sample_records(completions: Completions, rewards: torch.Tensor, advantages: torch.Tensor | None, tokenizer,
                    count: int) -> list[dict[str, Any]]:
-    """The first ``count`` completions of the step, for ``completions.jsonl``."""
+    """The first ``count`` completions of the step, for ``completions.jsonl``.
+
+    Args:
+        completions: the step's :class:`Completions`.
+        rewards: ``[N, R]`` floating (fp32), NaN = unscorable (written as None).
+        advantages: ``[N]`` floating (fp32), or None.
+        tokenizer: adds ``prompt_text`` / ``completion_text`` when given.
+        count: how many.
+
+    Returns:
+        One dict per completion: ``prompt``, ``completion``, ``rewards``, ``finish_reason`` and, when
+        known, ``advantage``, ``prompt_text``, ``completion_text``.
+    """
     out = []
     for i in range(min(count, len(completions))):
         record = {"prompt": completions.prompts[i], "completion": completions.completions[i],
@@ -175,8 +278,22 @@ def _check_lengths(config: TrainConfig, data: Prompts, model) -> None:
 
 
 def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> list[rewards_lib.RewardFunction]:
-    """The run's rewards: ``reward_funcs`` (Python objects) when given, else the config's; then the
-    reward model. Import problems raise :class:`ConfigError` naming the field."""
+    """The run's rewards: ``reward_funcs`` (Python objects) when given, else the config's; then the reward model.
+
+    Args:
+        config: the trainer config (``reward_funcs``, ``reward_model``, ``reward_weights``,
+            ``reward_batch_size``, ``dtype``).
+        reward_funcs: Python reward objects replacing the config's, or None.
+        tokenizer: the policy's tokenizer.
+        device: where the reward model runs.
+
+    Returns:
+        The reward functions, the reward model last.
+
+    Raises:
+        ConfigError: no reward, a ``reward_weights`` not one per reward, or an import problem, naming
+            the field.
+    """
     name = type(config).__name__
     funcs = list(reward_funcs) if reward_funcs is not None else list(config.reward_funcs)
     if not funcs and config.reward_model is None:
@@ -193,7 +310,12 @@ def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> l
 
 
 class OnlineSetup(NamedTuple):
-    """What the online recipes (GRPO, online DPO) set up alike."""
+    """What the online recipes (GRPO, online DPO) set up alike.
+
+    Fields: ``data`` (the prompts, lengths checked), ``rewards``, ``names`` (the rewards' names, the
+    metric keys), ``layout`` (packed or padded batches, :func:`~fastrl.train.model.sequence_layout`),
+    ``stop_ids``, ``group`` (completions per prompt).
+    """
 
     data: Prompts                                  # the prompts, lengths checked
     rewards: list[rewards_lib.RewardFunction]
@@ -204,8 +326,19 @@ class OnlineSetup(NamedTuple):
 
 
 def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
-    """Prompts (lengths checked against the model), rewards (``reward_funcs`` replace the config's),
-    the batch layout, stop tokens and group size of an online run."""
+    """The prompts, rewards, batch layout, stop tokens and group size of an online run.
+
+    Args:
+        run: the :class:`~fastrl.train.run.Run`.
+        reward_funcs: Python reward objects replacing the config's, or None.
+
+    Returns:
+        An :class:`OnlineSetup` (prompt lengths checked against the model).
+
+    Raises:
+        ConfigError: a prompt + ``max_completion_length`` longer than the model allows, or a reward
+            problem, naming the field.
+    """
     config, tokenizer, device = run.config, run.tokenizer, run.world.device
     data = load_prompts(config, tokenizer, run.vocab_size)
     _check_lengths(config, data, run.model)

@@ -51,9 +51,19 @@ __all__ = ["make_pairs", "online_dpo_step", "train_online_dpo"]
 
 
 def make_pairs(rewards: torch.Tensor, group_size: int, *, pairing: str, min_gap: float) -> list[tuple[int, int]]:
-    """``(chosen, rejected)`` completion indices from the combined rewards ``[N]`` (NaN = unscorable)
-    of groups of ``group_size``: best vs worst of each group, or every pair of different rewards;
-    only pairs whose gap is > 0 and >= ``min_gap``.
+    """``(chosen, rejected)`` completion indices from the combined rewards of groups of ``group_size``.
+
+    Best vs worst of each group, or every pair of different rewards; only pairs whose gap is > 0 and
+    >= ``min_gap``.
+
+    Args:
+        rewards: ``[N]`` floating (fp32), the combined rewards; NaN = unscorable (never paired).
+        group_size: G, completions per prompt.
+        pairing: ``"best_worst"`` or ``"all_pairs"``.
+        min_gap: the smallest reward gap of a pair.
+
+    Returns:
+        The pairs, as ``(chosen index, rejected index)``.
 
     >>> make_pairs(torch.tensor([0.1, 0.9, 0.5, 0.5, float("nan"), 0.5]), 3, pairing="best_worst", min_gap=0.0)
     [(1, 0)]
@@ -95,10 +105,24 @@ def pair_micro_batches(completions: Completions, pairs: list[tuple[int, int]], c
 
 def online_dpo_step(policy: Policy, micros: list[tuple[SequenceBatch, int]], *, loss_fn: FusedLinearDPOLoss,
                     reference, world: distributed.World, autocast, telemetry: Telemetry) -> dict[str, float]:
-    """Forward and backward of the step's pair micro-batches (gradients accumulate); each loss is
-    weighted by its share of the step's pairs over all processes. ``reference(batch)`` gives the
-    reference ``(chosen [B], rejected [B])`` or ``(None, None)``. Returns this process's metrics
-    (the loss's, pair-weighted) and ``pairs`` (global)."""
+    """Forward and backward of the step's pair micro-batches (gradients accumulate).
+
+    Each loss is weighted by its share of the step's pairs over all processes.
+
+    Args:
+        policy: the :class:`~fastrl.train.model.Policy`.
+        micros: ``(batch, pairs)`` per micro-batch: B chosen sequences then their B rejected ones, and
+            the pair count (0 for a placeholder).
+        loss_fn: the :class:`~fastrl.losses.FusedLinearDPOLoss` head.
+        reference: ``reference(batch)`` gives the reference ``(chosen [B], rejected [B])`` or
+            ``(None, None)``.
+        world: the processes.
+        autocast: a context-manager factory for the forward.
+        telemetry: the run's :class:`~fastrl.train.telemetry.Telemetry`.
+
+    Returns:
+        This process's metrics (the loss's, pair-weighted) and ``pairs`` (global).
+    """
     total = float(distributed.all_reduce(torch.tensor([float(sum(n for _, n in micros))], dtype=torch.float64,
                                                       device=world.device))[0])
     sums: dict[str, float] = defaultdict(float)
@@ -131,8 +155,18 @@ def copy_weights(target: Policy, source: Policy) -> None:
 # ---------------------------------------------------------------------------------------------- recipe
 
 def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
-    """Run online DPO as ``config`` says; see the module docstring. ``reward_funcs`` (optional)
-    replaces ``config.reward_funcs`` with Python callables."""
+    """Run online DPO as ``config`` says; see the module docstring.
+
+    Args:
+        config: the :class:`~fastrl.train.config.OnlineDPOConfig`.
+        reward_funcs: Python callables replacing ``config.reward_funcs``, or None.
+
+    Returns:
+        The run's :class:`~fastrl.train.run.TrainResult`.
+
+    Raises:
+        ConfigError: a bad config field, naming it.
+    """
     run = start_run(config)
     policy, world, tokenizer = run.policy, run.world, run.tokenizer
 

@@ -28,9 +28,19 @@ __all__ = ["cache_key", "model_fingerprint", "precompute_pair_logps"]
 
 
 def model_fingerprint(path: str | None, model: torch.nn.Module | None) -> str:
-    """Identity of reference weights: for a model directory, its config and the name, size and
-    modification time of each weight file (hashing tens of GB would cost more than it saves); for
-    a model built in memory, the bytes of every tensor of its state dict."""
+    """Identity of reference weights, for the cache key.
+
+    For a model directory, its config and the name, size and modification time of each weight file
+    (hashing tens of GB would cost more than it saves); for a model built in memory, the bytes of
+    every tensor of its state dict.
+
+    Args:
+        path: the model directory, or None for a model built in memory.
+        model: the model built in memory (read when ``path`` is None).
+
+    Returns:
+        A sha256 hex digest.
+    """
     h = hashlib.sha256()
     if path is not None:
         root = Path(path).resolve()
@@ -48,6 +58,16 @@ def model_fingerprint(path: str | None, model: torch.nn.Module | None) -> str:
 
 
 def cache_key(data_fingerprint: str, model_fingerprint: str, settings: dict) -> str:
+    """The key of a reference cache file: a hash of the data, the reference weights and the settings.
+
+    Args:
+        data_fingerprint: the tokenised data's fingerprint.
+        model_fingerprint: :func:`model_fingerprint` of the reference.
+        settings: every setting that changes the numbers (JSON-serialisable).
+
+    Returns:
+        A sha256 hex digest.
+    """
     blob = json.dumps({"format": 1, "data": data_fingerprint, "model": model_fingerprint, "settings": settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -67,10 +87,28 @@ def _load(path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
 def precompute_pair_logps(policy, num_pairs: int, make_batch, *, batch_size: int, cache_dir: str | os.PathLike,
                           key: str, ld_alpha: float | None, world: distributed.World,
                           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Reference ``(chosen [num_pairs], rejected [num_pairs])`` fp32 on the CPU, and whether they
-    came from the cache. ``make_batch(indices)`` builds the :class:`SequenceBatch` of those pairs
-    (on the device). Processes split the batches; every process runs the same number of forwards
-    (FSDP2 gathers parameters collectively), the last ones repeating a batch whose result is dropped."""
+    """Reference log-probs of every pair, computed once (or read from the cache).
+
+    Processes split the batches; every process runs the same number of forwards (FSDP2 gathers
+    parameters collectively), the last ones repeating a batch whose result is dropped. Process 0
+    writes the cache file.
+
+    Args:
+        policy: the reference :class:`~fastrl.train.model.Policy` (run in eval mode, no grad).
+        num_pairs: the pairs of the dataset.
+        make_batch: ``make_batch(indices)`` builds the :class:`~fastrl.train.packing.SequenceBatch` of
+            those pairs (on the device).
+        batch_size: pairs per forward.
+        cache_dir: the cache's directory.
+        key: the cache key (:func:`cache_key`).
+        ld_alpha: LD-DPO's weight, or None.
+        world: the processes.
+        progress: a tqdm bar on process 0 when tqdm is installed.
+
+    Returns:
+        ``(chosen, rejected, cached)``: ``[num_pairs]`` fp32 CPU tensors each, and whether they came
+        from the cache.
+    """
     from safetensors.torch import save_file
 
     path = Path(cache_dir) / f"reference-{key[:32]}.safetensors"

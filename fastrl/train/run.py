@@ -95,8 +95,14 @@ class BatchOrder:
 
 @dataclasses.dataclass
 class TrainResult:
-    """What a run returns: the logged records, the last checkpoint, the policy (unsharded in one
-    process) and the number of optimiser steps taken in this run."""
+    """What a run returns: the logged records, the last checkpoint, the policy and the steps taken.
+
+    Args:
+        history: the logged records, one dict per log step.
+        checkpoint: the last checkpoint's directory, or None.
+        policy: the trained :class:`~fastrl.train.model.Policy` (unsharded in one process).
+        steps: the number of optimiser steps taken in this run.
+    """
 
     history: list[dict[str, Any]]
     checkpoint: Path | None
@@ -106,9 +112,33 @@ class TrainResult:
 
 @dataclasses.dataclass
 class Run:
-    """One run's shared state. :func:`start_run` fills the first block; :func:`plan_steps`,
-    :func:`resume` and :func:`open_telemetry` the rest; the recipe's loop advances
-    ``tokens_seen``, ``history`` and ``last_saved``."""
+    """One run's shared state, filled in stages.
+
+    :func:`start_run` fills the first block; :func:`plan_steps`, :func:`resume` and
+    :func:`open_telemetry` the rest; the recipe's loop advances ``tokens_seen``, ``history`` and
+    ``last_saved``.
+
+    Args:
+        config: the trainer config.
+        world: the processes and device.
+        out: ``config.output_dir``.
+        tokenizer: the policy's tokenizer.
+        model: the Hugging Face model.
+        vocab_size: rows of its input embedding.
+        policy: the :class:`~fastrl.train.model.Policy` around ``model``.
+        order: the data order (:func:`plan_steps`).
+        total_steps: the run's step count (:func:`plan_steps`).
+        optimizer: the optimiser (:func:`resume`).
+        scheduler: the learning-rate schedule (:func:`resume`).
+        guard: the non-finite-step guard (:func:`resume`).
+        start_step: the step resumed from (:func:`resume`).
+        tokens_seen: tokens trained on so far, every process.
+        telemetry: the run's :class:`~fastrl.train.telemetry.Telemetry` (:func:`open_telemetry`).
+        forward_flops: forward FLOPs per token (training: 3×).
+        peak: the device's peak FLOP/s; None: no MFU.
+        history: the logged records so far.
+        last_saved: the last checkpoint written, or None.
+    """
 
     config: TrainConfig
     world: distributed.World
@@ -142,8 +172,16 @@ class Run:
 
 
 def start_run(config: TrainConfig) -> Run:
-    """Processes and device, the seed, the tokenizer, the model and its :class:`Policy` (not yet
-    sharded: a recipe copies its reference and checks packing first)."""
+    """Processes and device, the seed, the tokenizer, the model and its :class:`Policy`.
+
+    The policy is not yet sharded: a recipe copies its reference and checks packing first.
+
+    Args:
+        config: the trainer config.
+
+    Returns:
+        A :class:`Run` with its first block filled.
+    """
     world = distributed.init_world(config.device)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.tokenizer or config.model)
@@ -155,8 +193,19 @@ def start_run(config: TrainConfig) -> Run:
 
 
 def plan_steps(run: Run, num_examples: int, what: str) -> None:
-    """The data order over ``num_examples`` training rows (``what`` names them in the error: examples,
-    pairs, prompts) and the run's step count: ``max_steps``, else ``num_epochs`` epochs."""
+    """The data order over ``num_examples`` training rows and the run's step count.
+
+    The step count is ``max_steps``, else ``num_epochs`` epochs. Sets ``run.order`` and
+    ``run.total_steps``.
+
+    Args:
+        run: the :class:`Run`.
+        num_examples: the training rows.
+        what: what the rows are, for the error (examples, pairs, prompts).
+
+    Raises:
+        ConfigError: fewer rows than one step takes, naming ``batch_size``.
+    """
     config, world = run.config, run.world
     run.order = BatchOrder(num_examples, batch_size=config.batch_size, world_size=world.world_size, rank=world.rank,
                            seed=config.seed, shuffle=config.shuffle)
@@ -169,9 +218,19 @@ def plan_steps(run: Run, num_examples: int, what: str) -> None:
 
 
 def resume(run: Run, *, updates_per_step: int = 1) -> Path | None:
-    """The optimiser, the schedule (over ``total_steps × updates_per_step`` optimiser steps) and the
-    non-finite guard; then, if ``config.resume`` finds a checkpoint, weights, optimiser, schedule,
-    RNG, step, tokens seen, data position and guard restored from it. Returns that checkpoint."""
+    """The optimiser, the schedule and the non-finite guard; then the state of a checkpoint, if one is found.
+
+    The schedule runs over ``total_steps × updates_per_step`` optimiser steps. If ``config.resume``
+    finds a checkpoint, weights, optimiser, schedule, RNG, step, tokens seen, data position and guard
+    are restored from it.
+
+    Args:
+        run: the :class:`Run`, its steps planned.
+        updates_per_step: optimiser steps per run step (GRPO's μ).
+
+    Returns:
+        The checkpoint resumed from, or None.
+    """
     config, world = run.config, run.world
     run.optimizer = build_optimizer(run.policy, config, world.device)
     run.scheduler = build_scheduler(run.optimizer, config, run.total_steps * updates_per_step)
@@ -187,7 +246,11 @@ def resume(run: Run, *, updates_per_step: int = 1) -> Path | None:
 
 
 def open_telemetry(run: Run) -> None:
-    """The run's :class:`Telemetry` (from ``start_step``), and what the FLOP figures need."""
+    """The run's :class:`Telemetry` (from ``start_step``), and what the FLOP figures need.
+
+    Args:
+        run: the :class:`Run`, resumed.
+    """
     run.telemetry = Telemetry(run.config, total_steps=run.total_steps, device=run.world.device,
                               is_main=run.world.is_main, start_step=run.start_step)
     run.forward_flops = flops_per_token(run.model)
@@ -195,25 +258,57 @@ def open_telemetry(run: Run) -> None:
 
 
 def optimize(run: Run, loss: float, step: int) -> tuple[float, bool]:
-    """Clip and step the optimiser and schedule (skipped when ``loss`` or the gradient norm is not
-    finite): :func:`~fastrl.train.optim.optimizer_step` with the run's settings. ``(grad_norm, stepped)``."""
+    """Clip and step the optimiser and schedule, skipped when ``loss`` or the gradient norm is not finite.
+
+    It is :func:`~fastrl.train.optim.optimizer_step` with the run's settings.
+
+    Args:
+        run: the :class:`Run`.
+        loss: the step's loss, every process.
+        step: the step (1-based).
+
+    Returns:
+        ``(grad_norm, stepped)``.
+    """
     return optimizer_step(run.policy, run.optimizer, run.scheduler, max_grad_norm=run.config.max_grad_norm,
                           loss=torch.tensor(loss), guard=run.guard, step=step)
 
 
 def log_due(run: Run, step: int) -> bool:
-    """Whether step ``step`` (1-based) is logged: every ``log_every`` steps and the last one."""
+    """Whether step ``step`` (1-based) is logged: every ``log_every`` steps and the last one.
+
+    Args:
+        run: the :class:`Run`.
+        step: the step, 1-based.
+
+    Returns:
+        True on a log step.
+    """
     return step % run.config.log_every == 0 or step == run.total_steps
 
 
 def step_metrics(run: Run, *, grad_norm: float, lr: float, skipped: float, tokens: float, step_s: float,
                  flops: float, layout: tuple[float, float, float] | None = None) -> dict[str, float]:
-    """The part of a step's record every recipe logs: ``grad_norm``, ``lr``, ``skipped`` (optimiser
-    steps skipped this step), ``skipped_total``, ``epoch``, ``tokens`` (the step's, every process),
-    ``tokens_seen``, ``tokens_per_s``, ``step_s`` (seconds), with ``layout`` = (tokens, slots,
-    padded slots) of the step's model batches ``packing_efficiency`` and ``batch_fill``, then
-    ``tflops`` and, when the device's peak is known, ``mfu`` (``flops``: the step's FLOPs, every
-    process)."""
+    """The part of a step's record every recipe logs.
+
+    ``grad_norm``, ``lr``, ``skipped`` (optimiser steps skipped this step), ``skipped_total``,
+    ``epoch``, ``tokens`` (the step's, every process), ``tokens_seen``, ``tokens_per_s``, ``step_s``
+    (seconds), with ``layout`` ``packing_efficiency`` and ``batch_fill``, then ``tflops`` and, when
+    the device's peak is known, ``mfu``.
+
+    Args:
+        run: the :class:`Run`.
+        grad_norm: the step's gradient norm.
+        lr: the learning rate.
+        skipped: optimiser steps skipped this step.
+        tokens: the step's tokens, every process.
+        step_s: the step's seconds.
+        flops: the step's FLOPs, every process.
+        layout: (tokens, slots, padded slots) of the step's model batches, or None.
+
+    Returns:
+        ``{name: float}``.
+    """
     record = {"grad_norm": grad_norm, "lr": lr, "skipped": skipped, "skipped_total": run.guard.total,
               "epoch": run.order.epoch, "tokens": tokens, "tokens_seen": run.tokens_seen,
               "tokens_per_s": tokens / step_s, "step_s": step_s}
@@ -228,8 +323,18 @@ def step_metrics(run: Run, *, grad_norm: float, lr: float, skipped: float, token
 
 
 def save(run: Run, step: int) -> Path:
-    """Checkpoint ``checkpoints/step-<step>``: weights, optimiser, schedule, RNG and the trainer
-    state (step, tokens seen, data position, non-finite guard); every process calls it."""
+    """Checkpoint ``checkpoints/step-<step>``; every process calls it.
+
+    Weights, optimiser, schedule, RNG and the trainer state (step, tokens seen, data position,
+    non-finite guard).
+
+    Args:
+        run: the :class:`Run`.
+        step: the step just ended (1-based).
+
+    Returns:
+        The checkpoint's directory.
+    """
     trainer_state = {"step": step, "tokens_seen": run.tokens_seen, "data": run.order.state_dict(),
                      "non_finite": run.guard.state_dict()}
     return save_checkpoint(run.out, step, policy=run.policy, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -238,7 +343,13 @@ def save(run: Run, step: int) -> Path:
 
 
 def save_if_due(run: Run, step: int, save: Callable[[Run, int], Path] = save) -> None:
-    """Checkpoint after step ``step`` (1-based) every ``save_every`` steps."""
+    """Checkpoint after step ``step`` (1-based) every ``save_every`` steps.
+
+    Args:
+        run: the :class:`Run` (``last_saved`` set when it saves).
+        step: the step, 1-based.
+        save: the checkpoint function (:func:`save` by default).
+    """
     if run.config.save_every and step % run.config.save_every == 0:
         run.last_saved = save(run, step)
 
@@ -248,7 +359,9 @@ def end_step(run: Run, step: int, *, started: float, tokens: float, flops: float
              layout: tuple[float, float, float] | None = None,
              samples: Callable[[], list[dict[str, Any]]] | None = None,
              save: Callable[[Run, int], Path] = save) -> None:
-    """The end of step ``step`` (1-based), the same in every recipe, in this order:
+    """The end of step ``step`` (1-based), the same in every recipe.
+
+    In this order:
 
     1. the optimiser step (telemetry phase ``optimizer``): on ``loss`` (the step's, every process)
        with :func:`optimize`; with ``empty`` (a step with nothing to learn from) none, the gradients
@@ -263,6 +376,19 @@ def end_step(run: Run, step: int, *, started: float, tokens: float, flops: float
        to ``history``; and, with ``samples`` and ``config.log_completions``, ``samples()`` written to
        ``completions.jsonl``;
     4. a checkpoint when due (:func:`save_if_due` with ``save``).
+
+    Args:
+        run: the :class:`Run`.
+        step: the step, 1-based.
+        started: the step's start, a ``time.perf_counter()``.
+        tokens: the step's tokens, every process.
+        flops: the step's FLOPs, every process.
+        record: the recipe's metrics, called on log steps only, on every process.
+        loss: the step's loss (every process), or None when the recipe stepped the optimiser itself.
+        empty: a step with nothing to learn from (no optimiser step).
+        layout: model-batch (tokens, slots, padded slots), or None.
+        samples: the step's sample records for ``completions.jsonl``, or None.
+        save: the checkpoint function (:func:`save` by default).
     """
     lr = run.scheduler.get_last_lr()[0]
     grad_norm = skipped = None
@@ -291,7 +417,15 @@ def end_step(run: Run, step: int, *, started: float, tokens: float, flops: float
 
 
 def finish(run: Run, save: Callable[[Run, int], Path] = save) -> TrainResult:
-    """The final checkpoint (unless the last step was just saved, or no step ran) and the result."""
+    """The final checkpoint (unless the last step was just saved, or no step ran) and the result.
+
+    Args:
+        run: the :class:`Run`.
+        save: the checkpoint function (:func:`save` by default).
+
+    Returns:
+        The :class:`TrainResult`.
+    """
     if run.total_steps > run.start_step and (run.last_saved is None
                                              or run.last_saved.name != f"step-{run.total_steps:08d}"):
         run.last_saved = save(run, run.total_steps)

@@ -35,7 +35,11 @@ __all__ = ["SFTExamples", "load_sft_examples", "sft_step", "train_sft"]
 
 
 class SFTExamples:
-    """Tokenised ``prompts[i]`` / ``completions[i]`` token-id lists."""
+    """Tokenised ``prompts[i]`` / ``completions[i]`` token-id lists.
+
+    Made empty; :func:`load_sft_examples` fills ``prompts``, ``completions`` and the count
+    ``truncated_completions``.
+    """
 
     def __init__(self):
         self.prompts: list[list[int]] = []
@@ -50,8 +54,20 @@ class SFTExamples:
 
 
 def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int) -> SFTExamples:
-    """The examples of ``config.train_data`` (columns ``prompt_column``, ``completion_column``),
-    tokenised; completions cut to ``max_completion_length``; errors name the file, row and column."""
+    """The examples of ``config.train_data``, tokenised; completions cut to ``max_completion_length``.
+
+    Args:
+        config: the :class:`~fastrl.train.config.SFTConfig` (``train_data``, ``prompt_column``,
+            ``completion_column``, lengths, truncation, chat template).
+        tokenizer: the policy's tokenizer.
+        vocab_size: token ids must lie below it.
+
+    Returns:
+        The :class:`SFTExamples`.
+
+    Raises:
+        DataError: a bad row, naming the file, row and column (an empty completion, a prompt too long).
+    """
     columns = [config.prompt_column, config.completion_column]
     table = load_table(config.train_data, columns)
     enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
@@ -74,9 +90,20 @@ def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int) -> SFTExamp
 
 def sft_step(policy: Policy, batches: list[SequenceBatch], *, world: distributed.World, autocast,
              telemetry: Telemetry) -> dict[str, float]:
-    """Forward and backward of one optimiser step's micro-batches (gradients accumulate): the mean
-    NLL over all completion tokens of the step, every process included. Returns the step's loss
-    (global) and this process's token counts."""
+    """Forward and backward of one optimiser step's micro-batches (gradients accumulate).
+
+    The loss is the mean NLL over all completion tokens of the step, every process included.
+
+    Args:
+        policy: the :class:`~fastrl.train.model.Policy`.
+        batches: the step's micro-batches (:class:`~fastrl.train.packing.SequenceBatch`).
+        world: the processes.
+        autocast: a context-manager factory for the forward.
+        telemetry: the run's :class:`~fastrl.train.telemetry.Telemetry`.
+
+    Returns:
+        The step's loss (global) and this process's token counts.
+    """
     local_tokens = float(sum(b.labels.numel() for b in batches))
     global_tokens = float(distributed.all_reduce(torch.tensor([local_tokens], dtype=torch.float64,
                                                               device=world.device))[0])
@@ -98,7 +125,17 @@ def sft_step(policy: Policy, batches: list[SequenceBatch], *, world: distributed
 
 
 def train_sft(config: SFTConfig) -> TrainResult:
-    """Run SFT as ``config`` says; see the module docstring."""
+    """Run SFT as ``config`` says; see the module docstring.
+
+    Args:
+        config: the :class:`~fastrl.train.config.SFTConfig`.
+
+    Returns:
+        The run's :class:`~fastrl.train.run.TrainResult`.
+
+    Raises:
+        ConfigError: a bad config field, naming it.
+    """
     run = start_run(config)
     policy, world = run.policy, run.world
     examples = load_sft_examples(config, run.tokenizer, run.vocab_size)
