@@ -79,7 +79,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The quick loop: the suite without the tests marked slow (compiles, two-process runs, the trainer benchmark,
-# the demo pipeline; listed in tests/conftest.py), about 3 minutes on 2 busy CPU cores. `make test` (CI) runs them all.
+# the demo pipeline; listed in tests/conftest.py), under 3 minutes on 2 CPU cores. `make test` (CI) runs them all.
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 

@@ -11,8 +11,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 TESTS = Path(__file__).resolve().parent
 
-# The slow tier: `make test-fast` runs `-m "not slow"` (a quick loop: 3 minutes 4-16 s on the 2-core CPU
-# machine at load 5-8, with other test runs sharing the cores), `make test` (and CI) runs everything. The marks are given here, in one list, rather than in
+# The slow tier: `make test-fast` runs `-m "not slow"` (a quick loop: 2 min 33 s on the 2-core CPU machine
+# at load 5-6, other test runs sharing the cores), `make test` (and CI) runs everything. The marks are given here, in one list, rather than in
 # the test files. Whole files, by their path under tests/:
 SLOW_FILES = (
     "test_gpu_compile.py",        # ahead-of-time Triton compiles for sm_80 / sm_90, nvcc builds
