@@ -10,8 +10,8 @@ import pytest
 
 from fastrl.cli import main
 from fastrl.tasks.t2i import Vocab, make_prompt_sets, parse_prompt, perfect_canvas
-from fastrl.tasks.t2i.pipeline import (DemoSettings, completion_budget, reward_model_pairs, run_demo,
-                                       scattered_canvas, scorer_reward)
+from fastrl.tasks.t2i.pipeline import (DemoSettings, completion_budget, pair_accuracy, pair_rows, reward_model_pairs,
+                                       run_demo, scattered_canvas, scorer_reward)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOCAB = Vocab()
@@ -125,6 +125,21 @@ def test_reward_model_pairs_follow_the_scorer():
     for seed in range(20):
         canvas = scattered_canvas(spec, random.Random(seed))
         assert canvas.size == 6 and len(canvas.objects()) <= 11
+
+
+def test_pair_rows_and_accuracy():
+    """The reward model's pairs as the trainer's rows (prompt through <sep>, then each canvas), and the share of
+    rows a reward orders as the scorer does."""
+    sets = make_prompt_sets(seed=0, in_domain_per_category=8, ood_per_category=2)
+    pairs = reward_model_pairs(sets.train[:4], VOCAB, {}, canvases_per_prompt=4, seed=0)
+    rows = pair_rows(pairs, VOCAB)
+    assert len(rows) == len(pairs)
+    for (chosen, rejected), row in zip(pairs, rows):
+        assert row["prompt"][-1] == VOCAB.sep_id and VOCAB.sep_id not in row["chosen"]
+        assert row["prompt"] + row["chosen"] == chosen and row["prompt"] + row["rejected"] == rejected
+    scorer = scorer_reward(VOCAB)
+    assert pair_accuracy(scorer, rows) == 1.0
+    assert pair_accuracy(lambda p, c: [-r for r in scorer(p, c)], rows) == 0.0
 
 
 def test_settings_and_budget():

@@ -1,22 +1,24 @@
 """The embedded demo (``fastrl demo``): SFT, then DPO and GRPO from the same SFT checkpoint, on the
 text-to-image-token task, evaluated in-domain and out of domain. Every model is trained by fastrl's own
-trainer (:func:`~fastrl.train.train_sft`, :func:`~fastrl.train.train_dpo`, :func:`~fastrl.train.train_grpo`)
-and every sample drawn by :func:`fastrl.rollout.generate`.
+trainer (:func:`~fastrl.train.train_sft`, :func:`~fastrl.train.train_dpo`, :func:`~fastrl.train.train_grpo`,
+and :func:`~fastrl.train.train_rm` for the learned reward) and every sample drawn by
+:func:`fastrl.rollout.generate`.
 
     from fastrl.tasks.t2i.pipeline import DemoSettings, run_demo
     result = run_demo(DemoSettings.preset(quick=True), "runs/demo")
     print(result.markdown)                      # the paper-style tables; result.files: what was written
 
-The stages, top to bottom (:func:`run_demo`):
+The stages, top to bottom (:func:`run_demo` calls one function each on a shared :class:`Study`):
 
 1. **SFT** — the prompt sets (in-domain train / test, out-of-domain) and sequences from an imperfect
    teacher (:func:`~fastrl.tasks.t2i.data.sft_examples`: half of the canvases flawed; with ``cot`` a
    plan first), written as JSONL of token ids; a tiny Llama (random init, seeded) trained on them with
    ``train_sft``.
 2. **reward** — the training reward: the scorer, or with ``reward="learned"`` a tiny Bradley–Terry
-   reward model (a Llama sequence classifier over :func:`~fastrl.tasks.t2i.data.reward_model_ids`)
-   fitted with :func:`fastrl.losses.bradley_terry_loss` to the scorer's preferences between canvases;
-   it then replaces the scorer in both RL methods. Evaluation always uses the scorer.
+   reward model (a Llama sequence classifier over :func:`~fastrl.tasks.t2i.data.reward_model_ids`,
+   started from the SFT checkpoint) trained by ``train_rm`` with :func:`fastrl.losses.bradley_terry_loss`
+   on the scorer's preferences between canvases; loaded back as a :class:`fastrl.train.RewardModel`, it
+   then replaces the scorer in both RL methods. Evaluation always uses the scorer.
 3. **DPO** — ``dpo_samples`` completions per training prompt sampled from the SFT model, ``dpo_rounds``
    times; in each group the best and the worst by the reward make a pair
    (:func:`~fastrl.tasks.t2i.data.preference_pair`); the pairs (JSONL) train ``train_dpo`` from the SFT
@@ -254,73 +256,23 @@ def scattered_canvas(spec: PromptSpec, rng: random.Random, *, size: int = 6) -> 
     return Canvas.from_objects(size, [Placed(i // size, i % size, *item) for i, item in zip(cells, wanted + others)])
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
+def pair_rows(pairs: Sequence[Pair], vocab: Vocab) -> list[dict[str, list[int]]]:
+    """``pairs`` as the trainer's preference rows: the shared ``<bos> words <sep>`` prefix is the prompt,
+    the two canvases (image tokens and ``<eos>``) the chosen and rejected completions."""
+    rows = []
+    for chosen, rejected in pairs:
+        start = chosen.index(vocab.sep_id) + 1
+        rows.append({"prompt": chosen[:start], "chosen": chosen[start:], "rejected": rejected[start:]})
+    return rows
 
 
-def train_reward_model(pairs: list[Pair], vocab: Vocab, settings: DemoSettings, device: str,
-                       init: str | Path) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    """A reward model fitted to ``pairs`` with :func:`fastrl.losses.bradley_terry_loss`: a Llama sequence
-    classifier started from the checkpoint ``init`` (the SFT policy, as RLHF reward models are; the score
-    head is new), one score per sequence read at its last token (``<eos>``); AdamW, warm-up then linear
-    decay, random batches of ``rm_batch`` pairs. Returns it (eval mode, frozen) and its per-step history."""
-    from transformers import AutoModelForSequenceClassification
-
-    from fastrl.losses import bradley_terry_loss
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(init, num_labels=1, local_files_only=True)
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.rm_lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1.0 - s / settings.rm_steps))
-    order = torch.Generator().manual_seed(settings.seed)
-    bar = _progress(settings.rm_steps, "reward model")
-    history = []
-    for step in range(settings.rm_steps):
-        batch = torch.randint(len(pairs), (min(settings.rm_batch, len(pairs)),), generator=order).tolist()
-        ids, mask = _right_pad([pairs[i][0] for i in batch] + [pairs[i][1] for i in batch], vocab.pad_id, device)
-        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0]
-        loss, metrics = bradley_terry_loss(scores[:len(batch)], scores[len(batch):])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": float(loss.detach()), "accuracy": float(metrics["rewards/accuracies"])})
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", acc=f"{history[-1]['accuracy']:.2f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    return model.eval().requires_grad_(False), history
-
-
-def _progress(total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-
-
-@torch.no_grad()
-def pair_accuracy(model: torch.nn.Module, pairs: list[Pair], pad_id: int, device: str) -> float:
-    """The share of ``pairs`` that the reward model orders as the scorer does."""
-    right = 0
-    for start in range(0, len(pairs), 256):
-        chunk = pairs[start:start + 256]
-        ids, mask = _right_pad([p[0] for p in chunk] + [p[1] for p in chunk], pad_id, device)
-        scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
-        right += int((scores[:len(chunk)] > scores[len(chunk):]).sum())
-    return right / max(len(pairs), 1)
+def pair_accuracy(reward_fn: Callable[..., list[float]], rows: Sequence[dict[str, list[int]]]) -> float:
+    """The share of preference ``rows`` (:func:`pair_rows`) whose chosen completion ``reward_fn`` (a batched
+    reward callable, e.g. :class:`fastrl.train.RewardModel`) scores above the rejected one."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = reward_fn(prompts, [r["chosen"] for r in rows])
+    rejected = reward_fn(prompts, [r["rejected"] for r in rows])
+    return sum(c > r for c, r in zip(chosen, rejected)) / max(len(rows), 1)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -370,19 +322,50 @@ def curve_panels(histories: dict[str, list[dict[str, Any]]],
               "DPO: implicit-reward accuracy on its pairs": {"DPO": series(histories["DPO"], "rewards/accuracies")},
               "GRPO: scorer reward of its rollouts": {"GRPO": series(histories["GRPO"], "reward/scorer/mean")}}
     if rm_history:
-        panels["Reward model: Bradley–Terry accuracy on its batches"] = {"reward model": series(rm_history, "accuracy")}
+        panels["Reward model: Bradley–Terry accuracy on its batches"] = {
+            "reward model": series(rm_history, "rewards/accuracies")}
     return panels
 
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str], None] = print) -> DemoResult:
-    """Run every stage (see the module docstring) into ``out_dir``; return the tables and the files written.
+@dataclasses.dataclass
+class Study:
+    """One demo run as its stages share it: the settings, the output folder, the task (vocabulary, prompt
+    sets, completion budget), the trainer fields every stage passes (``common``), the scorer as the
+    training reward, and what the stages leave: seconds, logged histories, files and checkpoints."""
 
-    The stage folders and result files a previous run left in ``out_dir`` are replaced; nothing else in
-    the folder is touched."""
-    from fastrl.train import DPOConfig, GRPOConfig, RewardModel, SFTConfig, train_dpo, train_grpo, train_sft
+    settings: DemoSettings
+    out: Path
+    log: Callable[[str], None]
+    device: str
+    vocab: Vocab
+    sets: Any  # the PromptSets of make_prompt_sets
+    budget: int
+    longest_prompt: int
+    common: dict[str, Any]
+    train_reward: Callable[..., list[float]]
+    train_prompts: list[list[int]]
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    histories: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    checkpoints: dict[str, Path] = dataclasses.field(default_factory=dict)
 
+    def timed(self, stage: str, started: float) -> None:
+        self.timings[stage] = time.perf_counter() - started
+        self.log(f"  ({self.timings[stage]:.1f} s)")
+
+    def sample(self, model, prompts: Sequence[Sequence[int]], num_samples: int, seed: int) -> list[list[int]]:
+        """``num_samples`` completions per prompt at ``sample_temperature``, seeded."""
+        return sample_completions(model, prompts, self.vocab, num_samples=num_samples, max_new_tokens=self.budget,
+                                  temperature=self.settings.sample_temperature,
+                                  generator=torch.Generator(device=self.device).manual_seed(seed))
+
+
+def open_study(settings: DemoSettings, out_dir: str | Path, log: Callable[[str], None]) -> Study:
+    """The :class:`Study` of a run into ``out_dir``: the stage folders a previous run left there removed,
+    the task's vocabulary saved as a tokenizer (every checkpoint carries it, so the RL runs open the SFT
+    checkpoint as a complete model directory; the data stay token ids), and the run's header logged."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("data", "sft", "dpo", "grpo", "reward_model"):
@@ -390,10 +373,8 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str]
     device = settings.resolved_device()
     vocab = Vocab()
     sets = make_prompt_sets(seed=settings.seed)
-    budget = completion_budget(vocab, settings.cot)
     longest_prompt = max(len(vocab.encode_prompt(p.text)) for p in sets.train + sets.test + sets.ood)
-    # the task's vocabulary as a tokenizer: every checkpoint carries it, so the RL runs open the SFT
-    # checkpoint as a complete model directory (the data stay token ids)
+    budget = completion_budget(vocab, settings.cot)
     tokenizer_dir = out / "data" / "tokenizer"
     vocab.hf_tokenizer().save_pretrained(tokenizer_dir)
     common = {"tokenizer": str(tokenizer_dir), "max_prompt_length": longest_prompt, "max_completion_length": budget,
@@ -401,15 +382,6 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str]
               "lr_scheduler": "cosine"}
     train_reward = scorer_reward(vocab, pass_weight=settings.reward_pass_weight,
                                  clutter_penalty=settings.reward_clutter_penalty)
-    timings: dict[str, float] = {}
-    histories: dict[str, list[dict[str, Any]]] = {}
-    files: dict[str, Path] = {}
-    checkpoints: dict[str, Path] = {}
-
-    def done(stage: str, started: float) -> None:
-        timings[stage] = time.perf_counter() - started
-        log(f"  ({timings[stage]:.1f} s)")
-
     run = ", ".join(x for x in ("quick run" if settings.quick else "full run", "plan first (--cot)" if settings.cot
                                 else "", f"training reward: {settings.reward}", f"seed {settings.seed}",
                                 f"device {device}") if x)
@@ -417,120 +389,174 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str]
         f"Task: {vocab.grid_size}x{vocab.grid_size} canvas, {len(vocab)} tokens; prompts: {len(sets.train)} train, "
         f"{len(sets.test)} in-domain test, {len(sets.ood)} out-of-domain. Policy: Llama, hidden "
         f"{settings.hidden_size}, {settings.num_layers} layers, random init. Output: {out}")
+    return Study(settings=settings, out=out, log=log, device=device, vocab=vocab, sets=sets, budget=budget,
+                 longest_prompt=longest_prompt, common=common, train_reward=train_reward,
+                 train_prompts=[vocab.encode_prompt(p.text) for p in sets.train])
 
-    # 1. SFT on the imperfect teacher
+
+def sft_stage(study: Study):
+    """1. SFT on the imperfect teacher's sequences (``train_sft``); returns the SFT model (eval mode)."""
+    from fastrl.train import SFTConfig, train_sft
+
+    settings, vocab, out = study.settings, study.vocab, study.out
     started = time.perf_counter()
-    examples = sft_examples(sets.train, vocab, perfect_rate=settings.perfect_rate, cot=settings.cot,
+    examples = sft_examples(study.sets.train, vocab, perfect_rate=settings.perfect_rate, cot=settings.cot,
                             samples_per_prompt=settings.sft_samples_per_prompt, seed=settings.seed)
-    files["sft_data"] = write_jsonl(out / "data" / "sft.jsonl", [
+    study.files["sft_data"] = write_jsonl(out / "data" / "sft.jsonl", [
         {"prompt": list(e.prompt_ids), "completion": list(e.completion_ids), "text": e.prompt.text,
          "corruption": e.corruption} for e in examples])
     steps = settings.sft_epochs * (len(examples) // settings.sft_batch)
-    log(f"\n[1/5] SFT: {len(examples)} teacher sequences ({sum(e.perfect for e in examples)} perfect, the rest "
-        f"flawed{', each with its plan' if settings.cot else ''}), {steps} steps of {settings.sft_batch}")
-    result = train_sft(SFTConfig(model_config=model_config(vocab, settings, _positions(longest_prompt + budget)),
-                                 train_data=str(files["sft_data"]), output_dir=str(out / "sft"),
-                                 batch_size=settings.sft_batch, num_epochs=settings.sft_epochs,
-                                 learning_rate=settings.sft_lr, warmup_steps=max(1, steps // 20), **common))
-    histories["SFT"], checkpoints["SFT"] = result.history, result.checkpoint
-    sft_model = load_policy(checkpoints["SFT"], device)
-    train_prompts = [vocab.encode_prompt(p.text) for p in sets.train]
-    done("sft", started)
+    study.log(f"\n[1/5] SFT: {len(examples)} teacher sequences ({sum(e.perfect for e in examples)} perfect, the rest "
+              f"flawed{', each with its plan' if settings.cot else ''}), {steps} steps of {settings.sft_batch}")
+    result = train_sft(SFTConfig(
+        model_config=model_config(vocab, settings, _positions(study.longest_prompt + study.budget)),
+        train_data=str(study.files["sft_data"]), output_dir=str(out / "sft"), batch_size=settings.sft_batch,
+        num_epochs=settings.sft_epochs, learning_rate=settings.sft_lr, warmup_steps=max(1, steps // 20),
+        **study.common))
+    study.histories["SFT"], study.checkpoints["SFT"] = result.history, result.checkpoint
+    sft_model = load_policy(study.checkpoints["SFT"], study.device)
+    study.timed("sft", started)
+    return sft_model
 
-    # 2. the training reward: the scorer, or a reward model fitted to its preferences
-    rm_history = None
+
+def reward_stage(study: Study, sft_model) -> tuple[Callable[..., list[float]], list[dict[str, Any]] | None]:
+    """2. The training reward: the scorer, or (``reward="learned"``) a Bradley–Terry reward model trained
+    by ``train_rm`` from the SFT checkpoint on the scorer's preferences between canvases of the training
+    prompts, checked on pairs of the test prompts. Returns the reward callable and the reward model's
+    logged history (None for the scorer)."""
+    from fastrl.train import RewardModel, RMConfig, train_rm
+
+    settings, vocab, out = study.settings, study.vocab, study.out
     if settings.reward == "scorer":
-        reward_fn = train_reward
-        log(f"\n[2/5] training reward: the scorer{_reward_formula(settings)}")
-    else:
-        started = time.perf_counter()
-        k = settings.rm_canvases_per_prompt // 2
-        drawn = sample_completions(sft_model, train_prompts, vocab, num_samples=k, max_new_tokens=budget,
-                                   temperature=settings.sample_temperature,
-                                   generator=torch.Generator(device=device).manual_seed(settings.seed + 101))
-        samples = {p.text: drawn[i * k:(i + 1) * k] for i, p in enumerate(sets.train)}
-        pairs = reward_model_pairs(sets.train, vocab, samples, canvases_per_prompt=settings.rm_canvases_per_prompt,
-                                   seed=settings.seed)
-        held_out = reward_model_pairs(sets.test, vocab, {}, canvases_per_prompt=settings.rm_canvases_per_prompt,
-                                      seed=settings.seed + 1)
-        log(f"\n[2/5] training reward: a Bradley–Terry reward model (the SFT model with a score head), "
-            f"{settings.rm_steps} steps on {len(pairs)} scorer preferences between canvases of the training prompts "
-            f"(teacher, scattered and SFT-sampled canvases)")
-        rm, rm_history = train_reward_model(pairs, vocab, settings, device, init=checkpoints["SFT"])
-        accuracy = pair_accuracy(rm, held_out, vocab.pad_id, device)
-        log(f"  it orders {accuracy:.1%} of {len(held_out)} held-out pairs (test prompts) as the scorer does")
-        files["reward_model"] = out / "reward_model"
-        rm.save_pretrained(files["reward_model"])
-        (files["reward_model"] / "history.json").write_text(json.dumps(
-            {"pairs": len(pairs), "held_out_pairs": len(held_out), "held_out_accuracy": accuracy,
-             "history": rm_history}, indent=1), encoding="utf-8")
-        reward_fn = RewardModel(rm, batch_size=256, device=device, to_ids=lambda p, c: reward_model_ids(vocab, p, c))
-        done("reward_model", started)
+        study.log(f"\n[2/5] training reward: the scorer{_reward_formula(settings)}")
+        return study.train_reward, None
+    started = time.perf_counter()
+    k = settings.rm_canvases_per_prompt // 2
+    drawn = study.sample(sft_model, study.train_prompts, k, settings.seed + 101)
+    samples = {p.text: drawn[i * k:(i + 1) * k] for i, p in enumerate(study.sets.train)}
+    per_prompt = settings.rm_canvases_per_prompt
+    rows = pair_rows(reward_model_pairs(study.sets.train, vocab, samples, canvases_per_prompt=per_prompt,
+                                        seed=settings.seed), vocab)
+    held_out = pair_rows(reward_model_pairs(study.sets.test, vocab, {}, canvases_per_prompt=per_prompt,
+                                            seed=settings.seed + 1), vocab)
+    study.files["rm_data"] = write_jsonl(out / "data" / "rm_pairs.jsonl", rows)
+    study.log(f"\n[2/5] training reward: a Bradley–Terry reward model (the SFT model with a score head), "
+              f"{settings.rm_steps} steps of {settings.rm_batch} on {len(rows)} scorer preferences between canvases "
+              f"of the training prompts (teacher, scattered and SFT-sampled canvases)")
+    # AdamW with decay on every matrix, 10 warm-up steps then linear decay; the score read at <eos>
+    result = train_rm(RMConfig(model=str(study.checkpoints["SFT"]), train_data=str(study.files["rm_data"]),
+                               output_dir=str(out / "reward_model"), batch_size=settings.rm_batch,
+                               max_steps=settings.rm_steps, learning_rate=settings.rm_lr, weight_decay=0.01,
+                               warmup_steps=10, **{**study.common, "lr_scheduler": "linear"}))
+    # reward_model/ itself is the model directory (config and weights of the last checkpoint)
+    study.files["reward_model"] = out / "reward_model"
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy2(result.checkpoint / name, study.files["reward_model"] / name)
+    reward_fn = RewardModel(str(study.files["reward_model"]), batch_size=256, device=study.device,
+                            to_ids=lambda p, c: reward_model_ids(vocab, p, c))
+    accuracy = pair_accuracy(reward_fn, held_out)
+    study.log(f"  it orders {accuracy:.1%} of {len(held_out)} held-out pairs (test prompts) as the scorer does")
+    (study.files["reward_model"] / "history.json").write_text(json.dumps(
+        {"pairs": len(rows), "held_out_pairs": len(held_out), "held_out_accuracy": accuracy,
+         "history": result.history}, indent=1), encoding="utf-8")
+    study.timed("reward_model", started)
+    return reward_fn, result.history
 
-    # 3. DPO on pairs sampled from the SFT model and ranked by the reward
+
+def dpo_stage(study: Study, sft_model, reward_fn: Callable[..., list[float]]) -> None:
+    """3. DPO (``train_dpo``) from the SFT checkpoint on best-vs-worst pairs of SFT samples ranked by the reward."""
+    from fastrl.train import DPOConfig, train_dpo
+
+    settings, out = study.settings, study.out
     started = time.perf_counter()
     k = settings.dpo_samples
-    groups = [p for p in train_prompts for _ in range(settings.dpo_rounds)]
-    drawn = sample_completions(sft_model, groups, vocab, num_samples=k, max_new_tokens=budget,
-                               temperature=settings.sample_temperature,
-                               generator=torch.Generator(device=device).manual_seed(settings.seed + 202))
+    groups = [p for p in study.train_prompts for _ in range(settings.dpo_rounds)]
+    drawn = study.sample(sft_model, groups, k, settings.seed + 202)
     rewards = [float(r) for r in reward_fn([p for p in groups for _ in range(k)], drawn)]
     rows = []
     for g, prompt in enumerate(groups):
         pair = preference_pair(rewards[g * k:(g + 1) * k])
         if pair is not None:
             rows.append({"prompt": prompt, "chosen": drawn[g * k + pair[0]], "rejected": drawn[g * k + pair[1]]})
-    files["dpo_data"] = write_jsonl(out / "data" / "dpo_pairs.jsonl", rows)
+    study.files["dpo_data"] = write_jsonl(out / "data" / "dpo_pairs.jsonl", rows)
     steps = settings.dpo_epochs * (len(rows) // settings.dpo_batch)
-    log(f"\n[3/5] DPO: {len(drawn)} completions sampled from the SFT model ({settings.dpo_rounds} groups of {k} per "
-        f"prompt); {len(rows)} best-vs-worst pairs (groups without a preference dropped); {steps} steps of "
-        f"{settings.dpo_batch} pairs, beta {settings.dpo_beta}")
-    result = train_dpo(DPOConfig(model=str(checkpoints["SFT"]), train_data=str(files["dpo_data"]),
+    study.log(f"\n[3/5] DPO: {len(drawn)} completions sampled from the SFT model ({settings.dpo_rounds} groups of {k} "
+              f"per prompt); {len(rows)} best-vs-worst pairs (groups without a preference dropped); {steps} steps of "
+              f"{settings.dpo_batch} pairs, beta {settings.dpo_beta}")
+    result = train_dpo(DPOConfig(model=str(study.checkpoints["SFT"]), train_data=str(study.files["dpo_data"]),
                                  output_dir=str(out / "dpo"), batch_size=settings.dpo_batch,
                                  num_epochs=settings.dpo_epochs, learning_rate=settings.dpo_lr, beta=settings.dpo_beta,
-                                 warmup_steps=max(1, steps // 10), **common))
-    histories["DPO"], checkpoints["DPO"] = result.history, result.checkpoint
-    done("dpo", started)
+                                 warmup_steps=max(1, steps // 10), **study.common))
+    study.histories["DPO"], study.checkpoints["DPO"] = result.history, result.checkpoint
+    study.timed("dpo", started)
 
-    # 4. GRPO: the policy's own rollouts, G per prompt, the reward as a callable
+
+def grpo_stage(study: Study, reward_fn: Callable[..., list[float]]) -> None:
+    """4. GRPO (``train_grpo``) from the SFT checkpoint: the policy's own rollouts, G per prompt, the reward
+    a callable (with a reward model, the scorer rides along with weight 0: logged for the curves, never
+    optimised)."""
+    from fastrl.train import GRPOConfig, train_grpo
+
+    settings, out = study.settings, study.out
     started = time.perf_counter()
-    files["grpo_data"] = write_jsonl(out / "data" / "grpo_prompts.jsonl", [
-        {"prompt": ids, "text": p.text, "category": p.category} for p, ids in zip(sets.train, train_prompts)])
-    log(f"\n[4/5] GRPO: {settings.grpo_steps} steps of {settings.grpo_batch} prompts x {settings.group_size} samples "
-        f"({settings.grpo_steps * settings.grpo_batch * settings.group_size} completions), beta {settings.grpo_beta}")
-    # with a reward model, the scorer rides along with weight 0: logged (the curves), never optimised
-    funcs = [train_reward] if settings.reward == "scorer" else [reward_fn, train_reward]
-    result = train_grpo(GRPOConfig(model=str(checkpoints["SFT"]), train_data=str(files["grpo_data"]),
+    study.files["grpo_data"] = write_jsonl(out / "data" / "grpo_prompts.jsonl", [
+        {"prompt": ids, "text": p.text, "category": p.category}
+        for p, ids in zip(study.sets.train, study.train_prompts)])
+    study.log(f"\n[4/5] GRPO: {settings.grpo_steps} steps of {settings.grpo_batch} prompts x {settings.group_size} "
+              f"samples ({settings.grpo_steps * settings.grpo_batch * settings.group_size} completions), beta "
+              f"{settings.grpo_beta}")
+    scorer = settings.reward == "scorer"
+    result = train_grpo(GRPOConfig(model=str(study.checkpoints["SFT"]), train_data=str(study.files["grpo_data"]),
                                    output_dir=str(out / "grpo"), batch_size=settings.grpo_batch,
                                    max_steps=settings.grpo_steps, learning_rate=settings.grpo_lr,
                                    num_generations=settings.group_size, temperature=settings.sample_temperature,
-                                   stop_token_ids=[vocab.eos_id], beta=settings.grpo_beta, reward_funcs=funcs,
-                                   reward_weights=None if settings.reward == "scorer" else [1.0, 0.0],
-                                   warmup_steps=max(1, settings.grpo_steps // 20), **common))
-    histories["GRPO"], checkpoints["GRPO"] = result.history, result.checkpoint
+                                   stop_token_ids=[study.vocab.eos_id], beta=settings.grpo_beta,
+                                   reward_funcs=[study.train_reward] if scorer else [reward_fn, study.train_reward],
+                                   reward_weights=None if scorer else [1.0, 0.0],
+                                   warmup_steps=max(1, settings.grpo_steps // 20), **study.common))
+    study.histories["GRPO"], study.checkpoints["GRPO"] = result.history, result.checkpoint
     del result
-    done("grpo", started)
+    study.timed("grpo", started)
 
-    # 5. evaluation by the scorer, the same prompts and random numbers for every model
+
+def evaluation_stage(study: Study, sft_model) -> dict[str, dict[str, SplitEval]]:
+    """5. Every model samples the in-domain test and out-of-domain prompts (the same prompts and random
+    numbers for every model), scored by the scorer."""
+    settings, sets = study.settings, study.sets
     started = time.perf_counter()
-    log(f"\n[5/5] evaluation: {settings.eval_samples} canvases per prompt sampled at temperature "
-        f"{settings.eval_temperature}, scored by the scorer: {len(sets.test)} in-domain test prompts, "
-        f"{len(sets.ood)} out-of-domain prompts")
+    study.log(f"\n[5/5] evaluation: {settings.eval_samples} canvases per prompt sampled at temperature "
+              f"{settings.eval_temperature}, scored by the scorer: {len(sets.test)} in-domain test prompts, "
+              f"{len(sets.ood)} out-of-domain prompts")
     evals: dict[str, dict[str, SplitEval]] = {}
-    for method, checkpoint in checkpoints.items():
-        model = sft_model if method == "SFT" else load_policy(checkpoint, device)
-        evals[method] = {split: evaluate_policy(model, prompts, vocab, settings, max_new_tokens=budget, device=device,
-                                                seed=settings.seed + offset)
+    for method, checkpoint in study.checkpoints.items():
+        model = sft_model if method == "SFT" else load_policy(checkpoint, study.device)
+        evals[method] = {split: evaluate_policy(model, prompts, study.vocab, settings, max_new_tokens=study.budget,
+                                                device=study.device, seed=settings.seed + offset)
                          for split, prompts, offset in (("in_domain", sets.test, 303), ("ood", sets.ood, 404))}
-    done("eval", started)
+    study.timed("eval", started)
+    return evals
+
+
+def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage (see the module docstring) into ``out_dir``; return the tables and the files written.
+
+    The stage folders and result files a previous run left in ``out_dir`` are replaced; nothing else in
+    the folder is touched."""
+    study = open_study(settings, out_dir, log)
+    sft_model = sft_stage(study)
+    reward_fn, rm_history = reward_stage(study, sft_model)
+    dpo_stage(study, sft_model, reward_fn)
+    grpo_stage(study, reward_fn)
+    evals = evaluation_stage(study, sft_model)
 
     summaries = {m: {g: s.summary() for g, s in groups.items()} for m, groups in evals.items()}
     table = results_table(summaries, metric="pass")
     reward_table = results_table(summaries, metric="reward")
     markdown = markdown_table(table) + "\n" + markdown_table(reward_table)
-    files.update(_write_outputs(out, settings, table, reward_table, markdown, summaries, timings, checkpoints,
-                                curve_panels(histories, rm_history), grid_panels(evals, settings.grid_prompts), log))
-    return DemoResult(table, reward_table, markdown, summaries, timings, files)
+    study.files.update(_write_outputs(study.out, settings, table, reward_table, markdown, summaries, study.timings,
+                                      study.checkpoints, curve_panels(study.histories, rm_history),
+                                      grid_panels(evals, settings.grid_prompts), log))
+    return DemoResult(table, reward_table, markdown, summaries, study.timings, study.files)
 
 
 def _relative(path: Path, root: Path) -> str:
