@@ -51,6 +51,7 @@ MODULES = [
     "fastrl.train.dpo",
     "fastrl.train.online_dpo",
     "fastrl.train.sft",
+    "fastrl.train.rm",
     "fastrl.train.run",
     "fastrl.train.checkpoint",
     "fastrl.train.distributed",

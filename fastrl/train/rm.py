@@ -51,9 +51,18 @@ COUNTS = ("tokens", "slots", "padded_slots")  # summed over processes; every oth
 
 
 def last_token_batch(prompts: list[list[int]], completions: list[list[int]], *, layout=pack) -> SequenceBatch:
-    """Sequences ``prompts[i] + completions[i]`` laid out by ``layout``, with ``score_index`` [N]
-    pointing at each sequence's last token (where its score is read) instead of the positions that
-    predict its completion tokens."""
+    """Sequences ``prompts[i] + completions[i]`` as one model batch, scored at each sequence's last token.
+
+    Args:
+        prompts: N prompts, token ids.
+        completions: N completions, token ids (each non-empty).
+        layout: :func:`~fastrl.train.packing.pack` (the default) or :func:`~fastrl.train.packing.pad`.
+
+    Returns:
+        A :class:`~fastrl.train.packing.SequenceBatch` whose ``score_index`` ``[N]`` int64 points at each
+        sequence's last token (where its score is read) instead of the positions that predict its
+        completion tokens.
+    """
     batch = layout(prompts, completions)
     # the completion of sequence i ends at scored entry cu_seqlens[i+1] - 1, which predicts its last token
     last = batch.score_index[batch.cu_seqlens[1:].long() - 1] + 1
@@ -61,18 +70,36 @@ def last_token_batch(prompts: list[list[int]], completions: list[list[int]], *, 
 
 
 def sequence_scores(policy: Policy, batch: SequenceBatch) -> torch.Tensor:
-    """The score ``[N]`` fp32 of each sequence of a :func:`last_token_batch`: the classifier's head on
-    the hidden state of its last token."""
+    """The score of each sequence of a :func:`last_token_batch`: the classifier's head on its last token.
+
+    Args:
+        policy: a :class:`~fastrl.train.model.Policy` over a one-output sequence classifier.
+        batch: a :func:`last_token_batch` of N sequences.
+
+    Returns:
+        ``[N]`` fp32 scores (differentiable).
+    """
     scores = policy(batch, lambda hidden, weight, bias: torch.nn.functional.linear(hidden, weight, bias))
     return scores[:, 0].float()
 
 
 def rm_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss_fn: BradleyTerryLoss, margins,
             autocast, telemetry: Telemetry) -> dict[str, float]:
-    """Forward and backward of one optimiser step's micro-batches (example indices of this process);
-    gradients accumulate in the parameters. ``make_batch(indices)`` gives the B chosen then B rejected
-    sequences of B pairs; ``margins(indices)`` their margins ``[B]`` or None. Returns this process's
-    metrics: the pair-weighted means of the loss and its metrics, and token counts."""
+    """Forward and backward of one optimiser step's micro-batches; gradients accumulate in the parameters.
+
+    Args:
+        policy: the reward model being trained (a :class:`~fastrl.train.model.Policy`).
+        micro_batches: example (pair) indices of this process, one list per micro-batch.
+        make_batch: ``make_batch(indices)`` gives the B chosen then B rejected sequences of B pairs.
+        loss_fn: the :class:`~fastrl.losses.BradleyTerryLoss`.
+        margins: ``margins(indices)`` gives the pairs' margins ``[B]`` fp32, or None.
+        autocast: a context-manager factory for the forward (the run's autocast).
+        telemetry: times the data and train phases.
+
+    Returns:
+        This process's metrics: the pair-weighted means of the loss and its metrics, the token counts
+        (``COUNTS``) and ``pairs``.
+    """
     step_pairs = sum(len(indices) for indices in micro_batches)
     sums: dict[str, float] = defaultdict(float)
     for k, indices in enumerate(micro_batches):
@@ -115,7 +142,15 @@ def _warn_pad_endings(pairs: PreferencePairs, pad_id: int | None) -> None:
 
 
 def train_rm(config: RMConfig) -> TrainResult:
-    """Train a reward model as ``config`` says; see the module docstring."""
+    """Train a reward model as ``config`` says; see the module docstring.
+
+    Args:
+        config: an :class:`~fastrl.train.config.RMConfig`.
+
+    Returns:
+        The :class:`~fastrl.train.run.TrainResult`: logged records, the last checkpoint (a sequence-classifier
+        directory :class:`fastrl.train.RewardModel` loads), the model.
+    """
     run = start_run(config)
     policy, world, model = run.policy, run.world, run.model
     text = model.config.get_text_config()
