@@ -21,7 +21,7 @@ from torch import nn
 from fastrl.train.packing import pack
 
 __all__ = ["World", "all_gather_object", "all_reduce", "barrier", "broadcast_object", "close_world", "full_weights",
-           "init_world", "gradient_sync", "reshard", "shard"]
+           "init_world", "gradient_sync", "reduce_metrics", "reshard", "shard"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +217,29 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if op == "mean":
             tensor /= dist.get_world_size()
     return tensor
+
+
+def reduce_metrics(metrics: dict[str, float], device: torch.device, *, summed: tuple[str, ...] | frozenset = (),
+                   weight: float | None = None) -> dict[str, float]:
+    """A step's metrics over every process, in one collective.
+
+    Each is the mean over processes (weighted by each process's ``weight`` when given); the ``summed`` ones
+    (counts) are summed.
+
+    Args:
+        metrics: ``{name: float}``, the same names on every process.
+        device: where the collective runs (the process's device).
+        summed: names that are summed instead of averaged (token counts and the like).
+        weight: this process's weight in the means (e.g. its pairs); None: every process weighs 1.
+
+    Returns:
+        ``{name: float}``, the same values in one process.
+    """
+    names = sorted(metrics)
+    w = 1.0 if weight is None else float(weight)
+    totals = all_reduce(torch.tensor([metrics[k] * (1.0 if k in summed else w) for k in names] + [w],
+                                     dtype=torch.float64, device=device)).tolist()
+    return {k: float(v) if k in summed else float(v) / totals[-1] for k, v in zip(names, totals)}
 
 
 def barrier() -> None:

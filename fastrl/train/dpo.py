@@ -27,7 +27,7 @@ from fastrl.train import distributed
 from fastrl.train.config import DPOConfig
 from fastrl.train.data import PreferencePairs, load_preference_pairs
 from fastrl.train.model import Policy, frozen_copy, packing_works, pair_logps, prepare_for_training, sequence_layout
-from fastrl.train.packing import SequenceBatch, pack
+from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, precompute_pair_logps
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
@@ -92,15 +92,6 @@ def dpo_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss
         sums["slots"] += batch.slots
         sums["padded_slots"] += batch.padded_slots
     return dict(sums)
-
-
-def _reduce(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Means over processes (token counts summed), in one collective."""
-    names = sorted(metrics)
-    values = distributed.all_reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64, device=device))
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    counts = {"tokens", "slots", "padded_slots"}
-    return {k: float(v) if k in counts else float(v) / world for k, v in zip(names, values.tolist())}
 
 
 def train_dpo(config: DPOConfig) -> TrainResult:
@@ -173,11 +164,11 @@ def train_dpo(config: DPOConfig) -> TrainResult:
             micro_batches = [run.order.next() for _ in range(config.gradient_accumulation_steps)]
             local = dpo_step(policy, micro_batches, make_batch=make_batch, loss_fn=loss_fn, reference=reference,
                              autocast=run.autocast, telemetry=telemetry)
-            metrics = _reduce(local, world.device)
+            metrics = distributed.reduce_metrics(local, world.device, summed=COUNTS)
             tokens = metrics["tokens"]
 
             def step_record():
-                record = {**{k: v for k, v in metrics.items() if k not in ("tokens", "slots", "padded_slots")},
+                record = {**{k: v for k, v in metrics.items() if k not in COUNTS},
                           **precompute_record}
                 precompute_record.clear()  # reported once, on the first logged step
                 return record

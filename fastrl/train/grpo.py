@@ -55,7 +55,7 @@ from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
 from fastrl.train.model import Policy, completion_logps, frozen_copy, prepare_for_training
-from fastrl.train.online import (Completions, gather_rows, mean_over_processes, online_setup, reward_metrics, rollout,
+from fastrl.train.online import (Completions, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, optimize, plan_steps, resume, start_run
@@ -345,7 +345,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
 
             def step_record():
                 record.update({
-                    **mean_over_processes({k: v for k, v in local.items() if k != "train_tokens"}, world),
+                    **distributed.reduce_metrics({k: v for k, v in local.items() if k != "train_tokens"}, world.device),
                     "train_tokens": local["train_tokens"],
                     "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                     "completions/max_length": float(lengths.max()),

@@ -25,7 +25,7 @@ from fastrl.train.data import Prompts, load_prompts
 from fastrl.train.model import DTYPES, Policy, packing_works, sequence_layout
 from fastrl.train.run import Run
 
-__all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "mean_over_processes", "online_setup",
+__all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "online_setup",
            "reward_columns", "reward_metrics", "rollout", "sample_records", "score_completions", "step_generator"]
 
 
@@ -217,24 +217,6 @@ def gather_rows(local: torch.Tensor, world: distributed.World) -> torch.Tensor:
     if not world.distributed:
         return local
     return torch.cat(distributed.all_gather_object(local.cpu()))
-
-
-def mean_over_processes(metrics: dict[str, float], world: distributed.World) -> dict[str, float]:
-    """The mean of each metric over the processes (one collective; the metrics themselves in one process).
-
-    Args:
-        metrics: ``{name: float}``, the same names on every process.
-        world: the processes.
-
-    Returns:
-        ``{name: float}``, the means.
-    """
-    if not world.distributed:
-        return metrics
-    names = sorted(metrics)
-    values = distributed.all_reduce(torch.tensor([metrics[k] for k in names], dtype=torch.float64,
-                                                 device=world.device))
-    return {k: float(v) / world.world_size for k, v in zip(names, values.tolist())}
 
 
 def sample_records(completions: Completions, rewards: torch.Tensor, advantages: torch.Tensor | None, tokenizer,

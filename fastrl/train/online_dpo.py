@@ -41,7 +41,7 @@ from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
 from fastrl.train.model import Policy, frozen_copy, pair_logps, prepare_for_training
-from fastrl.train.online import (Completions, gather_rows, mean_over_processes, online_setup, reward_metrics, rollout,
+from fastrl.train.online import (Completions, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import Run, TrainResult, end_step, finish, open_telemetry, plan_steps, resume, save, start_run
@@ -223,7 +223,7 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                                         device=world.device)
             local = online_dpo_step(policy, micros, loss_fn=loss_fn, reference=reference, world=world,
                                     autocast=run.autocast, telemetry=telemetry)
-            metrics = mean_over_processes({k: v for k, v in local.items() if k != "pairs"}, world)
+            metrics = distributed.reduce_metrics({k: v for k, v in local.items() if k != "pairs"}, world.device)
 
             counts = distributed.all_reduce(torch.tensor(
                 [float(sum(len(p) + len(c) for p, c in zip(completions.prompts, completions.completions))),

@@ -27,7 +27,10 @@ import dataclasses
 
 import torch
 
-__all__ = ["SequenceBatch", "pack", "pad"]
+__all__ = ["COUNTS", "SequenceBatch", "pack", "pad"]
+
+# The batch counters a step sums over its micro-batches and processes (every other step metric is a mean).
+COUNTS = ("tokens", "slots", "padded_slots")
 
 
 @dataclasses.dataclass

@@ -41,13 +41,12 @@ from fastrl.train import distributed
 from fastrl.train.config import RMConfig
 from fastrl.train.data import PreferencePairs, load_preference_pairs
 from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
-from fastrl.train.packing import SequenceBatch, pack
+from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "last_token_batch", "rm_step", "sequence_scores", "train_rm"]
 
-COUNTS = ("tokens", "slots", "padded_slots")  # summed over processes; every other metric is a mean over pairs
 
 
 def last_token_batch(prompts: list[list[int]], completions: list[list[int]], *, layout=pack) -> SequenceBatch:
@@ -121,16 +120,6 @@ def rm_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss_
     return dict(sums)
 
 
-def _over_processes(local: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The step's metrics over every process, in one collective: each mean weighted by its process's
-    pairs, the counts summed."""
-    names = [k for k in sorted(local) if k != "pairs"]
-    weights = [1.0 if k in COUNTS else local["pairs"] for k in names]
-    totals = distributed.all_reduce(torch.tensor([local[k] * w for k, w in zip(names, weights)] + [local["pairs"]],
-                                                 dtype=torch.float64, device=device)).tolist()
-    return {k: v if k in COUNTS else v / totals[-1] for k, v in zip(names, totals)}
-
-
 def _warn_pad_endings(pairs: PreferencePairs, pad_id: int | None) -> None:
     if pad_id is None:
         return
@@ -186,7 +175,8 @@ def train_rm(config: RMConfig) -> TrainResult:
             micro_batches = [run.order.next() for _ in range(config.gradient_accumulation_steps)]
             local = rm_step(policy, micro_batches, make_batch=make_batch, loss_fn=loss_fn, margins=margins,
                             autocast=run.autocast, telemetry=telemetry)
-            metrics = _over_processes(local, world.device)
+            metrics = distributed.reduce_metrics({k: v for k, v in local.items() if k != "pairs"}, world.device,
+                                                 summed=COUNTS, weight=local["pairs"])  # means over pairs
             tokens = metrics["tokens"]
             end_step(run, step + 1, started=started, loss=metrics["loss"], tokens=tokens,
                      flops=tokens * 3 * run.forward_flops, layout=(tokens, metrics["slots"], metrics["padded_slots"]),

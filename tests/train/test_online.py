@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastrl.train.distributed import World
-from fastrl.train.online import Completions, gather_rows, mean_over_processes, sample_records, step_generator
+from fastrl.train.distributed import reduce_metrics
+from fastrl.train.online import Completions, gather_rows, sample_records, step_generator
 from fastrl.train.optim import NonFiniteSteps
 from fastrl.train.run import Run, end_step
 
@@ -113,7 +114,7 @@ def test_one_process_helpers_are_identities():
     rows = torch.arange(6.0).view(3, 2)
     assert gather_rows(rows, ONE) is rows
     metrics = {"loss": 1.5, "kl": 0.25}
-    assert mean_over_processes(metrics, ONE) == metrics
+    assert reduce_metrics(metrics, ONE.device) == metrics
 
 
 def test_step_generator_is_a_function_of_seed_rank_and_step():
