@@ -420,9 +420,7 @@ def dpo_loss(
             β > 0, weights >= 0) cost one device sync and are skipped under ``torch.compile``.
     """
     bco_delta = options.pop("bco_delta") if isinstance(options.get("bco_delta"), torch.Tensor) else None
-    s = settings
-    if options or type(s) is not DPOSettings:  # settings as given were checked when made
-        s = DPOSettings.from_options(settings, options, where="dpo_loss")
+    s = DPOSettings.from_options(settings, options, where="dpo_loss")
     _checks.check_tensor("chosen_logps", chosen_logps, ndim=1, dtypes=_FLOATS)
     device, n = chosen_logps.device, chosen_logps.shape[0]
     if n == 0:

@@ -128,8 +128,7 @@ def fused_linear_dpo_loss(
     tensors = {name: options.pop(name) for name in _PAIR_TENSORS if name in options}
     if isinstance(options.get("bco_delta"), torch.Tensor):
         tensors["bco_delta"] = options.pop("bco_delta")
-    if options or type(settings) is not DPOSettings:  # settings as given were checked when made
-        settings = DPOSettings.from_options(settings, options, where="fused_linear_dpo_loss")
+    settings = DPOSettings.from_options(settings, options, where="fused_linear_dpo_loss")
     labels, counts = _layout(hidden, labels, mask, cu_seqlens)
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, -100,
                                                      workspace_bytes)

@@ -104,8 +104,7 @@ def fused_linear_grpo_loss(
             bad settings; and as :func:`~fastrl.losses.grpo_loss`.
         TypeError: as :func:`~fastrl.losses.grpo_loss`.
     """
-    if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
-        settings = GRPOSettings.from_options(settings, options, where="fused_linear_grpo_loss")
+    settings = GRPOSettings.from_options(settings, options, where="fused_linear_grpo_loss")
     if not isinstance(mode, str) or mode not in _MODES:
         raise ValueError(f"mode must be one of {', '.join(_MODES)}; got {mode!r}")
     if (mask is None) == (cu_seqlens is None):

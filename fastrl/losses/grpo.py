@@ -152,8 +152,7 @@ def grpo_loss(
             (``cu_seqlens`` offsets, a 0/1 ``mask``, finite ``advantages``) cost one device sync and
             are skipped under ``torch.compile``.
     """
-    if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
-        settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
+    settings = GRPOSettings.from_options(settings, options, where="grpo_loss")
     prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                         sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
     stats = _stats_op(**prepared.tensors._asdict(), ints=prepared.ints, floats=prepared.floats)
@@ -203,8 +202,7 @@ def grpo_loss_grad(
         TypeError: as :func:`grpo_loss`.
         ValueError: as :func:`grpo_loss`.
     """
-    if options or type(settings) is not GRPOSettings:  # settings as given were checked when made
-        settings = GRPOSettings.from_options(settings, options, where="grpo_loss_grad")
+    settings = GRPOSettings.from_options(settings, options, where="grpo_loss_grad")
     with torch.no_grad():
         prepared = _prepare(settings, logps, old_logps, advantages, mask, cu_seqlens, ref_logps=ref_logps,
                             sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items_in_batch)
