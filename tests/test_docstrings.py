@@ -46,6 +46,7 @@ MODULES = [
     "fastrl.rollout.types",
     "fastrl.rollout.decoders",
     "fastrl.rollout.vllm_engine",
+    "fastrl.rollout.image",
     "fastrl.train.online",
     "fastrl.train.grpo",
     "fastrl.train.dpo",

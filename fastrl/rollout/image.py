@@ -66,9 +66,20 @@ def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
 class ImageModel:
     """A model that writes images as a fixed number of codes from a codebook; see the module docstring.
 
-    Built by :func:`image_model`. Attributes: ``kind``, ``model``, ``trunk`` (the decoder stack whose
-    forward takes ``inputs_embeds``), ``offset``, ``codebook`` (C), ``image_tokens`` (N), ``boi_id``,
-    ``eoi_id``, ``bos_id``, ``pad_id`` (each an int or None), ``text_vocab`` (the lm-head's rows).
+    Built by :func:`image_model` (which checks the arguments). ``trunk`` is the decoder stack whose
+    forward takes ``inputs_embeds``; ``text_vocab`` the lm-head's rows.
+
+    Args:
+        kind: ``"janus"`` or ``"range"``.
+        model: the Hugging Face model.
+        offset: the id of image code 0 in the model's id space.
+        codebook: C, the number of image codes.
+        image_tokens: N, the codes of one image.
+        boi_id: the begin-of-image token, or None.
+        eoi_id: the end-of-image token, or None.
+        bos_id: the begin-of-sequence token, or None.
+        pad_id: the pad token (the unconditional prompt's filler), or None.
+        decode: ``codes [n, N] -> pixels [n, H, W, 3]``, or None for the model's own (Janus).
     """
 
     def __init__(self, kind: str, model: nn.Module, *, offset: int, codebook: int, image_tokens: int,
@@ -123,8 +134,8 @@ class ImageModel:
         if not bool(is_image.any()):
             return text(ids)
         out = text(torch.where(is_image, 0, ids))
-        image = self.embed_codes((ids - self.offset).clamp(min=0, max=self.codebook - 1))
-        return torch.where(is_image[..., None], image.to(out.dtype), out)
+        image = self.embed_codes(ids[is_image] - self.offset)  # only the image positions go through the aligner
+        return out.index_put((is_image,), image.to(out.dtype))
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Input embeddings ``[..., H]`` of image codes ``[...]`` in ``[0, C)``."""
@@ -307,6 +318,19 @@ def tiny_janus_config(*, vocab_size: int = 64, codebook: int = 32, image_side: i
     Text ids: 0 pad, 1 bos, 2 eos; BOI / EOI default to the last two text ids. The VQ-VAE decodes to
     ``2 * image_side`` pixels a side (one upsampling).
 
+    Args:
+        vocab_size: the text vocabulary (lm-head rows).
+        codebook: C, the image codes.
+        image_side: the image is ``image_side`` x ``image_side`` codes.
+        hidden_size: the language model's width (also the image head's projection width; a multiple of
+            16 keeps the fused losses' fast paths).
+        layers: decoder layers.
+        heads: attention heads.
+        kv_heads: key/value heads.
+        max_positions: ``max_position_embeddings``.
+        boi_token_id: the begin-of-image id (default ``vocab_size - 2``).
+        eoi_token_id: the end-of-image id (default ``vocab_size - 1``).
+
     Returns:
         ``(config, boi_token_id, eoi_token_id)``.
     """
@@ -330,11 +354,19 @@ def tiny_janus_config(*, vocab_size: int = 64, codebook: int = 32, image_side: i
 
 
 def tiny_janus(*, seed: int = 0, dtype: torch.dtype = torch.float32, **config):
-    """A random ``JanusForConditionalGeneration`` from :func:`tiny_janus_config` (``**config`` its
-    arguments), eval mode, with ``boi_token_id`` / ``eoi_token_id`` in its generation config.
+    """A random ``JanusForConditionalGeneration`` from :func:`tiny_janus_config`, in eval mode.
 
-    Weights are redrawn with std 0.5 for the image parts so that a random model's image logits are not
-    all ties (Janus's own init gives near-constant logits at this size).
+    Its generation config holds ``boi_token_id`` / ``eoi_token_id``. The image parts' weights are
+    redrawn with std 0.5 so that a random model's image logits are not all ties (Janus's own init
+    gives near-constant logits at this size). The global random state is left as it was.
+
+    Args:
+        seed: the weights' seed.
+        dtype: the parameters' dtype.
+        **config: the arguments of :func:`tiny_janus_config`.
+
+    Returns:
+        The model.
     """
     from transformers import JanusForConditionalGeneration
 
