@@ -16,9 +16,16 @@ TORCH_LIBRARY(fastrl, m) {
   // renormalised distribution it was drawn from (both fp32). Bad rows raise ValueError, unless an
   // `error` word (int64 [2] on logits' device) is given: then a bad row gets token -1 and NaN log-probs,
   // the word keeps the smallest error code (no host sync), and sample_check on a cpu copy raises it.
+  // Classifier-free guidance: with `uncond` (the unconditional logits, logits' shape and dtype) and
+  // cfg_weight w != 1 the op samples from the mix u + (c - u) * w, formed in fp32 per element as it
+  // reads the rows (a -inf in either branch bans the token; NaN or +inf in either makes the row bad);
+  // w == 1 ignores uncond. `cond_logprobs` (fp32 [B], written in place, if given) receives the log-prob
+  // of each token under softmax(logits / T), the conditional branch alone (the log-prob output when
+  // there is no mix). Rows may be strided views (element stride 1), e.g. a range of the vocabulary.
   m.def(
       "sample(Tensor logits, Tensor seed, float temperature, int top_k, float top_p, float min_p, "
-      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor(a!)? error=None) "
+      "Tensor? temperatures, Tensor? top_ks, Tensor? top_ps, Tensor? min_ps, Tensor(a!)? error=None, "
+      "Tensor? uncond=None, float cfg_weight=1.0, Tensor(b!)? cond_logprobs=None) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   // Raises the ValueError recorded in a (cpu) error word of fastrl::sample, if any.

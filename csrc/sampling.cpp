@@ -13,6 +13,10 @@
 // inverse CDF: one uniform u per row from Philox4x32-10 keyed by (seed, row), target u * Z_kept,
 // found with per-block partial sums. Rows run in parallel (at::parallel_for); a row's result
 // depends only on (seed, row, its data), not on the thread count.
+//
+// Classifier-free guidance (an `uncond` tensor and cfg_weight w != 1): each row is first mixed into
+// x = u + (c - u) * w (fp32), then sampled as above; the conditional branch's log-prob of the drawn
+// token (softmax(c / T)) is computed from c afterwards when asked for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -441,6 +445,54 @@ RowResult sample_row(const float* x, int64_t v, const RowParams& prm, uint64_t s
   return {token, static_cast<float>(s - std::log(z)), static_cast<float>(s - std::log(z_kept))};
 }
 
+// Classifier-free guidance: the mixed row x = u + (c - u) * w, in fp32 in that order (Hugging Face's
+// ClassifierFreeGuidanceLogitsProcessor), written into the workspace. A -inf in either branch bans the
+// token (-inf); NaN or +inf in either branch gives NaN, which the row check reports. No fused
+// multiply-add (the CUDA kernel and the torch reference round the product and the sum separately).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTRL_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#else
+#define FASTRL_NO_CONTRACT
+#endif
+
+template <typename T>
+FASTRL_NO_CONTRACT const float* mixed_row(const T* c, const T* u, int64_t n, float w, Workspace& ws) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+  float* dst = ws.x.data();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t i = 0; i < n; ++i) {
+    const float ci = static_cast<float>(c[i]), ui = static_cast<float>(u[i]);
+    const float d = ci - ui;
+    const float mixed = ui + d * w;
+    dst[i] = !(ci <= FLT_MAX && ui <= FLT_MAX) ? nan : (ci == -kInf || ui == -kInf) ? -kInf : mixed;
+  }
+  return dst;
+}
+
+// Log-prob of `token` under softmax(c / T) over the row (the conditional branch of a guided draw),
+// with the exp and the double sum of the sampler's own log-probs. Greedy (T = 0): the T -> 0 limit,
+// -log(number of tied maxima of c) when c[token] is one of them, else -inf. Every entry is finite or
+// -inf and c[token] is finite (the caller checked the row).
+template <typename T>
+float cond_logprob(const T* c, int64_t n, double temperature, int64_t token) {
+  float m = -kInf;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, static_cast<float>(c[i]));
+  const float ct = static_cast<float>(c[token]);
+  if (temperature == 0.0) {
+    if (ct != m) return -kInf;
+    int64_t ties = 0;
+    for (int64_t i = 0; i < n; ++i) ties += static_cast<float>(c[i]) == m;
+    return -std::log(static_cast<float>(ties));
+  }
+  const float inv_t =
+      static_cast<float>(std::clamp(1.0 / temperature, static_cast<double>(FLT_MIN), static_cast<double>(FLT_MAX)));
+  double z = 0.0;
+  for (int64_t i = 0; i < n; ++i) z += exp_nonpositive((static_cast<float>(c[i]) - m) * inv_t);
+  return static_cast<float>((ct - m) * inv_t - std::log(z));
+}
+
 // A row as fp32: fp32 rows are read in place, bf16/fp16 rows converted into the workspace.
 const float* row_as_float(const float* src, int64_t, Workspace&) { return src; }
 
@@ -456,8 +508,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
     double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
     const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps,
-    const std::optional<at::Tensor>& error) {
+    const std::optional<at::Tensor>& error, const std::optional<at::Tensor>& uncond_in, double cfg_weight,
+    const std::optional<at::Tensor>& cond_logprobs) {
   check_logits(logits_in);
+  check_cfg_weight(cfg_weight);
+  if (uncond_in.has_value()) check_uncond(*uncond_in, logits_in);
+  const bool cfg = uncond_in.has_value() && cfg_weight != 1.0;  // w == 1: the plain path, uncond unread
+  float* clp = cond_logprobs_out(cond_logprobs, logits_in);
   const auto dtype = logits_in.scalar_type();
   TORCH_CHECK_VALUE(seed.device().is_cpu() && seed.scalar_type() == at::kLong && seed.numel() >= 1,
                     "seed must be a cpu int64 tensor with one element");
@@ -513,13 +570,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   }
 
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor uncond;
+  if (cfg) uncond = uncond_in->stride(1) == 1 ? *uncond_in : uncond_in->contiguous();
+  const float w = static_cast<float>(cfg_weight);
   auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
   auto filtered_logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
   if (rows == 0) return {tokens, logprobs, filtered_logprobs};
 
   const uint64_t seed_value = static_cast<uint64_t>(seed.data_ptr<int64_t>()[0]);
-  const int64_t row_stride = logits.stride(0);
+  const int64_t row_stride = logits.stride(0), uncond_stride = cfg ? uncond.stride(0) : 0;
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* lp = logprobs.data_ptr<float>();
   float* flp = filtered_logprobs.data_ptr<float>();
@@ -529,19 +589,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     tok[r] = -1;
     lp[r] = std::numeric_limits<float>::quiet_NaN();
     flp[r] = std::numeric_limits<float>::quiet_NaN();
+    if (clp) clp[r] = std::numeric_limits<float>::quiet_NaN();
   };
 
-  auto run = [&](auto* base) {
+  auto run = [&](auto* base, auto* ubase) {
     using scalar_t = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       static thread_local Workspace ws;
-      ws.reserve(v, !std::is_same_v<scalar_t, float>);
+      ws.reserve(v, cfg || !std::is_same_v<scalar_t, float>);
       for (int64_t r = begin; r < end; ++r) {
         if (bad_setting[static_cast<size_t>(r)]) {
           mark_bad(r);
           continue;
         }
-        const float* x = row_as_float(base + r * row_stride, v, ws);
+        const scalar_t* c = base + r * row_stride;
+        const float* x = cfg ? mixed_row(c, ubase + r * uncond_stride, v, w, ws) : row_as_float(c, v, ws);
         int64_t err = kOk;
         const RowResult res = sample_row(x, v, params[static_cast<size_t>(r)], seed_value, r, ws, &err);
         if (err != kOk) {
@@ -557,15 +619,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
         tok[r] = res.token;
         lp[r] = res.logprob;
         flp[r] = res.filtered_logprob;
+        if (clp) clp[r] = cfg ? cond_logprob(c, v, params[static_cast<size_t>(r)].temperature, res.token) : res.logprob;
       }
     });
   };
   if (dtype == at::kFloat) {
-    run(logits.const_data_ptr<float>());
+    run(logits.const_data_ptr<float>(), cfg ? uncond.const_data_ptr<float>() : nullptr);
   } else if (dtype == at::kBFloat16) {
-    run(logits.const_data_ptr<at::BFloat16>());
+    run(logits.const_data_ptr<at::BFloat16>(), cfg ? uncond.const_data_ptr<at::BFloat16>() : nullptr);
   } else {
-    run(logits.const_data_ptr<at::Half>());
+    run(logits.const_data_ptr<at::Half>(), cfg ? uncond.const_data_ptr<at::Half>() : nullptr);
   }
 
   const uint64_t code = first_error.load();

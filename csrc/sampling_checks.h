@@ -36,6 +36,32 @@ const T* row_setting(const std::optional<at::Tensor>& t, const at::Tensor& logit
   return t->const_data_ptr<T>();
 }
 
+// The unconditional logits of classifier-free guidance: the shape, dtype and device of logits.
+inline void check_uncond(const at::Tensor& uncond, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(uncond.device() == logits.device(), "uncond must be on the same device as logits (",
+                    logits.device(), "), got ", uncond.device());
+  TORCH_CHECK_VALUE(uncond.scalar_type() == logits.scalar_type(), "uncond must have the dtype of logits (",
+                    logits.scalar_type(), "), got ", uncond.scalar_type());
+  TORCH_CHECK_VALUE(uncond.sizes() == logits.sizes(), "uncond must have the shape of logits ", logits.sizes(),
+                    ", got ", uncond.sizes());
+}
+
+inline void check_cfg_weight(double w) {
+  TORCH_CHECK_VALUE(std::isfinite(w) && w >= 0.0, "cfg_weight must be finite and >= 0, got ", w);
+}
+
+// The output of the conditional branch's log-probs: fp32 [rows], contiguous, on logits' device.
+inline float* cond_logprobs_out(const std::optional<at::Tensor>& out, const at::Tensor& logits) {
+  if (!out.has_value()) return nullptr;
+  TORCH_CHECK_VALUE(out->device() == logits.device(), "cond_logprobs must be on the same device as logits (",
+                    logits.device(), "), got ", out->device());
+  TORCH_CHECK_VALUE(out->scalar_type() == at::kFloat && out->dim() == 1 && out->size(0) == logits.size(0) &&
+                        out->is_contiguous(),
+                    "cond_logprobs must be a contiguous float32 tensor of shape [", logits.size(0), "], got ",
+                    out->scalar_type(), " of shape ", out->sizes());
+  return out->data_ptr<float>();
+}
+
 // One setting's value for `row`.
 inline void check_temperature(double value, int64_t row) {
   TORCH_CHECK_VALUE(value >= 0.0 && std::isfinite(value), "temperature must be finite and >= 0, got ", value,

@@ -113,6 +113,10 @@ def sample(
     generator: torch.Generator | None = None,
     return_filtered_logprobs: bool = False,
     errors: SampleErrors | None = None,
+    uncond_logits: torch.Tensor | None = None,
+    cfg_weight: float = 1.0,
+    token_range: tuple[int, int] | None = None,
+    return_cond_logprobs: bool = False,
 ):
     """Draw one token per row of ``logits``, after temperature, top-k, top-p and min-p filtering.
 
@@ -130,6 +134,15 @@ def sample(
     Each setting is a number for every row or a tensor of per-row values (``[B]``, or 0-d: one
     value for all rows) on the logits' device.
 
+    Classifier-free guidance: with ``uncond_logits`` and ``cfg_weight`` w the op draws from the mix
+    ``u + (c - u) * w`` (c = ``logits``, u = ``uncond_logits``; Hugging Face's order), formed in fp32
+    per element while it reads the rows, so no mixed ``[B, V]`` tensor is built. A ``-inf`` in either
+    branch bans the token; NaN or ``+inf`` in either is a bad row. ``w == 1`` (or no ``uncond_logits``)
+    is the unguided sampler exactly. ``token_range=(lo, hi)`` restricts the draw to the tokens
+    ``[lo, hi)`` (e.g. the image codes of a vocabulary): the op reads the strided view
+    ``logits[:, lo:hi]`` (nothing copied or masked), so every softmax and filter is over that range,
+    and the returned tokens are vocabulary ids in ``[lo, hi)``.
+
     Args:
         logits: ``[B, V]`` fp32, bf16 or fp16, V >= 1.
         temperature: >= 0 (0 = greedy); a number, or a ``[B]`` floating tensor.
@@ -142,12 +155,22 @@ def sample(
             renormalised distribution it was drawn from.
         errors: a :class:`SampleErrors` on the logits' device: the row checks are deferred to
             ``errors.check()`` (no sync per call), and a bad row gets token -1 and NaN log-probs.
+        uncond_logits: the unconditional branch's logits for classifier-free guidance: the shape,
+            dtype and device of ``logits``; None: no guidance.
+        cfg_weight: the guidance weight w, a real >= 0 (1: no guidance; 0: the unconditional branch).
+        token_range: ``(lo, hi)`` with ``0 <= lo < hi <= V``: only those tokens can be drawn; None:
+            the whole vocabulary.
+        return_cond_logprobs: also return each token's log-prob under ``softmax(logits / T)`` over
+            the range (the conditional branch alone, without the guidance mix).
 
     Returns:
         ``(tokens [B] int64, logprobs [B] fp32)``, ``logprobs`` being each token's log-prob under
         ``softmax(logits / T)`` (what importance-sampling corrections need; 0 - or -log(#tied
-        maxima) - for greedy rows). With ``return_filtered_logprobs=True`` a third tensor, ``[B]``
-        fp32, holds its log-prob under the filtered, renormalised distribution.
+        maxima) - for greedy rows); under guidance and a range: ``softmax(mix / T)`` over the range.
+        With ``return_filtered_logprobs=True`` a next tensor, ``[B]`` fp32, holds its log-prob under
+        the filtered, renormalised distribution; with ``return_cond_logprobs=True`` a last one, ``[B]``
+        fp32, its log-prob under the conditional branch (equal to ``logprobs`` without guidance;
+        greedy rows: ``-log(#tied maxima of logits)`` at a maximum of ``logits``, else ``-inf``).
 
     Raises:
         TypeError: an argument of the wrong kind (e.g. a ``generator`` that is not a
@@ -163,6 +186,20 @@ def sample(
     if vocab == 0:
         raise ValueError("logits must have a non-empty vocabulary dimension, got shape (B, 0)")
     _checks.check_bool("return_filtered_logprobs", return_filtered_logprobs)
+    _checks.check_bool("return_cond_logprobs", return_cond_logprobs)
+    w = _checks.check_real("cfg_weight", cfg_weight, low=0.0)
+    if uncond_logits is not None:
+        _checks.check_tensor("uncond_logits", uncond_logits, dtypes=(logits.dtype,), device=logits.device)
+        if uncond_logits.shape != logits.shape:
+            raise ValueError(f"uncond_logits must have the shape of logits {tuple(logits.shape)}, "
+                             f"got {tuple(uncond_logits.shape)}")
+    uncond = uncond_logits if w != 1.0 else None  # w == 1: the unguided path, uncond_logits unread
+    lo = 0
+    if token_range is not None:
+        lo, hi = _token_range(token_range, vocab)
+        logits = logits[:, lo:hi]  # a row-strided view: the op reads it in place
+        uncond = None if uncond is None else uncond[:, lo:hi]
+        vocab = hi - lo
     dev = logits.device
     t, t_rows = _setting("temperature", temperature, rows, dev, integer=False,
                          check=lambda n, v: _checks.check_real(n, v, low=0.0))
@@ -183,34 +220,59 @@ def sample(
     if not torch.compiler.is_compiling() and (dispatch.requested_backend() == "torch"
                                               or (dev.type == "cuda" and not _extension.cuda_enabled())):
         try:
-            out = _sample_reference(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows)
+            out = _sample_reference(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows, uncond, w)
         except ValueError as e:
             if errors is None:
                 raise
             errors._record(str(e))  # this path has checked on the host already; every row is marked bad
-            out = (torch.full((rows,), -1, dtype=torch.int64, device=dev),
-                   torch.full((rows,), float("nan"), device=dev), torch.full((rows,), float("nan"), device=dev))
+            nan = torch.full((rows,), float("nan"), device=dev)
+            out = (torch.full((rows,), -1, dtype=torch.int64, device=dev), nan, nan.clone(), nan.clone())
+        tokens, logprobs, filtered, cond = out
     else:
         _extension.require("fastrl.sampling.sample")
         word = None if errors is None else errors.word
-        out = torch.ops.fastrl.sample(logits, seed, t, k, p, m, t_rows, k_rows, p_rows, m_rows, word)
-    return out if return_filtered_logprobs else out[:2]
+        cond = None
+        if return_cond_logprobs and uncond is not None:
+            cond = torch.empty(rows, dtype=torch.float32, device=dev)
+        tokens, logprobs, filtered = torch.ops.fastrl.sample(logits, seed, t, k, p, m, t_rows, k_rows, p_rows,
+                                                             m_rows, word, uncond, w, cond)
+        if return_cond_logprobs and cond is None:
+            cond = logprobs.clone()  # no guidance: the conditional branch is what was sampled
+    if lo:
+        tokens = torch.where(tokens >= 0, tokens + lo, tokens)  # bad rows keep token -1
+    out = (tokens, logprobs) + ((filtered,) if return_filtered_logprobs else ())
+    return out + ((cond,) if return_cond_logprobs else ())
 
 
-def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps):
+def _token_range(token_range, vocab: int) -> tuple[int, int]:
+    """(lo, hi) of a ``token_range`` argument, checked against the vocabulary size."""
+    if isinstance(token_range, (str, bytes)) or not hasattr(token_range, "__len__") or len(token_range) != 2:
+        raise TypeError(f"token_range must be a pair (lo, hi) of ints, got {token_range!r}")
+    lo, hi = (_checks.check_int("token_range", x) for x in token_range)
+    if not 0 <= lo < hi <= vocab:
+        raise ValueError(f"token_range must satisfy 0 <= lo < hi <= V = {vocab}, got ({lo}, {hi})")
+    return lo, hi
+
+
+def _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps,
+                      uncond=None, cfg_weight=1.0):
     """The torch path (``FASTRL_BACKEND=torch``, and CUDA tensors when the extension was built
     without its CUDA kernels): same distribution and, through :func:`torch_impl.philox_uniform`, the
-    same uniforms as the C++ and CUDA samplers."""
+    same uniforms as the C++ and CUDA samplers. Returns tokens, log-probs, filtered log-probs and the
+    conditional branch's log-probs."""
     settings = {
         "temperature": temperature if temperatures is None else temperatures,
         "top_k": top_k if top_ks is None else top_ks,
         "top_p": top_p if top_ps is None else top_ps,
         "min_p": min_p if min_ps is None else min_ps,
     }
-    _check_row_values(logits, settings)
+    if uncond is not None and cfg_weight != 1.0:
+        _check_row_values(torch_impl.cfg_logits(logits, uncond, cfg_weight), settings)
+    else:
+        _check_row_values(logits, settings)
     s = int(seed.reshape(-1)[0].item())
     u = torch.tensor([torch_impl.philox_uniform(s, r) for r in range(logits.shape[0])], dtype=torch.float64)
-    return torch_impl.sample(logits, u, **settings)
+    return torch_impl.sample(logits, u, uncond=uncond, cfg_weight=cfg_weight, return_cond_logprobs=True, **settings)
 
 
 def _check_row_values(logits: torch.Tensor, settings: dict) -> None:
@@ -238,16 +300,22 @@ def _register_sample_op() -> None:
     (with it, csrc/cuda/sampling_ops.cpp registers the CUDA kernel for the op)."""
 
     @torch.library.register_fake("fastrl::sample")
-    def _(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps, error=None):
+    def _(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps, error=None,
+          uncond=None, cfg_weight=1.0, cond_logprobs=None):
         rows = logits.shape[0]
         return (logits.new_empty(rows, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32),
                 logits.new_empty(rows, dtype=torch.float32))
 
     if not _extension.cuda_enabled():
         def _cuda_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps, min_ps,
-                            error=None):  # checks on the host, so raises at once even with an error word
-            return _sample_reference(logits, seed, temperature, top_k, top_p, min_p, temperatures, top_ks, top_ps,
-                                     min_ps)
+                            error=None, uncond=None, cfg_weight=1.0, cond_logprobs=None):
+            # checks on the host, so raises at once even with an error word
+            tokens, logprobs, filtered, cond = _sample_reference(logits, seed, temperature, top_k, top_p, min_p,
+                                                                 temperatures, top_ks, top_ps, min_ps, uncond,
+                                                                 cfg_weight)
+            if cond_logprobs is not None:
+                cond_logprobs.copy_(cond)
+            return tokens, logprobs, filtered
 
         torch.library.register_kernel("fastrl::sample", "cuda", _cuda_reference)
 

@@ -56,8 +56,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits_in, const at::Tensor& seed, double temperature, int64_t top_k, double top_p,
     double min_p, const std::optional<at::Tensor>& temperatures, const std::optional<at::Tensor>& top_ks,
     const std::optional<at::Tensor>& top_ps, const std::optional<at::Tensor>& min_ps,
-    const std::optional<at::Tensor>& error_word) {
+    const std::optional<at::Tensor>& error_word, const std::optional<at::Tensor>& uncond_in, double cfg_weight,
+    const std::optional<at::Tensor>& cond_logprobs) {
   check_logits(logits_in);
+  check_cfg_weight(cfg_weight);
+  if (uncond_in.has_value()) check_uncond(*uncond_in, logits_in);
+  const bool cfg = uncond_in.has_value() && cfg_weight != 1.0;  // w == 1: the plain path, uncond unread
+  float* clp = cond_logprobs_out(cond_logprobs, logits_in);
+  TORCH_CHECK(!cfg, "fastrl.sample: classifier-free guidance is not in the CUDA kernel yet");
   const auto dtype = logits_in.scalar_type();
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor here, got ", logits_in.device());
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
@@ -124,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const int rc = gpu::launch_sample(a, stream);
   TORCH_CHECK(rc == 0, "fastrl.sample: CUDA launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(rc)));
 
+  if (clp && !cfg) cond_logprobs->copy_(logprobs);  // no guidance: the conditional branch is what was sampled
   // Deferred: nothing more here; the caller reads the word when it checks (fastrl.sampling.SampleErrors).
   if (deferred) return {tokens, logprobs, filtered_logprobs};
   raise_if_error(error, stream);

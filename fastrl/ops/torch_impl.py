@@ -44,17 +44,50 @@ def _per_row(value, rows: int, dtype: torch.dtype, device: torch.device) -> torc
     return torch.full((rows, 1), value, dtype=dtype, device=device)
 
 
+def cfg_logits(logits: torch.Tensor, uncond: torch.Tensor | None, cfg_weight: float = 1.0) -> torch.Tensor:
+    """The classifier-free-guidance mix the samplers draw from: ``u + (c - u) * w`` per element in fp32,
+    in that order (Hugging Face's ``ClassifierFreeGuidanceLogitsProcessor``), each step rounded.
+
+    A ``-inf`` in either branch bans the token; NaN or ``+inf`` in either gives NaN. ``uncond`` None or
+    ``w == 1``: ``logits`` itself, unread ``uncond`` (the samplers' unguided path).
+    """
+    if uncond is None or cfg_weight == 1.0:
+        return logits
+    c, u = logits.float(), uncond.float()
+    w = torch.tensor(float(cfg_weight), dtype=torch.float32)  # rounded to fp32, as the kernels do
+    mixed = u + (c - u) * w
+    banned = (c == float("-inf")) | (u == float("-inf"))
+    bad = torch.isnan(c) | torch.isnan(u) | (c == float("inf")) | (u == float("inf"))
+    mixed = torch.where(banned, float("-inf"), mixed)
+    return torch.where(bad, float("nan"), mixed)
+
+
+def cond_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature=1.0) -> torch.Tensor:
+    """fp32 [B]: each token's log-prob under ``softmax(logits / T)`` (fp64 inside); greedy rows (T = 0)
+    the T -> 0 limit: ``-log(number of tied maxima)`` at a maximum, ``-inf`` elsewhere."""
+    rows = logits.shape[0]
+    t = _per_row(temperature, rows, torch.float64, logits.device)
+    x = logits.double()
+    top = x.max(-1, keepdim=True).values
+    at = tokens.reshape(rows, 1)
+    logp = torch.log_softmax((x - top) / torch.where(t == 0, 1.0, t), dim=-1).gather(-1, at)
+    is_max = x == top
+    greedy = torch.where(is_max.gather(-1, at), -is_max.sum(-1, keepdim=True).double().log(), float("-inf"))
+    return torch.where(t == 0, greedy, logp).squeeze(-1).float()
+
+
 def sampling_distribution(logits: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
-                          min_p=0.0) -> torch.Tensor:
+                          min_p=0.0, uncond: torch.Tensor | None = None, cfg_weight: float = 1.0) -> torch.Tensor:
     """The distribution :func:`fastrl.sampling.sample` draws from, as fp64 probabilities [B, V].
 
-    In order (Hugging Face's order of logits warpers): ``p = softmax(logits / T)``; top-k keeps the
+    With ``uncond`` and ``cfg_weight`` the logits are first the guided mix :func:`cfg_logits`. In order (Hugging Face's order of logits warpers): ``p = softmax(logits / T)``; top-k keeps the
     tokens whose ``p`` is at least the k-th largest (ties kept, 0 = off); top-p, on the top-k set
     renormalised, keeps token i when the mass of the tokens strictly more probable than i is below
     ``top_p`` (the smallest set reaching ``top_p``, ties kept); min-p keeps ``p >= min_p * max p``.
     The kept probabilities are renormalised. ``T = 0`` is greedy: the T -> 0 limit, uniform over
     the tied maxima. Each setting is a number or a per-row tensor [B].
     """
+    logits = cfg_logits(logits, uncond, cfg_weight)
     rows, vocab = logits.shape
     dev = logits.device
     x = logits.double()
@@ -88,13 +121,24 @@ def sampling_distribution(logits: torch.Tensor, *, temperature=1.0, top_k=0, top
 
 
 def sample(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature=1.0, top_k=0, top_p=1.0,
-           min_p=0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           min_p=0.0, uncond: torch.Tensor | None = None, cfg_weight: float = 1.0,
+           return_cond_logprobs: bool = False):
     """Inverse-CDF draw from :func:`sampling_distribution` with the given uniforms [B] in [0, 1).
 
     Returns tokens [B] int64, the log-prob of each under softmax(logits / T) and under the filtered
     distribution (fp32). The token is the first index whose cumulative probability exceeds ``u``.
     Greedy rows (T = 0) take the first maximum, with log-prob -log(number of tied maxima).
+    With ``uncond`` and ``cfg_weight`` the draw and those two log-probs are those of the guided mix
+    :func:`cfg_logits`; ``return_cond_logprobs=True`` appends :func:`cond_logprobs` of ``logits`` (the
+    conditional branch) at the drawn tokens.
     """
+    if uncond is not None and cfg_weight != 1.0:
+        out = sample(cfg_logits(logits, uncond, cfg_weight), uniforms, temperature=temperature, top_k=top_k,
+                     top_p=top_p, min_p=min_p)
+        return (*out, cond_logprobs(logits, out[0], temperature)) if return_cond_logprobs else out
+    if return_cond_logprobs:
+        out = sample(logits, uniforms, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        return (*out, out[1].clone())
     rows, vocab = logits.shape
     probs = sampling_distribution(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     cdf = probs.cumsum(-1)
