@@ -15,6 +15,8 @@ within fp32 rounding of a CDF boundary.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from fastrl import _checks, _extension
@@ -245,10 +247,12 @@ def sample(
 
 
 def _token_range(token_range, vocab: int) -> tuple[int, int]:
-    """(lo, hi) of a ``token_range`` argument, checked against the vocabulary size."""
-    if isinstance(token_range, (str, bytes)) or not hasattr(token_range, "__len__") or len(token_range) != 2:
-        raise TypeError(f"token_range must be a pair (lo, hi) of ints, got {token_range!r}")
-    lo, hi = (_checks.check_int("token_range", x) for x in token_range)
+    """(lo, hi) of a ``token_range`` argument, checked against the vocabulary size (any fault, the
+    kind of value included, is a ValueError naming ``token_range``)."""
+    pair = isinstance(token_range, (tuple, list)) and len(token_range) == 2
+    if not pair or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in token_range):
+        raise ValueError(f"token_range must be a pair (lo, hi) of ints, got {token_range!r}")
+    lo, hi = int(token_range[0]), int(token_range[1])
     if not 0 <= lo < hi <= vocab:
         raise ValueError(f"token_range must satisfy 0 <= lo < hi <= V = {vocab}, got ({lo}, {hi})")
     return lo, hi
