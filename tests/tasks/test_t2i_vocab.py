@@ -10,9 +10,11 @@ from fastrl.tasks.t2i.grid import ITEMS
 
 def test_sizes():
     v = Vocab()
-    assert v.sizes == {"special": 7, "prompt_words": 21, "plan_words": 7, "image": 13, "total": 48}
-    assert len(v) == 48 and v.pad_id == 0
-    assert Vocab(grid_size=4).sizes["total"] == 46
+    # the image marks <boi> / <eoi> close the text vocabulary (37 ids: a Janus model's lm-head rows)
+    assert v.sizes == {"special": 7, "prompt_words": 21, "plan_words": 7, "image_marks": 2, "text": 37, "image": 13,
+                       "total": 50}
+    assert len(v) == 50 and v.pad_id == 0 and v.text_size == 37 and v.codebook == 13
+    assert Vocab(grid_size=4).sizes["total"] == 48
 
 
 def test_every_token_round_trips():
@@ -80,3 +82,32 @@ def test_canvas_ascii_round_trip():
         Canvas.from_ascii("Rc Xx\n.. ..")
     with pytest.raises(ValueError, match="two objects"):
         Canvas.from_objects(2, [(0, 0, "red", "circle"), (0, 0, "blue", "circle")])
+
+
+def test_image_codes_are_unified_ids():
+    """Image code c has id text_size + c: code 0 the empty cell, then the 12 objects in ITEMS order."""
+    v = Vocab()
+    assert v.image_id(None) == v.text_size and v.code(v.empty_id) == 0
+    for c, item in enumerate(ITEMS, start=1):
+        assert v.image_id(item) == v.text_size + c and v.code(v.image_id(item)) == c
+    assert v.boi_id < v.text_size and v.eoi_id < v.text_size
+    with pytest.raises(ValueError, match="not an image token"):
+        v.code(v.boi_id)
+
+
+def test_image_completion_format():
+    """The image model's format: the prompt ends with <boi> (no plan), or the plan ends with it; no <eos>."""
+    v = Vocab()
+    c = Canvas.from_objects(6, [Placed(0, 5, "red", "circle"), Placed(3, 2, "yellow", "triangle")])
+    assert v.encode_prompt("a red circle", boi=True)[-2:] == [v.sep_id, v.boi_id]
+    plain = v.encode_image_completion(c)
+    assert len(plain) == 36 and all(v.is_image(t) for t in plain)
+    planned = v.encode_image_completion(c, c.objects())
+    assert planned[0] == v.plan_id and planned[-37] == v.boi_id and planned[-36:] == plain
+    for ids in (plain, planned, planned + [v.eoi_id], plain + [v.eos_id, v.pad_id]):
+        read = v.decode_completion(ids)
+        assert read.canvas == c and not read.malformed
+    codes, plan, problems = v.read_completion(planned)
+    assert codes == [v.code(t) for t in plain] and plan == tuple(c.objects()) and problems == ()
+    codes, _, problems = v.read_completion(plain[:30] + [v.id("red")])
+    assert len(codes) == 36 and codes[30:] == [0] * 6 and len(problems) == 2

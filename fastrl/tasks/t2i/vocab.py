@@ -1,14 +1,21 @@
-"""The tokenizer of the text-to-image-token task: prompt words, plan words, image tokens, special tokens.
+"""The tokenizer of the text-to-image-token task: prompt words, plan words, image marks, image tokens.
 
-A training sequence is ``<bos> prompt words <sep> [<plan> plan </plan>] image tokens <eos>``:
+Two sequence formats share the ids. The image-model format (the demo's Janus policy,
+:meth:`Vocab.encode_image_completion`): the prompt ``<bos> prompt words <sep>`` then, without a plan,
+``<boi>`` (begin of image; the prompt ends with it, as Janus's processor writes it); the completion is
+``[<plan> plan </plan> <boi>] image tokens``: an optional plan through the text head, then exactly
+size × size image tokens, row-major, one per cell (``<empty>`` or ``<red-circle>`` etc.), no end token
+(the image has a fixed length). The text format (:meth:`Vocab.encode_completion`, a causal LM writing
+the cells as words): ``[<plan> plan </plan>] image tokens <eos>`` after ``<bos> words <sep>``. The plan
+(chain of thought, ``--cot``) lists objects as ``<obj> red circle at 2 3`` (row, column).
 
-- the prompt (``encode_prompt``) ends with ``<sep>``; the completion the model writes starts after it;
-- the optional plan (chain of thought, ``--cot``) lists objects as ``<obj> red circle at 2 3`` (row, column);
-- then exactly size × size image tokens, row-major, one per cell: ``<empty>`` or ``<red-circle>`` etc.
-
-Ids are plain ints: special tokens first (``<pad>`` is 0), then prompt words, plan words, and the image
-tokens as one contiguous block (``Vocab.image_ids``). For the default 6 × 6 canvas: 7 special tokens,
-21 prompt words, 7 plan words (``at`` and the coordinates 0-5), 13 image tokens; 48 in all.
+Ids are plain ints: special tokens first (``<pad>`` is 0), then prompt words, plan words, the image marks
+``<boi>`` / ``<eoi>`` (the text vocabulary ends here: ``Vocab.text_size`` ids, a Janus model's lm-head
+rows), and the image tokens as one contiguous block (``Vocab.image_ids``) in code order: image code
+``c`` (0 = empty, then the 12 colour-shape objects of :data:`~fastrl.tasks.t2i.grid.ITEMS`) has id
+``text_size + c``, the "unified" id of the image model's code ``c``. For the default 6 × 6 canvas: 7
+special tokens, 21 prompt words, 7 plan words (``at`` and the coordinates 0-5), 2 image marks (37 text
+tokens), 13 image tokens; 50 in all.
 """
 
 from __future__ import annotations
@@ -22,9 +29,12 @@ PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 RELATIONS = ("left of", "right of", "above", "below")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<plan>", "</plan>", "<obj>")
+IMAGE_MARKS = ("<boi>", "<eoi>")  # begin / end of image: the last two text tokens
 PROMPT_WORDS = ("a", "and", *NUMBER_WORDS.values(), *COLOURS, *SHAPES, *PLURALS.values(),
                 "left", "right", "of", "above", "below")
 EMPTY_TOKEN = "<empty>"
+CODE_ITEMS: tuple[tuple[str, str] | None, ...] = (None, *ITEMS)
+"""What image code ``c`` draws: ``CODE_ITEMS[c]`` (code 0 the empty cell); 13 codes."""
 
 
 def image_token(item: tuple[str, str] | None) -> str:
@@ -52,13 +62,16 @@ class Vocab:
             raise ValueError(f"grid_size must be in [1, 16], got {grid_size}")
         self.grid_size = grid_size
         self.plan_words = ("at", *(str(i) for i in range(grid_size)))
-        self.tokens: tuple[str, ...] = (*SPECIAL_TOKENS, *PROMPT_WORDS, *self.plan_words,
-                                        EMPTY_TOKEN, *(image_token(item) for item in ITEMS))
+        self.tokens: tuple[str, ...] = (*SPECIAL_TOKENS, *PROMPT_WORDS, *self.plan_words, *IMAGE_MARKS,
+                                        *(image_token(item) for item in CODE_ITEMS))
         self._ids = {t: i for i, t in enumerate(self.tokens)}
         self.pad_id, self.bos_id, self.eos_id, self.sep_id, self.plan_id, self.plan_end_id, self.obj_id = (
             self._ids[t] for t in SPECIAL_TOKENS)
+        self.boi_id, self.eoi_id = (self._ids[t] for t in IMAGE_MARKS)
         self.empty_id = self._ids[EMPTY_TOKEN]
         self.image_ids = range(self.empty_id, len(self.tokens))
+        self.text_size = self.empty_id  # ids below are text (an image model's lm-head rows); code c is text_size + c
+        self.codebook = len(CODE_ITEMS)
         self._items: dict[int, tuple[str, str] | None] = {self._ids[image_token(it)]: it for it in (None, *ITEMS)}
 
     def __len__(self) -> int:
@@ -69,9 +82,11 @@ class Vocab:
 
     @property
     def sizes(self) -> dict[str, int]:
-        """Token counts by kind: special, prompt words, plan words, image, total."""
+        """Token counts by kind: special, prompt words, plan words, image marks, text (all of those), image,
+        total."""
         return {"special": len(SPECIAL_TOKENS), "prompt_words": len(PROMPT_WORDS), "plan_words": len(self.plan_words),
-                "image": len(self.image_ids), "total": len(self)}
+                "image_marks": len(IMAGE_MARKS), "text": self.text_size, "image": len(self.image_ids),
+                "total": len(self)}
 
     def id(self, token: str) -> int:
         try:
@@ -110,6 +125,12 @@ class Vocab:
         """The id of a cell's image token (``None`` = empty)."""
         return self._ids[image_token(item)]
 
+    def code(self, token_id: int) -> int:
+        """The image code (``0 <= c < codebook``) of an image token's id; a non-image id raises ``ValueError``."""
+        if token_id not in self._items:
+            raise ValueError(f"token id {token_id} is not an image token")
+        return token_id - self.text_size
+
     def image_item(self, token_id: int) -> tuple[str, str] | None:
         """The cell an image token draws (``None`` = empty); a non-image id raises ``ValueError``."""
         if token_id not in self._items:
@@ -118,9 +139,10 @@ class Vocab:
 
     # -- sequences ---------------------------------------------------------------------------------------
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """``<bos> words <sep>``: the prompt the model continues."""
-        return [self.bos_id, *self.encode(text), self.sep_id]
+    def encode_prompt(self, text: str, *, boi: bool = False) -> list[int]:
+        """``<bos> words <sep>``: the prompt the model continues; with ``boi`` then ``<boi>`` (the image
+        model's prompt when no plan comes first)."""
+        return [self.bos_id, *self.encode(text), self.sep_id, *([self.boi_id] if boi else [])]
 
     def decode_prompt(self, ids: Iterable[int]) -> str:
         """The prompt's words (padding, ``<bos>`` and everything from ``<sep>`` on are dropped)."""
@@ -148,18 +170,27 @@ class Vocab:
         head = self.encode_plan(plan) if plan is not None else []
         return head + [self.image_id(item) for item in canvas.cells] + [self.eos_id]
 
-    def decode_completion(self, ids: Iterable[int]) -> Completion:
-        """Read a generated completion leniently; never raises on bad content.
+    def encode_image_completion(self, canvas: Canvas, plan: Sequence[Placed] | None = None) -> list[int]:
+        """``[plan <boi>] image tokens``: what the image model writes after its prompt (the prompt ends with
+        ``<boi>`` when there is no plan: :meth:`encode_prompt` with ``boi=True``)."""
+        cells = self.encode_completion(canvas)[:-1]
+        return cells if plan is None else self.encode_plan(plan) + [self.boi_id] + cells
 
-        Reading stops at the first ``<eos>`` (a missing ``<eos>`` is accepted: generation may stop at its
-        token budget) and trailing ``<pad>`` are dropped. An optional plan section comes first. Then the
-        image tokens: any other token is a problem and its cell stays empty; fewer or more than
-        size × size tokens is a problem (the canvas is cut or filled with empty cells). ``problems``
-        lists what was wrong; the scorer treats any problem as a malformed completion.
+    def read_completion(self, ids: Iterable[int]) -> tuple[list[int], tuple[Placed, ...] | None, tuple[str, ...]]:
+        """``(codes, plan, problems)`` of a completion in either format, read leniently (never raises on bad
+        content): exactly size × size image codes (a cell that could not be read is code 0, empty), the
+        plan (None when none was written) and what was wrong.
+
+        Reading stops at the first ``<eos>`` or ``<eoi>`` (a missing one is accepted: the image model
+        writes none, and generation may stop at its token budget) and trailing ``<pad>`` are dropped. An
+        optional plan section comes first, then an optional ``<boi>``. Then the image tokens: any other
+        token is a problem and its cell stays empty; fewer or more than size × size tokens is a problem
+        (the canvas is cut or filled with empty cells).
         """
         seq = _ints(ids)
-        if self.eos_id in seq:
-            seq = seq[:seq.index(self.eos_id)]
+        for end_id in (self.eos_id, self.eoi_id):
+            if end_id in seq:
+                seq = seq[:seq.index(end_id)]
         while seq and seq[-1] == self.pad_id:
             seq.pop()
         problems: list[str] = []
@@ -173,14 +204,22 @@ class Vocab:
             else:
                 problems.append("plan section without </plan>")
                 seq = []
+        if seq and seq[0] == self.boi_id:
+            seq = seq[1:]
         n = self.grid_size * self.grid_size
         bad = sum(1 for t in seq if t not in self._items)
         if bad:
             problems.append(f"{bad} non-image token(s) among the image tokens")
         if len(seq) != n:
             problems.append(f"{len(seq)} image tokens, expected {n}")
-        cells = [self._items.get(t) for t in seq[:n]] + [None] * max(0, n - len(seq))
-        return Completion(Canvas(self.grid_size, tuple(cells)), plan, tuple(problems))
+        codes = [t - self.text_size if t in self._items else 0 for t in seq[:n]] + [0] * max(0, n - len(seq))
+        return codes, plan, tuple(problems)
+
+    def decode_completion(self, ids: Iterable[int]) -> Completion:
+        """Read a generated completion leniently (:meth:`read_completion`); never raises on bad content.
+        ``problems`` lists what was wrong; the scorer treats any problem as a malformed completion."""
+        codes, plan, problems = self.read_completion(ids)
+        return Completion(Canvas(self.grid_size, tuple(CODE_ITEMS[c] for c in codes)), plan, problems)
 
     def _read_plan(self, body: list[int]) -> tuple[tuple[Placed, ...], list[str]]:
         """Plan entries ``<obj> colour shape at row col``; entries that do not parse are problems."""
