@@ -127,7 +127,7 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
 
 # ---------------------------------------------------------------------------------------------- rewards
 
-def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[dict[str, Any]]:
+def reward_columns(data: Prompts, completions: Completions, tokenizer, image=None) -> list[dict[str, Any]]:
     """The keyword arguments of each completion's reward call.
 
     Its data row (without ``prompt_ids`` / ``completion_ids``), ``completion`` (text, with a
@@ -137,13 +137,17 @@ def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[d
         data: the run's :class:`~fastrl.train.data.Prompts`.
         completions: the step's :class:`Completions`.
         tokenizer: decodes the completions, or None (no ``completion`` text).
+        image: on an image run its :class:`~fastrl.rollout.image.ImageModel`: ``completion`` is then
+            the text before the image (the plan, or empty), the image codes are not decoded as text.
 
     Returns:
         One dict per completion.
     """
     texts = None
     if tokenizer is not None:  # one call for the batch (a fast tokenizer decodes it in Rust)
-        texts = tokenizer.batch_decode(completions.completions, skip_special_tokens=True)
+        text_parts = completions.completions if image is None else \
+            [c[:max(0, len(c) - image.image_tokens)] for c in completions.completions]
+        texts = tokenizer.batch_decode(text_parts, skip_special_tokens=True)
     stopped = completions.stopped.tolist()
     out = []
     for i, row in enumerate(completions.rows):
@@ -156,7 +160,7 @@ def reward_columns(data: Prompts, completions: Completions, tokenizer) -> list[d
 
 
 def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, completions: Completions,
-                      tokenizer) -> torch.Tensor:
+                      tokenizer, *, image=None) -> torch.Tensor:
     """The rewards of this process's completions (NaN = unscorable).
 
     Args:
@@ -164,12 +168,15 @@ def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, 
         data: the run's :class:`~fastrl.train.data.Prompts`.
         completions: the step's :class:`Completions`.
         tokenizer: decodes the completions for text rewards, or None.
+        image: the run's :class:`~fastrl.rollout.image.ImageModel` on an image-generation run (its
+            completions' images are decoded once for the rewards that ask for ``images``), else None.
 
     Returns:
         ``[N, R]`` fp32, one column per reward.
     """
     return rewards_lib.score(rewards, completions.prompts, completions.completions,
-                             reward_columns(data, completions, tokenizer))
+                             reward_columns(data, completions, tokenizer, image), image=image,
+                             group_size=completions.group_size)
 
 
 def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:

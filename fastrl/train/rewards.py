@@ -28,11 +28,25 @@ NaN means *unscorable*: the sample is left out of the reward statistics and gets
 (GRPO) or is never paired (online DPO). An inf, a non-number or a wrong number of values raises
 :class:`RewardError` naming the reward.
 
+**Images.** On a run that generates images (``image_generation`` in the config), a reward whose
+signature names an ``images`` parameter gets the completions' pixels: each completion's image codes
+(its last ``image_tokens`` tokens) are decoded once per step, in batches
+(:meth:`fastrl.rollout.image.ImageModel.decode`), and the same pixels go to every reward that asks.
+A batched reward gets ``images`` as a uint8 ``[N, H, W, 3]`` tensor, a per-sample one gets its
+completion's ``[H, W, 3]``; a parameter named ``pil_images`` gets ``PIL.Image`` objects instead (a
+list, or one; Pillow must be installed). A reward naming ``group_size`` gets G, the completions per
+prompt (rows ``[g G, (g + 1) G)`` share a prompt). Asking for images on a text-only run is a
+:class:`RewardError` naming the reward. :mod:`fastrl.train.image_rewards` has image-text and pairwise
+preference models built on this; a pairwise one also leaves its preference matrix for the
+``pref_grpo`` estimator (:func:`pairwise_preferences`).
+
 A **reward model** is a local ``AutoModelForSequenceClassification`` directory (``reward_model``)
 or, from Python, any ``nn.Module`` whose ``forward(input_ids, attention_mask)`` returns a score per
 row (a tensor ``[N]`` / ``[N, 1]``, or an output with ``.logits [N, 1]``); it reads prompt +
 completion token ids (the policy's vocabulary unless it has its own tokenizer, then the text is
-re-tokenised), right-padded, ``reward_batch_size`` sequences per forward, without gradients.
+re-tokenised), right-padded, ``reward_batch_size`` sequences per forward, without gradients. A
+``reward_model`` given as a mapping ``{kind: clip | clip_preference, path: DIR, ...}`` is an image
+reward model instead (:func:`fastrl.train.image_rewards.image_reward_model`).
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ import inspect
 import math
 import os
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +68,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["RewardError", "RewardFunction", "RewardModel", "load_rewards", "reward_function", "score"]
+from fastrl.train.telemetry import IMAGE_STATS
+
+__all__ = ["IMAGE_ARGS", "RewardError", "RewardFunction", "RewardModel", "decode_images", "load_rewards",
+           "pairwise_preferences", "reward_function", "score"]
+
+IMAGE_ARGS = ("images", "pil_images")  # the parameter names that ask for the completions' images
 
 
 class RewardError(ValueError):
@@ -73,6 +93,10 @@ class RewardFunction:
         keywords: the column keywords ``fn`` accepts; None: it takes ``**kwargs`` (every column).
         is_model: ``fn`` is a learned reward model.
         options: extra settings of this reward.
+        image_args: the image parameters its signature names (``images`` and / or ``pil_images``).
+        wants_group_size: its signature names ``group_size`` (it gets G).
+        preferences: after a :func:`score` call, a pairwise reward's ``[N, G]`` fp32 preference
+            matrix (its ``last_preferences``), else None.
     """
 
     fn: Callable
@@ -83,6 +107,9 @@ class RewardFunction:
     keywords: frozenset[str] | None = None  # None: the function takes **kwargs
     is_model: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    image_args: frozenset[str] = frozenset()
+    wants_group_size: bool = False
+    preferences: torch.Tensor | None = None
 
     def select(self, columns: dict[str, Any]) -> dict[str, Any]:
         if self.keywords is None:
@@ -169,20 +196,23 @@ def reward_function(spec: str | Callable, where: str = "reward_funcs") -> Reward
         signature = None
     keywords = None
     batched = bool(getattr(fn, "batched", False))
+    named: set[str] = set()
     if signature is not None:
         params = list(signature.parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
             raise RewardError(f"{label}: must take (prompt_ids, completion_ids, **columns); its signature is "
                               f"{signature}")
+        named = {p.name for p in params[2:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         if not any(p.kind == p.VAR_KEYWORD for p in params):
-            keywords = frozenset(p.name for p in params[2:] if p.kind != p.VAR_POSITIONAL)
+            keywords = frozenset(named)
         if positional and not hasattr(fn, "batched"):
             first = positional[0]
             batched = _is_list_annotation(first.annotation) or first.name in ("prompts", "batch")
     name = getattr(fn, "__name__", None) or type(fn).__name__
     is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
-    return RewardFunction(fn=fn, name=name, where=label, batched=batched, is_async=is_async, keywords=keywords)
+    return RewardFunction(fn=fn, name=name, where=label, batched=batched, is_async=is_async, keywords=keywords,
+                          image_args=frozenset(named & set(IMAGE_ARGS)), wants_group_size="group_size" in named)
 
 
 def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None, *, field_name: str = "reward_funcs",
@@ -194,7 +224,10 @@ def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None,
 
     Args:
         reward_funcs: each a ``"module:function"`` string or a callable (:func:`reward_function`).
-        reward_model: a local model directory or an ``nn.Module`` (:class:`RewardModel`), or None.
+        reward_model: a local model directory or an ``nn.Module`` (:class:`RewardModel`), an image
+            reward model (a ``{kind: ..., path: ...}`` mapping, see
+            :func:`fastrl.train.image_rewards.image_reward_model`, or one of that module's objects),
+            or None.
         field_name: prefixes the error messages (``GRPOConfig.reward_funcs``).
         tokenizer: the policy's tokenizer, for a reward model with its own vocabulary.
         batch_size: sequences per reward-model forward.
@@ -210,8 +243,19 @@ def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None,
     rewards = []
     for i, spec in enumerate(reward_funcs):
         rewards.append(reward_function(spec, f"{field_name}[{i}]"))
-    if reward_model is not None:
-        where = field_name.rsplit(".", 1)[0] + ".reward_model" if "." in field_name else "reward_model"
+    where = field_name.rsplit(".", 1)[0] + ".reward_model" if "." in field_name else "reward_model"
+    if isinstance(reward_model, dict) or getattr(reward_model, "image_reward", False):
+        from fastrl.train.image_rewards import image_reward_model
+
+        try:
+            model = image_reward_model(reward_model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                                       dtype=dtype, where=where)
+        except (TypeError, ValueError) as e:
+            raise RewardError(str(e) if str(e).startswith(where) else f"{where}: {e}") from e
+        reward = reward_function(model, where)
+        reward.name, reward.is_model = getattr(model, "__name__", "reward_model"), True
+        rewards.append(reward)
+    elif reward_model is not None:
         model = RewardModel(reward_model, batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
                             where=where)
         rewards.append(RewardFunction(fn=model, name="reward_model", where=where, batched=True, is_model=True))
@@ -370,12 +414,51 @@ def _run(coroutine):
         return pool.submit(asyncio.run, coroutine).result()
 
 
+def decode_images(image, completion_ids: Sequence[Sequence[int]], *, batch_size: int = 16) -> torch.Tensor:
+    """The pixels of N image completions: each one's codes decoded once, ``batch_size`` at a time.
+
+    Args:
+        image: the run's :class:`~fastrl.rollout.image.ImageModel`.
+        completion_ids: N completions' token ids (unified ids), each ending with its image's codes.
+        batch_size: images per decoder call (>= 1).
+
+    Returns:
+        uint8 ``[N, H, W, 3]`` on the CPU (``[0, 0, 0, 3]`` for no completion).
+
+    Raises:
+        ValueError: a completion whose last ``image_tokens`` tokens are not image codes (naming the row),
+            a ``batch_size`` < 1.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    started = time.perf_counter()
+    codes = image.codes(list(completion_ids))
+    if codes.shape[0] == 0:
+        return torch.zeros(0, 0, 0, 3, dtype=torch.uint8)
+    pixels = torch.cat([image.decode(codes[i:i + batch_size]) for i in range(0, codes.shape[0], batch_size)])
+    IMAGE_STATS.add("decoded", codes.shape[0], time.perf_counter() - started)
+    return pixels
+
+
+def _pil(pixels: torch.Tensor, where: str) -> list:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise RewardError(f"{where}: asks for pil_images, which needs Pillow (pip install pillow); or name the "
+                          f"parameter images to get a uint8 [N, H, W, 3] tensor") from None
+    return [Image.fromarray(p.numpy()) for p in pixels]  # uint8 [H, W, 3] is an RGB image
+
+
 def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
-          columns: Sequence[dict[str, Any]]) -> torch.Tensor:
+          columns: Sequence[dict[str, Any]], *, image=None, group_size: int | None = None,
+          decode_batch_size: int = 16) -> torch.Tensor:
     """Rewards of N completions under R rewards.
 
     Async rewards are awaited together, every call of every async function concurrently, in one
-    event loop (a fresh one in a worker thread when the caller already runs a loop).
+    event loop (a fresh one in a worker thread when the caller already runs a loop). When a reward
+    asks for images (its signature names ``images`` or ``pil_images``), every completion's image is
+    decoded once (:func:`decode_images`) and shared by all the rewards that ask; their count and time
+    go to the telemetry (``images/decoded_per_s``, ``images/scored_per_s``).
 
     Args:
         rewards: the R rewards (:func:`load_rewards`).
@@ -383,31 +466,65 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         completion_ids: the N completions' token ids.
         columns: ``columns[i]`` are the keyword arguments of completion i (its data row and
             extras).
+        image: the run's :class:`~fastrl.rollout.image.ImageModel` on an image-generation run, else
+            None.
+        group_size: G, completions per prompt (rows ``[g G, (g + 1) G)`` share a prompt), for the
+            rewards that name ``group_size``; None: not known.
+        decode_batch_size: images per decoder call.
 
     Returns:
         ``[N, R]`` fp32, NaN where a reward returned None or NaN (unscorable).
 
     Raises:
-        RewardError: a reward returned an inf, a non-number or a wrong number of values, naming it.
+        RewardError: a reward returned an inf, a non-number or a wrong number of values, naming it; a
+            reward asks for images on a run without image generation (``image`` None), naming it.
     """
     n = len(completion_ids)
     table = torch.full((n, len(rewards)), math.nan, dtype=torch.float32)
     names = sorted({k for c in columns for k in c})
     lists = {k: [c.get(k) for c in columns] for k in names}
+    pixels = pil = None
+    for reward in rewards:
+        if reward.image_args and image is None:
+            raise RewardError(f"{reward.where}: asks for images (its signature names "
+                              f"{' and '.join(sorted(reward.image_args))}) but the run has no image generation "
+                              f"(set image_generation in the config, or drop this reward)")
+    if any(r.image_args for r in rewards):
+        pixels = decode_images(image, completion_ids, batch_size=decode_batch_size)
+    for reward in rewards:
+        if "pil_images" in reward.image_args and pil is None:
+            pil = _pil(pixels, reward.where)
+
+    def extras(reward: RewardFunction, i: int | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if "images" in reward.image_args:
+            out["images"] = pixels if i is None else pixels[i]
+        if "pil_images" in reward.image_args:
+            out["pil_images"] = pil if i is None else pil[i]
+        if reward.wants_group_size:
+            out["group_size"] = group_size
+        return out
+
     pending: list[tuple[int, Any]] = []
+    scored, seconds = 0, 0.0
     for j, reward in enumerate(rewards):
+        started = time.perf_counter()
+        reward.preferences = None
         if reward.batched:
-            out = reward.fn(list(prompt_ids), list(completion_ids), **reward.select(lists))
+            out = reward.fn(list(prompt_ids), list(completion_ids), **reward.select(lists), **extras(reward, None))
             if inspect.isawaitable(out):
                 pending.append((j, out))
             else:
                 table[:, j] = torch.tensor(_as_list(reward, out, n))
         else:
-            outs = [reward.fn(p, c, **reward.select(kw)) for p, c, kw in zip(prompt_ids, completion_ids, columns)]
+            outs = [reward.fn(p, c, **reward.select(kw), **extras(reward, i))
+                    for i, (p, c, kw) in enumerate(zip(prompt_ids, completion_ids, columns))]
             if outs and inspect.isawaitable(outs[0]):
                 pending.append((j, outs))
             else:
                 table[:, j] = torch.tensor([_value(reward, v, i) for i, v in enumerate(outs)])
+        if reward.image_args:
+            scored, seconds = scored + n, seconds + time.perf_counter() - started
     if pending:
         async def gather_all():
             jobs = []
@@ -415,9 +532,38 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
                 jobs.append(asyncio.gather(*out) if isinstance(out, list) else out)
             return await asyncio.gather(*jobs)
 
-        for (j, _), out in zip(pending, _run(gather_all())):
+        started = time.perf_counter()
+        results = _run(gather_all())
+        if any(rewards[j].image_args for j, _ in pending):
+            seconds += time.perf_counter() - started
+        for (j, _), out in zip(pending, results):
             table[:, j] = torch.tensor(_as_list(rewards[j], out, n))
+    for reward in rewards:
+        found = getattr(reward.fn, "last_preferences", None) if getattr(reward.fn, "pairwise", False) else None
+        if found is not None:
+            reward.preferences = found
+    if scored:
+        IMAGE_STATS.add("scored", scored, seconds)
     return table
+
+
+def pairwise_preferences(rewards: Sequence[RewardFunction]) -> torch.Tensor | None:
+    """The preference matrix of the last :func:`score` call's pairwise rewards, for ``pref_grpo``.
+
+    A pairwise reward (an object with ``pairwise = True``, e.g.
+    :class:`fastrl.train.image_rewards.ImagePreferenceReward`) leaves ``P[i, k]`` = how much sample i
+    beats sample ``g G + k`` of its group g; several pairwise rewards are averaged.
+
+    Args:
+        rewards: the run's rewards, after :func:`score`.
+
+    Returns:
+        ``[N, G]`` fp32 on the CPU, or None when no reward left one.
+    """
+    found = [r.preferences for r in rewards if r.preferences is not None]
+    if not found:
+        return None
+    return torch.stack([f.float().cpu() for f in found]).mean(0)
 
 
 def combine(table: torch.Tensor, weights: Sequence[float] | None) -> torch.Tensor:

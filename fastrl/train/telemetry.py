@@ -2,6 +2,14 @@
 asked for, phase timings, throughput, an MFU estimate and device memory / utilisation / power.
 
 Only process 0 writes. Metrics arrive already averaged over processes (the step reduces them).
+
+Besides ``time/<phase>`` (seconds in each phase since the last record), a record holds, when a
+reward phase ran, ``time/reward_share``: the reward phase's seconds over the wall-clock seconds since
+the last record (the share of the steps spent scoring). On runs whose rewards read images
+(:mod:`fastrl.train.rewards`): ``images/decoded`` and ``images/decoded_per_s`` (images decoded to
+pixels since the last record, and per second of decoding: the VQ decoder's throughput), and
+``images/scored`` and ``images/scored_per_s`` (images scored, counted once per image reward, and per
+second spent in those rewards). These counts are this process's (process 0's on a multi-process run).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Telemetry", "flops_per_token", "peak_flops"]
+__all__ = ["IMAGE_STATS", "ImageStats", "Telemetry", "flops_per_token", "peak_flops"]
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a substring of the CUDA device name.
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -69,6 +77,48 @@ def flops_per_token(model: torch.nn.Module) -> float:
     return 2.0 * n
 
 
+class ImageStats:
+    """Counts and seconds of image work (decoding, scoring) since they were last taken.
+
+    The reward code adds to the process-wide :data:`IMAGE_STATS`; :meth:`Telemetry.log` takes them
+    into each record (``images/<kind>`` and ``images/<kind>_per_s``).
+    """
+
+    def __init__(self):
+        self.counts: dict[str, int] = defaultdict(int)
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, kind: str, count: int, seconds: float) -> None:
+        """Count ``count`` images of ``kind`` (``"decoded"``, ``"scored"``) done in ``seconds``.
+
+        Args:
+            kind: what was done to them.
+            count: how many images (>= 0).
+            seconds: the time it took (>= 0).
+        """
+        self.counts[kind] += int(count)
+        self.seconds[kind] += float(seconds)
+
+    def take(self) -> dict[str, float]:
+        """The metrics since the last call, then zero.
+
+        Returns:
+            ``{"images/<kind>": count, "images/<kind>_per_s": count / seconds}`` per kind seen (the
+            rate is left out when no time was measured).
+        """
+        out: dict[str, float] = {}
+        for kind, count in self.counts.items():
+            out[f"images/{kind}"] = count
+            if self.seconds[kind] > 0:
+                out[f"images/{kind}_per_s"] = count / self.seconds[kind]
+        self.counts.clear()
+        self.seconds.clear()
+        return out
+
+
+IMAGE_STATS = ImageStats()  # the process's image counters (fastrl.train.rewards adds to them)
+
+
 class _NVML:
     def __init__(self, device: torch.device):
         self.handle = None
@@ -116,7 +166,8 @@ class Telemetry:
 
     def __init__(self, config, *, total_steps: int, device: torch.device, is_main: bool, start_step: int = 0):
         self.device, self.is_main = device, is_main
-        self.started = time.perf_counter()
+        self.started = self.last_log = time.perf_counter()
+        IMAGE_STATS.take()  # counts from before this run are not its own
         self.phases: dict[str, float] = defaultdict(float)
         self.out = Path(config.output_dir)
         self.jsonl = self.tb = self.wandb = self.bar = None
@@ -168,10 +219,16 @@ class Telemetry:
         return {"memory/peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        """Write ``metrics`` (plus ``time/<phase>`` seconds since the last log and device figures)."""
+        """Write ``metrics`` (plus ``time/<phase>`` seconds since the last log, ``time/reward_share``,
+        the image counters of the module docstring and device figures)."""
+        now = time.perf_counter()
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         record.update({f"time/{k}": v for k, v in self.phases.items()})
-        record["elapsed_s"] = time.perf_counter() - self.started
+        if "reward" in self.phases and now > self.last_log:
+            record["time/reward_share"] = self.phases["reward"] / (now - self.last_log)
+        record.update(IMAGE_STATS.take())
+        record["elapsed_s"] = now - self.started
+        self.last_log = now
         record.update(self.device_metrics())
         self.phases.clear()
         if not self.is_main:
