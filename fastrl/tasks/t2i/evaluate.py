@@ -28,7 +28,7 @@ TABLE_GROUPS = (("in_domain", "In-domain (T2I-CompBench-style)", IN_DOMAIN_CATEG
 class EvalRecord:
     prompt: PromptSpec
     completion_ids: tuple[int, ...]
-    canvas: Canvas  # as read from the completion (leniently, if malformed)
+    canvas: Canvas  # as read from the completion (leniently, if malformed), or by the detector from its pixels
     score: Score
 
 
@@ -51,24 +51,28 @@ class SplitEval:
 
 
 def evaluate(generate: Generate, prompts: Sequence[PromptSpec], vocab: Vocab, *, batch_size: int = 64,
+             read: Callable[[list[tuple[int, ...]]], Sequence[Canvas]] | None = None, boi: bool = False,
              **score_options) -> SplitEval:
     """Generate a completion for each prompt (``batch_size`` prompts per call) and score it.
 
-    ``score_options`` go to :func:`~fastrl.tasks.t2i.scorer.score_completion` (``clutter_penalty``,
-    ``malformed_scale``).
+    ``read``: completions -> the canvases to score (e.g. :func:`~fastrl.tasks.t2i.pixels.detect_completions`:
+    drawn to pixels and read back by the detector); default: the canvas the tokens say. ``boi``: the
+    prompts end with ``<boi>`` (the image model's format without a plan). ``score_options`` go to
+    :func:`~fastrl.tasks.t2i.scorer.score_completion` (``clutter_penalty``, ``malformed_scale``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     records = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        completions = generate([vocab.encode_prompt(p.text) for p in batch])
+        completions = generate([vocab.encode_prompt(p.text, boi=boi) for p in batch])
         if len(completions) != len(batch):
             raise ValueError(f"generate returned {len(completions)} completions for {len(batch)} prompts")
-        for spec, ids in zip(batch, completions):
-            ids = tuple(ids.tolist() if hasattr(ids, "tolist") else (int(t) for t in ids))
-            records.append(EvalRecord(spec, ids, vocab.decode_completion(ids).canvas,
-                                      score_completion(spec, ids, vocab, **score_options)))
+        completions = [tuple(ids.tolist() if hasattr(ids, "tolist") else (int(t) for t in ids)) for ids in completions]
+        canvases = [vocab.decode_completion(ids).canvas for ids in completions] if read is None else read(completions)
+        for spec, ids, canvas in zip(batch, completions, canvases):
+            records.append(EvalRecord(spec, ids, canvas, score_completion(spec, ids, vocab, canvas=canvas,
+                                                                          **score_options)))
     return SplitEval(tuple(records))
 
 

@@ -54,6 +54,7 @@ import torch
 from fastrl.tasks.t2i.data import preference_pair, reward_model_ids, sample_canvas, sft_examples
 from fastrl.tasks.t2i.evaluate import SplitEval, evaluate, markdown_table, results_table
 from fastrl.tasks.t2i.grid import COLOURS, ITEMS, Canvas, Placed
+from fastrl.tasks.t2i.pixels import detect_completions, pixel_reward
 from fastrl.tasks.t2i.prompts import PromptSpec, make_prompt_sets
 from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, make_reward_fn, score_canvas
 from fastrl.tasks.t2i.vocab import Vocab
@@ -287,7 +288,8 @@ def evaluate_policy(model, prompts: Sequence[PromptSpec], vocab: Vocab, settings
         return sample_completions(model, batch, vocab, num_samples=1, max_new_tokens=max_new_tokens,
                                   temperature=settings.eval_temperature, generator=generator, prompts_per_call=512)
 
-    return evaluate(generate, [p for p in prompts for _ in range(settings.eval_samples)], vocab, batch_size=512)
+    return evaluate(generate, [p for p in prompts for _ in range(settings.eval_samples)], vocab, batch_size=512,
+                    read=lambda completions: detect_completions(completions, vocab))
 
 
 def grid_panels(evals: dict[str, dict[str, SplitEval]], count: int) -> dict[str, list]:
@@ -320,7 +322,7 @@ def curve_panels(histories: dict[str, list[dict[str, Any]]],
 
     panels = {"SFT: completion NLL (nats per token)": {"SFT": series(histories["SFT"], "loss")},
               "DPO: implicit-reward accuracy on its pairs": {"DPO": series(histories["DPO"], "rewards/accuracies")},
-              "GRPO: scorer reward of its rollouts": {"GRPO": series(histories["GRPO"], "reward/scorer/mean")}}
+              "GRPO: detector reward of its rollouts": {"GRPO": series(histories["GRPO"], "reward/detector/mean")}}
     if rm_history:
         panels["Reward model: Bradley–Terry accuracy on its batches"] = {
             "reward model": series(rm_history, "rewards/accuracies")}
@@ -380,8 +382,8 @@ def open_study(settings: DemoSettings, out_dir: str | Path, log: Callable[[str],
     common = {"tokenizer": str(tokenizer_dir), "max_prompt_length": longest_prompt, "max_completion_length": budget,
               "device": device, "seed": settings.seed, "progress": True, "keep_checkpoints": 1, "log_every": 1,
               "lr_scheduler": "cosine"}
-    train_reward = scorer_reward(vocab, pass_weight=settings.reward_pass_weight,
-                                 clutter_penalty=settings.reward_clutter_penalty)
+    train_reward = pixel_reward(vocab, pass_weight=settings.reward_pass_weight,
+                                clutter_penalty=settings.reward_clutter_penalty)
     run = ", ".join(x for x in ("quick run" if settings.quick else "full run", "plan first (--cot)" if settings.cot
                                 else "", f"training reward: {settings.reward}", f"seed {settings.seed}",
                                 f"device {device}") if x)

@@ -36,10 +36,11 @@ import torch
 
 from fastrl.tasks.t2i.grid import COLOURS, SHAPES, Canvas
 from fastrl.tasks.t2i.prompts import PromptSpec, parse_prompt
-from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, MALFORMED_SCALE, Score, score_canvas
+from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, MALFORMED_SCALE, Score, score_canvas, score_completion
 from fastrl.tasks.t2i.vocab import CODE_ITEMS, Vocab
 
-__all__ = ["PALETTE", "PATCH", "WHITE", "decode_codes", "detect", "glyph_masks", "pixel_reward", "score_images"]
+__all__ = ["PALETTE", "PATCH", "WHITE", "decode_codes", "detect", "detect_completions", "glyph_masks", "pixel_reward",
+           "score_images"]
 
 PATCH = 8
 """Pixels a side of one cell's glyph."""
@@ -146,6 +147,16 @@ def detect(images: torch.Tensor, *, size: int = 6, min_pixels: int | None = None
     return out
 
 
+def detect_completions(completions: Sequence[Iterable[int]], vocab: Vocab, *, patch: int = PATCH) -> list[Canvas]:
+    """What the detector sees in each completion's image: its codes
+    (:meth:`~fastrl.tasks.t2i.vocab.Vocab.read_completion`, either format) drawn by :func:`decode_codes`,
+    then :func:`detect`."""
+    if not completions:
+        return []
+    codes = torch.tensor([vocab.read_completion(c)[0] for c in completions], dtype=torch.long)
+    return detect(decode_codes(codes, size=vocab.grid_size, patch=patch), size=vocab.grid_size)
+
+
 def score_images(specs: Sequence[PromptSpec | None], images: torch.Tensor, *, size: int = 6,
                  clutter_penalty: float = CLUTTER_PENALTY) -> list[Score | None]:
     """The scorer's verdict on the objects :func:`detect` finds in each image (None where the spec is)."""
@@ -183,22 +194,17 @@ def pixel_reward(vocab: Vocab | None = None, *, pass_weight: float = 0.0, clutte
         return specs[text]
 
     def reward(prompt_ids, completion_ids, **columns) -> list[float]:
-        read = [vocab.read_completion(c) for c in completion_ids]
-        if not read:
-            return []
-        codes = torch.tensor([codes for codes, _, _ in read], dtype=torch.long)
-        images = decode_codes(codes, size=vocab.grid_size, patch=patch)
-        scores = score_images([spec_of(p) for p in prompt_ids], images, size=vocab.grid_size,
-                              clutter_penalty=clutter_penalty)
+        completion_ids = list(completion_ids)
         out = []
-        for score, (_, _, problems) in zip(scores, read):
-            if score is None:
+        for prompt, ids, canvas in zip(prompt_ids, completion_ids, detect_completions(completion_ids, vocab,
+                                                                                        patch=patch)):
+            spec = spec_of(prompt)
+            if spec is None:
                 out.append(0.0)
                 continue
-            value, passed = score.reward, score.passed
-            if problems:
-                value, passed = value * malformed_scale, False
-            out.append((1.0 - pass_weight) * value + pass_weight * float(passed))
+            score = score_completion(spec, ids, vocab, clutter_penalty=clutter_penalty,
+                                     malformed_scale=malformed_scale, canvas=canvas)
+            out.append((1.0 - pass_weight) * score.reward + pass_weight * float(score.passed))
         return out
 
     reward.__name__ = reward.__qualname__ = name

@@ -101,10 +101,15 @@ def score_canvas(spec: PromptSpec, canvas: Canvas, *, clutter_penalty: float = C
 
 
 def score_completion(spec: PromptSpec, completion_ids: Iterable[int], vocab: Vocab, *,
-                     clutter_penalty: float = CLUTTER_PENALTY, malformed_scale: float = MALFORMED_SCALE) -> Score:
-    """Score the tokens a model wrote after the prompt (any ints; never raises on bad content)."""
+                     clutter_penalty: float = CLUTTER_PENALTY, malformed_scale: float = MALFORMED_SCALE,
+                     canvas: Canvas | None = None) -> Score:
+    """Score the tokens a model wrote after the prompt (any ints; never raises on bad content).
+
+    ``canvas``: the canvas to check, when it was read another way (the pixel detector of
+    :mod:`~fastrl.tasks.t2i.pixels`); the tokens then only say whether the completion is well formed.
+    """
     completion = vocab.decode_completion(completion_ids)
-    score = score_canvas(spec, completion.canvas, clutter_penalty=clutter_penalty)
+    score = score_canvas(spec, completion.canvas if canvas is None else canvas, clutter_penalty=clutter_penalty)
     if not completion.malformed:
         return score
     return Score(score.reward * malformed_scale, False, score.checks, score.clutter, completion.problems)
