@@ -17,6 +17,17 @@ prompt's keys and values are copied ``G`` times, once.
   whole cache, unwritten slots masked. The static-shape path runs the same bucketing on CPU.
 - :class:`HFDecoder`: any causal LM: the model's forward with its ``DynamicCache`` each step.
 
+Both can also run a *trunk* (the decoder stack alone, e.g. the ``LlamaModel`` inside a Janus image
+model, see :mod:`fastrl.rollout.image`) with other input embeddings and output heads: ``trunk=`` names
+the stack, ``modes=`` maps a mode name to ``(embed, head)`` (ids ``[n]`` -> embeddings ``[n, H]``;
+hidden ``[n, H]`` -> outputs, or None for the final-norm hidden states themselves). The prefill then
+runs ``trunk(inputs_embeds=embed(ids))`` and returns hidden states; each step names its mode, may
+step the first ``n`` rows only, and may leave some rows' new slot masked (``live``): their position
+in the sequence is not taken, so rows advance at their own pace (a row's cache may hold masked holes,
+which attention skips like left padding). The ``"text"`` mode is always there: the trunk's
+``embed_tokens`` and the model's lm-head. A CUDA graph is captured per kv bucket and per mode / row
+count / ``live`` use (the plain text step keeps the key of its kv bucket alone).
+
 A lean decoder can also be kept from one call to the next (:func:`kept_decoder`, freed by
 :func:`release_kept`): one per model at most, reused while its rows, cache-length bucket, graph use
 and the model's parameter addresses stay the same.
@@ -34,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["HFDecoder", "KV_BUCKET", "LEAN_MODEL_TYPES", "LeanDecoder", "hf_prefill", "kept_decoder", "kept_decoders",
-           "lean_unsupported_reason", "release_kept"]
+           "lean_unsupported_reason", "release_kept", "trunk_prefill"]
 
 LEAN_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 # RoPE variants whose frequencies do not depend on the sequence length (a table built once is exact).
@@ -88,27 +99,55 @@ def hf_prefill(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Te
     return out.logits[:, -1], cache
 
 
-def lean_unsupported_reason(model, total_length: int) -> str | None:
+def trunk_prefill(trunk, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+    """One forward of a decoder stack over left-padded prompt embeddings with its own ``DynamicCache``.
+
+    Args:
+        trunk: a Hugging Face decoder stack (``LlamaModel``, ...) whose forward takes ``inputs_embeds``.
+        embeds: ``[P, Lp, H]`` floating input embeddings (padding positions hold anything finite).
+        mask: ``[P, Lp]`` int64 or bool, 1 on tokens.
+        positions: ``[P, Lp]`` int64 rotary positions (counting real tokens only).
+
+    Returns:
+        ``(hidden, cache)``: the last position's final-norm hidden states ``[P, H]`` in the model's
+        dtype, and the filled ``DynamicCache``.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=trunk.config)
+    out = trunk(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                **{_cache_kwarg(trunk): cache})
+    return out.last_hidden_state[:, -1], cache
+
+
+def _parts(model, trunk):
+    """(decoder stack, its config, lm-head) of a causal LM, or of a given trunk and the model's lm-head."""
+    if trunk is None:
+        return getattr(model, "model", None), getattr(model, "config", None), getattr(model, "lm_head", None)
+    return trunk, getattr(trunk, "config", None), model.get_output_embeddings()
+
+
+def lean_unsupported_reason(model, total_length: int, *, trunk=None) -> str | None:
     """Why :class:`LeanDecoder` cannot run ``model`` (None when it can).
 
     Args:
-        model: a Hugging Face causal LM.
+        model: a Hugging Face causal LM (or, with ``trunk``, the model that holds it and the lm-head).
         total_length: prompt + completion length the decode needs (a sliding window must cover it).
+        trunk: the decoder stack to run instead of ``model.model`` (e.g. a Janus model's language model).
 
     Returns:
         A sentence, or None.
     """
-    config = getattr(model, "config", None)
+    base, config, lm_head = _parts(model, trunk)
     model_type = getattr(config, "model_type", None)
     if model_type not in LEAN_MODEL_TYPES:
         return f"model_type {model_type!r} is not one of {LEAN_MODEL_TYPES}"
-    base = getattr(model, "model", None)
-    if base is None or not hasattr(base, "layers") or not hasattr(model, "lm_head"):
+    if base is None or not hasattr(base, "layers") or lm_head is None:
         return "the model has no .model.layers / .lm_head"
     rope = getattr(base, "rotary_emb", None)
     if rope is None or getattr(rope, "rope_type", "default") not in _STATIC_ROPE:
         return f"rope type {getattr(rope, 'rope_type', None)!r} depends on the sequence length"
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    if any(type(p).__name__ == "DTensor" for p in (model if trunk is None else base).parameters()):
         return "sharded (DTensor) parameters: their all-gather hooks sit on modules the lean step bypasses"
     for module in (base, *base.layers, *(getattr(layer, "self_attn", base) for layer in base.layers)):
         reason = _hook_reason(module)
@@ -162,24 +201,26 @@ class LeanDecoder:
         static_shapes: run the graphs' static-shape computation (default: with ``cuda_graph``; tests
             set it on CPU).
         kv_bucket: slots per kv-length bucket (default :data:`KV_BUCKET`, 512).
+        trunk: the decoder stack to run (default ``model.model``); its lm-head stays ``model``'s.
+        modes: more step modes, ``{name: (embed, head)}`` (see the module docstring); ``"text"`` is
+            ``(trunk.embed_tokens, lm_head)``.
 
     Raises:
         ValueError: ``kv_bucket`` not a positive int.
     """
 
     def __init__(self, model, rows: int, length: int, *, cuda_graph: bool, static_shapes: bool | None = None,
-                 kv_bucket: int | None = None):
+                 kv_bucket: int | None = None, trunk=None, modes: Mapping | None = None):
         # no reference to ``model`` itself: a decoder kept for the next call must not keep it alive
-        self.base = model.model
-        self.lm_head = model.lm_head
+        self.base, config, self.lm_head = _parts(model, trunk)
+        self.modes = {"text": (self.base.embed_tokens, self.lm_head), **(modes or {})}
         self.layers = list(self.base.layers)
-        config = model.config
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.kv_heads = config.num_key_value_heads
         self.q_heads = config.num_attention_heads
         self.rows = rows
-        weight = model.lm_head.weight
+        weight = self.lm_head.weight
         self.device, self.dtype = weight.device, self.base.embed_tokens.weight.dtype
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         # static shapes: what a CUDA graph runs (slot as a tensor, the whole cache attended to). Without
@@ -201,17 +242,23 @@ class LeanDecoder:
         # rotary tables [L, D]; ``sin`` with its first half negated: rotate_half(x) * sin == swap_halves(x) * this
         self.cos = torch.empty(length, self.head_dim, dtype=self.dtype, device=self.device)
         self.sin = torch.empty_like(self.cos)
-        self._graphs = {}  # kv_len -> (CUDA graph, its logits [N, V]), one per kv-length bucket used
-        self._static = None  # tokens [N], positions [N], slot [1]: the inputs every graph reads
+        # kv_len -> (CUDA graph, its logits [N, V]), one per kv-length bucket used; other modes, a part of
+        # the rows or a ``live`` mask: (kv_len, mode, rows stepped, live given) -> (graph, its output)
+        self._graphs = {}
+        self._static = {}  # (rows stepped, live given) -> tokens, positions, slot [1], live: what graphs read
         self._pool = None  # one memory pool for all the graphs (they never run at the same time)
         self.signature = None  # what a cached decoder must match to be reused (set by the caller)
 
     # -- prefill --------------------------------------------------------------------------------------
     def prefill(self, model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                repeats: int) -> torch.Tensor:
+                repeats: int, *, embed=None) -> torch.Tensor:
         """Run the prompts [P, Lp] once, copy their keys/values ``repeats`` times into slots [0, Lp).
-        Returns the last position's logits [P, V]."""
-        logits, cache = hf_prefill(model, ids, mask, positions)
+        Returns the last position's logits [P, V]; with ``embed`` (ids -> input embeddings) the trunk
+        runs on ``embed(ids)`` and the last position's hidden states [P, H] are returned."""
+        if embed is None:
+            logits, cache = hf_prefill(model, ids, mask, positions)
+        else:
+            logits, cache = trunk_prefill(self.base, embed(ids), mask, positions)
         prompt_len = ids.shape[1]
         # Every slot a row may not attend to holds 0: masked scores are -inf, so their weights are 0, and
         # 0 * value is only 0 for finite values (padding or a previous batch's slots could hold NaN).
@@ -235,20 +282,34 @@ class LeanDecoder:
         (at most the whole cache). Each distinct value is one CUDA graph."""
         return min(self.length, -(-(slot + 1) // self.kv_bucket) * self.kv_bucket)
 
-    def _forward(self, tokens, positions, slot, kv_len):
+    def _forward(self, tokens, positions, slot, kv_len, mode="text", live=None):
         """Logits [N, V] for one new token per row, written to cache slot ``slot`` (int, or a [1] tensor
-        on the static-shape path, where ``kv_len`` is the slot's bucket boundary)."""
-        n, d, kv = self.rows, self.head_dim, self.kv_heads
+        on the static-shape path, where ``kv_len`` is the slot's bucket boundary). ``tokens`` may cover
+        the first n rows only; with ``live`` [n] bool the rows where it is False keep the slot masked;
+        ``mode`` picks the embedding and head (see the module docstring)."""
+        n, d, kv = tokens.shape[0], self.head_dim, self.kv_heads
         groups = self.q_heads // kv
-        if isinstance(slot, int):
-            self.bias[..., slot] = 0.0
-        else:
-            self.bias.index_fill_(3, slot, 0.0)
-        bias = self.bias[..., :kv_len]  # [N, KV, 1, kv_len]: broadcast over each KV head's query heads
+        embed, head = self.modes[mode]
+        bias, keys, values = self.bias, self.keys, self.values
+        if n != self.rows:
+            bias, keys, values = bias[:n], [c[:n] for c in keys], [c[:n] for c in values]
+        if live is None:
+            if isinstance(slot, int):
+                bias[..., slot] = 0.0
+            else:
+                bias.index_fill_(3, slot, 0.0)
+        else:  # 0 where the row takes the slot, -inf where it stays masked
+            open_ = torch.zeros((), dtype=self.dtype, device=self.device)
+            value = torch.where(live, open_, float("-inf")).view(n, 1, 1, 1).expand(n, kv, 1, 1)
+            if isinstance(slot, int):
+                bias[..., slot: slot + 1] = value
+            else:
+                bias.index_copy_(3, slot, value)
+        bias = bias[..., :kv_len]  # [N, KV, 1, kv_len]: broadcast over each KV head's query heads
         cos = self.cos[positions][:, None, :]  # [N, 1, D]
         sin = self.sin[positions][:, None, :]
-        x = self.base.embed_tokens(tokens)  # [N, H]
-        for layer, kc, vc in zip(self.layers, self.keys, self.values):
+        x = embed(tokens)  # [N, H]
+        for layer, kc, vc in zip(self.layers, keys, values):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(n, self.q_heads, d)
@@ -275,59 +336,72 @@ class LeanDecoder:
                                                  attn_mask=bias, scale=attn.scaling)
             x = x + attn.o_proj(out.reshape(n, self.q_heads * d))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.base.norm(x))
+        x = self.base.norm(x)
+        return x if head is None else head(x)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-        """Feed ``tokens`` [N] at rotary ``positions`` [N] into cache slot ``slot``; logits [N, V]."""
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int, *, mode: str = "text",
+             live: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``tokens`` [n] (the first n <= N rows) at rotary ``positions`` [n] into cache slot
+        ``slot``; the ``mode``'s head of the new hidden states ([n, V] logits in ``"text"``). With
+        ``live`` [n] bool, rows where it is False keep that slot masked (their step's output is unused)."""
         if not self.cuda_graph:
             if self.static_shapes:
-                return self._forward(tokens, positions, torch.tensor([slot], device=self.device), self.kv_len(slot))
-            return self._forward(tokens, positions, slot, slot + 1)
+                return self._forward(tokens, positions, torch.tensor([slot], device=self.device), self.kv_len(slot),
+                                     mode, live)
+            return self._forward(tokens, positions, slot, slot + 1, mode, live)
         kv_len = self.kv_len(slot)
-        if self._static is None:
-            self._static = (tokens.clone(), positions.clone(), torch.full((1,), slot, dtype=torch.long,
-                                                                          device=self.device))
-        static_tokens, static_positions, static_slot = self._static
+        n = tokens.shape[0]
+        inputs = (n, live is not None)
+        if inputs not in self._static:
+            self._static[inputs] = (tokens.clone(), positions.clone(),
+                                    torch.full((1,), slot, dtype=torch.long, device=self.device),
+                                    None if live is None else live.clone())
+        static_tokens, static_positions, static_slot, static_live = self._static[inputs]
         static_tokens.copy_(tokens)
         static_positions.copy_(positions)
         static_slot.fill_(slot)
-        if kv_len not in self._graphs:
-            self._capture(kv_len)
+        if live is not None:
+            static_live.copy_(live)
+        key = kv_len if (mode == "text" and inputs == (self.rows, False)) else (kv_len, mode, *inputs)
+        if key not in self._graphs:
+            self._capture(key, kv_len, mode, self._static[inputs])
             if not self.cuda_graph:  # capture failed: eager from now on
-                return self._forward(tokens, positions, slot, slot + 1)
-        graph, logits = self._graphs[kv_len]
+                return self._forward(tokens, positions, slot, slot + 1, mode, live)
+        graph, logits = self._graphs[key]
         graph.replay()
         return logits
 
-    def _capture(self, kv_len: int):
-        """Capture the decode step of one kv-length bucket on its first use. Warm-up and capture run the
-        step for the current inputs (writing the same slot twice is harmless), so the cache is never
-        disturbed."""
-        static_tokens, static_positions, static_slot = self._static
+    def _capture(self, key, kv_len: int, mode: str, static):
+        """Capture the decode step of one kv-length bucket (and mode / rows / live use) on its first use.
+        Warm-up and capture run the step for the current inputs (writing the same slot twice is
+        harmless), so the cache is never disturbed."""
+        static_tokens, static_positions, static_slot, static_live = static
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._forward(static_tokens, static_positions, static_slot, kv_len)
+                    self._forward(static_tokens, static_positions, static_slot, kv_len, mode, static_live)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._forward(static_tokens, static_positions, static_slot, kv_len)
+                logits = self._forward(static_tokens, static_positions, static_slot, kv_len, mode, static_live)
         except Exception as exc:  # a model whose sub-modules cannot be captured: run eagerly instead
             warnings.warn(f"fastrl.rollout: CUDA-graph capture failed ({exc}); decoding eagerly", stacklevel=3)
             self.cuda_graph = False
             self._graphs = {}
             return
-        self._graphs[kv_len] = (graph, logits)
+        self._graphs[key] = (graph, logits)
 
     def release(self) -> None:
         self.keys = self.values = []
         self.bias = self.cos = self.sin = None
         self._graphs = {}
-        self._static = self._pool = None
+        self._static = {}
+        self._pool = None
+        self.modes = {}
 
 
 class HFDecoder:
@@ -339,35 +413,61 @@ class HFDecoder:
         model: a Hugging Face causal LM.
         rows: N, the decoded rows (``P * G``).
         length: the longest prompt + completion.
+        trunk: the decoder stack to run with input embeddings (see the module docstring), or None
+            for the model's own forward.
+        modes: more step modes, ``{name: (embed, head)}``; ``"text"`` is the trunk's ``embed_tokens``
+            and the model's lm-head (with a trunk).
     """
 
-    def __init__(self, model, rows: int, length: int):
+    def __init__(self, model, rows: int, length: int, *, trunk=None, modes: Mapping | None = None):
         self.model = model
         self.rows = rows
         self.cache = None
-        self.cache_kwarg = _cache_kwarg(model)
+        self.trunk = trunk
+        self.modes = {} if trunk is None else {"text": (trunk.embed_tokens, model.get_output_embeddings())}
+        self.modes.update(modes or {})
+        self.cache_kwarg = _cache_kwarg(model if trunk is None else trunk)
         self.logits_to_keep = _accepts(model, "logits_to_keep")
         self.mask = None
         self.length = length
 
-    def prefill(self, model, ids, mask, positions, repeats: int) -> torch.Tensor:
-        logits, cache = hf_prefill(model, ids, mask, positions)
+    def prefill(self, model, ids, mask, positions, repeats: int, *, embed=None) -> torch.Tensor:
+        if embed is None:
+            logits, cache = hf_prefill(model, ids, mask, positions)
+        else:
+            logits, cache = trunk_prefill(self.trunk, embed(ids), mask, positions)
         cache.batch_repeat_interleave(repeats)
         self.cache = cache
         self.mask = torch.zeros(self.rows, self.length, dtype=mask.dtype, device=mask.device)
         self.mask[:, : ids.shape[1]] = mask.repeat_interleave(repeats, 0)
         return logits
 
-    def step(self, tokens, positions, slot: int) -> torch.Tensor:
-        self.mask[:, slot] = 1
-        kwargs = {"input_ids": tokens[:, None], "attention_mask": self.mask[:, : slot + 1],
+    def step(self, tokens, positions, slot: int, *, mode: str = "text", live=None) -> torch.Tensor:
+        n = tokens.shape[0]
+        if self.trunk is None and mode == "text" and live is None and n == self.rows:
+            self.mask[:, slot] = 1
+            kwargs = {"input_ids": tokens[:, None], "attention_mask": self.mask[:, : slot + 1],
+                      "position_ids": positions[:, None], self.cache_kwarg: self.cache, "use_cache": True}
+            if self.logits_to_keep:
+                kwargs["logits_to_keep"] = 1
+            return self.model(**kwargs).logits[:, -1]
+        # the cache holds every row: the rows not stepped feed a copy of row 0's input, their slot masked
+        pad = self.rows - n
+        live = torch.ones(n, dtype=torch.bool, device=tokens.device) if live is None else live
+        if pad:
+            tokens = torch.cat([tokens, tokens[:1].expand(pad)])
+            positions = torch.cat([positions, positions[:1].expand(pad)])
+            live = torch.cat([live, live.new_zeros(pad)])
+        self.mask[:, slot] = live.to(self.mask.dtype)
+        embed, head = self.modes[mode]
+        kwargs = {"inputs_embeds": embed(tokens)[:, None], "attention_mask": self.mask[:, : slot + 1],
                   "position_ids": positions[:, None], self.cache_kwarg: self.cache, "use_cache": True}
-        if self.logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        return self.model(**kwargs).logits[:, -1]
+        hidden = self.trunk(**kwargs).last_hidden_state[:n, -1]
+        return hidden if head is None else head(hidden)
 
     def release(self) -> None:
         self.cache = self.mask = None
+        self.modes = {}
 
 
 # -- decoders kept between calls ----------------------------------------------------------------------------

@@ -38,6 +38,12 @@ class Rollout:
         num_samples: G, the samples per prompt.
         engine: the decoder that ran: ``"fastrl"`` (the lean static-KV decoder), ``"hf"`` (the
             model's own forward) or ``"vllm"``.
+        cond_logprobs: ``[N, T]`` fp32: an image rollout's per-token log-prob under the conditional
+            branch alone, ``softmax(c / temperature)`` (what T2I-R1 trains on); the same as
+            ``logprobs`` without classifier-free guidance and for plan tokens. Not given: the
+            ``logprobs`` tensor itself.
+        image_start: ``[N]`` int64 or None: in an image rollout, the column where each row's
+            ``image_tokens`` codes begin (after its plan and BOI; 0 without a plan); None for text.
     """
 
     completion_ids: torch.Tensor
@@ -47,6 +53,12 @@ class Rollout:
     stopped: torch.Tensor
     num_samples: int
     engine: str = "fastrl"
+    cond_logprobs: torch.Tensor | None = None
+    image_start: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.cond_logprobs is None:
+            self.cond_logprobs = self.logprobs
 
     @property
     def completion_mask(self) -> torch.Tensor:
