@@ -1,8 +1,12 @@
 """The embedded demo (``fastrl demo``): SFT, then DPO and GRPO from the same SFT checkpoint, on the
-text-to-image-token task, evaluated in-domain and out of domain. Every model is trained by fastrl's own
-trainer (:func:`~fastrl.train.train_sft`, :func:`~fastrl.train.train_dpo`, :func:`~fastrl.train.train_grpo`,
-and :func:`~fastrl.train.train_rm` for the learned reward) and every sample drawn by
-:func:`fastrl.rollout.generate`.
+text-to-image task, evaluated in-domain and out of domain. The policy is a tiny
+``JanusForConditionalGeneration`` (a Llama trunk, Janus's image-generation embedding, aligner and
+``gen_head`` over a 13-code codebook), images are decoded to pixels by a fixed codebook decoder and
+scored from the pixels by a detector (:mod:`fastrl.tasks.t2i.pixels`). Every model is trained by
+fastrl's own trainer (:func:`~fastrl.train.train_sft`, :func:`~fastrl.train.train_dpo`,
+:func:`~fastrl.train.train_grpo`, and :func:`~fastrl.train.train_rm` for the learned reward) and every
+sample drawn by :func:`fastrl.rollout.generate` (with ``image=``: classifier-free guidance, the image
+head, the BiCoT plan).
 
     from fastrl.tasks.t2i.pipeline import DemoSettings, run_demo
     result = run_demo(DemoSettings.preset(quick=True), "runs/demo")
@@ -12,24 +16,34 @@ The stages, top to bottom (:func:`run_demo` calls one function each on a shared 
 
 1. **SFT** — the prompt sets (in-domain train / test, out-of-domain) and sequences from an imperfect
    teacher (:func:`~fastrl.tasks.t2i.data.sft_examples`: half of the canvases flawed; with ``cot`` a
-   plan first), written as JSONL of token ids; a tiny Llama (random init, seeded) trained on them with
-   ``train_sft``.
-2. **reward** — the training reward: the scorer, or with ``reward="learned"`` a tiny Bradley–Terry
-   reward model (a Llama sequence classifier over :func:`~fastrl.tasks.t2i.data.reward_model_ids`,
-   started from the SFT checkpoint) trained by ``train_rm`` with :func:`fastrl.losses.bradley_terry_loss`
-   on the scorer's preferences between canvases; loaded back as a :class:`fastrl.train.RewardModel`, it
-   then replaces the scorer in both RL methods. Evaluation always uses the scorer.
-3. **DPO** — ``dpo_samples`` completions per training prompt sampled from the SFT model, ``dpo_rounds``
-   times; in each group the best and the worst by the reward make a pair
-   (:func:`~fastrl.tasks.t2i.data.preference_pair`); the pairs (JSONL) train ``train_dpo`` from the SFT
-   checkpoint.
+   plan first, then ``<boi>``), written as JSONL of token ids; ``uncond_rate`` of them with the
+   unconditional prompt (every prompt token but ``<bos>`` / ``<boi>`` the pad token, as Janus drops
+   the condition in training, so that classifier-free guidance has an unconditional branch); a tiny
+   Janus (random init, seeded) trained on them with ``train_sft``.
+2. **reward** — the training reward: the detector's score of the decoded pixels, or with
+   ``reward="learned"`` a tiny Bradley–Terry reward model (a Llama sequence classifier over
+   :func:`~fastrl.tasks.t2i.data.reward_model_ids`) trained by ``train_rm`` with
+   :func:`fastrl.losses.bradley_terry_loss` on the scorer's preferences between canvases; loaded back
+   as a :class:`fastrl.train.RewardModel`, it then replaces the detector in both RL methods.
+   Evaluation always uses the detector.
+3. **DPO** — ``dpo_samples`` completions per training prompt sampled from the SFT model (at the CFG
+   weight ``cfg_weight``), ``dpo_rounds`` times; in each group the best and the worst by the reward
+   make a pair (:func:`~fastrl.tasks.t2i.data.preference_pair`); the pairs (JSONL) train ``train_dpo``
+   from the SFT checkpoint.
 4. **GRPO** — ``train_grpo`` from the SFT checkpoint on the training prompts, G = ``group_size`` samples
-   per prompt, the reward a Python callable. By default both RL methods draw the same number of
+   per prompt drawn with CFG (``cfg_weight``; training scores the conditional branch's log-prob, as
+   T2I-R1 does), the reward a Python callable. By default both RL methods draw the same number of
    completions from their policy.
-5. **evaluation** — every model samples ``eval_samples`` canvases per prompt of the in-domain test split
+5. **evaluation** — every model samples ``eval_samples`` images per prompt of the in-domain test split
    and of the out-of-domain split (temperature ``eval_temperature``, seeded, the same random numbers
-   for every model); the scorer scores them; tables (pass rate, mean reward) go to ``results.md`` and
-   ``results.json``, training curves and a grid of canvases to PNGs.
+   for every model; CFG at ``cfg_weight``, and the SFT model at w = 1 too); best-of-N keeps the best
+   of ``best_of_n`` SFT samples by the training reward; the detector scores them from the pixels;
+   tables (pass rate, mean reward) go to ``results.md`` and ``results.json``, training curves and a
+   grid of canvases to PNGs.
+
+``architecture="llama"`` is the earlier form of the demo: a plain causal LM whose vocabulary holds the
+13 cell tokens, writing ``cells <eos>`` after the prompt (no image head, no guidance); the detector
+scores it the same way.
 
 Evaluation samples at temperature 1 by default. A canvas that satisfies a prompt is a few objects on
 free cells, so the likeliest token of almost every cell is "empty": greedy decoding of the SFT model
@@ -51,10 +65,10 @@ from typing import Any
 
 import torch
 
-from fastrl.tasks.t2i.data import preference_pair, reward_model_ids, sample_canvas, sft_examples
-from fastrl.tasks.t2i.evaluate import SplitEval, evaluate, markdown_table, results_table
+from fastrl.tasks.t2i.data import plan_for, preference_pair, reward_model_ids, sample_canvas, sft_examples
+from fastrl.tasks.t2i.evaluate import EvalRecord, SplitEval, evaluate, markdown_table, results_table
 from fastrl.tasks.t2i.grid import COLOURS, ITEMS, Canvas, Placed
-from fastrl.tasks.t2i.pixels import detect_completions, pixel_reward
+from fastrl.tasks.t2i.pixels import decode_codes, detect_completions, pixel_reward
 from fastrl.tasks.t2i.prompts import PromptSpec, make_prompt_sets
 from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, make_reward_fn, score_canvas
 from fastrl.tasks.t2i.vocab import Vocab
@@ -62,6 +76,7 @@ from fastrl.tasks.t2i.vocab import Vocab
 __all__ = ["DemoResult", "DemoSettings", "run_demo", "scorer_reward"]
 
 REWARDS = ("scorer", "learned")
+ARCHITECTURES = ("janus", "llama")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,22 +84,29 @@ class DemoSettings:
     """Every size of one demo run; :meth:`preset` gives the full and the quick run."""
 
     quick: bool = False
-    cot: bool = False  # the model writes a plan (objects and cells) before the image tokens
-    reward: str = "scorer"  # "scorer", or "learned": a Bradley–Terry reward model replaces it in training
+    cot: bool = False  # the model writes a plan (objects and cells) before the image tokens (BiCoT)
+    reward: str = "scorer"  # "scorer" (the detector on the pixels), or "learned": a Bradley–Terry reward model
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
-    # the policy: a tiny Llama, randomly initialised
+    # the policy: a tiny Janus (or "llama": a causal LM with the cells as words), randomly initialised
+    architecture: str = "llama"  # TODO(issue 17): "janus" once the image rollout and trainer have landed
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     init_std: float = 0.1  # larger than HF's 0.02: the tiny model leaves the prompt-blind plateau sooner
+    # data volume: the first train_prompts training prompts (None: all of them)
+    train_prompts: int | None = None
     # SFT warm-up on the imperfect teacher: many distinct canvases, few epochs (a few epochs over few
     # canvases per prompt memorise them)
     sft_samples_per_prompt: int = 64
     perfect_rate: float = 0.5
+    uncond_rate: float = 0.1  # SFT rows with the unconditional prompt (Janus drops the condition so in training)
     sft_epochs: int = 4
     sft_batch: int = 32
     sft_lr: float = 3e-3
+    # classifier-free guidance weight w of every rollout after SFT (DPO pairs, GRPO, evaluation); 1 = none
+    # (the llama architecture has no unconditional branch: it samples unguided whatever this says)
+    cfg_weight: float = 3.0
     # the training reward: (1 - w) * scorer reward (clutter penalty c per object) + w * passed
     reward_pass_weight: float = 0.5  # partial credit alone pays RL to trade clutter for coverage
     reward_clutter_penalty: float = CLUTTER_PENALTY
@@ -102,7 +124,7 @@ class DemoSettings:
     grpo_steps: int = 270  # 270 x 16 x 4 = 17280 completions, as DPO's 270 prompts x 16 x 4
     grpo_lr: float = 3e-4
     grpo_beta: float = 0.0
-    # learned reward model (reward="learned"), started from the SFT checkpoint
+    # learned reward model (reward="learned")
     rm_canvases_per_prompt: int = 16  # teacher canvases, as many scattered ones, and half as many SFT samples
     rm_steps: int = 600
     rm_batch: int = 64
@@ -110,22 +132,38 @@ class DemoSettings:
     # evaluation
     eval_samples: int = 16
     eval_temperature: float = 1.0
+    best_of_n: int = 4  # the best-of-N row: the best of N SFT samples by the training reward (1: no row)
     grid_prompts: int = 3  # canvases drawn per split and method
 
     def __post_init__(self) -> None:
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.group_size < 2 or self.dpo_samples < 2:
             raise ValueError("group_size and dpo_samples must be >= 2")
         if not 0.0 <= self.reward_pass_weight <= 1.0:
             raise ValueError(f"reward_pass_weight must be in [0, 1], got {self.reward_pass_weight}")
+        if not 0.0 <= self.uncond_rate < 1.0:
+            raise ValueError(f"uncond_rate must be in [0, 1), got {self.uncond_rate}")
+        if not (isinstance(self.cfg_weight, (int, float)) and math.isfinite(self.cfg_weight) and self.cfg_weight >= 0):
+            raise ValueError(f"cfg_weight must be a finite number >= 0, got {self.cfg_weight!r}")
+        if self.best_of_n < 1:
+            raise ValueError(f"best_of_n must be >= 1, got {self.best_of_n}")
+        if self.train_prompts is not None and self.train_prompts < 1:
+            raise ValueError(f"train_prompts must be >= 1 or None, got {self.train_prompts}")
 
     @classmethod
     def preset(cls, *, quick: bool = False, **changes: Any) -> DemoSettings:
         """The full run (``make demo``) or the quick one (``--quick``, what the tests run), then ``changes``."""
         return cls(quick=quick, **{**(QUICK if quick else {}), **changes})
+
+    @property
+    def image(self) -> bool:
+        """Whether the policy is an image model (Janus) rather than a causal LM writing cells as words."""
+        return self.architecture == "janus"
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -157,8 +195,16 @@ class DemoResult:
 # ---------------------------------------------------------------------------------------------- pieces
 
 def model_config(vocab: Vocab, settings: DemoSettings, max_positions: int) -> dict[str, Any]:
-    """The policy's ``model_config``: a Llama over the task's tokens."""
-    return {"model_type": "llama", "vocab_size": len(vocab), "hidden_size": settings.hidden_size,
+    """The policy's ``model_config``: a tiny Janus (:func:`janus_model_config`), or with
+    ``architecture="llama"`` a Llama over every token of the task (the cells as words)."""
+    if settings.image:
+        return janus_model_config(vocab, settings, max_positions)
+    return llama_model_config(vocab, settings, max_positions, vocab_size=len(vocab))
+
+
+def llama_model_config(vocab: Vocab, settings: DemoSettings, max_positions: int, *, vocab_size: int) -> dict[str, Any]:
+    """A Llama's ``model_config`` (also the text trunk of the Janus policy)."""
+    return {"model_type": "llama", "vocab_size": vocab_size, "hidden_size": settings.hidden_size,
             "intermediate_size": 2 * settings.hidden_size, "num_hidden_layers": settings.num_layers,
             "num_attention_heads": settings.num_heads, "num_key_value_heads": settings.num_heads,
             "max_position_embeddings": max_positions, "initializer_range": settings.init_std,
@@ -166,11 +212,85 @@ def model_config(vocab: Vocab, settings: DemoSettings, max_positions: int) -> di
             "pad_token_id": vocab.pad_id}
 
 
-def completion_budget(vocab: Vocab, cot: bool) -> int:
-    """Tokens a completion may take: the image tokens and ``<eos>``, plus with ``cot`` a plan of up to
-    ``grid_size`` objects (the teacher's longest plans list six)."""
+def janus_model_config(vocab: Vocab, settings: DemoSettings, max_positions: int) -> dict[str, Any]:
+    """A tiny ``JanusConfig`` as a ``model_config`` mapping: the text trunk a Llama over the
+    ``vocab.text_size`` text tokens (its lm-head writes the plan and ``<boi>``), the image head over the
+    ``vocab.codebook`` cell codes, ``size * size`` image tokens per image. Every width is a multiple of
+    16 (the fused losses' and the lean decoder's paths). The understanding tower (vision model) and
+    the VQ-VAE are the smallest HF builds: the demo never feeds images in, and decodes codes with
+    :func:`~fastrl.tasks.t2i.pixels.decode_codes`, not the VQ-VAE."""
+    h, side = settings.hidden_size, vocab.grid_size
+    text = {k: v for k, v in llama_model_config(vocab, settings, max_positions, vocab_size=vocab.text_size).items()
+            if k != "model_type"}
+    return {"model_type": "janus", "text_config": {"model_type": "llama", **text},
+            "vision_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                              "image_size": 8 * side, "patch_size": 8, "projection_dim": h,
+                              "num_image_tokens": side * side, "depth": 1, "mlp_ratio": 2.0},
+            "vq_config": {"embed_dim": 16, "num_embeddings": vocab.codebook, "base_channels": 32,
+                          "channel_multiplier": [1], "num_res_blocks": 1, "latent_channels": 32,
+                          "projection_dim": h, "image_token_embed_dim": h, "num_hidden_layers": 1,
+                          "initializer_range": settings.init_std},
+            "image_token_id": vocab.eoi_id}  # the understanding placeholder: never in the demo's sequences
+
+
+def plan_budget(vocab: Vocab) -> int:
+    """Tokens a plan may take, ``<boi>`` included: ``<plan>``, up to ``grid_size`` objects of six tokens
+    (the teacher's longest plans list six), ``</plan>``."""
+    return 2 + 6 * vocab.grid_size + 1
+
+
+def completion_budget(vocab: Vocab, cot: bool, *, image: bool = False) -> int:
+    """Tokens a completion may take: the image tokens (and ``<eos>`` in the text format), plus with
+    ``cot`` a plan (:func:`plan_budget`; the text format has no ``<boi>``)."""
     n = vocab.grid_size
-    return n * n + 1 + ((2 + 6 * n) if cot else 0)
+    if image:
+        return n * n + (plan_budget(vocab) if cot else 0)
+    return n * n + 1 + ((plan_budget(vocab) - 1) if cot else 0)
+
+
+def image_generation(vocab: Vocab, settings: DemoSettings, cfg_weight: float) -> dict[str, Any] | None:
+    """The trainer's ``image_generation`` mapping of an image run (None for the llama architecture)."""
+    if not settings.image:
+        return None
+    return {"cfg_weight": float(cfg_weight), "image_tokens": vocab.grid_size ** 2,
+            "plan": "text" if settings.cot else "none", "plan_max_tokens": plan_budget(vocab) if settings.cot else 0,
+            "boi_token_id": vocab.boi_id, "eoi_token_id": vocab.eoi_id}
+
+
+def demo_image_model(model, vocab: Vocab):
+    """The Janus policy as a :class:`fastrl.rollout.image.ImageModel` whose decode is the codebook decoder."""
+    from fastrl.rollout.image import image_model
+
+    return image_model(model, image_tokens=vocab.grid_size ** 2, boi_id=vocab.boi_id, eoi_id=vocab.eoi_id,
+                       pad_id=vocab.pad_id, decode=lambda codes: decode_codes(codes, size=vocab.grid_size))
+
+
+def unconditional_prompt(vocab: Vocab, prompt_ids: Sequence[int]) -> list[int]:
+    """Janus's unconditional prompt: every token but ``<bos>`` and ``<boi>`` replaced by ``<pad>`` (same
+    length); what :meth:`fastrl.rollout.image.ImageModel.uncond_prompt` gives the rollout."""
+    return [t if t in (vocab.bos_id, vocab.boi_id) else vocab.pad_id for t in prompt_ids]
+
+
+def sft_rows(examples, vocab: Vocab, settings: DemoSettings) -> list[dict[str, Any]]:
+    """The SFT data rows (prompt / completion ids) of ``examples`` in the policy's format. For the image
+    model: ``<bos> words <sep> <boi>`` + the image, or with ``cot`` ``<bos> words <sep>`` + plan +
+    ``<boi>`` + the image; a seeded ``uncond_rate`` of the rows get the unconditional prompt
+    (:func:`unconditional_prompt` of the ``<boi>`` prompt) and the image alone."""
+    rng = random.Random(f"{settings.seed}:uncond")
+    rows = []
+    for e in examples:
+        row = {"text": e.prompt.text, "corruption": e.corruption, "unconditional": False}
+        if not settings.image:
+            row.update(prompt=list(e.prompt_ids), completion=list(e.completion_ids))
+        elif rng.random() < settings.uncond_rate:
+            row.update(prompt=unconditional_prompt(vocab, vocab.encode_prompt(e.prompt.text, boi=True)),
+                       completion=vocab.encode_image_completion(e.canvas), unconditional=True)
+        else:
+            plan = plan_for(e.prompt, e.canvas) if settings.cot else None
+            row.update(prompt=vocab.encode_prompt(e.prompt.text, boi=plan is None),
+                       completion=vocab.encode_image_completion(e.canvas, plan))
+        rows.append(row)
+    return rows
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
@@ -181,24 +301,38 @@ def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
-def load_policy(checkpoint: str | Path, device: str):
-    """A trained checkpoint as an eval-mode Hugging Face causal LM."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True).to(device).eval()
+def load_policy(checkpoint: str | Path, device: str, settings: DemoSettings | None = None):
+    """A trained checkpoint as an eval-mode Hugging Face model (a ``JanusForConditionalGeneration`` for the
+    image architecture, else a causal LM)."""
+    if settings is None or settings.image:
+        from transformers import JanusForConditionalGeneration as auto
+    else:
+        from transformers import AutoModelForCausalLM as auto
+    return auto.from_pretrained(checkpoint, local_files_only=True).to(device).eval()
 
 
 def sample_completions(model, prompts: Sequence[Sequence[int]], vocab: Vocab, *, num_samples: int, max_new_tokens: int,
-                       temperature: float, generator: torch.Generator, prompts_per_call: int = 128) -> list[list[int]]:
-    """``num_samples`` completions of each prompt (prompt-major), ``<eos>`` included, from
-    :func:`fastrl.rollout.generate`."""
+                       temperature: float, generator: torch.Generator, image=None, cfg_weight: float = 1.0,
+                       plan_max_tokens: int = 0, prompts_per_call: int = 128) -> list[list[int]]:
+    """``num_samples`` completions of each prompt (prompt-major) from :func:`fastrl.rollout.generate`.
+
+    With ``image`` (an :class:`~fastrl.rollout.image.ImageModel`): the plan (up to ``plan_max_tokens``,
+    ending at ``<boi>``) then the image codes, under classifier-free guidance ``cfg_weight``; else text
+    completions ending at ``<eos>`` (included)."""
     from fastrl.rollout import generate
 
     out: list[list[int]] = []
     for start in range(0, len(prompts), prompts_per_call):
         chunk = [torch.tensor(p) for p in prompts[start:start + prompts_per_call]]
-        r = generate(model, chunk, max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-                     stop_token_ids=[vocab.eos_id], pad_token_id=vocab.pad_id, generator=generator)
+        if image is None:
+            r = generate(model, chunk, max_new_tokens=max_new_tokens, num_samples=num_samples,
+                         temperature=temperature, stop_token_ids=[vocab.eos_id], pad_token_id=vocab.pad_id,
+                         generator=generator)
+        else:
+            plan = {"plan_max_tokens": plan_max_tokens, "plan_stop_token_ids": [vocab.boi_id]} if plan_max_tokens \
+                else {}
+            r = generate(model, chunk, image=image, cfg_weight=cfg_weight, num_samples=num_samples,
+                         temperature=temperature, pad_token_id=vocab.pad_id, generator=generator, **plan)
         ids, lengths = r.completion_ids.cpu(), r.lengths.cpu().tolist()
         out += [ids[i, :n].tolist() for i, n in enumerate(lengths)]
     return out
@@ -206,10 +340,12 @@ def sample_completions(model, prompts: Sequence[Sequence[int]], vocab: Vocab, *,
 
 def scorer_reward(vocab: Vocab, *, pass_weight: float = 0.0,
                   clutter_penalty: float = CLUTTER_PENALTY) -> Callable[..., list[float]]:
-    """The scorer as a batched reward callable named ``scorer`` (the name its metrics get), in the form
-    :class:`fastrl.train.RewardModel` has too: lists of prompts and completions in, one reward each out.
-    Each is ``(1 - pass_weight) * scorer reward + pass_weight * passed``
-    (:func:`~fastrl.tasks.t2i.scorer.make_reward_fn`); a prompt that does not parse scores 0."""
+    """The token-level scorer as a batched reward callable named ``scorer`` (the name its metrics get), in
+    the form :class:`fastrl.train.RewardModel` has too: lists of prompts and completions in, one reward
+    each out. Each is ``(1 - pass_weight) * scorer reward + pass_weight * passed``
+    (:func:`~fastrl.tasks.t2i.scorer.make_reward_fn`); a prompt that does not parse scores 0. The demo
+    trains on :func:`~fastrl.tasks.t2i.pixels.pixel_reward` (the same rules on the detector's objects,
+    equal on clean images)."""
     one = make_reward_fn(vocab, clutter_penalty=clutter_penalty, pass_weight=pass_weight)
 
     def scorer(prompt_ids, completion_ids, **columns) -> list[float]:
@@ -279,17 +415,42 @@ def pair_accuracy(reward_fn: Callable[..., list[float]], rows: Sequence[dict[str
 # ---------------------------------------------------------------------------------------------- evaluation
 
 def evaluate_policy(model, prompts: Sequence[PromptSpec], vocab: Vocab, settings: DemoSettings, *, max_new_tokens: int,
-                    device: str, seed: int) -> SplitEval:
-    """``eval_samples`` sampled canvases per prompt, scored by the scorer. Pass the same ``seed`` for every
-    model: common random numbers make the comparison less noisy."""
+                    device: str, seed: int, image=None, cfg_weight: float = 1.0) -> SplitEval:
+    """``eval_samples`` sampled images per prompt, scored by the detector from their pixels. Pass the same
+    ``seed`` for every model: common random numbers make the comparison less noisy."""
     generator = torch.Generator(device=device).manual_seed(seed)
+    plan = plan_budget(vocab) if settings.cot else 0
 
     def generate(batch: list[list[int]]) -> list[list[int]]:
         return sample_completions(model, batch, vocab, num_samples=1, max_new_tokens=max_new_tokens,
-                                  temperature=settings.eval_temperature, generator=generator, prompts_per_call=512)
+                                  temperature=settings.eval_temperature, generator=generator, image=image,
+                                  cfg_weight=cfg_weight, plan_max_tokens=plan, prompts_per_call=512)
 
     return evaluate(generate, [p for p in prompts for _ in range(settings.eval_samples)], vocab, batch_size=512,
-                    read=lambda completions: detect_completions(completions, vocab))
+                    read=lambda completions: detect_completions(completions, vocab),
+                    boi=settings.image and not settings.cot)
+
+
+def best_of_n_eval(model, prompts: Sequence[PromptSpec], vocab: Vocab, settings: DemoSettings, *, max_new_tokens: int,
+                   device: str, seed: int, reward: Callable[..., list[float]], image=None,
+                   cfg_weight: float = 1.0) -> SplitEval:
+    """Best-of-N at test time (as Image-Generation-CoT): for each of the ``eval_samples`` images per prompt,
+    ``best_of_n`` are sampled and the one ``reward`` (the training reward, on the pixels) ranks first is
+    kept; the kept images are scored by the detector as every other row is."""
+    n = settings.best_of_n
+    generator = torch.Generator(device=device).manual_seed(seed)
+    plan = plan_budget(vocab) if settings.cot else 0
+
+    def generate(batch: list[list[int]]) -> list[list[int]]:
+        drawn = sample_completions(model, batch, vocab, num_samples=n, max_new_tokens=max_new_tokens,
+                                   temperature=settings.eval_temperature, generator=generator, image=image,
+                                   cfg_weight=cfg_weight, plan_max_tokens=plan, prompts_per_call=max(1, 512 // n))
+        scores = reward([p for p in batch for _ in range(n)], drawn)
+        return [drawn[i * n + max(range(n), key=lambda k: scores[i * n + k])] for i in range(len(batch))]
+
+    return evaluate(generate, [p for p in prompts for _ in range(settings.eval_samples)], vocab, batch_size=512,
+                    read=lambda completions: detect_completions(completions, vocab),
+                    boi=settings.image and not settings.cot)
 
 
 def grid_panels(evals: dict[str, dict[str, SplitEval]], count: int) -> dict[str, list]:
@@ -299,7 +460,7 @@ def grid_panels(evals: dict[str, dict[str, SplitEval]], count: int) -> dict[str,
     for method, groups in evals.items():
         items = []
         for group in ("in_domain", "ood"):
-            first: dict[str, Any] = {}
+            first: dict[str, EvalRecord] = {}
             for r in groups[group].records:
                 first.setdefault(r.prompt.category, r)
             items += [(r.prompt.text, r.canvas) for r in list(first.values())[:count]]
@@ -334,7 +495,7 @@ def curve_panels(histories: dict[str, list[dict[str, Any]]],
 @dataclasses.dataclass
 class Study:
     """One demo run as its stages share it: the settings, the output folder, the task (vocabulary, prompt
-    sets, completion budget), the trainer fields every stage passes (``common``), the scorer as the
+    sets, completion budget), the trainer fields every stage passes (``common``), the detector as the
     training reward, and what the stages leave: seconds, logged histories, files and checkpoints."""
 
     settings: DemoSettings
@@ -343,6 +504,7 @@ class Study:
     device: str
     vocab: Vocab
     sets: Any  # the PromptSets of make_prompt_sets
+    train_specs: list[PromptSpec]  # the training prompts used (the first train_prompts of sets.train)
     budget: int
     longest_prompt: int
     common: dict[str, Any]
@@ -357,11 +519,21 @@ class Study:
         self.timings[stage] = time.perf_counter() - started
         self.log(f"  ({self.timings[stage]:.1f} s)")
 
+    def load(self, method: str):
+        """The checkpoint of ``method`` as an eval-mode model."""
+        return load_policy(self.checkpoints[method], self.device, self.settings)
+
+    def image(self, model):
+        """``model`` as the rollout's image model (None for the llama architecture)."""
+        return demo_image_model(model, self.vocab) if self.settings.image else None
+
     def sample(self, model, prompts: Sequence[Sequence[int]], num_samples: int, seed: int) -> list[list[int]]:
-        """``num_samples`` completions per prompt at ``sample_temperature``, seeded."""
+        """``num_samples`` completions per prompt at ``sample_temperature`` and ``cfg_weight``, seeded."""
         return sample_completions(model, prompts, self.vocab, num_samples=num_samples, max_new_tokens=self.budget,
                                   temperature=self.settings.sample_temperature,
-                                  generator=torch.Generator(device=self.device).manual_seed(seed))
+                                  generator=torch.Generator(device=self.device).manual_seed(seed),
+                                  image=self.image(model), cfg_weight=self.settings.cfg_weight,
+                                  plan_max_tokens=plan_budget(self.vocab) if self.settings.cot else 0)
 
 
 def open_study(settings: DemoSettings, out_dir: str | Path, log: Callable[[str], None]) -> Study:
@@ -375,8 +547,10 @@ def open_study(settings: DemoSettings, out_dir: str | Path, log: Callable[[str],
     device = settings.resolved_device()
     vocab = Vocab()
     sets = make_prompt_sets(seed=settings.seed)
-    longest_prompt = max(len(vocab.encode_prompt(p.text)) for p in sets.train + sets.test + sets.ood)
-    budget = completion_budget(vocab, settings.cot)
+    train_specs = list(sets.train[:settings.train_prompts] if settings.train_prompts else sets.train)
+    boi = settings.image and not settings.cot
+    longest_prompt = max(len(vocab.encode_prompt(p.text, boi=boi)) for p in sets.train + sets.test + sets.ood)
+    budget = completion_budget(vocab, settings.cot, image=settings.image)
     tokenizer_dir = out / "data" / "tokenizer"
     vocab.hf_tokenizer().save_pretrained(tokenizer_dir)
     common = {"tokenizer": str(tokenizer_dir), "max_prompt_length": longest_prompt, "max_completion_length": budget,
@@ -387,13 +561,17 @@ def open_study(settings: DemoSettings, out_dir: str | Path, log: Callable[[str],
     run = ", ".join(x for x in ("quick run" if settings.quick else "full run", "plan first (--cot)" if settings.cot
                                 else "", f"training reward: {settings.reward}", f"seed {settings.seed}",
                                 f"device {device}") if x)
-    log(f"fastrl demo ({run})\nSFT, then DPO and GRPO from the same SFT checkpoint; evaluation by the scorer.\n"
-        f"Task: {vocab.grid_size}x{vocab.grid_size} canvas, {len(vocab)} tokens; prompts: {len(sets.train)} train, "
-        f"{len(sets.test)} in-domain test, {len(sets.ood)} out-of-domain. Policy: Llama, hidden "
-        f"{settings.hidden_size}, {settings.num_layers} layers, random init. Output: {out}")
-    return Study(settings=settings, out=out, log=log, device=device, vocab=vocab, sets=sets, budget=budget,
-                 longest_prompt=longest_prompt, common=common, train_reward=train_reward,
-                 train_prompts=[vocab.encode_prompt(p.text) for p in sets.train])
+    policy = (f"Janus (Llama trunk, hidden {settings.hidden_size}, {settings.num_layers} layers; image head over "
+              f"{vocab.codebook} codes, {vocab.grid_size ** 2} image tokens), random init; CFG weight "
+              f"{settings.cfg_weight:g}" if settings.image else
+              f"Llama, hidden {settings.hidden_size}, {settings.num_layers} layers, random init")
+    log(f"fastrl demo ({run})\nSFT, then DPO and GRPO from the same SFT checkpoint; images decoded to pixels and "
+        f"scored by the detector.\nTask: {vocab.grid_size}x{vocab.grid_size} canvas, {len(vocab)} tokens; prompts: "
+        f"{len(train_specs)} train, {len(sets.test)} in-domain test, {len(sets.ood)} out-of-domain. Policy: {policy}. "
+        f"Output: {out}")
+    return Study(settings=settings, out=out, log=log, device=device, vocab=vocab, sets=sets, train_specs=train_specs,
+                 budget=budget, longest_prompt=longest_prompt, common=common, train_reward=train_reward,
+                 train_prompts=[vocab.encode_prompt(p.text, boi=boi) for p in train_specs])
 
 
 def sft_stage(study: Study):
@@ -402,51 +580,60 @@ def sft_stage(study: Study):
 
     settings, vocab, out = study.settings, study.vocab, study.out
     started = time.perf_counter()
-    examples = sft_examples(study.sets.train, vocab, perfect_rate=settings.perfect_rate, cot=settings.cot,
+    examples = sft_examples(study.train_specs, vocab, perfect_rate=settings.perfect_rate, cot=settings.cot,
                             samples_per_prompt=settings.sft_samples_per_prompt, seed=settings.seed)
-    study.files["sft_data"] = write_jsonl(out / "data" / "sft.jsonl", [
-        {"prompt": list(e.prompt_ids), "completion": list(e.completion_ids), "text": e.prompt.text,
-         "corruption": e.corruption} for e in examples])
-    steps = settings.sft_epochs * (len(examples) // settings.sft_batch)
-    study.log(f"\n[1/5] SFT: {len(examples)} teacher sequences ({sum(e.perfect for e in examples)} perfect, the rest "
-              f"flawed{', each with its plan' if settings.cot else ''}), {steps} steps of {settings.sft_batch}")
+    rows = sft_rows(examples, vocab, settings)
+    study.files["sft_data"] = write_jsonl(out / "data" / "sft.jsonl", rows)
+    steps = settings.sft_epochs * (len(rows) // settings.sft_batch)
+    uncond = sum(r["unconditional"] for r in rows)
+    study.log(f"\n[1/5] SFT: {len(rows)} teacher sequences ({sum(e.perfect for e in examples)} perfect, the rest "
+              f"flawed{', each with its plan' if settings.cot else ''}"
+              f"{f'; {uncond} with the unconditional prompt' if settings.image else ''}), {steps} steps of "
+              f"{settings.sft_batch}")
+    image = image_generation(vocab, settings, 1.0)
     result = train_sft(SFTConfig(
         model_config=model_config(vocab, settings, _positions(study.longest_prompt + study.budget)),
         train_data=str(study.files["sft_data"]), output_dir=str(out / "sft"), batch_size=settings.sft_batch,
         num_epochs=settings.sft_epochs, learning_rate=settings.sft_lr, warmup_steps=max(1, steps // 20),
-        **study.common))
+        **({"image_generation": image} if image else {}), **study.common))
     study.histories["SFT"], study.checkpoints["SFT"] = result.history, result.checkpoint
-    sft_model = load_policy(study.checkpoints["SFT"], study.device)
+    sft_model = study.load("SFT")
     study.timed("sft", started)
     return sft_model
 
 
 def reward_stage(study: Study, sft_model) -> tuple[Callable[..., list[float]], list[dict[str, Any]] | None]:
-    """2. The training reward: the scorer, or (``reward="learned"``) a Bradley–Terry reward model trained
-    by ``train_rm`` from the SFT checkpoint on the scorer's preferences between canvases of the training
-    prompts, checked on pairs of the test prompts. Returns the reward callable and the reward model's
-    logged history (None for the scorer)."""
+    """2. The training reward: the detector on the pixels, or (``reward="learned"``) a Bradley–Terry reward
+    model trained by ``train_rm`` on the scorer's preferences between canvases of the training prompts,
+    checked on pairs of the test prompts (from the SFT checkpoint for the llama architecture; a fresh
+    Llama classifier over the task's tokens for Janus, which has no sequence-classification form).
+    Returns the reward callable and the reward model's logged history (None for the detector)."""
     from fastrl.train import RewardModel, RMConfig, train_rm
 
     settings, vocab, out = study.settings, study.vocab, study.out
     if settings.reward == "scorer":
-        study.log(f"\n[2/5] training reward: the scorer{_reward_formula(settings)}")
+        study.log(f"\n[2/5] training reward: the detector's score of the decoded pixels{_reward_formula(settings)}")
         return study.train_reward, None
     started = time.perf_counter()
     k = settings.rm_canvases_per_prompt // 2
     drawn = study.sample(sft_model, study.train_prompts, k, settings.seed + 101)
-    samples = {p.text: drawn[i * k:(i + 1) * k] for i, p in enumerate(study.sets.train)}
+    samples = {p.text: drawn[i * k:(i + 1) * k] for i, p in enumerate(study.train_specs)}
     per_prompt = settings.rm_canvases_per_prompt
-    rows = pair_rows(reward_model_pairs(study.sets.train, vocab, samples, canvases_per_prompt=per_prompt,
+    rows = pair_rows(reward_model_pairs(study.train_specs, vocab, samples, canvases_per_prompt=per_prompt,
                                         seed=settings.seed), vocab)
     held_out = pair_rows(reward_model_pairs(study.sets.test, vocab, {}, canvases_per_prompt=per_prompt,
                                             seed=settings.seed + 1), vocab)
     study.files["rm_data"] = write_jsonl(out / "data" / "rm_pairs.jsonl", rows)
-    study.log(f"\n[2/5] training reward: a Bradley–Terry reward model (the SFT model with a score head), "
+    start = "a Llama sequence classifier over the task's tokens" if settings.image else \
+        "the SFT model with a score head"
+    study.log(f"\n[2/5] training reward: a Bradley–Terry reward model ({start}), "
               f"{settings.rm_steps} steps of {settings.rm_batch} on {len(rows)} scorer preferences between canvases "
               f"of the training prompts (teacher, scattered and SFT-sampled canvases)")
+    model = ({"model_config": llama_model_config(vocab, settings, _positions(study.longest_prompt + study.budget),
+                                                 vocab_size=len(vocab))} if settings.image
+             else {"model": str(study.checkpoints["SFT"])})
     # AdamW with decay on every matrix, 10 warm-up steps then linear decay; the score read at <eos>
-    result = train_rm(RMConfig(model=str(study.checkpoints["SFT"]), train_data=str(study.files["rm_data"]),
+    result = train_rm(RMConfig(**model, train_data=str(study.files["rm_data"]),
                                output_dir=str(out / "reward_model"), batch_size=settings.rm_batch,
                                max_steps=settings.rm_steps, learning_rate=settings.rm_lr, weight_decay=0.01,
                                warmup_steps=10, **{**study.common, "lr_scheduler": "linear"}))
@@ -483,39 +670,44 @@ def dpo_stage(study: Study, sft_model, reward_fn: Callable[..., list[float]]) ->
     study.files["dpo_data"] = write_jsonl(out / "data" / "dpo_pairs.jsonl", rows)
     steps = settings.dpo_epochs * (len(rows) // settings.dpo_batch)
     study.log(f"\n[3/5] DPO: {len(drawn)} completions sampled from the SFT model ({settings.dpo_rounds} groups of {k} "
-              f"per prompt); {len(rows)} best-vs-worst pairs (groups without a preference dropped); {steps} steps of "
-              f"{settings.dpo_batch} pairs, beta {settings.dpo_beta}")
+              f"per prompt{_cfg(settings)}); {len(rows)} best-vs-worst pairs (groups without a preference dropped); "
+              f"{steps} steps of {settings.dpo_batch} pairs, beta {settings.dpo_beta}")
+    image = image_generation(study.vocab, settings, settings.cfg_weight)
     result = train_dpo(DPOConfig(model=str(study.checkpoints["SFT"]), train_data=str(study.files["dpo_data"]),
                                  output_dir=str(out / "dpo"), batch_size=settings.dpo_batch,
                                  num_epochs=settings.dpo_epochs, learning_rate=settings.dpo_lr, beta=settings.dpo_beta,
-                                 warmup_steps=max(1, steps // 10), **study.common))
+                                 warmup_steps=max(1, steps // 10), **({"image_generation": image} if image else {}),
+                                 **study.common))
     study.histories["DPO"], study.checkpoints["DPO"] = result.history, result.checkpoint
     study.timed("dpo", started)
 
 
 def grpo_stage(study: Study, reward_fn: Callable[..., list[float]]) -> None:
-    """4. GRPO (``train_grpo``) from the SFT checkpoint: the policy's own rollouts, G per prompt, the reward
-    a callable (with a reward model, the scorer rides along with weight 0: logged for the curves, never
-    optimised)."""
+    """4. GRPO (``train_grpo``) from the SFT checkpoint: the policy's own rollouts (with CFG), G per prompt,
+    the reward a callable (with a reward model, the detector rides along with weight 0: logged for the
+    curves, never optimised)."""
     from fastrl.train import GRPOConfig, train_grpo
 
     settings, out = study.settings, study.out
     started = time.perf_counter()
     study.files["grpo_data"] = write_jsonl(out / "data" / "grpo_prompts.jsonl", [
         {"prompt": ids, "text": p.text, "category": p.category}
-        for p, ids in zip(study.sets.train, study.train_prompts)])
+        for p, ids in zip(study.train_specs, study.train_prompts)])
     study.log(f"\n[4/5] GRPO: {settings.grpo_steps} steps of {settings.grpo_batch} prompts x {settings.group_size} "
-              f"samples ({settings.grpo_steps * settings.grpo_batch * settings.group_size} completions), beta "
-              f"{settings.grpo_beta}")
+              f"samples ({settings.grpo_steps * settings.grpo_batch * settings.group_size} completions"
+              f"{_cfg(settings)}), beta {settings.grpo_beta}")
     scorer = settings.reward == "scorer"
+    image = image_generation(study.vocab, settings, settings.cfg_weight)
+    text = {} if image else {"stop_token_ids": [study.vocab.eos_id]}
     result = train_grpo(GRPOConfig(model=str(study.checkpoints["SFT"]), train_data=str(study.files["grpo_data"]),
                                    output_dir=str(out / "grpo"), batch_size=settings.grpo_batch,
                                    max_steps=settings.grpo_steps, learning_rate=settings.grpo_lr,
                                    num_generations=settings.group_size, temperature=settings.sample_temperature,
-                                   stop_token_ids=[study.vocab.eos_id], beta=settings.grpo_beta,
+                                   beta=settings.grpo_beta,
                                    reward_funcs=[study.train_reward] if scorer else [reward_fn, study.train_reward],
                                    reward_weights=None if scorer else [1.0, 0.0],
-                                   warmup_steps=max(1, settings.grpo_steps // 20), **study.common))
+                                   warmup_steps=max(1, settings.grpo_steps // 20),
+                                   **({"image_generation": image} if image else text), **study.common))
     study.histories["GRPO"], study.checkpoints["GRPO"] = result.history, result.checkpoint
     del result
     study.timed("grpo", started)
@@ -523,18 +715,35 @@ def grpo_stage(study: Study, reward_fn: Callable[..., list[float]]) -> None:
 
 def evaluation_stage(study: Study, sft_model) -> dict[str, dict[str, SplitEval]]:
     """5. Every model samples the in-domain test and out-of-domain prompts (the same prompts and random
-    numbers for every model), scored by the scorer."""
+    numbers for every model), scored by the detector from the pixels. Rows: the SFT model without
+    guidance (image models only), the SFT model at ``cfg_weight``, its best-of-N (``best_of_n`` > 1),
+    DPO and GRPO at ``cfg_weight``."""
     settings, sets = study.settings, study.sets
     started = time.perf_counter()
-    study.log(f"\n[5/5] evaluation: {settings.eval_samples} canvases per prompt sampled at temperature "
-              f"{settings.eval_temperature}, scored by the scorer: {len(sets.test)} in-domain test prompts, "
-              f"{len(sets.ood)} out-of-domain prompts")
+    w = settings.cfg_weight
+    study.log(f"\n[5/5] evaluation: {settings.eval_samples} images per prompt sampled at temperature "
+              f"{settings.eval_temperature}{_cfg(settings)}, scored by the detector from the pixels: {len(sets.test)} "
+              f"in-domain test prompts, {len(sets.ood)} out-of-domain prompts")
+    runs: list[tuple[str, Any, float, bool]] = []  # (row, model, cfg weight, best-of-N)
+    if settings.image:
+        runs.append(("SFT (w = 1)", sft_model, 1.0, False))
+    runs.append(("SFT", sft_model, w, False))
+    if settings.best_of_n > 1:
+        runs.append((f"SFT best-of-{settings.best_of_n}", sft_model, w, True))
+    runs += [(method, None, w, False) for method in study.checkpoints if method != "SFT"]
     evals: dict[str, dict[str, SplitEval]] = {}
-    for method, checkpoint in study.checkpoints.items():
-        model = sft_model if method == "SFT" else load_policy(checkpoint, study.device)
-        evals[method] = {split: evaluate_policy(model, prompts, study.vocab, settings, max_new_tokens=study.budget,
-                                                device=study.device, seed=settings.seed + offset)
-                         for split, prompts, offset in (("in_domain", sets.test, 303), ("ood", sets.ood, 404))}
+    for row, model, cfg_weight, best in runs:
+        model = model if model is not None else study.load(row)
+        options = dict(max_new_tokens=study.budget, device=study.device, image=study.image(model),
+                       cfg_weight=cfg_weight)
+        evals[row] = {}
+        for split, prompts, offset in (("in_domain", sets.test, 303), ("ood", sets.ood, 404)):
+            if best:
+                evals[row][split] = best_of_n_eval(model, prompts, study.vocab, settings, seed=settings.seed + offset,
+                                                   reward=study.train_reward, **options)
+            else:
+                evals[row][split] = evaluate_policy(model, prompts, study.vocab, settings,
+                                                    seed=settings.seed + offset, **options)
     study.timed("eval", started)
     return evals
 
@@ -561,6 +770,10 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str]
     return DemoResult(table, reward_table, markdown, summaries, study.timings, study.files)
 
 
+def _cfg(settings: DemoSettings) -> str:
+    return f", CFG weight {settings.cfg_weight:g}" if settings.image else ""
+
+
 def _relative(path: Path, root: Path) -> str:
     """``path`` relative to the output folder when it lies inside it (results.json stays valid when moved)."""
     try:
@@ -585,10 +798,15 @@ def _reward_formula(settings: DemoSettings) -> str:
 def _write_outputs(out: Path, settings: DemoSettings, table, reward_table, markdown: str, summaries, timings,
                    checkpoints, curves, panels, log) -> dict[str, Path]:
     files = {}
+    policy = (f"a tiny Janus, CFG weight {settings.cfg_weight:g} (the first row: the SFT model without guidance)"
+              if settings.image else "a tiny Llama writing the cells as words")
+    best = f"; best-of-{settings.best_of_n}: the best of {settings.best_of_n} SFT samples by the training reward" \
+        if settings.best_of_n > 1 else ""
     header = (f"# fastrl demo results\n\nSFT, then DPO and GRPO from the same SFT checkpoint "
-              f"({'quick' if settings.quick else 'full'} run; training reward: {settings.reward}"
-              f"{'; plan first (--cot)' if settings.cot else ''}; seed {settings.seed}). {settings.eval_samples} "
-              f"canvases sampled per prompt at temperature {settings.eval_temperature}, scored by the scorer. "
+              f"({'quick' if settings.quick else 'full'} run; {policy}; training reward: {settings.reward}"
+              f"{'; plan first (--cot)' if settings.cot else ''}; seed {settings.seed}{best}). {settings.eval_samples} "
+              f"images sampled per prompt at temperature {settings.eval_temperature}, decoded to pixels and scored by "
+              f"the detector. "
               f"First table: pass rate (every check holds and no clutter); second: mean reward (the share of "
               f"checks that hold, minus {CLUTTER_PENALTY} per clutter object). Each split's overall is the mean "
               f"over its categories.\n\n")
