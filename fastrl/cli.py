@@ -1,4 +1,5 @@
-"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train sft|dpo|grpo|online-dpo|rm``."""
+"""The ``fastrl`` command: ``fastrl info``, ``fastrl demo``, ``fastrl train sft|dpo|grpo|online-dpo|rm``,
+``fastrl best-of-n CONFIG``."""
 
 from __future__ import annotations
 
@@ -77,6 +78,44 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _best_of_n(args: argparse.Namespace) -> int:
+    """``fastrl best-of-n CONFIG --n N --out DIR [--FIELD value ...]``: N images per prompt of the config's
+    model and prompts, the best by its rewards, written as PNGs and a JSONL of scores
+    (:func:`fastrl.train.best_of_n.best_of_n_from_config`)."""
+    import math
+
+    from fastrl.train import ConfigError, DataError, RewardError, load_config
+    from fastrl.train.best_of_n import best_of_n_from_config
+
+    prog = "fastrl best-of-n"
+    for flag, value, low in (("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
+                             ("--num-prompts", args.num_prompts, 1)):
+        if value is not None and value < low:
+            print(f"{prog}: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
+    if args.cfg_weight is not None and not args.cfg_weight >= 0:
+        print(f"{prog}: --cfg-weight must be >= 0, got {args.cfg_weight}", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.method, args.config, args.overrides)
+        result, paths = best_of_n_from_config(config, args.n, args.out, num_prompts=args.num_prompts,
+                                              batch_size=args.batch_size, cfg_weight=args.cfg_weight,
+                                              model=args.model)
+    except (ConfigError, DataError, RewardError, FileNotFoundError, ValueError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+
+    def mean(values) -> float:
+        kept = [v for v in values if not math.isnan(v)]
+        return sum(kept) / len(kept) if kept else math.nan
+
+    best, every = mean(result.scores.tolist()), mean(result.all_scores.reshape(-1).tolist())
+    print(f"{prog}: {len(result)} prompts x {args.n} samples; mean score of the best {best:.4g}, of every sample "
+          f"{every:.4g}")
+    print(f"Written: {paths['dir']} ({len(paths['images'])} PNGs, {paths['scores'].name})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastrl", description="fastrl: fast DPO- and GRPO-family training")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,13 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of config fields")
     p.add_argument("-h", "--help", action="store_true", help="list the config fields of METHOD")
     p.set_defaults(func=_train)
+    p = sub.add_parser("best-of-n", help="sample N images per prompt and keep the best by the config's rewards "
+                       "(test-time best-of-N); PNGs and a JSONL of scores", allow_abbrev=False,
+                       usage="fastrl best-of-n CONFIG.yaml --n N --out DIR [options] [--FIELD VALUE ...]")
+    p.add_argument("config", help="YAML trainer config with image_generation, train_data (the prompts) and "
+                   "rewards")
+    p.add_argument("--n", type=int, default=4, help="samples per prompt (default 4)")
+    p.add_argument("--out", required=True, help="output folder; must not exist or be empty")
+    p.add_argument("--method", choices=("grpo", "online-dpo"), default="grpo",
+                   help="the config's method (default grpo); its fields are read")
+    p.add_argument("--model", default=None, help="local model directory replacing the config's (e.g. a checkpoint)")
+    p.add_argument("--num-prompts", type=int, default=None, help="the first this many prompts (default all)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per generate call (default 4)")
+    p.add_argument("--cfg-weight", type=float, default=None, help="overrides image_generation.cfg_weight")
+    p.set_defaults(func=_best_of_n)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "best-of-n"):
         args.overrides = extra  # config fields, parsed by the config's own parser
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -451,7 +451,7 @@ def _pil(pixels: torch.Tensor, where: str) -> list:
 
 def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
           columns: Sequence[dict[str, Any]], *, image=None, group_size: int | None = None,
-          decode_batch_size: int = 16) -> torch.Tensor:
+          decode_batch_size: int = 16, images: torch.Tensor | None = None) -> torch.Tensor:
     """Rewards of N completions under R rewards.
 
     Async rewards are awaited together, every call of every async function concurrently, in one
@@ -471,6 +471,8 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         group_size: G, completions per prompt (rows ``[g G, (g + 1) G)`` share a prompt), for the
             rewards that name ``group_size``; None: not known.
         decode_batch_size: images per decoder call.
+        images: the completions' pixels when the caller has decoded them already (uint8 ``[N, H, W,
+            3]``, e.g. :func:`decode_images`): handed to the rewards as they are, nothing decoded.
 
     Returns:
         ``[N, R]`` fp32, NaN where a reward returned None or NaN (unscorable).
@@ -484,12 +486,19 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
     names = sorted({k for c in columns for k in c})
     lists = {k: [c.get(k) for c in columns] for k in names}
     pixels = pil = None
+    if images is not None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+                or images.shape[0] != n or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [{n}, H, W, 3] (one image per completion), got "
+                             + (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
+                                else type(images).__name__))
+        pixels = images
     for reward in rewards:
-        if reward.image_args and image is None:
+        if reward.image_args and image is None and pixels is None:
             raise RewardError(f"{reward.where}: asks for images (its signature names "
                               f"{' and '.join(sorted(reward.image_args))}) but the run has no image generation "
                               f"(set image_generation in the config, or drop this reward)")
-    if any(r.image_args for r in rewards):
+    if pixels is None and any(r.image_args for r in rewards):
         pixels = decode_images(image, completion_ids, batch_size=decode_batch_size)
     for reward in rewards:
         if "pil_images" in reward.image_args and pil is None:
