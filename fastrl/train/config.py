@@ -301,7 +301,9 @@ class _RolloutFields:
         "also the callables themselves); see fastrl.train.rewards", default_factory=list)
     reward_weights: list[float] | None = _help("one weight per reward (callables, then the reward model)", None)
     reward_model: str | None = _help(
-        "local directory of an AutoModelForSequenceClassification reward model (from Python also an nn.Module)", None)
+        "local directory of an AutoModelForSequenceClassification reward model (from Python also an nn.Module); "
+        "or an image reward model {kind: clip | clip_preference, path: DIR, ...} (see fastrl.train.image_rewards)",
+        None)
     reward_batch_size: int = _help("completions per reward-model forward", 32)
     log_completions: int = _help("sample completions written to completions.jsonl at every log step", 2)
 
@@ -336,7 +338,19 @@ class _RolloutFields:
             module, sep, name = spec.partition(":")
             if not sep or not module or not name.isidentifier():
                 self._fail("reward_funcs", f"{spec!r} is not 'module:function'")
-        if isinstance(self.reward_model, (str, os.PathLike)):
+        if isinstance(self.reward_model, str) and self.reward_model.lstrip().startswith("{"):
+            try:  # an image reward model's mapping, as JSON on the command line
+                self.reward_model = json.loads(self.reward_model)
+            except json.JSONDecodeError as e:
+                self._fail("reward_model", f"is not valid JSON ({e})")
+        if isinstance(self.reward_model, dict):
+            from fastrl.train.image_rewards import check_image_reward_spec
+
+            try:
+                check_image_reward_spec(self.reward_model)
+            except ValueError as e:
+                raise ConfigError(f"{type(self).__name__}.{e}") from None
+        elif isinstance(self.reward_model, (str, os.PathLike)):
             if not (Path(self.reward_model) / "config.json").is_file():
                 self._fail("reward_model", f"{str(self.reward_model)!r} is not a local model directory with a "
                                            f"config.json")
@@ -355,7 +369,7 @@ class _RolloutFields:
     def to_dict(self) -> dict[str, Any]:
         """The fields, with reward objects given from Python replaced by their names (no deep copy of a model)."""
         def name(obj):
-            return obj if obj is None or isinstance(obj, (str, os.PathLike)) else \
+            return obj if obj is None or isinstance(obj, (str, os.PathLike, dict)) else \
                 f"<{getattr(obj, '__name__', type(obj).__name__)}>"
 
         saved = self.reward_funcs, self.reward_model

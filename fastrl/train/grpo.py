@@ -67,12 +67,13 @@ __all__ = ["MicroBatch", "advantages_of", "grpo_step", "loss_scales", "micro_bat
 # ---------------------------------------------------------------------------------------------- advantages
 
 def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *, weights: list[float] | None,
-                  lengths: torch.Tensor, baseline: torch.Tensor | None) -> torch.Tensor:
+                  lengths: torch.Tensor, baseline: torch.Tensor | None,
+                  preferences: torch.Tensor | None = None) -> torch.Tensor:
     """Advantages of the global batch from its rewards, with the config's estimator.
 
     The estimator's extra inputs: completion lengths for opo, the greedy completions' rewards for
-    remax, and for pref_grpo the pairwise preferences of the combined reward (a win when higher, ½
-    when equal).
+    remax, and for pref_grpo the pairwise preferences of a pairwise reward model when the run has
+    one (``preferences``), else those of the combined reward (a win when higher, ½ when equal).
 
     Args:
         rewards: ``[N, R]`` fp32, each reward of each completion.
@@ -81,6 +82,8 @@ def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *,
         weights: the R reward weights, or None.
         lengths: ``[N]`` int64, the completion lengths (opo).
         baseline: ``[N, R]`` fp32, the greedy completions' rewards (remax), or None.
+        preferences: ``[N, G]`` fp32, a pairwise reward's preference matrix
+            (:func:`fastrl.train.rewards.pairwise_preferences`), or None.
 
     Returns:
         ``[N]`` fp32 advantages.
@@ -96,7 +99,7 @@ def advantages_of(rewards: torch.Tensor, group_size: int, config: GRPOConfig, *,
         combined = rewards_lib.combine(rewards, weights).view(-1, group_size)
         wins = (combined[:, :, None] > combined[:, None, :]).float() + 0.5 * (
             combined[:, :, None] == combined[:, None, :]).float()
-        options["preferences"] = wins.reshape(-1, group_size)
+        options["preferences"] = wins.reshape(-1, group_size) if preferences is None else preferences.float()
         table = combined.reshape(-1)
         options["reward_weights"] = None
     elif weights is not None and rewards.shape[1] == 1:
@@ -308,8 +311,10 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
                     baseline = gather_rows(score_completions(rewards, data, greedy, tokenizer), world)
                     baseline = baseline.repeat_interleave(group, 0)
                 all_lengths = gather_rows(completions.lengths, world)
+                preferences = rewards_lib.pairwise_preferences(rewards)  # a pairwise reward model's, for pref_grpo
+                preferences = None if preferences is None else gather_rows(preferences, world)
                 advantages = advantages_of(all_rewards, group, config, weights=config.reward_weights,
-                                           lengths=all_lengths, baseline=baseline)
+                                           lengths=all_lengths, baseline=baseline, preferences=preferences)
                 mine = slice(world.rank * len(completions), (world.rank + 1) * len(completions))
                 local_advantages = advantages[mine]
                 combined = rewards_lib.combine(all_rewards, config.reward_weights)
