@@ -111,3 +111,9 @@ def test_image_completion_format():
     assert codes == [v.code(t) for t in plain] and plan == tuple(c.objects()) and problems == ()
     codes, _, problems = v.read_completion(plain[:30] + [v.id("red")])
     assert len(codes) == 36 and codes[30:] == [0] * 6 and len(problems) == 2
+    # the image is the last 36 tokens by position: a drawn plan may hold any text token, <eos> and <eoi> too
+    junk = [v.eos_id, v.id("red"), v.eoi_id]
+    codes, plan, problems = v.read_completion(junk + [v.boi_id] + plain)
+    assert codes == [v.code(t) for t in plain] and plan is None and "not a plan section" in problems[0]
+    codes, plan, problems = v.read_completion([v.plan_id, *junk, v.plan_end_id, v.boi_id] + plain)
+    assert codes == [v.code(t) for t in plain] and plan == () and "plan does not start" in problems[0]

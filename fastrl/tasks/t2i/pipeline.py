@@ -234,18 +234,19 @@ def janus_model_config(vocab: Vocab, settings: DemoSettings, max_positions: int)
 
 
 def plan_budget(vocab: Vocab) -> int:
-    """Tokens a plan may take, ``<boi>`` included: ``<plan>``, up to ``grid_size`` objects of six tokens
-    (the teacher's longest plans list six), ``</plan>``."""
-    return 2 + 6 * vocab.grid_size + 1
+    """Tokens a plan may take (the rollout's ``plan_max_tokens``): ``<plan>``, up to ``grid_size`` objects
+    of six tokens (the teacher's longest plans list six), ``</plan>``. The ``<boi>`` after it is the
+    plan's stop token when drawn within the budget, else the rollout forces it."""
+    return 2 + 6 * vocab.grid_size
 
 
 def completion_budget(vocab: Vocab, cot: bool, *, image: bool = False) -> int:
     """Tokens a completion may take: the image tokens (and ``<eos>`` in the text format), plus with
-    ``cot`` a plan (:func:`plan_budget`; the text format has no ``<boi>``)."""
+    ``cot`` a plan (:func:`plan_budget`, and ``<boi>`` in the image format)."""
     n = vocab.grid_size
     if image:
-        return n * n + (plan_budget(vocab) if cot else 0)
-    return n * n + 1 + ((plan_budget(vocab) - 1) if cot else 0)
+        return n * n + (plan_budget(vocab) + 1 if cot else 0)
+    return n * n + 1 + (plan_budget(vocab) if cot else 0)
 
 
 def image_generation(vocab: Vocab, settings: DemoSettings, cfg_weight: float) -> dict[str, Any] | None:

@@ -181,19 +181,35 @@ class Vocab:
         content): exactly size × size image codes (a cell that could not be read is code 0, empty), the
         plan (None when none was written) and what was wrong.
 
-        Reading stops at the first ``<eos>`` or ``<eoi>`` (a missing one is accepted: the image model
-        writes none, and generation may stop at its token budget) and trailing ``<pad>`` are dropped. An
-        optional plan section comes first, then an optional ``<boi>``. Then the image tokens: any other
-        token is a problem and its cell stays empty; fewer or more than size × size tokens is a problem
-        (the canvas is cut or filled with empty cells).
+        Trailing ``<pad>`` are dropped. When the completion ends with size × size image tokens (the
+        image model's format: the image is its last tokens, by position), those are the codes and what
+        comes before them must be nothing or a plan section ``<plan> ... </plan>``, then optionally
+        ``<boi>`` (a plan's tokens may be anything the text head drew). Otherwise it is read as text:
+        reading stops at the first ``<eos>`` or ``<eoi>`` (a missing one is accepted: generation may
+        stop at its token budget); an optional plan section comes first, then an optional ``<boi>``,
+        then the image tokens: any other token is a problem and its cell stays empty; fewer or more
+        than size × size tokens is a problem (the canvas is cut or filled with empty cells).
         """
         seq = _ints(ids)
+        while seq and seq[-1] == self.pad_id:
+            seq.pop()
+        n = self.grid_size * self.grid_size
+        if len(seq) >= n and all(t in self._items for t in seq[len(seq) - n:]):
+            head, codes = seq[:len(seq) - n], [t - self.text_size for t in seq[len(seq) - n:]]
+            if head and head[-1] == self.boi_id:
+                head = head[:-1]
+            if not head:
+                return codes, None, ()
+            if head[0] == self.plan_id and head[-1] == self.plan_end_id and len(head) >= 2:
+                plan, problems = self._read_plan(head[1:-1])
+                return codes, plan, tuple(problems)
+            return codes, None, (f"{len(head)} token(s) before the image are not a plan section",)
         for end_id in (self.eos_id, self.eoi_id):
             if end_id in seq:
                 seq = seq[:seq.index(end_id)]
         while seq and seq[-1] == self.pad_id:
             seq.pop()
-        problems: list[str] = []
+        problems = []
         plan = None
         if seq and seq[0] == self.plan_id:
             if self.plan_end_id in seq:
@@ -206,7 +222,6 @@ class Vocab:
                 seq = []
         if seq and seq[0] == self.boi_id:
             seq = seq[1:]
-        n = self.grid_size * self.grid_size
         bad = sum(1 for t in seq if t not in self._items)
         if bad:
             problems.append(f"{bad} non-image token(s) among the image tokens")
