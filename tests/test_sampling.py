@@ -694,6 +694,31 @@ extern "C" unsigned long long fastrl_emulated_atomics() {  // atomics since the 
   simt::atomic_count() = 0;
   return n;
 }
+// Classifier-free guidance: the plain entry's arguments (scalar settings, per-row ones), then the
+// unconditional logits (same dtype, element stride 1), their row stride, the weight and the output of
+// the conditional branch's log-probs (nullptr: not asked for).
+extern "C" int fastrl_emulated_sample_cfg(const void* logits, int dtype, long long rows, long long vocab,
+    long long row_stride, long long seed, double temperature, long long top_k, double top_p, double min_p,
+    const double* temperatures, const long long* top_ks, const double* top_ps, const double* min_ps,
+    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int sms,
+    const void* uncond, long long uncond_stride, float cfg_weight, float* cond_logprobs) {
+  fastrl::gpu::SampleArgs a{};
+  a.logits = logits;
+  a.dtype = static_cast<fastrl::gpu::LogitsType>(dtype);
+  a.rows = rows; a.vocab = vocab; a.row_stride = row_stride; a.seed_value = static_cast<uint64_t>(seed);
+  a.temperature = temperature; a.top_k = top_k; a.top_p = top_p; a.min_p = min_p;
+  a.temperatures = temperatures; a.top_ks = reinterpret_cast<const int64_t*>(top_ks);
+  a.top_ps = top_ps; a.min_ps = min_ps;
+  a.tokens = reinterpret_cast<int64_t*>(tokens); a.logprobs = logprobs; a.filtered_logprobs = filtered;
+  a.error = error; a.accumulate = false;
+  a.uncond = uncond; a.uncond_stride = uncond_stride; a.cfg_weight = cfg_weight; a.cond_logprobs = cond_logprobs;
+  a.chunks = sms > 0 ? fastrl::gpu::sample_chunks(rows, vocab, sms) : 1;
+  std::vector<unsigned char> workspace(
+      static_cast<size_t>(fastrl::gpu::sample_workspace_bytes(rows, a.chunks, cond_logprobs != nullptr)));
+  a.workspace = workspace.data();
+  last_chunks = a.chunks;
+  return fastrl::gpu::launch_sample(a, nullptr);
+}
 """
 
 
@@ -718,6 +743,9 @@ def _emulated_kernel(config: str, ex2_ulps: int = 0):
     fn.chunks = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_chunks
     fn.atomics = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_atomics
     fn.atomics.restype = ctypes.c_ulonglong
+    fn.cfg = ctypes.CDLL(str(tmp / "k.so")).fastrl_emulated_sample_cfg
+    fn.cfg.argtypes = [p, ctypes.c_int, i64, i64, i64, i64, f64, i64, f64, f64, p, p, p, p, p, p, p, p, ctypes.c_int,
+                       p, i64, ctypes.c_float, p]
     return fn
 
 
@@ -956,3 +984,137 @@ def test_emulated_first_pass_exp_does_not_move_the_masses():
             _assert_same_draws(_emulated("real", logits, 9, ex2_ulps=ulps, **kw), _op(logits, 9, **kw), (ulps, kw),
                                min_agree=1.0)
     assert moved, "the biased exp changed no log-prob: the emulation did not apply FASTRL_SIMT_EX2_ULPS"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier-free guidance and vocabulary ranges in the CUDA kernel (emulated) vs the CPU sampler
+
+
+def _emulated_cfg(config, logits, uncond, w, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                  rows=(None,) * 4, sms=0, cond=True):
+    """The guided kernel on the CPU: (tokens, logprobs, filtered, cond logprobs or None, error code)."""
+    assert logits.stride(1) == 1 and uncond.stride(1) == 1 and uncond.shape == logits.shape
+    b = logits.shape[0]
+    out = (torch.empty(b, dtype=torch.int64), torch.empty(b), torch.empty(b))
+    cond_out = torch.empty(b) if cond else None
+    error = torch.zeros(2, dtype=torch.int64)
+    rows = [None if r is None else (r.long() if i == 1 else r.double()).contiguous() for i, r in enumerate(rows)]
+    ptr = [None if r is None else r.data_ptr() for r in rows]
+    rc = _emulated_kernel(config).cfg(logits.data_ptr(), _DTYPE_CODES[logits.dtype], b, logits.shape[1],
+                                      logits.stride(0), seed, temperature, top_k, top_p, min_p, *ptr,
+                                      *(t.data_ptr() for t in out), error.data_ptr(), sms, uncond.data_ptr(),
+                                      uncond.stride(0), w, None if cond_out is None else cond_out.data_ptr())
+    assert rc == 0
+    return (*out, cond_out, int(error[0]) & (2**64 - 1))
+
+
+def _cpu_cfg(logits, uncond, w, seed, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, rows=(None,) * 4):
+    """The CPU op, guided, with the conditional log-probs: (tokens, logprobs, filtered, cond)."""
+    rows = [None if r is None else (r.double() if r.is_floating_point() else r) for r in rows]
+    cond = torch.empty(logits.shape[0])
+    out = torch.ops.fastrl.sample(logits, torch.tensor([seed]), temperature, top_k, top_p, min_p, *rows, None,
+                                  uncond, w, cond)
+    return (*out, cond)
+
+
+def _assert_same_guided_draws(got, want, what, min_agree=0.99):
+    _assert_same_draws(got, want, what, min_agree)
+    same = got[0] == want[0]
+    if got[3] is not None:
+        torch.testing.assert_close(got[3][same], want[3][same], rtol=1e-5, atol=1e-5, msg=str(what))
+
+
+def _guided_pair(rows, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(rows, vocab, generator=g) * 2
+    return c, c * 0.3 + torch.randn(rows, vocab, generator=g) * 2
+
+
+@pytest.mark.parametrize("config", EMULATED_CONFIGS)
+@pytest.mark.parametrize("vocab", [13, 257, 1031])
+def test_emulated_cuda_kernel_guided_draws_the_cpu_samplers_tokens(config, vocab):
+    rows = 64
+    c, u = _guided_pair(rows, vocab, vocab)
+    g = torch.Generator().manual_seed(vocab + 1)
+    settings = (torch.rand(rows, generator=g) * 1.5 + 0.2, torch.randint(0, 60, (rows,), generator=g),
+                torch.rand(rows, generator=g) * 0.9 + 0.1, torch.rand(rows, generator=g) * 0.2)
+    settings[0][:6] = 0.0  # greedy rows
+    for w in (0.0, 3.0):
+        got = _emulated_cfg(config, c, u, w, 987, rows=settings)
+        assert got[4] == NO_ERROR
+        _assert_same_guided_draws(got, _cpu_cfg(c, u, w, 987, rows=settings), ("per-row", w), min_agree=0.99)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "masked", "bf16", "fp16", "range", "range_bf16", "uncond_offset"])
+def test_emulated_cuda_kernel_guided_every_filter_path(kind):
+    """Guided rows through each filter combination on the small block, with ties, tokens banned in
+    either branch, half-precision inputs, a vocabulary range read as a row-strided view (rows starting
+    off a 16-byte boundary), and an uncond whose rows are not aligned as the logits' are (its vector
+    reads gathered element by element); token for token with the CPU sampler, log-probs included."""
+    g = torch.Generator().manual_seed(17)
+    c, u = _guided_pair(24, 302, 17)
+    if kind == "ties":
+        c, u = (c * 2).round() / 2, (u * 2).round() / 2
+    if kind == "masked":
+        c[torch.rand(c.shape, generator=g) < 0.3] = float("-inf")
+        u[torch.rand(u.shape, generator=g) < 0.3] = float("-inf")
+        c[:, :2], u[:, :2] = 0.5, 0.1
+    if kind.startswith("range"):
+        c, u = c[:, 3:290], u[:, 3:290]  # views: rows start 12 bytes (6 for bf16) off alignment
+    elif kind == "uncond_offset":
+        c, u = c[:, :300].contiguous(), u[:, 1:301]  # logits aligned, uncond rows 4 bytes off
+    else:
+        c, u = c[:, :300].contiguous(), u[:, :300].contiguous()
+    if kind in ("bf16", "range_bf16"):
+        c, u = c.bfloat16(), u.bfloat16()
+    if kind == "fp16":
+        c, u = c.half(), u.half()
+    for kw in EMULATED_CASES:
+        got = _emulated_cfg("small", c, u, 4.0, 31337, **kw)
+        assert got[4] == NO_ERROR, kw
+        _assert_same_guided_draws(got, _cpu_cfg(c, u, 4.0, 31337, **kw), kw, min_agree=0.95)
+
+
+def test_emulated_split_rows_guided_draw_the_cpu_samplers_tokens():
+    """Fewer rows than SMs, guided: the split first pass writes the conditional branch's records too."""
+    kernel = _emulated_kernel("small")
+    c, u = _guided_pair(8, 1031, 23)
+    for kw in ({}, {"temperature": 0.7, "top_p": 0.9}, {"top_k": 20}, {"temperature": 0.0}, {"min_p": 0.1}):
+        got = _emulated_cfg("small", c, u, 5.0, 77, sms=H200_SMS, **kw)
+        assert kernel.chunks() > 1 and got[4] == NO_ERROR
+        _assert_same_guided_draws(got, _cpu_cfg(c, u, 5.0, 77, **kw), kw, min_agree=1.0)
+        plain = _emulated_cfg("small", c, u, 5.0, 77, sms=H200_SMS, cond=False, **kw)
+        assert torch.equal(plain[0], got[0]) and torch.equal(plain[1], got[1])
+
+
+def test_emulated_guided_cond_logprobs_match_fp64():
+    c, u = _guided_pair(32, 500, 29)
+    for t in (1.0, 0.6):
+        got = _emulated_cfg("real", c, u, 3.0, 5, temperature=t, top_k=50)
+        ref = torch.log_softmax(c.double() / t, -1).gather(1, got[0][:, None]).squeeze(1)
+        torch.testing.assert_close(got[3].double(), ref, rtol=0, atol=2e-5)
+        mixed = (u.double() + 3.0 * (c.double() - u.double())) / t
+        torch.testing.assert_close(got[1].double(), torch.log_softmax(mixed, -1).gather(1, got[0][:, None]).squeeze(1),
+                                   rtol=0, atol=2e-5)
+
+
+def test_emulated_guided_bad_rows():
+    """NaN in the unconditional branch is a bad row (even where the conditional one is -inf); a row
+    banned entirely by the two branches together has no finite value."""
+    c, u = _guided_pair(10, 400, 31)
+    u[3, 17] = float("nan")
+    c[6, 5], u[6, 5] = float("-inf"), float("nan")
+    c[8, :200] = float("-inf")
+    u[8, 200:] = float("-inf")
+    tokens, logp, _, cond, error = _emulated_cfg("small", c, u, 2.0, 3, top_p=0.9)
+    assert error == (1 << 60) | (3 << 3) | 4  # first bad row 3: NaN or +inf
+    assert tokens[3] == tokens[6] == tokens[8] == -1 and torch.isnan(cond[[3, 6, 8]]).all()
+    good = torch.ones(10, dtype=torch.bool)
+    good[[3, 6, 8]] = False
+    cpu = _cpu_cfg(c[good], u[good], 2.0, 3, top_p=0.9)
+    with pytest.raises(ValueError, match="row 3"):
+        _cpu_cfg(c, u, 2.0, 3, top_p=0.9)
+    assert (tokens[good] >= 0).all() and torch.isfinite(cond[good]).all()
+    assert cpu[0].shape == (7,)
+    only8 = _emulated_cfg("small", c[8:9].contiguous(), u[8:9].contiguous(), 2.0, 3)
+    assert only8[4] == (1 << 60) | (0 << 3) | 5  # no finite value

@@ -31,6 +31,11 @@
 // target is crossed. Passes over a 151936-token row (emulated, randn logits): top-k + top-p 2,
 // plain 1.7, top-p 3.7, greedy 1.
 //
+// Classifier-free guidance (SampleArgs::uncond): the kernels are instantiated for Mix<D> rows, whose
+// every element read (vector loads of both branches) is the fp32 mix u + (c - u) * w, so each pass
+// above runs on the mix unchanged; the first pass also keeps the conditional branch's maximum and
+// normaliser, for its log-prob of the drawn token.
+//
 // This file needs only the CUDA toolkit (no torch): sampling_ops.cpp is the torch glue. With
 // FASTRL_SIMT_EMULATION defined it compiles as plain C++ against simt_emulation.cuh, which runs
 // the kernel on the CPU (one fiber per thread), how the tests check it on machines without a GPU.
@@ -241,38 +246,184 @@ struct Layout {
   }
 };
 
-// f(x, index, valid) for every element of the row, in no particular order. Every thread makes the
-// same calls (invalid ones with valid = false), so f may use full-warp intrinsics.
+// The element reads of a row: one element (load1), one 16-byte vector of the layout (load_vec, a
+// Vec<D>), its elements as fp32 (unpack); cond1 / unpack_cond give the conditional branch's values
+// (on a plain row, the same ones).
+template <class D>
+struct Vec {
+  uint4 c;
+};
+
+template <class D>
+__device__ __forceinline__ float load1(const Row<D>& r, u32 i) {
+  return D::load1(r.p + i);
+}
+template <class D>
+__device__ __forceinline__ float cond1(const Row<D>& r, u32 i) {
+  return D::load1(r.p + i);
+}
+template <class D>
+__device__ __forceinline__ Vec<D> load_vec(const Row<D>&, const Layout<D>& l, u32 i) {
+  return {__ldg(l.vp + i)};
+}
+template <class D>
+__device__ __forceinline__ void unpack(const Row<D>&, const Vec<D>& v, float (&x)[D::N], float (&c)[D::N]) {
+  D::unpack(v.c, x);
+#pragma unroll
+  for (int j = 0; j < D::N; ++j) c[j] = x[j];
+}
+
+// Classifier-free guidance: rows of Mix<B> read two rows of B (the conditional p, the unconditional
+// q) and see their mix, u + (c - u) * w in fp32, each operation rounded (no fused multiply-add: the
+// CPU sampler's arithmetic). A -inf in either branch bans the token (-inf); NaN or +inf in either
+// gives NaN, which the first pass reports as a bad row.
+template <class B>
+struct Mix {
+  using T = typename B::T;
+  static constexpr int N = B::N;
+};
+
+__device__ __forceinline__ float cfg_mix(float c, float u, float w) {
+  const float mixed = __fadd_rn(u, __fmul_rn(__fsub_rn(c, u), w));
+  return !(c <= FLT_MAX && u <= FLT_MAX) ? NAN : (c == -INFINITY || u == -INFINITY) ? -INFINITY : mixed;
+}
+
+template <class B>
+struct Row<Mix<B>> {
+  const typename B::T* p;  // the conditional row (its alignment sets the layout)
+  u32 v;
+  const typename B::T* q;  // the unconditional row
+  float w;
+  bool q_vectors;  // q has p's alignment: whole vectors of q line up with p's
+  __device__ u32 head() const { return Row<B>{p, v}.head(); }
+};
+
+template <class B>
+struct Vec<Mix<B>> {
+  uint4 c, u;
+};
+
+// N elements from p, an address that need not be 16-byte aligned, packed as one vector would hold them.
+template <class B>
+__device__ __forceinline__ uint4 gather_vec(const typename B::T* p) {
+  u32 w[4] = {0u, 0u, 0u, 0u};
+  if constexpr (sizeof(typename B::T) == 4) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) w[j] = __float_as_uint(__ldg(p + j));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j / 2] |= static_cast<u32>(__ldg(p + j)) << (16 * (j & 1));
+  }
+  return {w[0], w[1], w[2], w[3]};
+}
+
+template <class B>
+__device__ __forceinline__ float load1(const Row<Mix<B>>& r, u32 i) {
+  return cfg_mix(B::load1(r.p + i), B::load1(r.q + i), r.w);
+}
+template <class B>
+__device__ __forceinline__ float cond1(const Row<Mix<B>>& r, u32 i) {
+  return B::load1(r.p + i);
+}
+template <class B>
+__device__ __forceinline__ Vec<Mix<B>> load_vec(const Row<Mix<B>>& r, const Layout<Mix<B>>& l, u32 i) {
+  const typename B::T* q = r.q + l.head;
+  return {__ldg(l.vp + i), r.q_vectors ? __ldg(reinterpret_cast<const uint4*>(q) + i) : gather_vec<B>(q + i * B::N)};
+}
+template <class B>
+__device__ __forceinline__ void unpack(const Row<Mix<B>>& r, const Vec<Mix<B>>& v, float (&x)[B::N],
+                                       float (&c)[B::N]) {
+  B::unpack(v.c, c);
+  B::unpack(v.u, x);
+#pragma unroll
+  for (int j = 0; j < B::N; ++j) x[j] = cfg_mix(c[j], x[j], r.w);
+}
+
+template <class D>
+struct IsMix {
+  static constexpr bool value = false;
+};
+template <class B>
+struct IsMix<Mix<B>> {
+  static constexpr bool value = true;
+};
+
+// Vectors in flight per thread in the passes over a row: a mixed row's vector is two loads, so half
+// as many (the same bytes in flight, and registers for the rest of the kernel).
+template <class D>
+struct UnrollOf {
+  static constexpr int value = kUnroll;
+};
+template <class B>
+struct UnrollOf<Mix<B>> {
+  static constexpr int value = kUnroll / 2;
+};
+
+// Row `row` of the call's logits (and, guided, of uncond), elements [c0, c0 + n).
+template <class D>
+__device__ __forceinline__ Row<D> row_of(const SampleArgs& a, int64_t row, int64_t c0, u32 n) {
+  return {static_cast<const typename D::T*>(a.logits) + row * a.row_stride + c0, n};
+}
+template <class B>
+__device__ __forceinline__ Row<Mix<B>> row_of_mix(const SampleArgs& a, int64_t row, int64_t c0, u32 n) {
+  const typename B::T* p = static_cast<const typename B::T*>(a.logits) + row * a.row_stride + c0;
+  const typename B::T* q = static_cast<const typename B::T*>(a.uncond) + row * a.uncond_stride + c0;
+  return {p, n, q, a.cfg_weight, ((reinterpret_cast<uintptr_t>(p) ^ reinterpret_cast<uintptr_t>(q)) & 15u) == 0};
+}
+template <class D>
+struct RowMaker {
+  __device__ static Row<D> make(const SampleArgs& a, int64_t row, int64_t c0, u32 n) { return row_of<D>(a, row, c0, n); }
+};
+template <class B>
+struct RowMaker<Mix<B>> {
+  __device__ static Row<Mix<B>> make(const SampleArgs& a, int64_t row, int64_t c0, u32 n) {
+    return row_of_mix<B>(a, row, c0, n);
+  }
+};
+
+// f(x, c, index, valid) for every element of the row, in no particular order (x the element, c its
+// conditional branch: x itself on a plain row). Every thread makes the same calls (invalid ones with
+// valid = false), so f may use full-warp intrinsics.
 template <class D, class F>
-__device__ __forceinline__ void for_each(const Row<D>& r, F&& f) {
+__device__ __forceinline__ void for_each_with_cond(const Row<D>& r, F&& f) {
   constexpr int N = D::N;
   const u32 t = threadIdx.x;
   const Layout<D> l(r);
   {
     const bool ok = t < l.head;
-    f(ok ? D::load1(r.p + t) : 0.0f, t, ok);
+    const float x = ok ? load1(r, t) : 0.0f;
+    f(x, IsMix<D>::value && ok ? cond1(r, t) : x, t, ok);
   }
   {
     const bool ok = t < l.tail_n;
-    f(ok ? D::load1(r.p + l.tail0 + t) : 0.0f, l.tail0 + t, ok);
+    const float x = ok ? load1(r, l.tail0 + t) : 0.0f;
+    f(x, IsMix<D>::value && ok ? cond1(r, l.tail0 + t) : x, l.tail0 + t, ok);
   }
+  constexpr int U = UnrollOf<D>::value;
 #pragma unroll 1
-  for (u32 base = 0; base < l.nvec; base += kUnroll * kThreads) {  // kUnroll loads in flight per thread
-    uint4 v[kUnroll];
+  for (u32 base = 0; base < l.nvec; base += U * kThreads) {  // U loads in flight per thread
+    Vec<D> v[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const u32 i = base + u * kThreads + t;
-      v[u] = i < l.nvec ? __ldg(l.vp + i) : uint4{0u, 0u, 0u, 0u};
+      v[u] = i < l.nvec ? load_vec(r, l, i) : Vec<D>{};
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const u32 i = base + u * kThreads + t;
-      float x[N];
-      D::unpack(v[u], x);
+      float x[N], c[N];
+      unpack(r, v[u], x, c);
 #pragma unroll
-      for (int j = 0; j < N; ++j) f(x[j], l.head + i * N + j, i < l.nvec);
+      for (int j = 0; j < N; ++j) f(x[j], c[j], l.head + i * N + j, i < l.nvec);
     }
   }
+}
+
+// f(x, index, valid) for every element of the row, in no particular order. Every thread makes the
+// same calls (invalid ones with valid = false), so f may use full-warp intrinsics.
+template <class D, class F>
+__device__ __forceinline__ void for_each(const Row<D>& r, F&& f) {
+  for_each_with_cond(r, [&](float x, float, u32 i, bool ok) { f(x, i, ok); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,6 +491,8 @@ struct Shared {
   u64 warp_b[2][kWarps];
   u32 n_cand;
   double z_row, z_filtered;  // thread 0's, kept here over the draw
+  double z_cond;             // guided: the conditional branch's normaliser (greedy: its tied maxima)
+  float cond_max;            // and its maximum
   u32 pick, pick_key_hi;  // one thread's answer, read by all after a barrier
   u64 pick_a, pick_b, pick_c, pick_d;
 };
@@ -718,7 +871,7 @@ __device__ Search search(Block& blk, const Row<D>& row, u32 lo, u32 hi, bool by_
 }
 
 // The first index whose running kept mass (key >= thr) exceeds target, scanning the row in index
-// order and stopping in the batch of tiles that crosses it: kUnroll vectors per thread are loaded
+// order and stopping in the batch of tiles that crosses it: UnrollOf<D> vectors per thread are loaded
 // at once, one block sum tells whether the batch crosses, and only that batch is scanned tile by
 // tile (a tile: one vector per thread, in thread order). If rounding leaves the target at or past
 // the kept total, the last kept index.
@@ -753,29 +906,30 @@ __device__ u32 scan_draw(Block& blk, const Row<D>& r, u32 thr, float m, float in
     __syncthreads();
     return true;
   };
-  float xs[N];
+  float xs[N], cs[N];
   const Layout<D> l(r);
   {  // the unaligned head: one element per thread at most
     for (int j = 0; j < N; ++j) xs[j] = 0.0f;
     const bool ok = t < l.head;
-    xs[0] = ok ? D::load1(r.p + t) : 0.0f;
+    xs[0] = ok ? load1(r, t) : 0.0f;
     const u64 s = ok ? kept(xs[0]) : 0;
     if (s != 0) last = t + 1;
     if (tile(xs, t, ok ? 1 : 0, s)) return sm.pick;
   }
+  constexpr int U = UnrollOf<D>::value;
 #pragma unroll 1
-  for (u32 base = 0; base < l.nvec; base += kUnroll * kThreads) {
-    uint4 v[kUnroll];
-    u64 s[kUnroll], batch = 0;
+  for (u32 base = 0; base < l.nvec; base += U * kThreads) {
+    Vec<D> v[U];
+    u64 s[U], batch = 0;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const u32 i = base + u * kThreads + t;
-      v[u] = i < l.nvec ? __ldg(l.vp + i) : uint4{0u, 0u, 0u, 0u};
+      v[u] = i < l.nvec ? load_vec(r, l, i) : Vec<D>{};
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const u32 i = base + u * kThreads + t;
-      D::unpack(v[u], xs);
+      unpack(r, v[u], xs, cs);
       s[u] = 0;
 #pragma unroll
       for (int j = 0; j < N; ++j) {
@@ -791,16 +945,16 @@ __device__ u32 scan_draw(Block& blk, const Row<D>& r, u32 thr, float m, float in
       continue;
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // the batch crosses: find the tile
+    for (int u = 0; u < U; ++u) {  // the batch crosses: find the tile
       const u32 i = base + u * kThreads + t;
-      D::unpack(v[u], xs);
+      unpack(r, v[u], xs, cs);
       if (tile(xs, l.head + i * N, i < l.nvec ? N : 0, s[u])) return sm.pick;
     }
   }
   {  // the tail: one element per thread at most
     for (int j = 0; j < N; ++j) xs[j] = 0.0f;
     const bool ok = t < l.tail_n;
-    xs[0] = ok ? D::load1(r.p + l.tail0 + t) : 0.0f;
+    xs[0] = ok ? load1(r, l.tail0 + t) : 0.0f;
     const u64 s = ok ? kept(xs[0]) : 0;
     if (s != 0) last = l.tail0 + t + 1;
     if (tile(xs, l.tail0 + t, ok ? 1 : 0, s)) return sm.pick;
@@ -817,6 +971,7 @@ __device__ __forceinline__ void mark_bad(const SampleArgs& a, int64_t row) {
   a.tokens[row] = -1;
   a.logprobs[row] = NAN;
   a.filtered_logprobs[row] = NAN;
+  if (a.cond_logprobs) a.cond_logprobs[row] = NAN;
 }
 
 __device__ __forceinline__ void report(const SampleArgs& a, int64_t row, int kind, int which) {
@@ -886,21 +1041,8 @@ __device__ __host__ __forceinline__ int64_t chunk_length(int64_t vocab, int chun
   return ((vocab + chunks - 1) / chunks + 7) / 8 * 8;
 }
 
-// The split first pass: block b handles chunk b % chunks of row b / chunks and writes one Record per
-// warp (no shared memory, no barriers: warp shuffles only).
-template <class D>
-__global__ void __launch_bounds__(kThreads) partial_kernel(const SampleArgs a) {
-  const int64_t row_index = blockIdx.x / a.chunks;
-  const int chunk = static_cast<int>(blockIdx.x % a.chunks);
-  const float inv_t = inv_temperature(a, row_index);
-  const int64_t len = chunk_length(a.vocab, a.chunks), c0 = chunk * len;
-  const int64_t n = c0 >= a.vocab ? 0 : (a.vocab - c0 < len ? a.vocab - c0 : len);
-  const Row<D> part = {static_cast<const typename D::T*>(a.logits) + row_index * a.row_stride + c0,
-                       static_cast<u32>(n)};
-  Partial own;
-  for_each(part, [&](float x, u32 i, bool ok) {
-    if (ok) own.add(x, static_cast<u32>(c0) + i, inv_t);
-  });
+// Merges the partials of a warp's lanes (every lane gets the warp's).
+__device__ __forceinline__ void warp_merge(Partial& own, float inv_t) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float m2 = __shfl_xor_sync(kFullMask, own.m, o), z2 = __shfl_xor_sync(kFullMask, own.z, o);
@@ -908,9 +1050,31 @@ __global__ void __launch_bounds__(kThreads) partial_kernel(const SampleArgs a) {
     const u32 b2 = __shfl_xor_sync(kFullMask, own.bad, o);
     own.merge(m2, z2, f2, t2, b2, inv_t);
   }
+}
+
+// The split first pass: block b handles chunk b % chunks of row b / chunks and writes one Record per
+// warp (no shared memory, no barriers: warp shuffles only); a guided call asking for the conditional
+// log-probs writes the conditional branch's records after all of those.
+template <class D>
+__global__ void __launch_bounds__(kThreads) partial_kernel(const SampleArgs a) {
+  const int64_t row_index = blockIdx.x / a.chunks;
+  const int chunk = static_cast<int>(blockIdx.x % a.chunks);
+  const float inv_t = inv_temperature(a, row_index);
+  const int64_t len = chunk_length(a.vocab, a.chunks), c0 = chunk * len;
+  const int64_t n = c0 >= a.vocab ? 0 : (a.vocab - c0 < len ? a.vocab - c0 : len);
+  const Row<D> part = RowMaker<D>::make(a, row_index, c0, static_cast<u32>(n));
+  const bool want_cond = IsMix<D>::value && a.cond_logprobs != nullptr;
+  Partial own, cond;
+  for_each_with_cond(part, [&](float x, float c, u32 i, bool ok) {
+    if (ok) own.add(x, static_cast<u32>(c0) + i, inv_t);
+    if (IsMix<D>::value && want_cond && ok) cond.add(c, static_cast<u32>(c0) + i, inv_t);
+  });
+  warp_merge(own, inv_t);
+  if (IsMix<D>::value && want_cond) warp_merge(cond, inv_t);
   if (lane_id() == 0) {
     Record* out = static_cast<Record*>(a.workspace) + (row_index * a.chunks + chunk) * kWarps + warp_id();
     *out = {own.m, own.z, own.first, own.ties, own.bad};
+    if (IsMix<D>::value && want_cond) out[a.rows * a.chunks * kWarps] = {cond.m, cond.z, cond.first, cond.ties, cond.bad};
   }
 }
 
@@ -929,22 +1093,27 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
   const bool greedy = temperature_of(a, row_index) == 0.0;
   // (x - m) <= 0 or -inf; a scale within [FLT_MIN, FLT_MAX] never turns it into NaN
   const float inv_t = inv_temperature(a, row_index);
-  const Row<D> row = {static_cast<const typename D::T*>(a.logits) + row_index * a.row_stride,
-                      static_cast<u32>(a.vocab)};
+  const Row<D> row = RowMaker<D>::make(a, row_index, 0, static_cast<u32>(a.vocab));
+  const bool want_cond = IsMix<D>::value && a.cond_logprobs != nullptr;  // the conditional branch's log-prob
 
   // Pass 1: maximum, online normaliser, first maximum and its ties, invalid entries; or, for a split
   // row, the merge of its chunks' records (thread t takes records t, t + kThreads, ...).
   const int n_records = a.chunks > 1 ? a.chunks * kWarps : 0;
   const Record* records = static_cast<const Record*>(a.workspace) + row_index * n_records;
-  Partial own;
+  Partial own, cond;  // cond: the conditional branch's (want_cond only)
   if (n_records > 0) {
     for (int i = static_cast<int>(t); i < n_records; i += kThreads) {
       const Record r = records[i];
       own.merge(r.m, r.z, r.first, r.ties, r.bad, inv_t);
+      if (IsMix<D>::value && want_cond) {
+        const Record c = records[a.rows * n_records + i];
+        cond.merge(c.m, c.z, c.first, c.ties, c.bad, inv_t);
+      }
     }
   } else {
-    for_each(row, [&](float x, u32 i, bool ok) {
+    for_each_with_cond(row, [&](float x, float c, u32 i, bool ok) {
       if (ok) own.add(x, i, inv_t);
+      if (IsMix<D>::value && want_cond && ok) cond.add(c, i, inv_t);
     });
   }
   const float m = own.m, z = own.z;
@@ -959,6 +1128,17 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
     if (t == 0) report(a, row_index, kErrorLogits, kWhichNoFinite);
     return;
   }
+  if (IsMix<D>::value && want_cond) {  // the conditional branch's maximum, and its ties or normaliser
+    const float cond_max = blk.reduce(cond.m, [](float p, float q) { return fmaxf(p, q); });
+    const double cond_z =
+        greedy ? static_cast<double>(blk.reduce(cond.m == cond_max ? cond.ties : 0u, [](u32 p, u32 q) { return p + q; }))
+               : blk.reduce(cond.m > -INFINITY ? static_cast<double>(cond.z * exp_fast((cond.m - cond_max) * inv_t)) : 0.0,
+                            [](double p, double q) { return p + q; });
+    if (t == 0) {
+      sm.cond_max = cond_max;
+      sm.z_cond = cond_z;
+    }
+  }
   if (greedy) {
     const bool at_max = m == row_max;
     const u32 first_max = blk.reduce(at_max ? first : 0xFFFFFFFFu, [](u32 p, u32 q) { return p < q ? p : q; });
@@ -969,6 +1149,10 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
       a.tokens[row_index] = first_max;
       a.logprobs[row_index] = lp;
       a.filtered_logprobs[row_index] = lp;
+      if (IsMix<D>::value && want_cond) {  // T -> 0 of the conditional branch: its tied maxima
+        a.cond_logprobs[row_index] = cond1(row, first_max) == sm.cond_max ? -logf(static_cast<float>(sm.z_cond))
+                                                                          : -INFINITY;
+      }
     }
     return;
   }
@@ -1092,11 +1276,15 @@ __global__ void __launch_bounds__(kThreads, 2) sample_kernel(const SampleArgs a)
     token = scan_draw(blk, row, thr, row_max, inv_t, target);
   }
   if (t == 0) {
-    const float x = D::load1(row.p + token);
+    const float x = load1(row, token);
     const float s = (x - row_max) * inv_t;
     a.tokens[row_index] = token;
     a.logprobs[row_index] = static_cast<float>(static_cast<double>(s) - log(sm.z_row));
     a.filtered_logprobs[row_index] = static_cast<float>(static_cast<double>(s) - log(sm.z_filtered));
+    if (IsMix<D>::value && want_cond) {
+      const float sc = (cond1(row, token) - sm.cond_max) * inv_t;
+      a.cond_logprobs[row_index] = static_cast<float>(static_cast<double>(sc) - log(sm.z_cond));
+    }
   }
 }
 
@@ -1141,13 +1329,14 @@ int launch_sample(const SampleArgs& args, CUstream_st* stream) {
     if (err != cudaSuccess) return static_cast<int>(err);
 #endif
   }
+  const bool mixed = args.uncond != nullptr;
   switch (args.dtype) {
     case LogitsType::kFloat32:
-      return launch<F32>(args, stream);
+      return mixed ? launch<Mix<F32>>(args, stream) : launch<F32>(args, stream);
     case LogitsType::kBFloat16:
-      return launch<BF16>(args, stream);
+      return mixed ? launch<Mix<BF16>>(args, stream) : launch<BF16>(args, stream);
     default:
-      return launch<F16>(args, stream);
+      return mixed ? launch<Mix<F16>>(args, stream) : launch<F16>(args, stream);
   }
 }
 
@@ -1161,8 +1350,8 @@ int sample_chunks(int64_t rows, int64_t vocab, int sm_count) {
   return c > 1 ? static_cast<int>(c) : 1;
 }
 
-int64_t sample_workspace_bytes(int64_t rows, int chunks) {
-  return chunks > 1 ? rows * chunks * kWarps * static_cast<int64_t>(sizeof(Record)) : 0;
+int64_t sample_workspace_bytes(int64_t rows, int chunks, bool cond) {
+  return chunks > 1 ? (cond ? 2 : 1) * rows * chunks * kWarps * static_cast<int64_t>(sizeof(Record)) : 0;
 }
 
 int sample_shared_bytes() { return static_cast<int>(sizeof(Shared)); }

@@ -58,13 +58,23 @@ struct SampleArgs {
   // the row a first time.
   int chunks;
   void* workspace;
+  // Classifier-free guidance: with `uncond` (device, logits' dtype and shape, element stride 1, row
+  // stride uncond_stride) every element read is the fp32 mix u + (c - u) * cfg_weight (c from logits),
+  // rounded step by step; nullptr: the plain sampler. `cond_logprobs` (device [rows] or nullptr; only
+  // with uncond) receives each token's log-prob under softmax(c / T), the conditional branch alone.
+  const void* uncond;
+  int64_t uncond_stride;
+  float cfg_weight;
+  float* cond_logprobs;
 };
 
 // How many chunks to split each row into for a launch of `rows` rows on a GPU with `sm_count` SMs:
 // 1 when the rows alone fill the SMs, else enough to give every SM a few blocks, chunks no shorter
 // than a minimum length (at most 128). And the workspace a split launch needs (bytes; 0 when 1 chunk).
+// A split launch of a guided call that asks for cond_logprobs (`cond`) keeps a second set of records,
+// the conditional branch's.
 int sample_chunks(int64_t rows, int64_t vocab, int sm_count);
-int64_t sample_workspace_bytes(int64_t rows, int chunks);
+int64_t sample_workspace_bytes(int64_t rows, int chunks, bool cond = false);
 
 // Enqueues the error reset and the kernel on `stream`; returns a cudaError_t (0 = success).
 int launch_sample(const SampleArgs& args, CUstream_st* stream);

@@ -63,7 +63,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   if (uncond_in.has_value()) check_uncond(*uncond_in, logits_in);
   const bool cfg = uncond_in.has_value() && cfg_weight != 1.0;  // w == 1: the plain path, uncond unread
   float* clp = cond_logprobs_out(cond_logprobs, logits_in);
-  TORCH_CHECK(!cfg, "fastrl.sample: classifier-free guidance is not in the CUDA kernel yet");
   const auto dtype = logits_in.scalar_type();
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor here, got ", logits_in.device());
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && seed.numel() >= 1 &&
@@ -85,6 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   if (deferred) check_error_word(*error_word, logits_in);
 
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  at::Tensor uncond;  // guided: read as it is too (a row-strided view, e.g. a vocabulary range, is not copied)
+  if (cfg) uncond = uncond_in->stride(1) == 1 ? *uncond_in : uncond_in->contiguous();
   auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
   auto logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
   auto filtered_logprobs = at::empty({rows}, logits.options().dtype(at::kFloat));
@@ -118,11 +119,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   a.filtered_logprobs = filtered_logprobs.data_ptr<float>();
   a.error = reinterpret_cast<unsigned long long*>(error.data_ptr<int64_t>());
   a.accumulate = deferred;
+  if (cfg) {
+    a.uncond = uncond.const_data_ptr();
+    a.uncond_stride = uncond.stride(0);
+    a.cfg_weight = static_cast<float>(cfg_weight);
+    a.cond_logprobs = clp;
+  }
   // Fewer rows than SMs: the first pass runs over row chunks on many blocks (workspace for its records).
   a.chunks = gpu::sample_chunks(rows, v, sm_count(logits.device().index()));
   at::Tensor workspace;
   if (a.chunks > 1) {
-    workspace = at::empty({gpu::sample_workspace_bytes(rows, a.chunks)}, logits.options().dtype(at::kByte));
+    workspace = at::empty({gpu::sample_workspace_bytes(rows, a.chunks, a.cond_logprobs != nullptr)},
+                          logits.options().dtype(at::kByte));
     a.workspace = workspace.data_ptr();
   }
 

@@ -9,7 +9,8 @@
 // or collective that not every thread reaches is reported as a deadlock and aborts. Shared memory
 // starts as garbage (0xA5 bytes), as on the GPU. Only what sampling.cu uses is provided: full-warp
 // collectives (shuffles, votes, __match_any_sync), the group reductions __reduce_*_sync with the masks
-// __match_any_sync returns, shared/global atomics on 32/64-bit integers (counted), and a few intrinsics.
+// __match_any_sync returns, shared/global atomics on 32/64-bit integers (counted), and a few intrinsics
+// (among them the unfused __fadd_rn / __fsub_rn / __fmul_rn of the guidance mix).
 #pragma once
 
 #include <ucontext.h>
@@ -313,6 +314,11 @@ inline unsigned long long __float2ull_rn(float x) { return static_cast<unsigned 
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
+// Round-to-nearest float arithmetic that CUDA never contracts into a fused multiply-add. Out of line
+// (noinline): the host compiler cannot fuse what it does not see together.
+__attribute__((noinline)) inline float __fadd_rn(float a, float b) { return a + b; }
+__attribute__((noinline)) inline float __fsub_rn(float a, float b) { return a - b; }
+__attribute__((noinline)) inline float __fmul_rn(float a, float b) { return a * b; }
 
 namespace simt {
 // Atomic operations made since the counter was last reset (tests read it to see how many the
