@@ -334,8 +334,11 @@ def _generate_image(model, prompt_ids, *, image, cfg_weight, uncond_prompt_ids, 
     every = prompts + uncond
     longest = max(len(p) for p in every)
     _check_image_fits(model, longest, completion_max, max_length)
-    plan_stops = resolve_stop_tokens([boi] if plan_stop_token_ids is None else plan_stop_token_ids,
-                                     vocab_size=im.text_vocab) if plan else []
+    try:
+        plan_stops = resolve_stop_tokens([boi] if plan_stop_token_ids is None else plan_stop_token_ids,
+                                         vocab_size=im.text_vocab) if plan else []
+    except ValueError as e:
+        raise ValueError(f"plan_{e} (text ids)") from None
     plan_stops = torch.tensor(plan_stops, dtype=torch.long, device=device) if plan_stops else None
     pad = _pad_id(model, pad_token_id, None)
     settings = {
