@@ -520,13 +520,13 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         started = time.perf_counter()
         reward.preferences = None
         if reward.batched:
-            out = reward.fn(list(prompt_ids), list(completion_ids), **reward.select(lists), **extras(reward, None))
+            out = reward.fn(list(prompt_ids), list(completion_ids), **{**reward.select(lists), **extras(reward, None)})
             if inspect.isawaitable(out):
                 pending.append((j, out))
             else:
                 table[:, j] = torch.tensor(_as_list(reward, out, n))
         else:
-            outs = [reward.fn(p, c, **reward.select(kw), **extras(reward, i))
+            outs = [reward.fn(p, c, **{**reward.select(kw), **extras(reward, i)})
                     for i, (p, c, kw) in enumerate(zip(prompt_ids, completion_ids, columns))]
             if outs and inspect.isawaitable(outs[0]):
                 pending.append((j, outs))

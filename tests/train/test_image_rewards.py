@@ -95,7 +95,8 @@ def test_images_are_decoded_once_and_shared(im, monkeypatch):
     rewards = load_rewards([batched, per_sample, text_only])
     assert [r.image_args for r in rewards] == [frozenset({"images"}), frozenset({"images"}), frozenset()]
     prompts = [[1, 5, BOI]] * 5
-    table = score(rewards, prompts, completions, [{"target": 1.0}] * 5, image=im, decode_batch_size=2)
+    columns = [{"target": 1.0, "images": "a data column of that name"}] * 5  # the pixels take its place
+    table = score(rewards, prompts, completions, columns, image=im, decode_batch_size=2)
     assert spy.rows == 5 and spy.calls == 3  # each completion once, in batches of 2
     assert torch.equal(seen["batched"], expected) and seen["batched"].dtype == torch.uint8
     assert seen["batched"].shape == (5, 8, 8, 3)
