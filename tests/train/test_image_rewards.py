@@ -184,6 +184,19 @@ def test_image_reward_on_a_text_run_names_the_reward():
         score(rewards, [[1]], [[3, 4]], [{}], image=None)
 
 
+def test_image_reward_on_a_text_training_run(prompts_file, tmp_path):
+    from fastrl.train import GRPOConfig, train_grpo
+
+    from .conftest import online_fields
+
+    def redness(prompt_ids: list, completion_ids, images):
+        return [0.0] * len(completion_ids)
+
+    config = GRPOConfig(**online_fields(prompts_file, tmp_path / "run", max_steps=1, reward_funcs=[redness]))
+    with pytest.raises(RewardError, match=r"GRPOConfig\.reward_funcs\[0\] \(redness\).*no image generation"):
+        train_grpo(config)
+
+
 # ---------------------------------------------------------------------------------------------- CLIP image-text reward
 
 def _direct_clip(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
