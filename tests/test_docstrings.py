@@ -53,6 +53,8 @@ MODULES = [
     "fastrl.train.online_dpo",
     "fastrl.train.sft",
     "fastrl.train.rm",
+    "fastrl.train.image_rewards",
+    "fastrl.train.best_of_n",
     "fastrl.train.run",
     "fastrl.train.checkpoint",
     "fastrl.train.distributed",

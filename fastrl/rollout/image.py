@@ -79,7 +79,8 @@ class ImageModel:
         eoi_id: the end-of-image token, or None.
         bos_id: the begin-of-sequence token, or None.
         pad_id: the pad token (the unconditional prompt's filler), or None.
-        decode: ``codes [n, N] -> pixels [n, H, W, 3]``, or None for the model's own (Janus).
+        decode: ``codes [n, N] int64 -> pixels [n, H, W, 3]`` (uint8, or floats in [-1, 1]), or None for
+            the model's own (Janus).
     """
 
     def __init__(self, kind: str, model: nn.Module, *, offset: int, codebook: int, image_tokens: int,
