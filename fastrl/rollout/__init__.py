@@ -13,6 +13,7 @@
 """
 
 from fastrl.rollout.generate import generate, release
+from fastrl.rollout.image import ImageModel, image_model
 from fastrl.rollout.types import Rollout, prompt_list, resolve_stop_tokens
 
-__all__ = ["Rollout", "generate", "prompt_list", "release", "resolve_stop_tokens"]
+__all__ = ["ImageModel", "Rollout", "generate", "image_model", "prompt_list", "release", "resolve_stop_tokens"]

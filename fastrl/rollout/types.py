@@ -67,6 +67,12 @@ class Rollout:
         return steps[None] < self.lengths[:, None]
 
     @property
+    def completions(self) -> list[torch.Tensor]:
+        """Each row's generated tokens without the padding after them: N 1-D int64 tensors (what
+        :meth:`fastrl.rollout.image.ImageModel.codes` takes: ``image.codes(rollout.completions)``)."""
+        return [row[:n] for row, n in zip(self.completion_ids, self.lengths.tolist())]
+
+    @property
     def finish_reasons(self) -> list[str]:
         """Per row ``"stop"`` (a stop token) or ``"length"`` (``max_new_tokens``)."""
         return ["stop" if s else "length" for s in self.stopped.tolist()]

@@ -230,6 +230,7 @@ def test_bicot_greedy_plan_then_image_equals_hf(engine):
         assert out.logprobs[row, start - 1] == 0 and out.cond_logprobs[row, start - 1] == 0  # forced BOI
         assert bool((ids[start + n:] == 0).all())  # padding after the image
         assert torch.equal(ids[start:start + n] - im.offset, _hf_image(model, prompt + plan + [im.boi_id], w))
+    assert torch.equal(im.codes(out.completions), _codes(out, im))  # the rows without their padding
     # the default unconditional prompt (the pad-masked prompt + BOI, no plan) changes the image, not the plan
     default = generate(model, [torch.tensor(p) for p in PROMPTS], image=im, cfg_weight=w, temperature=0.0,
                        plan_max_tokens=max_tokens, plan_stop_token_ids=stops, engine=engine)
