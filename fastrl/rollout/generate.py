@@ -182,9 +182,10 @@ def generate(
     if cfg_weight != 1.0:
         raise ValueError(f"cfg_weight ({cfg_weight}) applies to image generation only: pass image=... "
                          "(text generation samples with cfg_weight=1)")
-    for name, value, default in (("uncond_prompt_ids", uncond_prompt_ids, None), ("plan_max_tokens", plan_max_tokens, 0),
-                                 ("plan_stop_token_ids", plan_stop_token_ids, None)):
-        if value is not default and value != default:
+    for name, given in (("uncond_prompt_ids", uncond_prompt_ids is not None),
+                        ("plan_max_tokens", not (isinstance(plan_max_tokens, int) and plan_max_tokens == 0)),
+                        ("plan_stop_token_ids", plan_stop_token_ids is not None)):
+        if given:
             raise ValueError(f"{name} applies to image generation only (pass image=...)")
     if max_new_tokens is None:
         raise ValueError("max_new_tokens: give the number of tokens to sample per row (required without image)")
