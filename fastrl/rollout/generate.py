@@ -331,7 +331,7 @@ def _generate_image(model, prompt_ids, *, image, cfg_weight, uncond_prompt_ids, 
         prompts = [p if p[-1] == boi else p + [boi] for p in prompts]
     num_prompts, rows = len(prompts), len(prompts) * num_samples
     guided = cfg_weight != 1.0
-    uncond = _uncond_prompts(im, uncond_prompt_ids, prompts, vocab, plan) if guided else []
+    uncond = _uncond_prompts(im, uncond_prompt_ids, prompts, vocab) if guided else []
     every = prompts + uncond
     longest = max(len(p) for p in every)
     _check_image_fits(model, longest, completion_max, max_length)
@@ -485,7 +485,7 @@ def _plan(decoder, im, prompt_hidden, samples, pos, slot, start, out_ids, out_lo
     return boi_hidden, slot
 
 
-def _uncond_prompts(im, given, prompts, vocab: int, plan: bool) -> list[list[int]]:
+def _uncond_prompts(im, given, prompts, vocab: int) -> list[list[int]]:
     """One unconditional prompt per prompt, each ending with BOI."""
     boi = im.boi_id
     if given is None:

@@ -330,14 +330,16 @@ def _static_lean(monkeypatch, kv_bucket):
     monkeypatch.setattr(decoders, "LeanDecoder", Static)
 
 
+@pytest.mark.parametrize("kind", ["janus", "range"])
 @pytest.mark.parametrize("lean", ["eager", "static"])
-def test_lean_decoder_equals_hf_decoder_for_image_rollouts(lean, monkeypatch):
+def test_lean_decoder_equals_hf_decoder_for_image_rollouts(lean, kind, monkeypatch):
     """A sampled BiCoT + CFG rollout: the same draws and log-probs from the lean decoder (eager, or
     the static-shape step over kv buckets of 8 slots) and from the HF decoder."""
-    model = _janus()
+    model = _janus() if kind == "janus" else _llama()
     prompts = [torch.tensor(p) for p in PROMPTS]
-    kwargs = dict(image=True, cfg_weight=3.0, num_samples=3, temperature=1.2, plan_max_tokens=4,
-                  plan_stop_token_ids=[4, 19, 23, 62])
+    stops = [4, 19, 23, 62] if kind == "janus" else [*range(3, 30), 60]
+    kwargs = dict(image=True if kind == "janus" else _range_image(model), cfg_weight=3.0, num_samples=3,
+                  temperature=1.2, plan_max_tokens=4, plan_stop_token_ids=stops)
     hf = generate(model, prompts, engine="hf", generator=torch.Generator().manual_seed(5), **kwargs)
     if lean == "static":
         _static_lean(monkeypatch, 8)
