@@ -230,7 +230,8 @@ def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(policy, _read_weights(path / "model.safetensors"), options=options)
     optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_optimizer_state_dict(policy, optimizer, optim_sd, options=options)
+    # a parameter no step has given a gradient (e.g. an image run's lm-head) has no optimiser state to restore
+    set_optimizer_state_dict(policy, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
     rngs = state["rng"]

@@ -238,6 +238,122 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The keys of ``image_generation`` and their defaults (None: off / the model's own value).
+IMAGE_GENERATION = {"cfg_weight": 1.0, "image_tokens": None, "plan": "none", "plan_max_tokens": 0,
+                    "image_token_range": None, "boi_token_id": None, "eoi_token_id": None, "uncond_prompt": None,
+                    "decode": None}
+PLANS = ("none", "text")
+TRAIN_LOGPS = ("conditional", "cfg")
+
+
+@dataclass
+class _ImageFields:
+    """Image generation (GRPO, DPO, online DPO, SFT): the settings of an image run, and which log-prob
+    training scores image tokens with (``docs/image_generation.md``)."""
+
+    image_generation: dict | str | None = _help(
+        "an image-generation run (null: a text run): a mapping of cfg_weight (classifier-free guidance weight w "
+        "of the rollout, >= 0; 1 = no guidance), image_tokens (codes per image; null: the model's), plan (none: "
+        "the completion is the image; text: a text plan through the lm-head, then the begin-of-image token, then "
+        "the image, as BiCoT / T2I-R1), plan_max_tokens, image_token_range ([lo, hi): a causal LM whose image "
+        "codes are these vocabulary ids; null: a Janus model's image head), boi_token_id, eoi_token_id (null: "
+        "the model's), uncond_prompt (the unconditional prompt's token ids; null: the prompt with every token but "
+        "BOS / BOI replaced by the pad token, as Janus), decode (codes [n, N] -> pixels [n, H, W, 3], as 'module:function' "
+        "or from Python a callable; null: the Janus VQ-VAE's; a range model needs one for image rewards); a JSON "
+        "string on the command line", None)
+    train_logps: Literal["conditional", "cfg"] = _help(
+        "the log-prob training gives image tokens: conditional (the conditional branch, as T2I-R1 trains; the "
+        "rollout's log-probs are CFG-mixed, which GRPO's is_cap / is_mode importance-sampling correction "
+        "accounts for) or cfg (log_softmax(u + w (c - u)), the distribution the rollout sampled from; the "
+        "unconditional sequences run through the model with gradient too)", "conditional")
+
+    @property
+    def image_run(self) -> bool:
+        """Whether the run generates images (``image_generation`` is set)."""
+        return self.image_generation is not None
+
+    def image_options(self) -> dict[str, Any] | None:
+        """The ``image_generation`` mapping with every key (defaults filled in), or None for a text run."""
+        return None if self.image_generation is None else {**IMAGE_GENERATION, **self.image_generation}
+
+    def _validate_image(self) -> None:
+        self._choice("train_logps", TRAIN_LOGPS)
+        value = self.image_generation
+        if value is None:
+            if self.train_logps == "cfg":
+                self._fail("train_logps", "cfg is the guided log-prob of image tokens; set image_generation")
+            return
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                self._fail("image_generation", f"is not valid JSON ({e})")
+        if not isinstance(value, dict):
+            self._fail("image_generation", f"must be a mapping, got {type(value).__name__}")
+        for key in value:
+            if key not in IMAGE_GENERATION:
+                near = difflib.get_close_matches(str(key), list(IMAGE_GENERATION), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                self._fail("image_generation", f"unknown key {key!r}{hint}; the keys are {', '.join(IMAGE_GENERATION)}")
+        value = {**IMAGE_GENERATION, **value}
+
+        def fail(key: str, message: str) -> None:
+            self._fail(f"image_generation.{key}", message)
+
+        def integer(key: str, low: int, optional: bool = True) -> None:
+            v = value[key]
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                fail(key, f"must be an int >= {low}{' or null' if optional else ''}, got {v!r}")
+
+        w = value["cfg_weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w == w or w in (float("inf"), -float("inf")):
+            fail("cfg_weight", f"must be a finite number, got {w!r}")
+        if w < 0:
+            fail("cfg_weight", f"must be >= 0, got {w}")
+        value["cfg_weight"] = float(w)
+        integer("image_tokens", 1)
+        if value["plan"] not in PLANS:
+            fail("plan", f"must be one of {', '.join(PLANS)}; got {value['plan']!r}")
+        integer("plan_max_tokens", 0, optional=False)
+        if value["plan"] == "text" and value["plan_max_tokens"] == 0:
+            fail("plan_max_tokens", "plan text needs plan_max_tokens >= 1")
+        if value["plan"] == "none" and value["plan_max_tokens"]:
+            fail("plan_max_tokens", "is for plan text; with plan none the completion is the image alone")
+        span = value["image_token_range"]
+        if span is not None:
+            if isinstance(span, (str, bytes)) or not isinstance(span, (list, tuple)) or len(span) != 2 or any(
+                    isinstance(v, bool) or not isinstance(v, int) for v in span) or not 0 <= span[0] < span[1]:
+                fail("image_token_range", f"must be [lo, hi) with 0 <= lo < hi, got {span!r}")
+            value["image_token_range"] = [int(span[0]), int(span[1])]
+        integer("boi_token_id", 0)
+        integer("eoi_token_id", 0)
+        prompt = value["uncond_prompt"]
+        if prompt is not None and (isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in prompt) or not prompt):
+            fail("uncond_prompt", f"must be a non-empty list of token ids or null, got {prompt!r}")
+        decode = value["decode"]
+        if isinstance(decode, str):
+            module, sep, name = decode.partition(":")
+            if not sep or not module or not name.isidentifier():
+                fail("decode", f"{decode!r} is not 'module:function'")
+        elif decode is not None and not callable(decode):
+            fail("decode", f"must be 'module:function', a callable or null, got {type(decode).__name__}")
+        if span is None:
+            kind = self.model_config.get("model_type") if self.model is None else None
+            if self.model is not None:
+                try:
+                    kind = json.loads((Path(self.model) / "config.json").read_text(encoding="utf-8")).get("model_type")
+                except (OSError, ValueError):
+                    kind = None
+            if kind is not None and kind != "janus":
+                self._fail("image_generation", f"the model ({kind}) has no image head (a Janus model has one); for a "
+                                               "causal LM whose image codes are vocabulary ids give "
+                                               "image_token_range: [lo, hi)")
+        self.image_generation = {k: v for k, v in value.items()}
+
+
 def _dpo_loss_fields() -> list:
     """The fields of :class:`fastrl.losses.DPOSettings` (same names, defaults and help; tuples as lists), then
     ``ld_alpha``, an option of the fused loss rather than of the settings."""
@@ -381,7 +497,7 @@ class _RolloutFields:
 
 
 @dataclass
-class DPOConfig(_DPOLossFields, TrainConfig):
+class DPOConfig(_DPOLossFields, _ImageFields, TrainConfig):
     """Offline DPO on preference pairs (columns prompt / chosen / rejected)."""
 
     chosen_column: str = _help("column of the preferred completions", "chosen")
@@ -400,6 +516,7 @@ class DPOConfig(_DPOLossFields, TrainConfig):
             self._fail("reference_model", f"{self.reference_model!r} is not a local model directory with a config.json")
         self._positive("reference_batch_size", zero_ok=True)
         self._validate_dpo_loss()
+        self._validate_image()
 
 
 # The loss fields of GRPOConfig: every field of GRPOSettings (same names, defaults and help) but
@@ -411,7 +528,7 @@ _GRPOLossFields = dataclasses.make_dataclass(
 
 
 @dataclass
-class GRPOConfig(_GRPOLossFields, _RolloutFields, TrainConfig):
+class GRPOConfig(_GRPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
     """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`).
 
     The loss fields are those of :class:`fastrl.losses.GRPOSettings` (:meth:`loss_settings`). Every
@@ -451,6 +568,7 @@ class GRPOConfig(_GRPOLossFields, _RolloutFields, TrainConfig):
     def validate(self) -> None:
         super().validate()
         self._validate_rollout(min_generations=2)
+        self._validate_image()
         self._positive("num_iterations")
         try:
             self.loss_settings()
@@ -472,7 +590,7 @@ class GRPOConfig(_GRPOLossFields, _RolloutFields, TrainConfig):
 
 
 @dataclass
-class OnlineDPOConfig(_DPOLossFields, _RolloutFields, TrainConfig):
+class OnlineDPOConfig(_DPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
     """Online / iterative DPO: pairs sampled from the current policy and scored by the rewards."""
 
     num_generations: int = _help("completions per prompt (>= 2)", 2)
@@ -492,16 +610,18 @@ class OnlineDPOConfig(_DPOLossFields, _RolloutFields, TrainConfig):
         self._positive("reference_update_every")
         self._real("min_reward_gap", 0.0)
         self._validate_dpo_loss()
+        self._validate_image()
 
 
 @dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(_ImageFields, TrainConfig):
     """Supervised fine-tuning: next-token NLL on the completion tokens (columns prompt / completion)."""
 
     completion_column: str = _help("column of the completions (text, chat messages or token ids)", "completion")
 
     def validate(self) -> None:
         super().validate()
+        self._validate_image()
 
 
 @dataclass

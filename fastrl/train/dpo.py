@@ -25,8 +25,9 @@ import torch
 from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed
 from fastrl.train.config import DPOConfig
-from fastrl.train.data import PreferencePairs, load_preference_pairs
-from fastrl.train.model import Policy, frozen_copy, packing_works, pair_logps, prepare_for_training, sequence_layout
+from fastrl.train.data import DataError, PreferencePairs, load_preference_pairs
+from fastrl.train.model import (Policy, check_image_completions, dpo_head, frozen_copy, image_layout, packing_works,
+                                pair_logps, prepare_for_training, sequence_layout)
 from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, precompute_pair_logps
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
@@ -81,8 +82,7 @@ def dpo_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss
             ref_chosen, ref_rejected = reference(indices, batch)
         with telemetry.phase("train"):
             with autocast():
-                loss, metrics = policy(batch, lambda hidden, weight, bias: loss_fn(
-                    hidden, weight, batch.labels, ref_chosen, ref_rejected, cu_seqlens=batch.cu_seqlens, bias=bias))
+                loss, metrics = policy(batch, dpo_head(loss_fn, batch, ref_chosen, ref_rejected))
             share = len(indices) / step_pairs
             (loss * share).backward()
         sums["loss"] += float(loss.detach()) * share
@@ -111,8 +111,14 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     # ---- data and its layout
     pairs = load_preference_pairs(config, run.tokenizer, run.vocab_size)
+    if run.image is not None:  # image pairs: each completion ends with a whole image
+        for column, completions in ((config.chosen_column, pairs.chosen), (config.rejected_column, pairs.rejected)):
+            try:
+                check_image_completions(run.image, completions, lambda i: f"train_data row {i}, column {column!r}")
+            except ValueError as e:
+                raise DataError(str(e)) from None
     packed = config.packing and packing_works(policy, run.vocab_size, world.device)
-    layout = sequence_layout(model, packed)
+    layout = image_layout(policy, sequence_layout(model, packed), config)
 
     def make_batch(indices: list[int]) -> SequenceBatch:
         return pair_batch(pairs, indices, layout=layout, device=world.device)
@@ -125,6 +131,9 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         weights_from = config.reference_model or config.model
         settings = {"dtype": config.dtype, "bf16": config.bf16, "packed": packed, "ld_alpha": config.ld_alpha,
                     "attn": model.config._attn_implementation}
+        if run.image is not None:  # image runs: what scores the image tokens
+            settings["image"] = {"train_logps": config.train_logps, "cfg_weight": policy.cfg_weight,
+                                 **{k: v for k, v in config.image_options().items() if k != "decode"}}
         key = cache_key(pairs.fingerprint(), model_fingerprint(weights_from, None if weights_from else model), settings)
     prepare_for_training(policy, config, world)
     policy.train()

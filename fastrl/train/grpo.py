@@ -49,19 +49,19 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrl.losses import FusedLinearGRPOLoss
+from fastrl.losses import FusedLinearGRPOLoss, grpo_loss
 from fastrl.ops import group_advantages
 from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
-from fastrl.train.model import Policy, completion_logps, frozen_copy, prepare_for_training
+from fastrl.train.model import Head, Policy, completion_logps, frozen_copy, prepare_for_training
 from fastrl.train.online import (Completions, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, optimize, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
 
-__all__ = ["MicroBatch", "advantages_of", "grpo_step", "loss_scales", "micro_batches", "train_grpo"]
+__all__ = ["MicroBatch", "advantages_of", "grpo_head", "grpo_step", "loss_scales", "micro_batches", "train_grpo"]
 
 
 # ---------------------------------------------------------------------------------------------- advantages
@@ -151,6 +151,7 @@ class MicroBatch:
         empty: every sequence masked: a placeholder forward (loss × 0) keeps FSDP in step.
         old_logps: ``[T_c]`` fp32, π_old's log-probs, or None (on-policy).
         ref_logps: ``[T_c]`` fp32, the reference's log-probs, or None.
+        cond_logps: ``[T_c]`` fp32, an image run's conditional-branch log-probs from the rollout, or None.
     """
 
     batch: SequenceBatch
@@ -160,6 +161,7 @@ class MicroBatch:
     empty: bool = False            # every sequence masked: a placeholder forward (loss × 0) keeps FSDP in step
     old_logps: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    cond_logps: torch.Tensor | None = None
 
 
 def micro_batches(completions: Completions, advantages: torch.Tensor, *, prompts_per_micro: int, layout,
@@ -186,10 +188,41 @@ def micro_batches(completions: Completions, advantages: torch.Tensor, *, prompts
         if empty:
             keep = rows[:1]
         batch = layout([completions.prompts[i] for i in keep], [completions.completions[i] for i in keep]).to(device)
+        cond = None if completions.cond_logps is None else \
+            torch.cat([completions.cond_logps[i] for i in keep]).to(device)
         out.append(MicroBatch(batch=batch, advantages=advantages[keep].to(device),
                               sampler_logps=torch.cat([completions.sampler_logps[i] for i in keep]).to(device),
-                              every=len(rows), empty=empty))
+                              every=len(rows), empty=empty, cond_logps=cond))
     return out
+
+
+def grpo_head(loss_fn: FusedLinearGRPOLoss, m: MicroBatch, *, sampler_logps, num_items) -> Head:
+    """The GRPO loss of one micro-batch as a :class:`~fastrl.train.model.Head`: ``loss_fn`` on the
+    scored rows, or :func:`fastrl.losses.grpo_loss` with the same settings on per-token log-probs
+    (an image batch with a text plan; entropy too when ``entropy_coef`` is set).
+
+    Args:
+        loss_fn: the :class:`~fastrl.losses.FusedLinearGRPOLoss`.
+        m: the :class:`MicroBatch`.
+        sampler_logps: ``[T_c]`` fp32 for the sampler correction, or None.
+        num_items: ``num_items_in_batch`` of the loss, or None.
+
+    Returns:
+        The head; it returns ``(loss, metrics)``.
+    """
+    batch = m.batch
+
+    def fused(hidden, weight, bias, labels):
+        return loss_fn(hidden, weight, labels, m.old_logps, m.advantages, cu_seqlens=batch.cu_seqlens, bias=bias,
+                       ref_logps=m.ref_logps, sampler_logps=sampler_logps, num_items_in_batch=num_items)
+
+    def from_logps(logps, entropy):
+        return grpo_loss(logps, m.old_logps, m.advantages, cu_seqlens=batch.cu_seqlens, ref_logps=m.ref_logps,
+                         sampler_logps=sampler_logps, entropy=entropy, num_items_in_batch=num_items,
+                         settings=loss_fn.settings)
+
+    return Head(fused, from_logps, temperature=loss_fn.options["temperature"],
+                entropy=loss_fn.settings.entropy_coef != 0.0)
 
 
 def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearGRPOLoss, config: GRPOConfig,
@@ -228,10 +261,8 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
             batch = m.batch
             with telemetry.phase("train"):
                 with autocast():
-                    loss, metrics = policy(batch, lambda hidden, weight, bias: loss_fn(
-                        hidden, weight, batch.labels, m.old_logps, m.advantages, cu_seqlens=batch.cu_seqlens,
-                        bias=bias, ref_logps=m.ref_logps, sampler_logps=m.sampler_logps if use_sampler else None,
-                        num_items_in_batch=num_items))
+                    loss, metrics = policy(batch, grpo_head(loss_fn, m, num_items=num_items,
+                                                            sampler_logps=m.sampler_logps if use_sampler else None))
                 scale = 0.0 if m.empty else scale
                 (loss * scale).backward()
             step_loss += float(loss.detach()) * scale / world.world_size
@@ -304,11 +335,11 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
 
             # 2. rewards of every completion, gathered over processes; 3. advantages
             with telemetry.phase("reward"):
-                local_rewards = score_completions(rewards, data, completions, tokenizer)
+                local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
                 all_rewards = gather_rows(local_rewards, world)
                 baseline = None
                 if greedy is not None:
-                    baseline = gather_rows(score_completions(rewards, data, greedy, tokenizer), world)
+                    baseline = gather_rows(score_completions(rewards, data, greedy, tokenizer, image=run.image), world)
                     baseline = baseline.repeat_interleave(group, 0)
                 all_lengths = gather_rows(completions.lengths, world)
                 preferences = rewards_lib.pairwise_preferences(rewards)  # a pairwise reward model's, for pref_grpo
@@ -332,8 +363,9 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
                     if old_source == "policy":
                         with run.autocast():
                             m.old_logps = completion_logps(policy, m.batch, temperature=config.temperature)
-                    elif old_source == "sampler":
-                        m.old_logps = m.sampler_logps
+                    elif old_source == "sampler":  # trained on the conditional branch: its own sampling-time log-probs
+                        conditional = m.cond_logps is not None and config.train_logps == "conditional"
+                        m.old_logps = m.cond_logps if conditional else m.sampler_logps
 
             # 5. μ updates over the micro-batches
             local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=run.autocast,

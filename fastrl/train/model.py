@@ -18,14 +18,89 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastrl.losses import dpo_loss
 from fastrl.ops import fused_linear_logprobs, sequence_logps
+from fastrl.rollout.image import ImageModel
 from fastrl.train import attention as attention_backends
-from fastrl.train.packing import SequenceBatch, pack, pad
+from fastrl.train.packing import SequenceBatch, pack, pad, with_unconditional
 from fastrl.train.telemetry import flops_per_token
 
-__all__ = ["Policy", "attention_implementation", "completion_logps", "pair_logps", "load_model", "load_tokenizer", "packing_works", "sequence_layout"]
+__all__ = ["Head", "Policy", "attention_implementation", "check_image_completions", "completion_logps", "dpo_head",
+           "freeze_unused", "image_adapter", "image_layout", "load_model", "load_tokenizer", "logprob_head", "model_type",
+           "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
 
-Head = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], Any]
+
+
+class Head:
+    """What :class:`Policy` computes from the hidden states that predict a batch's labels.
+
+    Two forms of one computation:
+
+    - ``fused(hidden [T, P], weight [V, P], bias [V] or None, labels [T])``: from the rows, a linear
+      head and the labels it scores (a fused-linear loss: no ``[tokens, V]`` logits). Text runs and
+      image runs whose scored tokens are all image codes call only this form (for images with the
+      image head's last linear and the codes as labels).
+    - ``from_logps(logps [T_c] fp32, entropy [T_c] fp32 or None)``: from the per-token log-probs in
+      ``batch.labels`` order, differentiable; used when a batch mixes text-plan tokens (scored by the
+      lm-head) and image tokens (scored by the image head), so the loss aggregates over both at once.
+
+    Args:
+        fused: the fused form.
+        from_logps: the log-prob form (None: this head serves text-only and image-only batches).
+        temperature: the log-probs of the log-prob form are those of ``softmax(logits / temperature)``.
+        entropy: the log-prob form needs the per-token entropy too.
+    """
+
+    def __init__(self, fused: Callable[..., Any], from_logps: Callable[..., Any] | None = None, *,
+                 temperature: float = 1.0, entropy: bool = False):
+        self.fused, self.from_logps = fused, from_logps
+        self.temperature, self.entropy = float(temperature), bool(entropy)
+
+    def __call__(self, hidden, weight, bias, labels):
+        return self.fused(hidden, weight, bias, labels)
+
+
+def logprob_head(temperature: float = 1.0) -> Head:
+    """The per-token log-probs ``[T_c]`` fp32 (the old / reference log-probs, SFT's NLL terms)."""
+    return Head(lambda hidden, weight, bias, labels: fused_linear_logprobs(hidden, weight, labels, bias,
+                                                                           temperature=temperature),
+                lambda logps, entropy: logps, temperature=temperature)
+
+
+def dpo_head(loss_fn, batch: SequenceBatch, ref_chosen, ref_rejected) -> Head:
+    """The DPO-family loss of a pair batch (B chosen sequences, then B rejected): ``(loss, metrics)``.
+
+    The fused form is ``loss_fn`` (a :class:`fastrl.losses.FusedLinearDPOLoss`) itself; the log-prob
+    form sums each sequence's token log-probs (LD-DPO weights as ``loss_fn``'s ``ld_alpha``) and
+    calls :func:`fastrl.losses.dpo_loss` with the same settings, lengths and NLL terms.
+
+    Args:
+        loss_fn: the :class:`~fastrl.losses.FusedLinearDPOLoss`.
+        batch: the pair batch.
+        ref_chosen: ``[B]`` floating reference log-probs of the chosen completions, or None.
+        ref_rejected: ``[B]`` floating, of the rejected ones, or None.
+
+    Returns:
+        The :class:`Head`.
+    """
+    ld_alpha = loss_fn.extras["ld_alpha"]
+
+    def fused(hidden, weight, bias, labels):
+        return loss_fn(hidden, weight, labels, ref_chosen, ref_rejected, cu_seqlens=batch.cu_seqlens, bias=bias)
+
+    def from_logps(token_logps, entropy):
+        counts = batch.completion_lengths.to(token_logps.device)
+        pairs = counts.numel() // 2
+        pair_lengths = None
+        if ld_alpha is not None:
+            shorter = torch.minimum(counts[:pairs], counts[pairs:])
+            pair_lengths = torch.cat([shorter, shorter])
+        seq = sequence_logps(token_logps, batch.cu_seqlens, ld_alpha=ld_alpha, pair_lengths=pair_lengths)
+        nll = None if ld_alpha is None else -sequence_logps(token_logps, batch.cu_seqlens)[:pairs]
+        return dpo_loss(seq[:pairs], seq[pairs:], ref_chosen, ref_rejected, chosen_lengths=counts[:pairs],
+                        rejected_lengths=counts[pairs:], chosen_nll=nll, settings=loss_fn.settings)
+
+    return Head(fused, from_logps, temperature=loss_fn.extras["temperature"])
 
 
 def attention_implementation(requested: str, device: torch.device, attention: str = "auto", *,
@@ -81,14 +156,59 @@ def load_model(path: str | None, model_config: dict | None, *, dtype: torch.dtyp
 
     auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     labels = {} if num_labels is None else {"num_labels": num_labels}
+    janus = num_labels is None and model_type(path, model_config) == "janus"
+    if janus:  # an image-generation model (not a causal LM in the auto mappings)
+        from transformers import JanusForConditionalGeneration as auto
     if path is not None:
-        return auto.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation,
-                                    **labels)
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation,
+                                     **labels)
+        if janus:
+            _restore_generation_kwargs(model, path)
+        return model
     fields = dict(model_config)
     config = AutoConfig.for_model(fields.pop("model_type"), **{**fields, **labels})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if janus:
+            return auto._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         return auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _restore_generation_kwargs(model: nn.Module, path: str) -> None:
+    """Janus keeps its begin / end-of-image ids in ``generation_config.json``'s ``generation_kwargs``,
+    which ``from_pretrained`` writes but does not read back; restore them."""
+    import json
+    from pathlib import Path
+
+    try:
+        saved = json.loads((Path(path) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    kwargs = saved.get("generation_kwargs")
+    gen = getattr(model, "generation_config", None)
+    if isinstance(kwargs, dict) and gen is not None and not getattr(gen, "generation_kwargs", None):
+        gen.generation_kwargs = dict(kwargs)
+
+
+def model_type(path: str | None, model_config: dict | None) -> str | None:
+    """The ``model_type`` of a local model directory's ``config.json``, or of ``model_config``.
+
+    Args:
+        path: a local model directory, or None.
+        model_config: a config mapping, read when ``path`` is None.
+
+    Returns:
+        The model type, or None when it cannot be read.
+    """
+    import json
+    from pathlib import Path
+
+    if path is not None:
+        try:
+            return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+        except (OSError, ValueError):
+            return None
+    return (model_config or {}).get("model_type")
 
 
 def load_tokenizer(path: str | None):
@@ -108,28 +228,51 @@ def load_tokenizer(path: str | None):
 
 
 class Policy(nn.Module):
-    """The model run up to its last hidden states, with the lm-head handed to a head (a loss).
+    """The model run up to its last hidden states, with a head (a loss) on the rows that predict labels.
 
-    ``Policy(model)(batch, head)`` = ``head(hidden [T_c, H], lm_head.weight [V, H], lm_head.bias)``
-    where ``hidden`` holds, in ``batch.labels`` order, the last hidden states that predict the
-    completion tokens.
+    Text: ``Policy(model)(batch, head)`` = ``head(hidden [T_c, H], lm_head.weight [V, H], lm_head.bias,
+    batch.labels)`` where ``hidden`` holds, in ``batch.labels`` order, the last hidden states that
+    predict the completion tokens.
+
+    Image generation (``image``, an :class:`~fastrl.rollout.image.ImageModel`): the trunk reads
+    ``image.embed(input_ids)`` (text and image ids in one space). The last N labels of every
+    completion are image codes (``image.image_rows``): their rows go through ``image.image_hidden``
+    and are scored by the image head's last linear (``head_weight`` / ``head_bias``) over the
+    codebook, labels minus ``image.offset``; the other rows (a text plan) by the lm-head. When every
+    scored row is an image row the head's fused form gets the image head: no ``[tokens, C]``
+    logits. When a batch mixes both, two differentiable :func:`fastrl.ops.fused_linear_logprobs`
+    calls give the per-token log-probs (and entropy when the head asks), merged in label order, and
+    the head's log-prob form computes the loss from them: one aggregation over text and image tokens.
+    A batch with ``uncond_index`` (:func:`~fastrl.train.packing.with_unconditional`) scores image
+    tokens under the classifier-free-guidance mix: the head is linear, so mixing the image head's
+    inputs ``g = g_u + w (g_c - g_u)`` gives exactly ``log_softmax(u + w (c - u))`` of the logits,
+    both branches differentiated.
 
     Args:
         model: a transformers causal LM (or sequence classifier, whose score head stands in for
-            the lm-head).
+            the lm-head), or an image-generation model with ``image``.
         compute_dtype: e.g. bf16 under autocast: casts hidden and weight (and bias) for the head;
             the cast is differentiable. None: the weight is cast to the hidden states' dtype where
             they differ.
+        image: the :class:`~fastrl.rollout.image.ImageModel` of ``model``, or None (text).
+        cfg_weight: w, the guidance weight of batches that carry unconditional rows.
     """
 
-    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None, image: ImageModel | None = None,
+                 cfg_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.compute_dtype = compute_dtype
+        if image is not None and not isinstance(image, ImageModel):
+            raise TypeError(f"image must be an ImageModel or None, got {type(image).__name__}")
+        if image is not None and image.model is not model:
+            raise ValueError("image must wrap this policy's model (image.model is not model)")
+        self.image = image
+        self.cfg_weight = float(cfg_weight)
 
     @property
     def decoder(self) -> nn.Module:
-        return self.model.get_decoder()
+        return self.image.trunk if self.image is not None else self.model.get_decoder()
 
     @property
     def lm_head(self) -> nn.Module:
@@ -137,29 +280,73 @@ class Policy(nn.Module):
         head = self.model.get_output_embeddings()
         return head if head is not None else self.model.score
 
-    def forward(self, batch: SequenceBatch, head: Head):
-        """Run the decoder on ``batch`` and the head on the hidden states that predict its labels.
-
-        Args:
-            batch: the sequences (:class:`~fastrl.train.packing.SequenceBatch`), on the model's device.
-            head: ``head(hidden, weight, bias)`` with ``hidden [T_c, H]`` (row j predicts
-                ``batch.labels[j]``), ``weight [V, H]`` and ``bias [V]`` or None, all in the compute
-                dtype.
-
-        Returns:
-            What ``head`` returns.
-        """
-        out = self.decoder(**batch.model_inputs(), use_cache=False)
-        hidden = out.last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-        weight, bias = self.lm_head.weight, self.lm_head.bias
+    def _cast(self, hidden, weight, bias):
         if self.compute_dtype is not None and hidden.dtype != self.compute_dtype:
             hidden, weight = hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
             bias = None if bias is None else bias.to(self.compute_dtype)
         elif weight.dtype != hidden.dtype:
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
-        return head(hidden, weight, bias)
+        return hidden, weight, bias
+
+    def forward(self, batch: SequenceBatch, head: Head | Callable):
+        """Run the decoder on ``batch`` and the head on the hidden states that predict its labels.
+
+        Args:
+            batch: the sequences (:class:`~fastrl.train.packing.SequenceBatch`), on the model's device.
+            head: a :class:`Head`; or a plain ``head(hidden, weight, bias)`` called on every scored
+                row with the lm-head (``hidden [T_c, H]``, ``weight [V, H]``, ``bias [V]`` or None, in
+                the compute dtype), as text runs and the packing check use it.
+
+        Returns:
+            What ``head`` returns.
+        """
+        if self.image is None:
+            out = self.decoder(**batch.model_inputs(), use_cache=False)
+            hidden = out.last_hidden_state
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
+            hidden, weight, bias = self._cast(hidden, self.lm_head.weight, self.lm_head.bias)
+            if isinstance(head, Head):
+                return head.fused(hidden, weight, bias, batch.labels)
+            return head(hidden, weight, bias)
+        return self._image_forward(batch, head)
+
+    def _image_forward(self, batch: SequenceBatch, head):
+        image = self.image
+        inputs = batch.model_inputs()
+        ids = inputs.pop("input_ids")
+        out = image.trunk(inputs_embeds=image.embed(ids), **inputs, use_cache=False)
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+        hidden = flat.index_select(0, batch.score_index)
+        if not isinstance(head, Head):  # every row with the lm-head (the packing check)
+            return head(*self._cast(hidden, self.lm_head.weight, self.lm_head.bias))
+        rows = image.image_rows(batch.cu_seqlens.to(hidden.device))
+        image_index = rows.nonzero().squeeze(1)
+        g = image.image_hidden(hidden.index_select(0, image_index))
+        if batch.uncond_index is not None and self.cfg_weight != 1.0:
+            g_u = image.image_hidden(flat.index_select(0, batch.uncond_index))
+            g = g_u + self.cfg_weight * (g - g_u)
+        g, weight, bias = self._cast(g, image.head_weight, image.head_bias)
+        codes = batch.labels.index_select(0, image_index) - image.offset
+        if image_index.numel() == batch.labels.numel():
+            return head.fused(g, weight, bias, codes)
+        if head.from_logps is None:
+            raise ValueError("this head has no log-prob form, which a batch of text-plan and image tokens needs")
+        text_index = (~rows).nonzero().squeeze(1)
+        text_h, text_w, text_b = self._cast(hidden.index_select(0, text_index), self.lm_head.weight,
+                                            self.lm_head.bias)
+        text = fused_linear_logprobs(text_h, text_w, batch.labels.index_select(0, text_index), text_b,
+                                     temperature=head.temperature, return_entropy=head.entropy)
+        img = fused_linear_logprobs(g, weight, codes, bias, temperature=head.temperature,
+                                    return_entropy=head.entropy)
+        if not head.entropy:
+            text, img = (text,), (img,)
+        merged = []
+        for t, i in zip(text, img):
+            full = t.new_zeros(batch.labels.shape[0], dtype=torch.float32)
+            full = full.index_put((text_index,), t.float()).index_put((image_index,), i.float())
+            merged.append(full)
+        return head.from_logps(merged[0], merged[1] if head.entropy else None)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -293,6 +480,153 @@ def build_model(config, device: torch.device, path: str | None = None) -> nn.Mod
     return model.to(device).train()
 
 
+# image_model's arguments -> the image_generation keys that set them
+_IMAGE_KEYS = {"model": "image_generation", "image_tokens": "image_generation.image_tokens",
+               "image_token_range": "image_generation.image_token_range", "boi_id": "image_generation.boi_token_id",
+               "eoi_id": "image_generation.eoi_token_id", "pad_id": "image_generation"}
+
+
+def image_adapter(config, model: nn.Module) -> ImageModel | None:
+    """The :class:`~fastrl.rollout.image.ImageModel` of an image run's model, or None for a text run.
+
+    Args:
+        config: a trainer config with ``image_generation`` (None: a text run).
+        model: the run's model.
+
+    Returns:
+        The adapter (:func:`fastrl.rollout.image.image_model` with the config's ``image_tokens``,
+        ``image_token_range``, ``boi_token_id``, ``eoi_token_id``), or None.
+
+    Raises:
+        ConfigError: the model has no image head, or a setting does not fit the model, naming the field.
+    """
+    from fastrl.rollout.image import image_model
+    from fastrl.train.config import ConfigError
+
+    options = config.image_options() if hasattr(config, "image_options") else None
+    if options is None:
+        return None
+    name = type(config).__name__
+    decode = options["decode"]
+    if isinstance(decode, str):
+        decode = _import_callable(decode, f"{name}.image_generation.decode")
+    try:
+        return image_model(model, image_token_range=options["image_token_range"],
+                           image_tokens=options["image_tokens"], boi_id=options["boi_token_id"],
+                           eoi_id=options["eoi_token_id"], decode=decode)
+    except (TypeError, ValueError) as e:
+        word = str(e).split(" ", 1)[0].rstrip(":")
+        raise ConfigError(f"{name}.{_IMAGE_KEYS.get(word, 'image_generation')}: {e}") from None
+
+
+def freeze_unused(image: ImageModel) -> None:
+    """Freeze what an image-generation run never trains: a Janus model's image-understanding encoder
+    and aligner and its VQ-VAE (they take no part in generating image tokens; the VQ-VAE only decodes
+    them to pixels). No gradient, no optimiser state.
+
+    Args:
+        image: the :class:`~fastrl.rollout.image.ImageModel`.
+    """
+    if image.kind != "janus":
+        return
+    inner = image.model.model
+    for name in ("vision_model", "aligner", "vqmodel"):
+        module = getattr(inner, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+
+
+def _import_callable(spec: str, where: str):
+    """The callable named by ``"module:function"`` (a dotted module, or a ``.py`` file path)."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    from fastrl.train.config import ConfigError
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        if module_name.endswith(".py"):
+            found = importlib.util.spec_from_file_location(f"_fastrl_decode_{abs(hash(module_name))}",
+                                                           Path(module_name))
+            if found is None or not Path(module_name).is_file():
+                raise ImportError(f"no file {module_name!r}")
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the config's
+        raise ConfigError(f"{where}: importing {module_name!r} failed: {type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{where}: {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def unconditional_prompt(image: ImageModel, prompt: list[int], given: list[int] | None = None) -> list[int]:
+    """The unconditional prompt of ``prompt``: ``given`` (the config's ``uncond_prompt``) or Janus's
+    pad-masked prompt (:meth:`~fastrl.rollout.image.ImageModel.uncond_prompt`), ending with the
+    begin-of-image token (appended when it does not: the unconditional branch starts at the image).
+
+    Args:
+        image: the :class:`~fastrl.rollout.image.ImageModel`.
+        prompt: the conditional prompt's token ids.
+        given: a fixed unconditional prompt, or None.
+
+    Returns:
+        The token ids.
+    """
+    ids = list(given) if given is not None else image.uncond_prompt(prompt)
+    if image.boi_id is not None and (not ids or ids[-1] != image.boi_id):
+        ids.append(image.boi_id)
+    return ids
+
+
+def image_layout(policy: Policy, layout, config):
+    """``layout`` itself, or, when the policy trains on the CFG-mixed log-prob (``train_logps: cfg``),
+    ``layout`` with the unconditional sequences added (:func:`~fastrl.train.packing.with_unconditional`).
+
+    Args:
+        policy: the :class:`Policy`.
+        layout: ``layout(prompts, completions) -> SequenceBatch``.
+        config: the trainer config (``image_generation``'s ``uncond_prompt``).
+
+    Returns:
+        ``layout(prompts, completions) -> SequenceBatch``.
+    """
+    if policy.image is None or policy.cfg_weight == 1.0:
+        return layout
+    image, given = policy.image, config.image_options()["uncond_prompt"]
+
+    def guided(prompts: list[list[int]], completions: list[list[int]]) -> SequenceBatch:
+        return with_unconditional(layout, prompts, completions,
+                                  [unconditional_prompt(image, p, given) for p in prompts], image.image_tokens)
+
+    return guided
+
+
+def check_image_completions(image: ImageModel, completions: list[list[int]], where) -> None:
+    """Each completion must end with a whole image (N codes) and hold no image code before it.
+
+    Args:
+        image: the :class:`~fastrl.rollout.image.ImageModel`.
+        completions: the completions' token ids.
+        where: ``where(i)`` names completion i in the error (a data file's row and column).
+
+    Raises:
+        ValueError: a completion that does not, naming it.
+    """
+    lo, hi, n = image.offset, image.offset + image.codebook, image.image_tokens
+    for i, ids in enumerate(completions):
+        codes = ids[len(ids) - n:] if len(ids) >= n else []
+        if len(ids) < n or any(not lo <= t < hi for t in codes):
+            raise ValueError(f"{where(i)}: an image completion must end with {n} image codes (ids in [{lo}, {hi})); "
+                             f"got {len(ids)} tokens ending {ids[-min(len(ids), 4):]} (cut by max_completion_length?)")
+        if image.kind == "janus" and any(t >= lo for t in ids[:len(ids) - n]):
+            raise ValueError(f"{where(i)}: image codes before the last {n} tokens (the text plan takes text ids "
+                             f"only, < {lo})")
+
+
 def prepare_for_training(policy: Policy, config, world) -> Policy:
     """Gradient checkpointing, ``torch.compile`` of each decoder layer, FSDP2 sharding.
 
@@ -310,7 +644,7 @@ def prepare_for_training(policy: Policy, config, world) -> Policy:
     from fastrl.train import distributed
 
     model = policy.model
-    layers = decoder_layers(model)
+    layers = decoder_layers(policy.decoder if policy.image is not None else model)
     if config.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable({"use_reentrant": False})
@@ -340,8 +674,12 @@ def frozen_copy(policy: Policy, config, world, path: str | None = None) -> Polic
     from fastrl.train import distributed
 
     model = build_model(config, world.device, path) if path is not None else copy.deepcopy(policy.model)
-    ref = Policy(model, policy.compute_dtype).requires_grad_(False).eval()
-    return distributed.shard(ref, decoder_layers(model), world)
+    image = None
+    if policy.image is not None:  # the same adapter settings, over the copy
+        image = copy.copy(policy.image)
+        image.model = model
+    ref = Policy(model, policy.compute_dtype, image, policy.cfg_weight).requires_grad_(False).eval()
+    return distributed.shard(ref, decoder_layers(ref.decoder if image is not None else model), world)
 
 
 @torch.no_grad()
@@ -358,8 +696,7 @@ def completion_logps(policy, batch: SequenceBatch, *, temperature: float = 1.0) 
     Returns:
         ``[T_c]`` fp32, packed like ``batch.labels`` (bounded by ``batch.cu_seqlens``).
     """
-    logps = policy(batch, lambda hidden, weight, bias: fused_linear_logprobs(hidden, weight, batch.labels, bias,
-                                                                             temperature=temperature)).float()
+    logps = policy(batch, logprob_head(temperature)).float()
     from fastrl.train import distributed
 
     distributed.reshard(policy)
@@ -386,10 +723,11 @@ def pair_logps(policy, batch: SequenceBatch, *, ld_alpha: float | None = None) -
         shorter = torch.minimum(lengths[:pairs], lengths[pairs:])
         pair_lengths = torch.cat([shorter, shorter])
 
-    def head(hidden, weight, bias):
-        token_logps = fused_linear_logprobs(hidden, weight, batch.labels, bias)
+    def sequences(token_logps, entropy=None):
         return sequence_logps(token_logps, batch.cu_seqlens, ld_alpha=ld_alpha, pair_lengths=pair_lengths)
 
+    head = Head(lambda hidden, weight, bias, labels: sequences(fused_linear_logprobs(hidden, weight, labels, bias)),
+                sequences)
     seq = policy(batch, head).float()
     from fastrl.train import distributed
 

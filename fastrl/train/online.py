@@ -22,7 +22,7 @@ from fastrl.rollout import generate, resolve_stop_tokens
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import ConfigError, TrainConfig
 from fastrl.train.data import Prompts, load_prompts
-from fastrl.train.model import DTYPES, Policy, packing_works, sequence_layout
+from fastrl.train.model import DTYPES, Policy, image_layout, packing_works, sequence_layout
 from fastrl.train.run import Run
 
 __all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "online_setup",
@@ -45,6 +45,8 @@ class Completions:
         rows: the data row of each completion's prompt.
         group_size: G, completions per prompt.
         engine: the rollout engine that ran (:attr:`fastrl.rollout.Rollout.engine`).
+        cond_logps: on an image run with guidance, per row the conditional branch's log-probs
+            (:attr:`fastrl.rollout.Rollout.cond_logprobs`), else None.
     """
 
     prompts: list[list[int]]       # the prompt of each completion (repeated G times)
@@ -54,6 +56,7 @@ class Completions:
     rows: list[int]                # data row of each completion's prompt
     group_size: int
     engine: str = "fastrl"         # the rollout engine that ran (fastrl.rollout.Rollout.engine)
+    cond_logps: list[torch.Tensor] | None = None  # image runs: the conditional branch's log-probs
 
     def __len__(self) -> int:
         return len(self.completions)
@@ -88,7 +91,11 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
 
     Under FSDP the weights are gathered for the rollout (:func:`fastrl.train.distributed.full_weights`);
     the sampling settings are the config's (``max_completion_length``, ``temperature``, ``top_k``,
-    ``top_p``, ``min_p``, ``rollout_engine``, ``rollout_keep_cuda_graph``).
+    ``top_p``, ``min_p``, ``rollout_engine``, ``rollout_keep_cuda_graph``). On an image run (the
+    policy has an :class:`~fastrl.rollout.image.ImageModel`) each completion is an image, after a
+    text plan with ``plan: text``: ``image_generation``'s ``cfg_weight``, ``uncond_prompt`` and
+    ``plan_max_tokens`` go to :func:`fastrl.rollout.generate`, whose rows then keep the
+    conditional branch's log-probs too (:attr:`Completions.cond_logps`).
 
     Args:
         policy: the :class:`~fastrl.train.model.Policy`.
@@ -105,24 +112,33 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
         The step's :class:`Completions`.
     """
     g = num_samples or config.num_generations
+    image = policy.image
+    if image is None:
+        extra = {"max_new_tokens": config.max_completion_length, "stop_token_ids": stop_ids}
+    else:
+        options = config.image_options()
+        extra = {"image": image, "cfg_weight": options["cfg_weight"], "uncond_prompt_ids": options["uncond_prompt"],
+                 "plan_max_tokens": options["plan_max_tokens"]}
     was_training = policy.training
     policy.eval()
     try:
         with distributed.full_weights(policy, world):
             out = generate(policy.model, [torch.tensor(p) for p in prompts],
-                           max_new_tokens=config.max_completion_length,
                            num_samples=g, temperature=config.temperature if temperature is None else temperature,
-                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, stop_token_ids=stop_ids,
+                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
                            generator=generator, engine=config.rollout_engine,
-                           keep_graph=config.rollout_keep_cuda_graph)
+                           keep_graph=config.rollout_keep_cuda_graph, **extra)
     finally:
         policy.train(was_training)
     ids, logps, lengths = out.completion_ids.cpu(), out.logprobs.cpu(), out.lengths.cpu().tolist()
+    cond = getattr(out, "cond_logprobs", None)
+    cond = None if image is None or cond is None else cond.cpu()
     return Completions(prompts=[prompts[i // g] for i in range(len(lengths))],
                        completions=[ids[i, :n].tolist() for i, n in enumerate(lengths)],
                        sampler_logps=[logps[i, :n].clone() for i, n in enumerate(lengths)],
                        stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g,
-                       engine=out.engine)
+                       engine=out.engine,
+                       cond_logps=None if cond is None else [cond[i, :n].clone() for i, n in enumerate(lengths)])
 
 
 # ---------------------------------------------------------------------------------------------- rewards
@@ -257,11 +273,20 @@ def sample_records(completions: Completions, rewards: torch.Tensor, advantages: 
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def _check_lengths(config: TrainConfig, data: Prompts, model) -> None:
+def _check_lengths(config: TrainConfig, data: Prompts, model, image=None) -> None:
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     longest = max(len(p) for p in data.prompts)
+    name = type(config).__name__
+    if image is not None:  # the completion: the plan (with its begin-of-image token), then the image
+        options = config.image_options()
+        plan = options["plan_max_tokens"] + 1 if options["plan"] == "text" else 0
+        if limit is not None and longest + plan + image.image_tokens > limit:
+            raise ConfigError(f"{name}.image_generation: the longest prompt ({longest} tokens) + the plan ({plan}) "
+                              f"+ image_tokens ({image.image_tokens}) exceeds the model's max_position_embeddings "
+                              f"({limit})")
+        return
     if limit is not None and longest + config.max_completion_length > limit:
-        raise ConfigError(f"{type(config).__name__}.max_completion_length: the longest prompt ({longest} tokens) + "
+        raise ConfigError(f"{name}.max_completion_length: the longest prompt ({longest} tokens) + "
                           f"max_completion_length ({config.max_completion_length}) exceeds the model's "
                           f"max_position_embeddings ({limit})")
 
@@ -330,8 +355,9 @@ def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
     """
     config, tokenizer, device = run.config, run.tokenizer, run.world.device
     data = load_prompts(config, tokenizer, run.vocab_size)
-    _check_lengths(config, data, run.model)
+    _check_lengths(config, data, run.model, run.image)
     rewards = load_run_rewards(config, reward_funcs, tokenizer, device)
     layout = sequence_layout(run.model, config.packing and packing_works(run.policy, run.vocab_size, device))
+    layout = image_layout(run.policy, layout, config)
     stop_ids = resolve_stop_tokens(config.stop_token_ids, model=run.model, tokenizer=tokenizer)
     return OnlineSetup(data, rewards, [r.name for r in rewards], layout, stop_ids, config.num_generations)

@@ -40,7 +40,7 @@ from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
-from fastrl.train.model import Policy, frozen_copy, pair_logps, prepare_for_training
+from fastrl.train.model import Policy, dpo_head, frozen_copy, pair_logps, prepare_for_training
 from fastrl.train.online import (Completions, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
@@ -132,8 +132,7 @@ def online_dpo_step(policy: Policy, micros: list[tuple[SequenceBatch, int]], *, 
             ref_chosen, ref_rejected = reference(batch)
         with telemetry.phase("train"):
             with autocast():
-                loss, metrics = policy(batch, lambda hidden, weight, bias: loss_fn(
-                    hidden, weight, batch.labels, ref_chosen, ref_rejected, cu_seqlens=batch.cu_seqlens, bias=bias))
+                loss, metrics = policy(batch, dpo_head(loss_fn, batch, ref_chosen, ref_rejected))
             share = n * world.world_size / total if total else 0.0
             (loss * share).backward()
         sums["loss"] += float(loss.detach()) * share
@@ -211,7 +210,7 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                 completions = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
                                       generator=step_generator(config.seed, world.rank, step, world.device))
             with telemetry.phase("reward"):
-                local_rewards = score_completions(rewards, data, completions, tokenizer)
+                local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
                 combined = rewards_lib.combine(local_rewards, config.reward_weights)
                 pairs = make_pairs(combined, group, pairing=config.pairing, min_gap=config.min_reward_gap)
                 all_rewards = gather_rows(local_rewards, world)

@@ -27,7 +27,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["COUNTS", "SequenceBatch", "pack", "pad"]
+__all__ = ["COUNTS", "SequenceBatch", "pack", "pad", "with_unconditional"]
 
 # The batch counters a step sums over its micro-batches and processes (every other step metric is a mean).
 COUNTS = ("tokens", "slots", "padded_slots")
@@ -48,7 +48,12 @@ class SequenceBatch:
             position whose hidden state predicts ``labels[j]``.
         labels: ``[T_c]`` int64, the completion tokens, completion after completion.
         cu_seqlens: ``[N+1]`` int32, bounds each completion in ``labels``.
-        lengths: ``[N]`` int64, each whole sequence's length (prompt + completion).
+        lengths: ``[N]`` int64, each whole sequence's length (prompt + completion); with
+            ``uncond_index`` the unconditional sequences' lengths follow (``[2N]``).
+        uncond_index: ``[T_i]`` int64 or None: for a CFG-mixed image log-prob
+            (:func:`with_unconditional`), entry j indexes the position whose hidden state predicts the
+            j-th image label (the j-th True of the image rows, last N labels of each completion) under
+            the unconditional prompt; those sequences follow the conditional ones in the same forward.
     """
 
     input_ids: torch.Tensor
@@ -58,10 +63,12 @@ class SequenceBatch:
     labels: torch.Tensor
     cu_seqlens: torch.Tensor
     lengths: torch.Tensor
+    uncond_index: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
-        return self.lengths.numel()
+        """The scored (conditional) sequences."""
+        return self.cu_seqlens.numel() - 1
 
     @property
     def tokens(self) -> int:
@@ -74,7 +81,7 @@ class SequenceBatch:
     @property
     def padded_slots(self) -> int:
         """Positions a padded batch of these sequences would process (N · longest)."""
-        return self.num_sequences * int(self.lengths.max())
+        return self.lengths.numel() * int(self.lengths.max())
 
     @property
     def completion_lengths(self) -> torch.Tensor:
@@ -164,3 +171,42 @@ def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0)
         attention_mask[i, :len(s)] = 1
     index, labels, cu = _scoring([len(p) for p in prompts], completions, [i * width for i in range(len(seqs))])
     return SequenceBatch(input_ids, None, attention_mask, index, labels, cu, lengths)
+
+
+def with_unconditional(layout, prompts: list[list[int]], completions: list[list[int]],
+                       uncond_prompts: list[list[int]], image_tokens: int) -> SequenceBatch:
+    """The batch of ``prompts[i] + completions[i]`` and, in the same forward, the unconditional
+    sequences ``uncond_prompts[i] + completions[i][-image_tokens:]`` (the image codes only).
+
+    The returned batch scores the conditional completions as ``layout`` would (``labels``,
+    ``cu_seqlens``, ``score_index`` of those sequences); its ``uncond_index`` gives, for each image
+    label in order, the hidden state that predicts the same code under the unconditional prompt (the
+    unconditional branch of classifier-free guidance, which sees no text plan).
+
+    Args:
+        layout: :func:`pack`, :func:`pad` or a :func:`~fastrl.train.model.sequence_layout`.
+        prompts: the conditional prompts.
+        completions: their completions, each ending with ``image_tokens`` image codes.
+        uncond_prompts: one unconditional prompt per sequence (it ends where the image starts, e.g.
+            with the begin-of-image token).
+        image_tokens: N, the codes per image.
+
+    Returns:
+        A :class:`SequenceBatch` with ``uncond_index`` set.
+
+    Raises:
+        ValueError: unequal lists, or a completion shorter than ``image_tokens`` (naming it).
+    """
+    if not len(prompts) == len(completions) == len(uncond_prompts):
+        raise ValueError(f"need one unconditional prompt per sequence; got {len(uncond_prompts)} for "
+                         f"{len(prompts)} prompts and {len(completions)} completions")
+    for i, c in enumerate(completions):
+        if len(c) < image_tokens:
+            raise ValueError(f"completion {i} has {len(c)} tokens, fewer than image_tokens ({image_tokens})")
+    n = len(prompts)
+    both = layout(list(prompts) + list(uncond_prompts), list(completions) + [c[len(c) - image_tokens:]
+                                                                              for c in completions])
+    cond_tokens = int(both.cu_seqlens[n])
+    cu = both.cu_seqlens[:n + 1].clone()
+    return dataclasses.replace(both, score_index=both.score_index[:cond_tokens], labels=both.labels[:cond_tokens],
+                               cu_seqlens=cu, uncond_index=both.score_index[cond_tokens:])

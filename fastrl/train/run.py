@@ -31,7 +31,7 @@ import torch
 from fastrl.train import distributed
 from fastrl.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from fastrl.train.config import ConfigError, TrainConfig
-from fastrl.train.model import Policy, build_model, load_tokenizer
+from fastrl.train.model import Policy, build_model, freeze_unused, image_adapter, load_tokenizer
 from fastrl.train.optim import NonFiniteSteps, build_optimizer, build_scheduler, optimizer_step
 from fastrl.train.telemetry import Telemetry, flops_per_token, peak_flops
 
@@ -124,8 +124,10 @@ class Run:
         out: ``config.output_dir``.
         tokenizer: the policy's tokenizer.
         model: the Hugging Face model.
-        vocab_size: rows of its input embedding.
+        vocab_size: rows of its input embedding; for an image run the size of the model's id space
+            (text ids, then image codes: ``offset + codebook`` for Janus).
         policy: the :class:`~fastrl.train.model.Policy` around ``model``.
+        image: the :class:`~fastrl.rollout.image.ImageModel` of an image run, or None.
         order: the data order (:func:`plan_steps`).
         total_steps: the run's step count (:func:`plan_steps`).
         optimizer: the optimiser (:func:`resume`).
@@ -147,6 +149,7 @@ class Run:
     model: torch.nn.Module
     vocab_size: int
     policy: Policy
+    image: Any = None
     # plan_steps
     order: BatchOrder | None = None
     total_steps: int = 0
@@ -184,12 +187,23 @@ def start_run(config: TrainConfig) -> Run:
     """
     world = distributed.init_world(config.device)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(config.tokenizer or config.model)
+    source = config.tokenizer or config.model
+    if source is not None and config.tokenizer is None and getattr(config, "image_run", False) and not any(
+            (Path(source) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        source = None  # an image model saved without a tokenizer: the data are token ids
+    tokenizer = load_tokenizer(source)
     model = build_model(config, world.device)
     vocab_size = model.get_input_embeddings().weight.shape[0]  # a reward model has no lm-head
-    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None)
+    image = image_adapter(config, model)
+    cfg_weight = 1.0
+    if image is not None:
+        freeze_unused(image)
+        vocab_size = max(vocab_size, image.offset + image.codebook)
+        if config.train_logps == "cfg":  # training mixes the branches with the rollout's weight
+            cfg_weight = config.image_options()["cfg_weight"]
+    policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None, image=image, cfg_weight=cfg_weight)
     return Run(config=config, world=world, out=Path(config.output_dir), tokenizer=tokenizer, model=model,
-               vocab_size=vocab_size, policy=policy)
+               vocab_size=vocab_size, policy=policy, image=image)
 
 
 def plan_steps(run: Run, num_examples: int, what: str) -> None:

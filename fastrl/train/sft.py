@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from fastrl.ops import fused_linear_logprobs
 from fastrl.train import distributed
 from fastrl.train.config import SFTConfig
 from fastrl.train.data import DataError, Encoder, fingerprint, fit_prompt, load_table
-from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
+from fastrl.train.model import (Policy, check_image_completions, image_layout, logprob_head, packing_works,
+                                prepare_for_training, sequence_layout)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry
@@ -113,8 +113,7 @@ def sft_step(policy: Policy, batches: list[SequenceBatch], *, world: distributed
         distributed.gradient_sync(policy, k == len(batches) - 1)
         with telemetry.phase("train"):
             with autocast():
-                token_logps = policy(batch, lambda hidden, weight, bias: fused_linear_logprobs(
-                    hidden, weight, batch.labels, bias))
+                token_logps = policy(batch, logprob_head())
             loss = -token_logps.float().sum() / norm
             loss.backward()
         nll_sum -= float(token_logps.detach().float().sum())
@@ -139,7 +138,14 @@ def train_sft(config: SFTConfig) -> TrainResult:
     run = start_run(config)
     policy, world = run.policy, run.world
     examples = load_sft_examples(config, run.tokenizer, run.vocab_size)
+    if run.image is not None:  # image examples: each completion ends with a whole image
+        try:
+            check_image_completions(run.image, examples.completions,
+                                    lambda i: f"train_data row {i}, column {config.completion_column!r}")
+        except ValueError as e:
+            raise DataError(str(e)) from None
     layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
+    layout = image_layout(policy, layout, config)
 
     def make_batch(indices: list[int]) -> SequenceBatch:
         return layout([examples.prompts[i] for i in indices], [examples.completions[i] for i in indices]).to(
