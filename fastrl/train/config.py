@@ -351,6 +351,8 @@ class _ImageFields:
                 self._fail("image_generation", f"the model ({kind}) has no image head (a Janus model has one); for a "
                                                "causal LM whose image codes are vocabulary ids give "
                                                "image_token_range: [lo, hi)")
+        if getattr(self, "rollout_keep_cuda_graph", False):
+            self._fail("rollout_keep_cuda_graph", "the image rollout keeps no decoder between calls; set it false")
         self.image_generation = {k: v for k, v in value.items()}
 
 

@@ -26,8 +26,8 @@ from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed
 from fastrl.train.config import DPOConfig
 from fastrl.train.data import DataError, PreferencePairs, load_preference_pairs
-from fastrl.train.model import (Policy, check_image_completions, dpo_head, frozen_copy, image_layout, packing_works,
-                                pair_logps, prepare_for_training, sequence_layout)
+from fastrl.train.model import (Policy, check_image_completions, dpo_head, frozen_copy, image_layout, image_prompts,
+                                packing_works, pair_logps, prepare_for_training, sequence_layout)
 from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, precompute_pair_logps
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
@@ -111,6 +111,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     # ---- data and its layout
     pairs = load_preference_pairs(config, run.tokenizer, run.vocab_size)
+    pairs.prompts = image_prompts(run.image, config, pairs.prompts)
     if run.image is not None:  # image pairs: each completion ends with a whole image
         for column, completions in ((config.chosen_column, pairs.chosen), (config.rejected_column, pairs.rejected)):
             try:

@@ -197,9 +197,11 @@ def micro_batches(completions: Completions, advantages: torch.Tensor, *, prompts
 
 
 def grpo_head(loss_fn: FusedLinearGRPOLoss, m: MicroBatch, *, sampler_logps, num_items) -> Head:
-    """The GRPO loss of one micro-batch as a :class:`~fastrl.train.model.Head`: ``loss_fn`` on the
-    scored rows, or :func:`fastrl.losses.grpo_loss` with the same settings on per-token log-probs
-    (an image batch with a text plan; entropy too when ``entropy_coef`` is set).
+    """The GRPO loss of one micro-batch as a :class:`~fastrl.train.model.Head`.
+
+    Its fused form is ``loss_fn`` on the scored rows; its log-prob form (an image batch with a text
+    plan) :func:`fastrl.losses.grpo_loss` with the same settings on the per-token log-probs (and
+    entropies when ``entropy_coef`` is set).
 
     Args:
         loss_fn: the :class:`~fastrl.losses.FusedLinearGRPOLoss`.

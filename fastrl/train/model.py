@@ -26,8 +26,8 @@ from fastrl.train.packing import SequenceBatch, pack, pad, with_unconditional
 from fastrl.train.telemetry import flops_per_token
 
 __all__ = ["Head", "Policy", "attention_implementation", "check_image_completions", "completion_logps", "dpo_head",
-           "freeze_unused", "image_adapter", "image_layout", "load_model", "load_tokenizer", "logprob_head", "model_type",
-           "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
+           "freeze_unused", "image_adapter", "image_layout", "image_prompts", "load_model", "load_tokenizer",
+           "logprob_head", "model_type", "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
 
 
 
@@ -61,7 +61,14 @@ class Head:
 
 
 def logprob_head(temperature: float = 1.0) -> Head:
-    """The per-token log-probs ``[T_c]`` fp32 (the old / reference log-probs, SFT's NLL terms)."""
+    """The :class:`Head` of the per-token log-probs (the old / reference log-probs, SFT's NLL terms).
+
+    Args:
+        temperature: the log-probs of ``softmax(logits / temperature)``.
+
+    Returns:
+        The head; it returns ``[T_c]`` fp32 log-probs in label order.
+    """
     return Head(lambda hidden, weight, bias, labels: fused_linear_logprobs(hidden, weight, labels, bias,
                                                                            temperature=temperature),
                 lambda logps, entropy: logps, temperature=temperature)
@@ -520,9 +527,10 @@ def image_adapter(config, model: nn.Module) -> ImageModel | None:
 
 
 def freeze_unused(image: ImageModel) -> None:
-    """Freeze what an image-generation run never trains: a Janus model's image-understanding encoder
-    and aligner and its VQ-VAE (they take no part in generating image tokens; the VQ-VAE only decodes
-    them to pixels). No gradient, no optimiser state.
+    """Freeze what an image-generation run never trains (no gradient, no optimiser state).
+
+    A Janus model's image-understanding encoder and aligner and its VQ-VAE take no part in
+    generating image tokens (the VQ-VAE only decodes them to pixels).
 
     Args:
         image: the :class:`~fastrl.rollout.image.ImageModel`.
@@ -564,9 +572,11 @@ def _import_callable(spec: str, where: str):
 
 
 def unconditional_prompt(image: ImageModel, prompt: list[int], given: list[int] | None = None) -> list[int]:
-    """The unconditional prompt of ``prompt``: ``given`` (the config's ``uncond_prompt``) or Janus's
-    pad-masked prompt (:meth:`~fastrl.rollout.image.ImageModel.uncond_prompt`), ending with the
-    begin-of-image token (appended when it does not: the unconditional branch starts at the image).
+    """The unconditional prompt of ``prompt``, ending with the begin-of-image token.
+
+    It is ``given`` (the config's ``uncond_prompt``) or Janus's pad-masked prompt
+    (:meth:`~fastrl.rollout.image.ImageModel.uncond_prompt`), with the begin-of-image token appended
+    when it does not end with it (the unconditional branch starts at the image), as the rollout has it.
 
     Args:
         image: the :class:`~fastrl.rollout.image.ImageModel`.
@@ -582,9 +592,32 @@ def unconditional_prompt(image: ImageModel, prompt: list[int], given: list[int] 
     return ids
 
 
+def image_prompts(image: ImageModel | None, config, prompts: list[list[int]]) -> list[list[int]]:
+    """An image run's prompts: without a plan each ends with the begin-of-image token.
+
+    With ``plan: none`` the token is appended where a prompt does not end with it (as Janus's
+    processor appends it); with a text plan, or on a text run, the prompts are as they are.
+
+    Args:
+        image: the run's :class:`~fastrl.rollout.image.ImageModel`, or None.
+        config: the trainer config.
+        prompts: the prompts' token ids.
+
+    Returns:
+        The prompts (the same list when nothing changes).
+    """
+    if image is None or image.boi_id is None or config.image_options()["plan"] != "none":
+        return prompts
+    if all(p and p[-1] == image.boi_id for p in prompts):
+        return prompts
+    return [p if p and p[-1] == image.boi_id else [*p, image.boi_id] for p in prompts]
+
+
 def image_layout(policy: Policy, layout, config):
-    """``layout`` itself, or, when the policy trains on the CFG-mixed log-prob (``train_logps: cfg``),
-    ``layout`` with the unconditional sequences added (:func:`~fastrl.train.packing.with_unconditional`).
+    """The batch layout of an image run: ``layout``, with the unconditional sequences when CFG-mixed.
+
+    When the policy trains on the CFG-mixed log-prob (``train_logps: cfg``, ``cfg_weight != 1``) each
+    batch also holds the unconditional sequences (:func:`~fastrl.train.packing.with_unconditional`).
 
     Args:
         policy: the :class:`Policy`.

@@ -22,7 +22,7 @@ from fastrl.rollout import generate, resolve_stop_tokens
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import ConfigError, TrainConfig
 from fastrl.train.data import Prompts, load_prompts
-from fastrl.train.model import DTYPES, Policy, image_layout, packing_works, sequence_layout
+from fastrl.train.model import DTYPES, Policy, image_layout, image_prompts, packing_works, sequence_layout
 from fastrl.train.run import Run
 
 __all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "online_setup",
@@ -45,8 +45,8 @@ class Completions:
         rows: the data row of each completion's prompt.
         group_size: G, completions per prompt.
         engine: the rollout engine that ran (:attr:`fastrl.rollout.Rollout.engine`).
-        cond_logps: on an image run with guidance, per row the conditional branch's log-probs
-            (:attr:`fastrl.rollout.Rollout.cond_logprobs`), else None.
+        cond_logps: on an image run, per row a ``[len(completions[i])]`` fp32 CPU tensor, the
+            conditional branch's log-probs (:attr:`fastrl.rollout.Rollout.cond_logprobs`), else None.
     """
 
     prompts: list[list[int]]       # the prompt of each completion (repeated G times)
@@ -355,6 +355,7 @@ def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
     """
     config, tokenizer, device = run.config, run.tokenizer, run.world.device
     data = load_prompts(config, tokenizer, run.vocab_size)
+    data.prompts = image_prompts(run.image, config, data.prompts)
     _check_lengths(config, data, run.model, run.image)
     rewards = load_run_rewards(config, reward_funcs, tokenizer, device)
     layout = sequence_layout(run.model, config.packing and packing_works(run.policy, run.vocab_size, device))

@@ -175,8 +175,10 @@ def pad(prompts: list[list[int]], completions: list[list[int]], pad_id: int = 0)
 
 def with_unconditional(layout, prompts: list[list[int]], completions: list[list[int]],
                        uncond_prompts: list[list[int]], image_tokens: int) -> SequenceBatch:
-    """The batch of ``prompts[i] + completions[i]`` and, in the same forward, the unconditional
-    sequences ``uncond_prompts[i] + completions[i][-image_tokens:]`` (the image codes only).
+    """A batch of conditional sequences and, in the same forward, their unconditional ones.
+
+    Sequence i is ``prompts[i] + completions[i]``; its unconditional sequence
+    ``uncond_prompts[i] + completions[i][-image_tokens:]`` (the image codes only).
 
     The returned batch scores the conditional completions as ``layout`` would (``labels``,
     ``cu_seqlens``, ``score_index`` of those sequences); its ``uncond_index`` gives, for each image

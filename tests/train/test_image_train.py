@@ -303,9 +303,13 @@ def test_dpo_cfg_logps_and_plan_pairs_run(janus, janus_dir, tmp_path, one_thread
 
 
 def test_online_dpo_runs_on_images(janus_dir, tmp_path, one_thread):
-    fields = _image_fields(janus_dir, _prompts_file(tmp_path), tmp_path / "run", max_steps=2)
+    # prompts without the begin-of-image token: a plan-less image run appends it
+    fields = _image_fields(janus_dir, _prompts_file(tmp_path, boi=False), tmp_path / "run", max_steps=2,
+                           log_completions=2)
     result = train_online_dpo(OnlineDPOConfig(**fields))
     assert len(result.history) == 2 and result.history[-1]["pairs"] > 0
+    sample = json.loads((tmp_path / "run" / "completions.jsonl").read_text().splitlines()[0])
+    assert sample["prompt"][-1] == BOI and len(sample["completion"]) == N
 
 
 def test_sft_on_images_lowers_the_nll(janus, janus_dir, tmp_path, one_thread):
@@ -355,6 +359,12 @@ def test_image_config_errors(tmp_path, janus_dir):
         grpo(image_generation=None, train_logps="cfg", reward_funcs=["m:f"])
     with pytest.raises(ConfigError, match=r"GRPOConfig\.train_logps"):
         grpo(train_logps="mixed")
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.rollout_keep_cuda_graph"):
+        grpo(rollout_keep_cuda_graph=True)
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.image_generation\.decode"):
+        grpo(image_generation={"decode": "no_colon"})
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.image_generation\.decode"):
+        grpo(image_generation={"decode": 3})
     # a model without an image head: known from model_config, no model built
     for cls in (SFTConfig, DPOConfig):
         with pytest.raises(ConfigError, match=rf"{cls.__name__}\.image_generation: the model \(qwen2\) has no image head"):
