@@ -396,3 +396,58 @@ def test_image_run_errors_at_start(tmp_path, janus_dir, one_thread):
                 image_generation=None, max_completion_length=4)
     with pytest.raises((ConfigError, ValueError), match="redness"):
         train_grpo(GRPOConfig(**text))
+
+
+def test_two_gloo_processes_match_one_on_image_pairs(janus, janus_dir, tmp_path):
+    # FSDP2 over the Janus trunk's decoder layers: a 2-process DPO run on image pairs (CFG-mixed
+    # log-probs, so the unconditional rows are sharded and reduced too) equals the 1-process run
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = _image_pairs(janus, 8, tmp_path)
+    common = dict(model=str(janus_dir), train_data=str(data), max_steps=2, learning_rate=1e-2, lr_scheduler="constant",
+                  progress=False, beta=0.1, train_logps="cfg", image_generation={"cfg_weight": 2.0, "boi_token_id": BOI})
+    single = train_dpo(DPOConfig(output_dir=str(tmp_path / "one"), batch_size=4, **common))
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({**common, "output_dir": str(tmp_path / "two"), "batch_size": 2}))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastrl", "train", "dpo", "--config", str(tmp_path / "two.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for a, b in zip(single.history, records):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    from safetensors.torch import load_file
+
+    sharded = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000002" / "model.safetensors"))
+    for name, value in state(single.policy).items():
+        torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_gloo_processes_run_image_grpo(janus_dir, tmp_path):
+    # the image rollout under FSDP2 (weights gathered for it), a pixel reward (this file's
+    # functions, named as 'module:function' in the YAML) and the update: it runs and learns
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    here = Path(__file__).resolve()
+    config = _image_fields(janus_dir, _prompts_file(tmp_path), tmp_path / "two", batch_size=1, max_steps=6,
+                           reward_funcs=["tests.train.test_image_train:redness"],
+                           image_generation={"boi_token_id": BOI, "decode": "tests.train.test_image_train:palette_decode"})
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastrl", "train", "grpo", "--config", str(tmp_path / "two.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rewards) == 6 and rewards[-1] > rewards[0] + 0.1, rewards
