@@ -26,7 +26,7 @@ from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed
 from fastrl.train.config import DPOConfig
 from fastrl.train.data import DataError, PreferencePairs, load_preference_pairs
-from fastrl.train.model import (Policy, check_image_completions, dpo_head, frozen_copy, image_layout, image_prompts,
+from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, dpo_head, frozen_copy, image_layout, image_prompts,
                                 packing_works, pair_logps, prepare_for_training, sequence_layout)
 from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, precompute_pair_logps
@@ -110,6 +110,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     policy, world, model = run.policy, run.world, run.model
 
     # ---- data and its layout
+    check_offline_image_lengths(run.image, config)
     pairs = load_preference_pairs(config, run.tokenizer, run.vocab_size)
     pairs.prompts = image_prompts(run.image, config, pairs.prompts)
     if run.image is not None:  # image pairs: each completion ends with a whole image

@@ -25,9 +25,10 @@ from fastrl.train import attention as attention_backends
 from fastrl.train.packing import SequenceBatch, pack, pad, with_unconditional
 from fastrl.train.telemetry import flops_per_token
 
-__all__ = ["Head", "Policy", "attention_implementation", "check_image_completions", "completion_logps", "dpo_head",
-           "freeze_unused", "image_adapter", "image_layout", "image_prompts", "load_model", "load_tokenizer",
-           "logprob_head", "model_type", "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
+__all__ = ["Head", "Policy", "attention_implementation", "check_image_completions", "check_offline_image_lengths",
+           "completion_logps", "dpo_head", "freeze_unused", "image_adapter", "image_completion_length",
+           "image_layout", "image_prompts", "load_model", "load_tokenizer", "logprob_head", "model_type",
+           "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
 
 
 
@@ -636,6 +637,39 @@ def image_layout(policy: Policy, layout, config):
                                   [unconditional_prompt(image, p, given) for p in prompts], image.image_tokens)
 
     return guided
+
+
+def image_completion_length(image: ImageModel, config) -> int:
+    """The longest completion of an image run, in tokens.
+
+    The image's N codes, after a text plan and its begin-of-image token with ``plan: text``.
+
+    Args:
+        image: the run's :class:`~fastrl.rollout.image.ImageModel`.
+        config: the trainer config (``image_generation``).
+
+    Returns:
+        The token count.
+    """
+    options = config.image_options()
+    return image.image_tokens + (options["plan_max_tokens"] + 1 if options["plan"] == "text" else 0)
+
+
+def check_offline_image_lengths(image: ImageModel | None, config) -> None:
+    """An image run on data (DPO, SFT) must keep whole images: ``max_completion_length >= N``.
+
+    Args:
+        image: the run's :class:`~fastrl.rollout.image.ImageModel`, or None (nothing to check).
+        config: the trainer config.
+
+    Raises:
+        ConfigError: ``max_completion_length`` below the image's codes, naming it.
+    """
+    from fastrl.train.config import ConfigError
+
+    if image is not None and config.max_completion_length < image.image_tokens:
+        raise ConfigError(f"{type(config).__name__}.max_completion_length: {config.max_completion_length} would cut "
+                          f"the images ({image.image_tokens} codes each, after any text plan); raise it")
 
 
 def check_image_completions(image: ImageModel, completions: list[list[int]], where) -> None:

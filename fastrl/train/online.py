@@ -22,7 +22,8 @@ from fastrl.rollout import generate, resolve_stop_tokens
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import ConfigError, TrainConfig
 from fastrl.train.data import Prompts, load_prompts
-from fastrl.train.model import DTYPES, Policy, image_layout, image_prompts, packing_works, sequence_layout
+from fastrl.train.model import (DTYPES, Policy, image_completion_length, image_layout, image_prompts, packing_works,
+                                sequence_layout)
 from fastrl.train.run import Run
 
 __all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "online_setup",
@@ -278,12 +279,11 @@ def _check_lengths(config: TrainConfig, data: Prompts, model, image=None) -> Non
     longest = max(len(p) for p in data.prompts)
     name = type(config).__name__
     if image is not None:  # the completion: the plan (with its begin-of-image token), then the image
-        options = config.image_options()
-        plan = options["plan_max_tokens"] + 1 if options["plan"] == "text" else 0
-        if limit is not None and longest + plan + image.image_tokens > limit:
-            raise ConfigError(f"{name}.image_generation: the longest prompt ({longest} tokens) + the plan ({plan}) "
-                              f"+ image_tokens ({image.image_tokens}) exceeds the model's max_position_embeddings "
-                              f"({limit})")
+        completion = image_completion_length(image, config)
+        if limit is not None and longest + completion > limit:
+            raise ConfigError(f"{name}.image_generation: the longest prompt ({longest} tokens) + the completion "
+                              f"({completion}: the plan, its begin-of-image token, image_tokens "
+                              f"{image.image_tokens}) exceeds the model's max_position_embeddings ({limit})")
         return
     if limit is not None and longest + config.max_completion_length > limit:
         raise ConfigError(f"{name}.max_completion_length: the longest prompt ({longest} tokens) + "

@@ -25,7 +25,7 @@ import torch
 from fastrl.train import distributed
 from fastrl.train.config import SFTConfig
 from fastrl.train.data import DataError, Encoder, fingerprint, fit_prompt, load_table
-from fastrl.train.model import (Policy, check_image_completions, image_layout, image_prompts, logprob_head,
+from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, image_layout, image_prompts, logprob_head,
                                 packing_works, prepare_for_training, sequence_layout)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
@@ -137,6 +137,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
     """
     run = start_run(config)
     policy, world = run.policy, run.world
+    check_offline_image_lengths(run.image, config)
     examples = load_sft_examples(config, run.tokenizer, run.vocab_size)
     examples.prompts = image_prompts(run.image, config, examples.prompts)
     if run.image is not None:  # image examples: each completion ends with a whole image

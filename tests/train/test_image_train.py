@@ -389,6 +389,11 @@ def test_image_run_errors_at_start(tmp_path, janus_dir, one_thread):
     with pytest.raises(DataError, match="column 'rejected'"):
         train_dpo(DPOConfig(model=str(janus_dir), train_data=str(pairs), output_dir=str(tmp_path / "c"), batch_size=2,
                             progress=False, image_generation={"boi_token_id": BOI}))
+    # offline image data cut by max_completion_length
+    with pytest.raises(ConfigError, match=r"SFTConfig\.max_completion_length"):
+        train_sft(SFTConfig(model=str(janus_dir), train_data=str(pairs), output_dir=str(tmp_path / "e"), batch_size=2,
+                            progress=False, max_completion_length=8, completion_column="chosen",
+                            image_generation={"boi_token_id": BOI}))
     # a pixel reward on a text-only run
     from .conftest import TINY
 
