@@ -157,8 +157,8 @@ def sample(
             renormalised distribution it was drawn from.
         errors: a :class:`SampleErrors` on the logits' device: the row checks are deferred to
             ``errors.check()`` (no sync per call), and a bad row gets token -1 and NaN log-probs.
-        uncond_logits: the unconditional branch's logits for classifier-free guidance: the shape,
-            dtype and device of ``logits``; None: no guidance.
+        uncond_logits: ``[B, V]``, the unconditional branch's logits for classifier-free guidance:
+            the shape, dtype and device of ``logits``; None: no guidance.
         cfg_weight: the guidance weight w, a real >= 0 (1: no guidance; 0: the unconditional branch).
         token_range: ``(lo, hi)`` with ``0 <= lo < hi <= V``: only those tokens can be drawn; None:
             the whole vocabulary.
