@@ -799,11 +799,18 @@ SM_SHARED = {"sm_90a": 228 * KiB, "sm_80": 164 * KiB}
 CUDA_REGISTERS = {
     "13.0": {
         "sample_kernel<F32>": {"sm_90a": 108, "sm_80": 106},
-        "sample_kernel<BF16>": {"sm_90a": 116, "sm_80": 114},
+        "sample_kernel<BF16>": {"sm_90a": 116, "sm_80": 117},  # sm_80: 114 before the guided rows (issue 17)
         "sample_kernel<F16>": {"sm_90a": 122, "sm_80": 116},
         "partial_kernel<F32>": {"sm_90a": 40, "sm_80": 40},
         "partial_kernel<BF16>": {"sm_90a": 40, "sm_80": 40},
         "partial_kernel<F16>": {"sm_90a": 46, "sm_80": 46},
+        # classifier-free guidance: rows that read and mix two branches
+        "sample_kernel<Mix<F32> >": {"sm_90a": 116, "sm_80": 108},
+        "sample_kernel<Mix<BF16> >": {"sm_90a": 116, "sm_80": 108},
+        "sample_kernel<Mix<F16> >": {"sm_90a": 116, "sm_80": 108},
+        "partial_kernel<Mix<F32> >": {"sm_90a": 40, "sm_80": 40},
+        "partial_kernel<Mix<BF16> >": {"sm_90a": 44, "sm_80": 44},
+        "partial_kernel<Mix<F16> >": {"sm_90a": 45, "sm_80": 45},
     },
 }
 # The sampler runs two blocks of 256 threads per SM (its __launch_bounds__(256, 2)).

@@ -491,10 +491,10 @@ struct Shared {
   u64 warp_b[2][kWarps];
   u32 n_cand;
   double z_row, z_filtered;  // thread 0's, kept here over the draw
-  double z_cond;             // guided: the conditional branch's normaliser (greedy: its tied maxima)
-  float cond_max;            // and its maximum
   u32 pick, pick_key_hi;  // one thread's answer, read by all after a barrier
   u64 pick_a, pick_b, pick_c, pick_d;
+  double z_cond;   // guided: the conditional branch's normaliser (greedy: its tied maxima), thread 0's
+  float cond_max;  // and its maximum
 };
 
 __device__ __forceinline__ Shared& shared_memory() {
