@@ -61,6 +61,7 @@ SLOW_TESTS = (
     # image-generation trainer: two gloo processes (FSDP2 over the Janus trunk), the CFG gradient check
     "train/test_image_train.py::test_two_gloo_processes_*",
     "train/test_image_train.py::test_plan_and_image_logps_match_hf_fp64_and_their_gradients[True]",
+    "train/test_image_train.py::test_example_config_trains_through_the_command_line",
 )
 
 

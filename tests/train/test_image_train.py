@@ -456,3 +456,14 @@ def test_two_gloo_processes_run_image_grpo(janus_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(rewards) == 6 and rewards[-1] > rewards[0] + 0.1, rewards
+
+
+def test_example_config_trains_through_the_command_line(tmp_path, monkeypatch, capsys, one_thread):
+    from fastrl.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # example paths are relative to the repository root
+    rc = main(["train", "grpo", "--config", "examples/grpo_janus_tiny.yaml", "--output_dir", str(tmp_path),
+               "--max_steps", "8", "--no_progress"])
+    assert rc == 0 and "8 steps" in capsys.readouterr().out
+    rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rewards[-1] > rewards[0] + 0.1, rewards
