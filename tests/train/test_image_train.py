@@ -247,6 +247,17 @@ def test_grpo_cfg_logps_and_text_plan_run(janus_dir, tmp_path, one_thread):
     assert not torch.equal(after[head], before[head])
 
 
+@pytest.mark.parametrize("train_logps", ["conditional", "cfg"])
+def test_sampler_old_logps_match_the_trained_branch(janus_dir, tmp_path, one_thread, train_logps):
+    # old_logps: sampler with guidance w = 3: π_old is the rollout's log-prob of the branch that is
+    # trained (its conditional one, or the guided one), so the first update's ratio is 1 — which also
+    # checks the training log-probs against the rollout's, token by token, in both modes
+    fields = _image_fields(janus_dir, _prompts_file(tmp_path), tmp_path / "run", max_steps=1, old_logps="sampler",
+                           train_logps=train_logps, image_generation={"cfg_weight": 3.0, "boi_token_id": BOI})
+    ratio = train_grpo(GRPOConfig(**fields)).history[0]["ratio/mean"]
+    assert abs(ratio - 1.0) < 1e-4, ratio
+
+
 def test_grpo_image_resume_is_bit_exact(janus_dir, tmp_path, one_thread):
     fields = dict(max_steps=4, beta=0.04, lr_scheduler="linear", save_every=2)
     data = _prompts_file(tmp_path)
