@@ -478,3 +478,56 @@ def test_example_config_trains_through_the_command_line(tmp_path, monkeypatch, c
     assert rc == 0 and "8 steps" in capsys.readouterr().out
     rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rewards[-1] > rewards[0] + 0.1, rewards
+
+
+# ---------------------------------------------------------------------------------------------- range models
+
+RANGE = (32, 64)  # a tiny Qwen2 whose ids [32, 64) are image codes
+
+
+def test_range_model_logps_match_hf_fp64():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from .conftest import TINY
+
+    fields = {k: v for k, v in TINY["qwen2"].items() if k != "model_type"}
+    model = Qwen2ForCausalLM(Qwen2Config(**fields)).eval()
+    im = image_model(model, image_token_range=list(RANGE), image_tokens=4, boi_id=31)
+    ref = copy.deepcopy(model).double()
+    prompts, completions = [[1, 5, 31], [1, 6, 7, 8]], [[40, 33, 63, 32], [9, 31, 50, 51, 52, 53]]
+    logps = Policy(model, None, im)(pack(prompts, completions), logprob_head())
+    expected = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            logits = ref(torch.tensor([p + c])).logits[0, len(p) - 1:-1]
+            plan = len(c) - 4
+            labels = torch.tensor(c)
+            expected.append(torch.log_softmax(logits[:plan], -1).gather(1, labels[:plan, None])[:, 0])
+            image = torch.log_softmax(logits[plan:, RANGE[0]:RANGE[1]], -1)  # over the codes only
+            expected.append(image.gather(1, (labels[plan:] - RANGE[0])[:, None])[:, 0])
+    torch.testing.assert_close(logps.double(), torch.cat(expected), atol=1e-4, rtol=0)
+
+
+def code_fraction(prompt_ids, completion_ids):
+    """A code reward for the range model: the fraction of its image's codes in the lower half."""
+    return sum(RANGE[0] <= t < RANGE[0] + 16 for t in completion_ids[-4:]) / 4
+
+
+def test_range_model_grpo_and_bf16_janus_run(janus_dir, tmp_path, one_thread):
+    from .conftest import TINY
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": [1, 5 + i, 31]} for i in range(8)])
+    result = train_grpo(GRPOConfig(model_config=dict(TINY["qwen2"]), train_data=str(data),
+                                   output_dir=str(tmp_path / "range"), batch_size=2, num_generations=4, max_steps=6,
+                                   learning_rate=1e-2, lr_scheduler="constant", progress=False,
+                                   reward_funcs=[code_fraction], log_completions=0,
+                                   image_generation={"image_token_range": list(RANGE), "image_tokens": 4,
+                                                     "boi_token_id": 31}))
+    rewards = [h["reward/mean"] for h in result.history]
+    assert result.policy.image.kind == "range" and rewards[-1] > rewards[0] + 0.2, rewards
+    # bf16 autocast over fp32 parameters, with the CFG-mixed log-prob and a text plan
+    fields = _image_fields(janus_dir, _prompts_file(tmp_path, boi=False), tmp_path / "bf16", max_steps=2, bf16=True,
+                           train_logps="cfg", image_generation={"cfg_weight": 2.0, "boi_token_id": BOI,
+                                                                "plan": "text", "plan_max_tokens": 2})
+    history = train_grpo(GRPOConfig(**fields)).history
+    assert all(h["loss"] == h["loss"] and h["grad_norm"] > 0 for h in history), history
