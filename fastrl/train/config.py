@@ -258,9 +258,9 @@ class _ImageFields:
         "the image, as BiCoT / T2I-R1), plan_max_tokens, image_token_range ([lo, hi): a causal LM whose image "
         "codes are these vocabulary ids; null: a Janus model's image head), boi_token_id, eoi_token_id (null: "
         "the model's), uncond_prompt (the unconditional prompt's token ids; null: the prompt with every token but "
-        "BOS / BOI replaced by the pad token, as Janus), decode (codes [n, N] -> pixels [n, H, W, 3], as 'module:function' "
-        "or from Python a callable; null: the Janus VQ-VAE's; a range model needs one for image rewards); a JSON "
-        "string on the command line", None)
+        "BOS / BOI replaced by the pad token, as Janus), decode (codes [n, N] -> pixels [n, H, W, 3], as "
+        "'module:function' or from Python a callable; null: the Janus VQ-VAE's; a range model needs one for image "
+        "rewards); a JSON string on the command line", None)
     train_logps: Literal["conditional", "cfg"] = _help(
         "the log-prob training gives image tokens: conditional (the conditional branch, as T2I-R1 trains; the "
         "rollout's log-probs are CFG-mixed, which GRPO's is_cap / is_mode importance-sampling correction "

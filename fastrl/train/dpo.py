@@ -26,8 +26,9 @@ from fastrl.losses import FusedLinearDPOLoss
 from fastrl.train import distributed
 from fastrl.train.config import DPOConfig
 from fastrl.train.data import DataError, PreferencePairs, load_preference_pairs
-from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, dpo_head, frozen_copy, image_layout, image_prompts,
-                                packing_works, pair_logps, prepare_for_training, sequence_layout)
+from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, dpo_head, frozen_copy,
+                                image_layout, image_prompts, packing_works, pair_logps, prepare_for_training,
+                                sequence_layout)
 from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, precompute_pair_logps
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run

@@ -55,7 +55,7 @@ from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
 from fastrl.train.model import Head, Policy, completion_logps, frozen_copy, prepare_for_training
-from fastrl.train.online import (Completions, gather_rows, online_setup, reward_metrics, rollout,
+from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, optimize, plan_steps, resume, start_run
@@ -337,11 +337,14 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
 
             # 2. rewards of every completion, gathered over processes; 3. advantages
             with telemetry.phase("reward"):
-                local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
+                with decode_weights(run, rewards):
+                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
                 all_rewards = gather_rows(local_rewards, world)
                 baseline = None
                 if greedy is not None:
-                    baseline = gather_rows(score_completions(rewards, data, greedy, tokenizer, image=run.image), world)
+                    with decode_weights(run, rewards):
+                        baseline = score_completions(rewards, data, greedy, tokenizer, image=run.image)
+                    baseline = gather_rows(baseline, world)
                     baseline = baseline.repeat_interleave(group, 0)
                 all_lengths = gather_rows(completions.lengths, world)
                 preferences = rewards_lib.pairwise_preferences(rewards)  # a pairwise reward model's, for pref_grpo

@@ -31,7 +31,6 @@ __all__ = ["Head", "Policy", "attention_implementation", "check_image_completion
            "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
 
 
-
 class Head:
     """What :class:`Policy` computes from the hidden states that predict a batch's labels.
 

@@ -12,6 +12,7 @@ step logs. :func:`online_setup` prepares a run: prompts (lengths checked against
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -26,7 +27,7 @@ from fastrl.train.model import (DTYPES, Policy, image_completion_length, image_l
                                 sequence_layout)
 from fastrl.train.run import Run
 
-__all__ = ["Completions", "OnlineSetup", "gather_rows", "load_run_rewards", "online_setup",
+__all__ = ["Completions", "OnlineSetup", "decode_weights", "gather_rows", "load_run_rewards", "online_setup",
            "reward_columns", "reward_metrics", "rollout", "sample_records", "score_completions", "step_generator"]
 
 
@@ -140,6 +141,26 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
                        stopped=out.stopped.cpu(), rows=[rows[i // g] for i in range(len(lengths))], group_size=g,
                        engine=out.engine,
                        cond_logps=None if cond is None else [cond[i, :n].clone() for i, n in enumerate(lengths)])
+
+
+def decode_weights(run: Run, rewards: list[rewards_lib.RewardFunction]):
+    """The context the step's rewards run in: the model's weights gathered where they decode images.
+
+    That is under FSDP2, on an image run whose rewards read pixels decoded by the model's own VQ-VAE
+    (as for the rollout); otherwise the context does nothing.
+
+    Args:
+        run: the :class:`~fastrl.train.run.Run`.
+        rewards: the run's reward functions.
+
+    Returns:
+        A context manager.
+    """
+    options = run.config.image_options() if run.image is not None else None
+    if options is None or options["decode"] is not None or not run.world.distributed or \
+            not any(r.image_args for r in rewards):
+        return contextlib.nullcontext()
+    return distributed.full_weights(run.policy, run.world)
 
 
 # ---------------------------------------------------------------------------------------------- rewards

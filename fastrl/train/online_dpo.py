@@ -41,7 +41,7 @@ from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
 from fastrl.train.model import Policy, dpo_head, frozen_copy, pair_logps, prepare_for_training
-from fastrl.train.online import (Completions, gather_rows, online_setup, reward_metrics, rollout,
+from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import Run, TrainResult, end_step, finish, open_telemetry, plan_steps, resume, save, start_run
@@ -210,7 +210,8 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                 completions = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
                                       generator=step_generator(config.seed, world.rank, step, world.device))
             with telemetry.phase("reward"):
-                local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
+                with decode_weights(run, rewards):
+                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
                 combined = rewards_lib.combine(local_rewards, config.reward_weights)
                 pairs = make_pairs(combined, group, pairing=config.pairing, min_gap=config.min_reward_gap)
                 all_rewards = gather_rows(local_rewards, world)

@@ -25,8 +25,8 @@ import torch
 from fastrl.train import distributed
 from fastrl.train.config import SFTConfig
 from fastrl.train.data import DataError, Encoder, fingerprint, fit_prompt, load_table
-from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, image_layout, image_prompts, logprob_head,
-                                packing_works, prepare_for_training, sequence_layout)
+from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, image_layout,
+                                image_prompts, logprob_head, packing_works, prepare_for_training, sequence_layout)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
 from fastrl.train.telemetry import Telemetry

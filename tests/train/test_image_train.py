@@ -446,9 +446,11 @@ def test_two_gloo_processes_match_one_on_image_pairs(janus, janus_dir, tmp_path)
         torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_gloo_processes_run_image_grpo(janus_dir, tmp_path):
+@pytest.mark.parametrize("decoder", ["palette", "vq"])
+def test_two_gloo_processes_run_image_grpo(janus_dir, tmp_path, decoder):
     # the image rollout under FSDP2 (weights gathered for it), a pixel reward (this file's
-    # functions, named as 'module:function' in the YAML) and the update: it runs and learns
+    # functions, named as 'module:function' in the YAML) and the update: it runs and learns; with the
+    # model's own VQ-VAE decoding (weights gathered for the rewards too) it runs
     import os
     import subprocess
     import sys
@@ -458,7 +460,8 @@ def test_two_gloo_processes_run_image_grpo(janus_dir, tmp_path):
     here = Path(__file__).resolve()
     config = _image_fields(janus_dir, _prompts_file(tmp_path), tmp_path / "two", batch_size=1, max_steps=6,
                            reward_funcs=["tests.train.test_image_train:redness"],
-                           image_generation={"boi_token_id": BOI, "decode": "tests.train.test_image_train:palette_decode"})
+                           image_generation={"boi_token_id": BOI, "decode": "tests.train.test_image_train:palette_decode"}
+                           if decoder == "palette" else {"boi_token_id": BOI})
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parents[2])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -466,7 +469,7 @@ def test_two_gloo_processes_run_image_grpo(janus_dir, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rewards = [json.loads(line)["reward/mean"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rewards) == 6 and rewards[-1] > rewards[0] + 0.1, rewards
+    assert len(rewards) == 6 and (decoder == "vq" or rewards[-1] > rewards[0] + 0.1), rewards
 
 
 def test_example_config_trains_through_the_command_line(tmp_path, monkeypatch, capsys, one_thread):
