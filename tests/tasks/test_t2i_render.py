@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from fastrl.tasks.t2i import Canvas, plot_reward_curves, render_canvases
+from fastrl.tasks.t2i.render import render_images
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CANVAS = Canvas.from_ascii("Rc .. Bs\n.. Gt ..\nYc .. Ys")
@@ -18,6 +19,19 @@ def test_render_canvases_writes_png(tmp_path):
                            {"SFT": [("a red circle left of a blue square", CANVAS)] * 3,
                             "GRPO": [("three green triangles", Canvas.blank(3))]}, title="demo")
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_render_images_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import torch
+
+    from fastrl.tasks.t2i.pixels import decode_codes
+
+    images = decode_codes(torch.arange(36).remainder(13)[None].repeat(2, 1))
+    path = render_images(tmp_path / "images.png", {"SFT": [("a red circle", images[0]), ("a square", images[1])]})
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="panels"):
+        render_images(tmp_path / "none.png", {})
 
 
 def test_reward_curves_write_png(tmp_path):

@@ -89,7 +89,7 @@ class DemoSettings:
     seed: int = 0
     device: str = "auto"  # auto = cuda when available, else cpu
     # the policy: a tiny Janus (or "llama": a causal LM with the cells as words), randomly initialised
-    architecture: str = "llama"  # TODO(issue 17): "janus" once the image rollout and trainer have landed
+    architecture: str = "janus"
     hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
@@ -437,15 +437,22 @@ def best_of_n_eval(model, prompts: Sequence[PromptSpec], vocab: Vocab, settings:
                    cfg_weight: float = 1.0) -> SplitEval:
     """Best-of-N at test time (as Image-Generation-CoT): for each of the ``eval_samples`` images per prompt,
     ``best_of_n`` are sampled and the one ``reward`` (the training reward, on the pixels) ranks first is
-    kept; the kept images are scored by the detector as every other row is."""
+    kept (:func:`fastrl.train.best_of_n.best_of_n` for an image model); the kept images are scored by
+    the detector as every other row is."""
+    from fastrl.train.best_of_n import best_of_n
+
     n = settings.best_of_n
     generator = torch.Generator(device=device).manual_seed(seed)
     plan = plan_budget(vocab) if settings.cot else 0
 
     def generate(batch: list[list[int]]) -> list[list[int]]:
+        if image is not None:
+            return best_of_n(image, batch, reward, n, cfg_weight=cfg_weight, generator=generator,
+                             batch_size=max(1, 512 // n), temperature=settings.eval_temperature,
+                             plan_max_tokens=plan).completion_ids
         drawn = sample_completions(model, batch, vocab, num_samples=n, max_new_tokens=max_new_tokens,
-                                   temperature=settings.eval_temperature, generator=generator, image=image,
-                                   cfg_weight=cfg_weight, plan_max_tokens=plan, prompts_per_call=max(1, 512 // n))
+                                   temperature=settings.eval_temperature, generator=generator,
+                                   prompts_per_call=max(1, 512 // n))
         scores = reward([p for p in batch for _ in range(n)], drawn)
         return [drawn[i * n + max(range(n), key=lambda k: scores[i * n + k])] for i in range(len(batch))]
 
@@ -466,6 +473,22 @@ def grid_panels(evals: dict[str, dict[str, SplitEval]], count: int) -> dict[str,
                 first.setdefault(r.prompt.category, r)
             items += [(r.prompt.text, r.canvas) for r in list(first.values())[:count]]
         panels[method] = items
+    return panels
+
+
+def image_panels(evals: dict[str, dict[str, SplitEval]], count: int, vocab: Vocab) -> dict[str, list]:
+    """:func:`grid_panels`' samples as the pixels the detector saw (the codebook decoder's images)."""
+    panels: dict[str, list] = {}
+    for method, groups in evals.items():
+        records = []
+        for group in ("in_domain", "ood"):
+            first: dict[str, EvalRecord] = {}
+            for r in groups[group].records:
+                first.setdefault(r.prompt.category, r)
+            records += list(first.values())[:count]
+        codes = torch.tensor([vocab.read_completion(r.completion_ids)[0] for r in records], dtype=torch.long)
+        images = decode_codes(codes, size=vocab.grid_size) if records else []
+        panels[method] = [(r.prompt.text, image) for r, image in zip(records, images)]
     return panels
 
 
@@ -767,7 +790,8 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, log: Callable[[str]
     markdown = markdown_table(table) + "\n" + markdown_table(reward_table)
     study.files.update(_write_outputs(study.out, settings, table, reward_table, markdown, summaries, study.timings,
                                       study.checkpoints, curve_panels(study.histories, rm_history),
-                                      grid_panels(evals, settings.grid_prompts), log))
+                                      grid_panels(evals, settings.grid_prompts),
+                                      image_panels(evals, settings.grid_prompts, study.vocab), log))
     return DemoResult(table, reward_table, markdown, summaries, study.timings, study.files)
 
 
@@ -797,7 +821,7 @@ def _reward_formula(settings: DemoSettings) -> str:
 
 
 def _write_outputs(out: Path, settings: DemoSettings, table, reward_table, markdown: str, summaries, timings,
-                   checkpoints, curves, panels, log) -> dict[str, Path]:
+                   checkpoints, curves, panels, images, log) -> dict[str, Path]:
     files = {}
     policy = (f"a tiny Janus, CFG weight {settings.cfg_weight:g} (the first row: the SFT model without guidance)"
               if settings.image else "a tiny Llama writing the cells as words")
@@ -818,12 +842,15 @@ def _write_outputs(out: Path, settings: DemoSettings, table, reward_table, markd
         {"settings": dataclasses.asdict(settings), "pass": table, "reward": reward_table, "summaries": summaries,
          "checkpoints": {m: _relative(c, out) for m, c in checkpoints.items()}}, indent=1, sort_keys=True), encoding="utf-8")
     try:
-        from fastrl.tasks.t2i.render import plot_training_curves, render_canvases
+        from fastrl.tasks.t2i.render import plot_training_curves, render_canvases, render_images
 
         files["curves_png"] = plot_training_curves(out / "reward_curves.png", curves,
                                                    title="Training curves (from the trainers' logs)")
         files["canvases_png"] = render_canvases(out / "canvases.png", panels,
-                                                title="Sampled canvases: in-domain test prompts, then out-of-domain")
+                                                title="What the detector found: in-domain test prompts, then "
+                                                      "out-of-domain")
+        files["images_png"] = render_images(out / "images.png", images,
+                                            title="The decoded images (48 x 48 pixels) of those samples")
     except ImportError as e:  # matplotlib is optional
         log(f"  no PNGs: {e}")
     return files

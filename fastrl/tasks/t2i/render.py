@@ -1,4 +1,5 @@
-"""Pictures: canvases drawn as coloured shapes, and reward curves. Needs matplotlib (imported on call)."""
+"""Pictures: canvases drawn as coloured shapes, decoded images, and reward curves. Needs matplotlib (imported
+on call)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,38 @@ def render_canvases(path: str | Path, panels: Mapping[str, Sequence[tuple[str, C
             if c < len(items):
                 prompt, canvas = items[c]
                 draw_canvas(ax, canvas)
+                ax.set_title("\n".join(textwrap.wrap(prompt, 26)), fontsize=7)
+            else:
+                ax.axis("off")
+            if c == 0:
+                ax.set_ylabel(method, fontsize=10, fontweight="bold")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def render_images(path: str | Path, panels: Mapping[str, Sequence[tuple[str, object]]], *, title: str | None = None,
+                  panel_size: float = 1.9, dpi: int = 110) -> Path:
+    """A PNG grid of decoded images: one row per method (``panels[method]`` = its ``(prompt text, pixels)``
+    list, pixels uint8 ``[H, W, 3]``, e.g. from :func:`~fastrl.tasks.t2i.pixels.decode_codes`), the
+    prompt above each image, drawn pixel for pixel. Returns the path written."""
+    rows = list(panels.items())
+    if not rows or not any(items for _, items in rows):
+        raise ValueError("panels: nothing to draw")
+    ncols = max(len(items) for _, items in rows)
+    fig = _figure(panel_size * ncols + 0.6, (panel_size + 0.45) * len(rows) + (0.4 if title else 0))
+    for r, (method, items) in enumerate(rows):
+        for c in range(ncols):
+            ax = fig.add_subplot(len(rows), ncols, r * ncols + c + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(items):
+                prompt, pixels = items[c]
+                ax.imshow(pixels.numpy() if hasattr(pixels, "numpy") else pixels, interpolation="nearest")
                 ax.set_title("\n".join(textwrap.wrap(prompt, 26)), fontsize=7)
             else:
                 ax.axis("off")
