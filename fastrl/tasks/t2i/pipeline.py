@@ -573,7 +573,8 @@ def open_study(settings: DemoSettings, out_dir: str | Path, log: Callable[[str],
     sets = make_prompt_sets(seed=settings.seed)
     train_specs = list(sets.train[:settings.train_prompts] if settings.train_prompts else sets.train)
     boi = settings.image and not settings.cot
-    longest_prompt = max(len(vocab.encode_prompt(p.text, boi=boi)) for p in sets.train + sets.test + sets.ood)
+    # with a plan the conditional prompts have no <boi>, the SFT data's unconditional prompts do
+    longest_prompt = max(len(vocab.encode_prompt(p.text, boi=settings.image)) for p in sets.train + sets.test + sets.ood)
     budget = completion_budget(vocab, settings.cot, image=settings.image)
     tokenizer_dir = out / "data" / "tokenizer"
     vocab.hf_tokenizer().save_pretrained(tokenizer_dir)
