@@ -3,7 +3,7 @@ Hugging Face's Janus ``generate(generation_mode="image", guidance_scale=5)`` and
 T2I-R1 writes, on a random Janus model, in images per second.
 
 Shapes: on CPU a tiny Janus (fastrl.rollout.image.tiny_janus: vocab 64, hidden 64, 2 layers, codebook
-32, 8 x 8 = 64 image tokens), fp32; on GPU (FASTRL_BENCH_SCALE=gpu) a Janus-Pro-1B-shaped one (Llama
+32) writing images of Janus-Pro's length, 24 x 24 = 576 tokens, fp32; on GPU (FASTRL_BENCH_SCALE=gpu) a Janus-Pro-1B-shaped one (Llama
 trunk: hidden 2048, 24 layers, 16 heads, intermediate 5632, vocab 102400; codebook 16384; 576 image
 tokens, i.e. 384 x 384) in bf16, random weights. The GRPO shape: P prompts x G samples (T2I-R1: G = 8).
 
@@ -37,8 +37,8 @@ from fastrl.rollout.image import image_model, tiny_janus, tiny_janus_config  # n
 
 # tiny_janus_config arguments, then the Llama intermediate size (None: tiny_janus_config's 2 x hidden)
 MODEL = {
-    "cpu": dict(config=dict(vocab_size=64, codebook=32, image_side=8, hidden_size=64, layers=2, heads=4, kv_heads=2,
-                            max_positions=256), intermediate=None),
+    "cpu": dict(config=dict(vocab_size=64, codebook=32, image_side=24, hidden_size=64, layers=2, heads=4, kv_heads=2,
+                            max_positions=1024), intermediate=None),
     # Janus-Pro-1B's language model and generation head / embedding (deepseek-ai/Janus-Pro-1B config.json)
     "gpu": dict(config=dict(vocab_size=102400, codebook=16384, image_side=24, hidden_size=2048, layers=24, heads=16,
                             kv_heads=16, max_positions=16384), intermediate=5632),
