@@ -145,7 +145,7 @@ def test_image_rollout(benchmark, case, contender):
     shape = {**MODEL["config"], "intermediate": MODEL["intermediate"]}
     info = {"op": "image_rollout", "contender": contender, "case": case, "prompts": prompts, "samples": samples,
             "prompt_len": prompt_len, "image_tokens": im.image_tokens, "cfg_weight": CFG_WEIGHT,
-            "dtype": str(DTYPE), "model": shape}
+            "dtype": str(DTYPE), "model": shape, "threads": torch.get_num_threads()}
     with torch.no_grad():
         measure(benchmark, fn, group=f"image_rollout {case} P={prompts} G={samples} L={prompt_len} "
                                      f"N={im.image_tokens} w={CFG_WEIGHT:g} {DTYPE}",
