@@ -98,7 +98,7 @@ class DemoSettings:
     train_prompts: int | None = None
     # SFT warm-up on the imperfect teacher: many distinct canvases, few epochs (a few epochs over few
     # canvases per prompt memorise them)
-    sft_samples_per_prompt: int = 64
+    sft_samples_per_prompt: int = 48
     perfect_rate: float = 0.5
     uncond_rate: float = 0.1  # SFT rows with the unconditional prompt (Janus drops the condition so in training)
     sft_epochs: int = 4
@@ -113,7 +113,7 @@ class DemoSettings:
     sample_temperature: float = 1.0  # DPO pair sampling and GRPO rollouts
     # DPO: best vs worst of dpo_samples completions per prompt, dpo_rounds groups per prompt
     dpo_samples: int = 4
-    dpo_rounds: int = 16
+    dpo_rounds: int = 12
     dpo_beta: float = 2.0  # smaller betas let DPO drift to malformed canvases (both log-probs fall)
     dpo_lr: float = 3e-4
     dpo_epochs: int = 1
@@ -121,7 +121,7 @@ class DemoSettings:
     # GRPO: group_size completions of grpo_batch prompts per step
     group_size: int = 4
     grpo_batch: int = 16
-    grpo_steps: int = 270  # 270 x 16 x 4 = 17280 completions, as DPO's 270 prompts x 16 x 4
+    grpo_steps: int = 202  # 202 x 16 x 4 = 12928 completions, about DPO's 270 prompts x 12 x 4 = 12960
     grpo_lr: float = 3e-4
     grpo_beta: float = 0.0
     # learned reward model (reward="learned")
@@ -130,7 +130,7 @@ class DemoSettings:
     rm_batch: int = 64
     rm_lr: float = 2e-3
     # evaluation
-    eval_samples: int = 16
+    eval_samples: int = 8
     eval_temperature: float = 1.0
     best_of_n: int = 4  # the best-of-N row: the best of N SFT samples by the training reward (1: no row)
     grid_prompts: int = 3  # canvases drawn per split and method
