@@ -1,12 +1,13 @@
 """Compositional text-to-image-token task: the embedded DPO-vs-GRPO demo's prompts, data, scorer and plots.
 
 A model reads a prompt ("a red circle left of a blue square", "three green triangles") and writes a
-6 × 6 canvas, one image token per cell (empty, or one of 4 colours × 3 shapes), optionally after a
-short textual plan. A programmatic scorer plays the detector. The pieces, in the order a pipeline
-uses them:
+6 × 6 canvas, one image token per cell (empty, or one of 4 colours × 3 shapes: 13 image codes),
+optionally after a short textual plan. :mod:`~fastrl.tasks.t2i.pixels` decodes the codes to a 48 × 48
+image and a detector reads the objects back from the pixels; the scorer checks them against the
+prompt. The pieces, in the order a pipeline uses them:
 
     from fastrl.tasks import t2i
-    vocab = t2i.Vocab()                                   # 48 tokens; the model's vocab_size = len(vocab)
+    vocab = t2i.Vocab()                                   # 37 text tokens + 13 image codes (unified ids)
     sets = t2i.make_prompt_sets(seed=0)                   # sets.train / sets.test (in-domain), sets.ood
     sft = t2i.sft_examples(sets.train, vocab, perfect_rate=0.5, cot=False, seed=0)
     # each example: ex.tokens, ex.completion_start (SFT loss on tokens[completion_start:])
@@ -18,7 +19,8 @@ uses them:
 
 Modules: :mod:`~fastrl.tasks.t2i.grid` (the canvas), :mod:`~fastrl.tasks.t2i.vocab` (tokens and the
 sequence format), :mod:`~fastrl.tasks.t2i.prompts` (specs, grammar, categories, splits),
-:mod:`~fastrl.tasks.t2i.scorer` (rules and rewards), :mod:`~fastrl.tasks.t2i.data` (synthetic SFT
+:mod:`~fastrl.tasks.t2i.scorer` (rules and rewards), :mod:`~fastrl.tasks.t2i.pixels` (the codebook
+decoder, the detector and the pixel reward), :mod:`~fastrl.tasks.t2i.data` (synthetic SFT
 data, plans, reward-model inputs, preference pairs), :mod:`~fastrl.tasks.t2i.evaluate` (metrics and
 the table), :mod:`~fastrl.tasks.t2i.render` (PNGs; needs matplotlib when called).
 """
