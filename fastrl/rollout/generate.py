@@ -25,7 +25,7 @@ text plan, then the fixed number of image codes, with classifier-free guidance (
 - BiCoT plan (``plan_max_tokens > 0``): the conditional rows first sample a text plan through the
   lm-head, without CFG (as T2I-R1 samples its semantic plan), until a token of
   ``plan_stop_token_ids`` (default: BOI) or ``plan_max_tokens`` tokens; BOI is then forced (unless it
-  was the stop token; a forced token has log-prob 0), then the N codes. Rows finish their plans at
+  was the stop token; a forced BOI is recorded with its log-prob under the model), then the N codes. Rows finish their plans at
   different steps: the plan steps run the conditional rows only, and a row whose plan has ended
   feeds nothing more (its cache slot at that step stays masked and its position does not advance),
   so every row's image starts right after its own BOI. The image steps start once every row is
@@ -172,6 +172,9 @@ def generate(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if image is not None and image is not False:
+        if stop_token_ids is not None:
+            raise ValueError("stop_token_ids: an image completion ends with its last code; the tokens that end a "
+                             "text plan are plan_stop_token_ids")
         return _generate_image(
             model, prompt_ids, image=image, cfg_weight=cfg_weight, uncond_prompt_ids=uncond_prompt_ids,
             plan_max_tokens=plan_max_tokens, plan_stop_token_ids=plan_stop_token_ids, max_new_tokens=max_new_tokens,
@@ -439,8 +442,8 @@ def _plan(decoder, im, prompt_hidden, samples, pos, slot, start, out_ids, out_lo
           settings, generator, errors, bar):
     """The BiCoT plan of every conditional row (the first ``rows`` decoder rows), through the lm-head.
 
-    A row samples until a stop token or ``max_tokens`` tokens, then BOI is fed (forced, log-prob 0,
-    unless BOI was the stop token). Rows that are done feed nothing: their slot stays masked and their
+    A row samples until a stop token or ``max_tokens`` tokens, then BOI is fed (forced, unless BOI was
+    the stop token; its log-prob under the model is recorded, so that training's ratios start at 1). Rows that are done feed nothing: their slot stays masked and their
     position ``pos`` does not advance. Writes the plan into ``out_ids`` / ``out_logprobs`` from column 0,
     advances ``start`` (each row's plan + BOI length) and ``pos`` in place.
 
@@ -462,7 +465,9 @@ def _plan(decoder, im, prompt_hidden, samples, pos, slot, start, out_ids, out_lo
         tokens = torch.where(planning, tokens.clamp(min=0), torch.where(need_boi, boi_t, idle))
         where = start[:, None]  # a row that feeds nothing writes pad / 0 at its image's first column
         out_ids.scatter_(1, where, torch.where(fed, tokens, pad)[:, None])
-        out_logprobs.scatter_(1, where, torch.where(planning, logprobs, 0.0)[:, None])
+        # a forced BOI is recorded with its log-prob under the model (what training's ratios compare with)
+        forced = _token_logprobs(logits, boi, settings["temperature"])
+        out_logprobs.scatter_(1, where, torch.where(planning, logprobs, torch.where(need_boi, forced, 0.0))[:, None])
         start += fed
         ended = planning & (start >= max_tokens)
         if stops is not None:
@@ -483,6 +488,23 @@ def _plan(decoder, im, prompt_hidden, samples, pos, slot, start, out_ids, out_lo
             break
         logits = im.text_logits(hidden)
     return boi_hidden, slot
+
+
+def _token_logprobs(logits: torch.Tensor, token: int, temperature) -> torch.Tensor:
+    """``[rows]`` fp32 log-prob of ``token`` under ``softmax(logits / T)`` per row, the sampler's convention
+    (``T = 0``, greedy: ``-log(#tied maxima)`` when the token is one of the maxima, else ``-inf``)."""
+    x = logits.float()
+    t = temperature.float().to(x.device) if isinstance(temperature, torch.Tensor) else torch.tensor(
+        float(temperature), device=x.device)
+    t = t.expand(x.shape[0])
+    greedy = t == 0
+    scaled = x / torch.where(greedy, 1.0, t)[:, None]
+    sampled = scaled[:, token] - torch.logsumexp(scaled, dim=-1)
+    top = x.max(dim=-1).values
+    ties = (x == top[:, None]).sum(-1).float()
+    at_max = x[:, token] == top
+    greedy_lp = torch.where(at_max, -torch.log(ties), float("-inf"))
+    return torch.where(greedy, greedy_lp, sampled)
 
 
 def _uncond_prompts(im, given, prompts, vocab: int) -> list[list[int]]:

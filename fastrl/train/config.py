@@ -240,7 +240,7 @@ class TrainConfig:
 
 # The keys of ``image_generation`` and their defaults (None: off / the model's own value).
 IMAGE_GENERATION = {"cfg_weight": 1.0, "image_tokens": None, "plan": "none", "plan_max_tokens": 0,
-                    "image_token_range": None, "boi_token_id": None, "eoi_token_id": None, "uncond_prompt": None,
+                    "plan_stop_token_ids": None, "image_token_range": None, "boi_token_id": None, "eoi_token_id": None, "uncond_prompt": None,
                     "decode": None}
 PLANS = ("none", "text")
 TRAIN_LOGPS = ("conditional", "cfg")
@@ -255,7 +255,8 @@ class _ImageFields:
         "an image-generation run (null: a text run): a mapping of cfg_weight (classifier-free guidance weight w "
         "of the rollout, >= 0; 1 = no guidance), image_tokens (codes per image; null: the model's), plan (none: "
         "the completion is the image; text: a text plan through the lm-head, then the begin-of-image token, then "
-        "the image, as BiCoT / T2I-R1), plan_max_tokens, image_token_range ([lo, hi): a causal LM whose image "
+        "the image, as BiCoT / T2I-R1), plan_max_tokens, plan_stop_token_ids (the ids that end a plan; null: the "
+        "begin-of-image token and the run's stop tokens), image_token_range ([lo, hi): a causal LM whose image "
         "codes are these vocabulary ids; null: a Janus model's image head), boi_token_id, eoi_token_id (null: "
         "the model's), uncond_prompt (the unconditional prompt's token ids; null: the prompt with every token but "
         "BOS / BOI replaced by the pad token, as Janus), decode (codes [n, N] -> pixels [n, H, W, 3], as "
@@ -321,6 +322,16 @@ class _ImageFields:
             fail("plan_max_tokens", "plan text needs plan_max_tokens >= 1")
         if value["plan"] == "none" and value["plan_max_tokens"]:
             fail("plan_max_tokens", "is for plan text; with plan none the completion is the image alone")
+        stops = value["plan_stop_token_ids"]
+        if stops is not None:
+            if isinstance(stops, int) and not isinstance(stops, bool):
+                stops = [stops]
+            if isinstance(stops, (str, bytes)) or not isinstance(stops, (list, tuple)) or any(
+                    isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):
+                fail("plan_stop_token_ids", f"must be a token id, a list of token ids or null, got {stops!r}")
+            if value["plan"] != "text":
+                fail("plan_stop_token_ids", "is for plan text; with plan none there is no plan to stop")
+            value["plan_stop_token_ids"] = [int(t) for t in stops]
         span = value["image_token_range"]
         if span is not None:
             if isinstance(span, (str, bytes)) or not isinstance(span, (list, tuple)) or len(span) != 2 or any(

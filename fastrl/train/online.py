@@ -121,6 +121,10 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
         options = config.image_options()
         extra = {"image": image, "cfg_weight": options["cfg_weight"], "uncond_prompt_ids": options["uncond_prompt"],
                  "plan_max_tokens": options["plan_max_tokens"]}
+        if options["plan_max_tokens"]:  # a plan ends on BOI or on one of the run's stop tokens (EOS), unless told
+            stops = options["plan_stop_token_ids"]
+            extra["plan_stop_token_ids"] = stops if stops is not None else list(dict.fromkeys(
+                [image.boi_id, *(t for t in stop_ids if t < image.text_vocab)]))
     was_training = policy.training
     policy.eval()
     try:

@@ -227,7 +227,10 @@ def test_bicot_greedy_plan_then_image_equals_hf(engine):
         assert int(out.image_start[row]) == start and int(out.lengths[row]) == start + n
         ids = out.completion_ids[row]
         assert ids[:start].tolist() == plan + [im.boi_id]
-        assert out.logprobs[row, start - 1] == 0 and out.cond_logprobs[row, start - 1] == 0  # forced BOI
+        # the forced BOI carries its log-prob under the model (greedy: 0 if it is the maximum, else -inf)
+        text = model(input_ids=torch.tensor([prompt + plan])).logits[0, -1].double()
+        expected = 0.0 if int(text.argmax()) == im.boi_id else float("-inf")
+        assert float(out.logprobs[row, start - 1]) == expected == float(out.cond_logprobs[row, start - 1])
         assert bool((ids[start + n:] == 0).all())  # padding after the image
         assert torch.equal(ids[start:start + n] - im.offset, _hf_image(model, prompt + plan + [im.boi_id], w))
     assert torch.equal(im.codes(out.completions), _codes(out, im))  # the rows without their padding
@@ -263,8 +266,10 @@ def test_bicot_sampled_plans_end_on_a_stop_token_or_the_length():
             kind = "boi"
             plan = ids[:start]
             assert lp[start - 1] < 0
-        if kind != "boi":
-            assert lp[start - 1] == 0  # forced
+        if kind != "boi":  # forced: its log-prob under the model at T = 1.5, as a drawn token's would be
+            text = model(input_ids=torch.tensor([PROMPTS[int(out.prompt_index[row])] + plan])).logits[0, -1].double()
+            expected = torch.log_softmax(text / 1.5, -1)[boi]
+            torch.testing.assert_close(lp[start - 1].double(), expected, rtol=1e-5, atol=1e-5)
         assert not any(t in stops for t in plan[:-1]) and len(plan) <= max_tokens
         kinds.add(kind)
     assert kinds == {"stop", "length", "boi"}
@@ -369,6 +374,7 @@ def test_janus_trunk_is_lean_supported():
     (dict(max_new_tokens=3), "max_new_tokens"),
     (dict(plan_max_tokens=2, plan_stop_token_ids=[64]), "plan_stop_token_ids"),
     (dict(engine="vllm"), "vllm"),
+    (dict(stop_token_ids=[2]), "stop_token_ids"),
     (dict(max_length=20), "prompt_ids"),
 ])
 def test_bad_image_input_raises_naming_it(kwargs, name):

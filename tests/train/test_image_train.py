@@ -248,12 +248,16 @@ def test_grpo_cfg_logps_and_text_plan_run(janus_dir, tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("train_logps", ["conditional", "cfg"])
-def test_sampler_old_logps_match_the_trained_branch(janus_dir, tmp_path, one_thread, train_logps):
+@pytest.mark.parametrize("plan", [0, 2])
+def test_sampler_old_logps_match_the_trained_branch(janus_dir, tmp_path, one_thread, train_logps, plan):
     # old_logps: sampler with guidance w = 3: π_old is the rollout's log-prob of the branch that is
     # trained (its conditional one, or the guided one), so the first update's ratio is 1 — which also
-    # checks the training log-probs against the rollout's, token by token, in both modes
-    fields = _image_fields(janus_dir, _prompts_file(tmp_path), tmp_path / "run", max_steps=1, old_logps="sampler",
-                           train_logps=train_logps, image_generation={"cfg_weight": 3.0, "boi_token_id": BOI})
+    # checks the training log-probs against the rollout's, token by token, in both modes; with a 2-token
+    # plan most rows get a forced BOI, whose recorded log-prob must be the model's too
+    extra = {"plan": "text", "plan_max_tokens": plan} if plan else {}
+    fields = _image_fields(janus_dir, _prompts_file(tmp_path, boi=not plan), tmp_path / "run", max_steps=1,
+                           old_logps="sampler", train_logps=train_logps,
+                           image_generation={"cfg_weight": 3.0, "boi_token_id": BOI, **extra})
     ratio = train_grpo(GRPOConfig(**fields)).history[0]["ratio/mean"]
     assert abs(ratio - 1.0) < 1e-4, ratio
 
@@ -362,7 +366,10 @@ def test_image_config_errors(tmp_path, janus_dir):
              ({"plan": "text"}, "GRPOConfig.image_generation.plan_max_tokens"),
              ({"image_token_range": [5, 5]}, "GRPOConfig.image_generation.image_token_range"),
              ({"cfg_scale": 2.0}, "GRPOConfig.image_generation: unknown key 'cfg_scale'"),
-             ({"uncond_prompt": []}, "GRPOConfig.image_generation.uncond_prompt")]
+             ({"uncond_prompt": []}, "GRPOConfig.image_generation.uncond_prompt"),
+             ({"plan_stop_token_ids": [2]}, "GRPOConfig.image_generation.plan_stop_token_ids: is for plan text"),
+             ({"plan": "text", "plan_max_tokens": 2, "plan_stop_token_ids": ["x"]},
+              "GRPOConfig.image_generation.plan_stop_token_ids: must be")]
     for value, message in cases:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             grpo(image_generation=value)
