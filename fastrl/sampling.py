@@ -195,6 +195,8 @@ def sample(
         if uncond_logits.shape != logits.shape:
             raise ValueError(f"uncond_logits must have the shape of logits {tuple(logits.shape)}, "
                              f"got {tuple(uncond_logits.shape)}")
+    elif w != 1.0:
+        raise ValueError(f"cfg_weight ({w}) needs uncond_logits (the unconditional branch's logits to mix with)")
     uncond = uncond_logits if w != 1.0 else None  # w == 1: the unguided path, uncond_logits unread
     lo = 0
     if token_range is not None:

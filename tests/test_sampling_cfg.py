@@ -249,6 +249,7 @@ def _bad_calls():
         (lambda: sample(c, uncond_logits=u, cfg_weight="2"), TypeError, "cfg_weight"),
         (lambda: sample(c, uncond_logits=u, cfg_weight=True), TypeError, "cfg_weight"),
         (lambda: sample(c, cfg_weight=-1.0), ValueError, "cfg_weight"),
+        (lambda: sample(c, cfg_weight=3.0), ValueError, "cfg_weight"),  # guidance with no branch to mix with
         (lambda: sample(c, uncond_logits=u.numpy()), TypeError, "uncond_logits"),
         (lambda: sample(c, uncond_logits=u[:, :9], cfg_weight=2.0), ValueError, "uncond_logits"),
         (lambda: sample(c, uncond_logits=u[:2], cfg_weight=2.0), ValueError, "uncond_logits"),

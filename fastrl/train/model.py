@@ -335,6 +335,11 @@ class Policy(nn.Module):
             g = g_u + self.cfg_weight * (g - g_u)
         g, weight, bias = self._cast(g, image.head_weight, image.head_bias)
         codes = batch.labels.index_select(0, image_index) - image.offset
+        bad = (codes < 0) | (codes >= image.codebook)
+        if bool(bad.any()):  # e.g. a code of -100 would be read as the fused op's ignore_index: never silently
+            j = int(image_index[int(bad.nonzero()[0])])
+            raise ValueError(f"labels: the image position {j} holds id {int(batch.labels[j])}, not an image code "
+                             f"(ids in [{image.offset}, {image.offset + image.codebook}))")
         if image_index.numel() == batch.labels.numel():
             return head.fused(g, weight, bias, codes)
         if head.from_logps is None:

@@ -493,24 +493,27 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
                              + (f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor)
                                 else type(images).__name__))
         pixels = images
+    image_run = image is not None or pixels is not None
+    # on a text run a data column of the same name keeps reaching the reward as it always has
+    as_columns = not image_run and set(names)
     for reward in rewards:
-        if reward.image_args and image is None and pixels is None:
+        if reward.image_args and not image_run and not reward.image_args <= as_columns:
             raise RewardError(f"{reward.where}: asks for images (its signature names "
                               f"{' and '.join(sorted(reward.image_args))}) but the run has no image generation "
                               f"(set image_generation in the config, or drop this reward)")
-    if pixels is None and any(r.image_args for r in rewards):
+    if image_run and pixels is None and any(r.image_args for r in rewards):
         pixels = decode_images(image, completion_ids, batch_size=decode_batch_size)
     for reward in rewards:
-        if "pil_images" in reward.image_args and pil is None:
+        if image_run and "pil_images" in reward.image_args and pil is None:
             pil = _pil(pixels, reward.where)
 
     def extras(reward: RewardFunction, i: int | None) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if "images" in reward.image_args:
+        if image_run and "images" in reward.image_args:
             out["images"] = pixels if i is None else pixels[i]
-        if "pil_images" in reward.image_args:
+        if image_run and "pil_images" in reward.image_args:
             out["pil_images"] = pil if i is None else pil[i]
-        if reward.wants_group_size:
+        if reward.wants_group_size and not (as_columns and "group_size" in as_columns):
             out["group_size"] = group_size
         return out
 

@@ -184,6 +184,19 @@ def test_image_reward_on_a_text_run_names_the_reward():
         score(rewards, [[1]], [[3, 4]], [{}], image=None)
 
 
+def test_text_run_data_columns_named_images_or_group_size_reach_the_reward_as_before():
+    # the image meanings of these names apply to image runs; on a text run a column of that name is data
+    seen = []
+
+    def uses_columns(prompt_ids, completion_ids, images, group_size):
+        seen.append((images, group_size))
+        return 1.0
+
+    table = score(load_rewards([uses_columns]), [[1], [1]], [[3], [4]],
+                  [{"images": "a.png", "group_size": 7}, {"images": "b.png", "group_size": 7}], group_size=2)
+    assert table[:, 0].tolist() == [1.0, 1.0] and seen == [("a.png", 7), ("b.png", 7)]
+
+
 def test_image_reward_on_a_text_training_run(prompts_file, tmp_path):
     from fastrl.train import GRPOConfig, train_grpo
 

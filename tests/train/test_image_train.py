@@ -95,6 +95,17 @@ def test_image_logps_match_hf_fp64(janus, layout):
     torch.testing.assert_close(logps.double(), expected, atol=1e-4, rtol=0)
 
 
+def test_an_image_position_without_an_image_code_is_refused(janus):
+    # a text id where the last N labels must be codes; offset - 100 would otherwise be read as the fused
+    # op's ignore_index (log-prob 0, no gradient) without a word
+    im = image_model(janus)
+    completion = _codes(1, seed=1)[0]
+    for bad in (5, OFFSET - 100 if OFFSET >= 100 else 0):
+        wrong = completion[:3] + [bad] + completion[4:]
+        with pytest.raises(ValueError, match=rf"labels: the image position 3 holds id {bad}, not an image code"):
+            Policy(janus, None, im)(pack([[1, 5, BOI]], [wrong]), logprob_head())
+
+
 @pytest.mark.parametrize("layout", [pack, pad])
 def test_cfg_mixed_logps_match_hf_fp64(janus, layout):
     im = image_model(janus)
