@@ -144,9 +144,11 @@ def test_weight_one_is_the_unguided_sampler_bit_for_bit(path):
     plain = _run(path, c, generator=torch.Generator().manual_seed(3), **kw)
     guided = _run(path, c, uncond_logits=u, cfg_weight=1.0, generator=torch.Generator().manual_seed(3),
                   return_cond_logprobs=True, **kw)
-    no_uncond = _run(path, c, cfg_weight=4.0, generator=torch.Generator().manual_seed(3), **kw)
+    no_uncond = _run(path, c, cfg_weight=1.0, generator=torch.Generator().manual_seed(3), **kw)
     for a, b, d in zip(plain, guided, no_uncond):
         assert torch.equal(a, b) and torch.equal(a, d)
+    with pytest.raises(ValueError, match="cfg_weight"):  # guidance with nothing to mix with is refused
+        _run(path, c, cfg_weight=4.0, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(guided[3], plain[1])  # the conditional branch is what was sampled
 
 
