@@ -523,12 +523,19 @@ def image_adapter(config, model: nn.Module) -> ImageModel | None:
     if isinstance(decode, str):
         decode = _import_callable(decode, f"{name}.image_generation.decode")
     try:
-        return image_model(model, image_token_range=options["image_token_range"],
-                           image_tokens=options["image_tokens"], boi_id=options["boi_token_id"],
-                           eoi_id=options["eoi_token_id"], decode=decode)
+        image = image_model(model, image_token_range=options["image_token_range"],
+                            image_tokens=options["image_tokens"], boi_id=options["boi_token_id"],
+                            eoi_id=options["eoi_token_id"], decode=decode)
     except (TypeError, ValueError) as e:
         word = str(e).split(" ", 1)[0].rstrip(":")
         raise ConfigError(f"{name}.{_IMAGE_KEYS.get(word, 'image_generation')}: {e}") from None
+    codes = range(image.offset, image.offset + image.codebook)
+    for key in ("uncond_prompt", "plan_stop_token_ids"):  # text ids: inside the lm-head, not image codes
+        for t in options.get(key) or ():
+            if not 0 <= t < image.text_vocab or t in codes:
+                raise ConfigError(f"{name}.image_generation.{key}: id {t} is not a text token of the model (text ids "
+                                  f"are [0, {image.text_vocab}) outside the image codes [{codes.start}, {codes.stop}))")
+    return image
 
 
 def freeze_unused(image: ImageModel) -> None:

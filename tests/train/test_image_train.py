@@ -384,6 +384,11 @@ def test_image_config_errors(tmp_path, janus_dir):
     for value, message in cases:
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
             grpo(image_generation=value)
+    # ids the model cannot read as text are refused when the run starts, before any rollout
+    for key, value in (("uncond_prompt", [1, 10_000]), ("uncond_prompt", [1, OFFSET + 1])):
+        config = grpo(image_generation={"boi_token_id": BOI, key: value})
+        with pytest.raises(ConfigError, match=rf"GRPOConfig\.image_generation\.{key}: id {value[1]} is not a text"):
+            train_grpo(config)
     with pytest.raises(ConfigError, match=r"GRPOConfig\.train_logps"):
         grpo(image_generation=None, train_logps="cfg", reward_funcs=["m:f"])
     with pytest.raises(ConfigError, match=r"GRPOConfig\.train_logps"):
