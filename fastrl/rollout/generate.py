@@ -221,12 +221,7 @@ def generate(
     stops = resolve_stop_tokens(stop_token_ids, model=model, vocab_size=vocab)
     stops = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     pad = _pad_id(model, pad_token_id, stops)
-    settings = {
-        "temperature": _row_setting("temperature", temperature, num_prompts, num_samples, device, integer=False),
-        "top_k": _row_setting("top_k", top_k, num_prompts, num_samples, device, integer=True),
-        "top_p": _row_setting("top_p", top_p, num_prompts, num_samples, device, integer=False),
-        "min_p": _row_setting("min_p", min_p, num_prompts, num_samples, device, integer=False),
-    }
+    settings = _row_settings(temperature, top_k, top_p, min_p, num_prompts, num_samples, device)
     _checks.check_bool("progress", progress)
     _checks.check_bool("keep_graph", keep_graph)
 
@@ -345,12 +340,7 @@ def _generate_image(model, prompt_ids, *, image, cfg_weight, uncond_prompt_ids, 
         raise ValueError(f"plan_{e} (text ids)") from None
     plan_stops = torch.tensor(plan_stops, dtype=torch.long, device=device) if plan_stops else None
     pad = _pad_id(model, pad_token_id, None)
-    settings = {
-        "temperature": _row_setting("temperature", temperature, num_prompts, num_samples, device, integer=False),
-        "top_k": _row_setting("top_k", top_k, num_prompts, num_samples, device, integer=True),
-        "top_p": _row_setting("top_p", top_p, num_prompts, num_samples, device, integer=False),
-        "min_p": _row_setting("min_p", min_p, num_prompts, num_samples, device, integer=False),
-    }
+    settings = _row_settings(temperature, top_k, top_p, min_p, num_prompts, num_samples, device)
 
     # the conditional prompts then the unconditional ones, left-padded [Q, Lp]; positions count real tokens
     ids = torch.full((len(every), longest), pad if 0 <= pad < im.text_vocab else 0, dtype=torch.long)
@@ -608,6 +598,14 @@ def _pad_id(model, pad_token_id, stops) -> int:
         if isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)
     return int(stops[0]) if stops is not None else 0
+
+
+def _row_settings(temperature, top_k, top_p, min_p, prompts: int, samples: int, device) -> dict:
+    """The sampler's four settings, each a number or a [P * G] tensor (see :func:`_row_setting`)."""
+    return {"temperature": _row_setting("temperature", temperature, prompts, samples, device, integer=False),
+            "top_k": _row_setting("top_k", top_k, prompts, samples, device, integer=True),
+            "top_p": _row_setting("top_p", top_p, prompts, samples, device, integer=False),
+            "min_p": _row_setting("min_p", min_p, prompts, samples, device, integer=False)}
 
 
 def _row_setting(name, value, prompts: int, samples: int, device, *, integer: bool):

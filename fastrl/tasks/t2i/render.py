@@ -51,10 +51,10 @@ def draw_canvas(ax, canvas: Canvas) -> None:
         ax.add_patch(patch)
 
 
-def render_canvases(path: str | Path, panels: Mapping[str, Sequence[tuple[str, Canvas]]], *,
-                    title: str | None = None, panel_size: float = 1.9, dpi: int = 110) -> Path:
-    """A PNG grid of canvases: one row per method (``panels[method]`` = its ``(prompt text, canvas)``
-    list), the prompt above each canvas. Returns the path written."""
+def _panel_grid(path: str | Path, panels: Mapping[str, Sequence[tuple[str, object]]], draw, *, title: str | None,
+                panel_size: float, dpi: int) -> Path:
+    """A PNG grid, one row per method, ``draw(ax, item)`` for each ``(prompt text, item)`` with the prompt
+    above it. Returns the path written."""
     rows = list(panels.items())
     if not rows or not any(items for _, items in rows):
         raise ValueError("panels: nothing to draw")
@@ -64,8 +64,8 @@ def render_canvases(path: str | Path, panels: Mapping[str, Sequence[tuple[str, C
         for c in range(ncols):
             ax = fig.add_subplot(len(rows), ncols, r * ncols + c + 1)
             if c < len(items):
-                prompt, canvas = items[c]
-                draw_canvas(ax, canvas)
+                prompt, item = items[c]
+                draw(ax, item)
                 ax.set_title("\n".join(textwrap.wrap(prompt, 26)), fontsize=7)
             else:
                 ax.axis("off")
@@ -78,6 +78,13 @@ def render_canvases(path: str | Path, panels: Mapping[str, Sequence[tuple[str, C
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def render_canvases(path: str | Path, panels: Mapping[str, Sequence[tuple[str, Canvas]]], *,
+                    title: str | None = None, panel_size: float = 1.9, dpi: int = 110) -> Path:
+    """A PNG grid of canvases: one row per method (``panels[method]`` = its ``(prompt text, canvas)``
+    list), the prompt above each canvas. Returns the path written."""
+    return _panel_grid(path, panels, draw_canvas, title=title, panel_size=panel_size, dpi=dpi)
 
 
 def render_images(path: str | Path, panels: Mapping[str, Sequence[tuple[str, object]]], *, title: str | None = None,
@@ -85,31 +92,12 @@ def render_images(path: str | Path, panels: Mapping[str, Sequence[tuple[str, obj
     """A PNG grid of decoded images: one row per method (``panels[method]`` = its ``(prompt text, pixels)``
     list, pixels uint8 ``[H, W, 3]``, e.g. from :func:`~fastrl.tasks.t2i.pixels.decode_codes`), the
     prompt above each image, drawn pixel for pixel. Returns the path written."""
-    rows = list(panels.items())
-    if not rows or not any(items for _, items in rows):
-        raise ValueError("panels: nothing to draw")
-    ncols = max(len(items) for _, items in rows)
-    fig = _figure(panel_size * ncols + 0.6, (panel_size + 0.45) * len(rows) + (0.4 if title else 0))
-    for r, (method, items) in enumerate(rows):
-        for c in range(ncols):
-            ax = fig.add_subplot(len(rows), ncols, r * ncols + c + 1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(items):
-                prompt, pixels = items[c]
-                ax.imshow(pixels.numpy() if hasattr(pixels, "numpy") else pixels, interpolation="nearest")
-                ax.set_title("\n".join(textwrap.wrap(prompt, 26)), fontsize=7)
-            else:
-                ax.axis("off")
-            if c == 0:
-                ax.set_ylabel(method, fontsize=10, fontweight="bold")
-    if title:
-        fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    def draw(ax, pixels):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.imshow(pixels.numpy() if hasattr(pixels, "numpy") else pixels, interpolation="nearest")
+
+    return _panel_grid(path, panels, draw, title=title, panel_size=panel_size, dpi=dpi)
 
 
 def plot_reward_curves(path: str | Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
