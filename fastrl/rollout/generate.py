@@ -525,13 +525,16 @@ def _uncond_prompts(im, given, prompts, vocab: int) -> list[list[int]]:
     return [p if p and p[-1] == boi else p + [boi] for p in out]
 
 
-def _check_image_fits(model, longest: int, completion: int, max_length) -> None:
+def _length_cap(model, max_length) -> tuple[int | None, str]:
+    """``(cap on prompt + completion, what it is called)``: ``max_length``, else the model's positions."""
     if max_length is None:
-        max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        source = "the model's max_position_embeddings"
-    else:
-        max_length = _checks.check_int("max_length", max_length, low=2)
-        source = "max_length"
+        return (getattr(model.config.get_text_config(), "max_position_embeddings", None),
+                "the model's max_position_embeddings")
+    return _checks.check_int("max_length", max_length, low=2), "max_length"
+
+
+def _check_image_fits(model, longest: int, completion: int, max_length) -> None:
+    max_length, source = _length_cap(model, max_length)
     if max_length is not None and longest + completion > max_length:
         raise ValueError(f"prompt_ids: the longest prompt ({longest} tokens, BOI included) + an image completion "
                          f"(up to {completion} tokens) exceeds {source} ({max_length})")
@@ -574,12 +577,7 @@ def _vocab_size(model) -> int:
 
 
 def _check_fits(model, longest: int, max_new_tokens: int, max_length) -> None:
-    if max_length is None:
-        max_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        source = "the model's max_position_embeddings"
-    else:
-        max_length = _checks.check_int("max_length", max_length, low=2)
-        source = "max_length"
+    max_length, source = _length_cap(model, max_length)
     if max_length is None:
         return
     if longest >= max_length:
