@@ -73,7 +73,7 @@ EOF
 # does not use passes to the next ones. Within its slice a suite skips what would start late
 # (FASTRL_BENCH_DEADLINE) and still writes its JSON.
 bench_s=$("$PY" -c "print(int($(left) * $BENCH_SHARE))")
-SUITES=${GPU_ALL_SUITES:-"bench_logprobs:25 bench_grpo:12 bench_dpo:8 bench_sampling:15 bench_rollout:10 bench_trainer:30"}
+SUITES=${GPU_ALL_SUITES:-"bench_logprobs:25 bench_grpo:12 bench_dpo:8 bench_sampling:15 bench_rollout:10 bench_image_rollout:6 bench_trainer:30"}
 timeout_arg=""
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then timeout_arg="--timeout=${BENCH_TEST_TIMEOUT:-120}"; fi
 bench_end=$(( $(date +%s) + bench_s ))
