@@ -670,10 +670,12 @@ _ENTRY = """#include "sampling.cu"
 #include <vector>
 static int last_chunks = 0;
 extern "C" int fastrl_emulated_chunks() { return last_chunks; }  // of the last launch
-extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long rows, long long vocab,
+// The arguments both entries share: scalar settings, per-row ones, the outputs, the error word; sms is the
+// GPU's SM count (0: no split of the first pass).
+static fastrl::gpu::SampleArgs base_args(const void* logits, int dtype, long long rows, long long vocab,
     long long row_stride, long long seed, double temperature, long long top_k, double top_p, double min_p,
     const double* temperatures, const long long* top_ks, const double* top_ps, const double* min_ps,
-    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int accumulate, int sms) {
+    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int sms) {
   fastrl::gpu::SampleArgs a{};
   a.logits = logits;
   a.dtype = static_cast<fastrl::gpu::LogitsType>(dtype);
@@ -682,12 +684,25 @@ extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long r
   a.temperatures = temperatures; a.top_ks = reinterpret_cast<const int64_t*>(top_ks);
   a.top_ps = top_ps; a.min_ps = min_ps;
   a.tokens = reinterpret_cast<int64_t*>(tokens); a.logprobs = logprobs; a.filtered_logprobs = filtered;
-  a.error = error; a.accumulate = accumulate != 0;
-  a.chunks = sms > 0 ? fastrl::gpu::sample_chunks(rows, vocab, sms) : 1;  // sms: the GPU's SM count (0: no split)
-  std::vector<unsigned char> workspace(static_cast<size_t>(fastrl::gpu::sample_workspace_bytes(rows, a.chunks)));
+  a.error = error;
+  a.chunks = sms > 0 ? fastrl::gpu::sample_chunks(rows, vocab, sms) : 1;
+  return a;
+}
+static int launch(fastrl::gpu::SampleArgs& a) {  // with a workspace of the size the launch asks for
+  std::vector<unsigned char> workspace(
+      static_cast<size_t>(fastrl::gpu::sample_workspace_bytes(a.rows, a.chunks, a.cond_logprobs != nullptr)));
   a.workspace = workspace.data();
   last_chunks = a.chunks;
   return fastrl::gpu::launch_sample(a, nullptr);
+}
+extern "C" int fastrl_emulated_sample(const void* logits, int dtype, long long rows, long long vocab,
+    long long row_stride, long long seed, double temperature, long long top_k, double top_p, double min_p,
+    const double* temperatures, const long long* top_ks, const double* top_ps, const double* min_ps,
+    long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int accumulate, int sms) {
+  fastrl::gpu::SampleArgs a = base_args(logits, dtype, rows, vocab, row_stride, seed, temperature, top_k, top_p,
+      min_p, temperatures, top_ks, top_ps, min_ps, tokens, logprobs, filtered, error, sms);
+  a.accumulate = accumulate != 0;
+  return launch(a);
 }
 extern "C" unsigned long long fastrl_emulated_atomics() {  // atomics since the last call
   const unsigned long long n = simt::atomic_count();
@@ -702,22 +717,10 @@ extern "C" int fastrl_emulated_sample_cfg(const void* logits, int dtype, long lo
     const double* temperatures, const long long* top_ks, const double* top_ps, const double* min_ps,
     long long* tokens, float* logprobs, float* filtered, unsigned long long* error, int sms,
     const void* uncond, long long uncond_stride, float cfg_weight, float* cond_logprobs) {
-  fastrl::gpu::SampleArgs a{};
-  a.logits = logits;
-  a.dtype = static_cast<fastrl::gpu::LogitsType>(dtype);
-  a.rows = rows; a.vocab = vocab; a.row_stride = row_stride; a.seed_value = static_cast<uint64_t>(seed);
-  a.temperature = temperature; a.top_k = top_k; a.top_p = top_p; a.min_p = min_p;
-  a.temperatures = temperatures; a.top_ks = reinterpret_cast<const int64_t*>(top_ks);
-  a.top_ps = top_ps; a.min_ps = min_ps;
-  a.tokens = reinterpret_cast<int64_t*>(tokens); a.logprobs = logprobs; a.filtered_logprobs = filtered;
-  a.error = error; a.accumulate = false;
+  fastrl::gpu::SampleArgs a = base_args(logits, dtype, rows, vocab, row_stride, seed, temperature, top_k, top_p,
+      min_p, temperatures, top_ks, top_ps, min_ps, tokens, logprobs, filtered, error, sms);
   a.uncond = uncond; a.uncond_stride = uncond_stride; a.cfg_weight = cfg_weight; a.cond_logprobs = cond_logprobs;
-  a.chunks = sms > 0 ? fastrl::gpu::sample_chunks(rows, vocab, sms) : 1;
-  std::vector<unsigned char> workspace(
-      static_cast<size_t>(fastrl::gpu::sample_workspace_bytes(rows, a.chunks, cond_logprobs != nullptr)));
-  a.workspace = workspace.data();
-  last_chunks = a.chunks;
-  return fastrl::gpu::launch_sample(a, nullptr);
+  return launch(a);
 }
 """
 
