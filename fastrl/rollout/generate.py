@@ -207,12 +207,7 @@ def generate(
                         f"got {type(model).__name__}")
     device = next(model.parameters()).device
     vocab = _vocab_size(model)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
-                             f"use torch.Generator(device='{device.type}')")
+    _check_generator(generator, device)
     prompts = prompt_list(prompt_ids, attention_mask, vocab)
     num_prompts, rows = len(prompts), len(prompts) * num_samples
     prompt_lengths = torch.tensor([len(p) for p in prompts])
@@ -316,12 +311,7 @@ def _generate_image(model, prompt_ids, *, image, cfg_weight, uncond_prompt_ids, 
             raise ValueError(f"max_new_tokens ({max_new_tokens}) is shorter than an image completion ({completion_max} "
                              "tokens: the plan, BOI and image_tokens); leave it None with image")
     device = next(model.parameters()).device
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
-                             f"use torch.Generator(device='{device.type}')")
+    _check_generator(generator, device)
     # prompts may hold image codes too (unified ids); plan tokens and stop ids are text ids
     vocab = max(im.text_vocab, im.offset + im.codebook)
     prompts = [p.tolist() for p in prompt_list(prompt_ids, attention_mask, vocab)]
@@ -523,6 +513,17 @@ def _uncond_prompts(im, given, prompts, vocab: int) -> list[list[int]]:
                 raise ValueError(f"uncond_prompt_ids[{i}] holds token ids outside [0, {vocab})")
             out.append([int(t) for t in p])
     return [p if p and p[-1] == boi else p + [boi] for p in out]
+
+
+def _check_generator(generator, device: torch.device) -> None:
+    """A ``generator`` must be None or a ``torch.Generator`` on the model's device type."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
+                         f"use torch.Generator(device='{device.type}')")
 
 
 def _length_cap(model, max_length) -> tuple[int | None, str]:
