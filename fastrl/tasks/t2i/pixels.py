@@ -35,8 +35,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from fastrl.tasks.t2i.grid import COLOURS, SHAPES, Canvas
-from fastrl.tasks.t2i.prompts import PromptSpec, parse_prompt
-from fastrl.tasks.t2i.scorer import CLUTTER_PENALTY, MALFORMED_SCALE, Score, score_canvas, score_completion
+from fastrl.tasks.t2i.prompts import PromptSpec
+from fastrl.tasks.t2i.scorer import (CLUTTER_PENALTY, MALFORMED_SCALE, Score, prompt_reader, score_canvas,
+                                     score_completion)
 from fastrl.tasks.t2i.vocab import CODE_ITEMS, Vocab
 
 __all__ = ["PALETTE", "PATCH", "WHITE", "decode_codes", "detect", "detect_completions", "glyph_masks", "pixel_reward",
@@ -182,16 +183,7 @@ def pixel_reward(vocab: Vocab | None = None, *, pass_weight: float = 0.0, clutte
     if not 0.0 <= pass_weight <= 1.0:
         raise ValueError(f"pass_weight must be in [0, 1], got {pass_weight}")
     vocab = vocab or Vocab()
-    specs: dict[str, PromptSpec | None] = {}
-
-    def spec_of(prompt_ids: Iterable[int]) -> PromptSpec | None:
-        text = vocab.decode_prompt(prompt_ids)
-        if text not in specs:
-            try:
-                specs[text] = parse_prompt(text)
-            except ValueError:
-                specs[text] = None
-        return specs[text]
+    spec_of = prompt_reader(vocab)
 
     def reward(prompt_ids, completion_ids, **columns) -> list[float]:
         completion_ids = list(completion_ids)

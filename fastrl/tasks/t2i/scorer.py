@@ -115,6 +115,23 @@ def score_completion(spec: PromptSpec, completion_ids: Iterable[int], vocab: Voc
     return Score(score.reward * malformed_scale, False, score.checks, score.clutter, completion.problems)
 
 
+def prompt_reader(vocab: Vocab) -> Callable[[Iterable[int]], PromptSpec | None]:
+    """``spec_of(prompt_ids)``: the parsed spec of a prompt's ids (None when it does not parse), each
+    distinct prompt parsed once."""
+    specs: dict[str, PromptSpec | None] = {}
+
+    def spec_of(prompt_ids: Iterable[int]) -> PromptSpec | None:
+        text = vocab.decode_prompt(prompt_ids)
+        if text not in specs:
+            try:
+                specs[text] = parse_prompt(text)
+            except ValueError:
+                specs[text] = None
+        return specs[text]
+
+    return spec_of
+
+
 def make_reward_fn(vocab: Vocab | None = None, *, clutter_penalty: float = CLUTTER_PENALTY,
                    malformed_scale: float = MALFORMED_SCALE,
                    pass_weight: float = 0.0) -> Callable[[Iterable[int], Iterable[int]], float]:
@@ -127,16 +144,10 @@ def make_reward_fn(vocab: Vocab | None = None, *, clutter_penalty: float = CLUTT
     if not 0.0 <= pass_weight <= 1.0:
         raise ValueError(f"pass_weight must be in [0, 1], got {pass_weight}")
     vocab = vocab or Vocab()
-    specs: dict[str, PromptSpec | None] = {}
+    spec_of = prompt_reader(vocab)
 
     def reward(prompt_ids: Iterable[int], completion_ids: Iterable[int]) -> float:
-        text = vocab.decode_prompt(prompt_ids)
-        if text not in specs:
-            try:
-                specs[text] = parse_prompt(text)
-            except ValueError:
-                specs[text] = None
-        spec = specs[text]
+        spec = spec_of(prompt_ids)
         if spec is None:
             return 0.0
         score = score_completion(spec, completion_ids, vocab, clutter_penalty=clutter_penalty,
