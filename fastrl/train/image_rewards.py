@@ -40,12 +40,32 @@ import torch
 from torch import nn
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "KINDS", "ImagePreferenceReward", "ImageTextReward", "ScorePreference",
-           "check_image_reward_spec", "image_reward_model", "pixel_values"]
+           "check_image_reward_spec", "image_reward_model", "pixel_values", "score_tensor"]
 
 KINDS = ("clip", "clip_preference")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _SPEC_KEYS = {"kind", "path", "prompt_column", "scale", "temperature", "both_orders", "batch_size", "name"}
+
+
+def score_tensor(result) -> torch.Tensor | None:
+    """A scoring model's output as a tensor of scores (None when it holds no tensor).
+
+    Its ``logits`` (or the output itself), the first of a tuple, ``[N, 1]`` squeezed to ``[N]``: what
+    :class:`fastrl.train.rewards.RewardModel` and :class:`ImageTextReward` read.
+
+    Args:
+        result: what the model's forward returned.
+
+    Returns:
+        The scores, or None.
+    """
+    scores = getattr(result, "logits", result)
+    if isinstance(scores, (tuple, list)):
+        scores = scores[0]
+    if not isinstance(scores, torch.Tensor):
+        return None
+    return scores[:, 0] if scores.dim() == 2 and scores.shape[1] == 1 else scores
 
 
 def pixel_values(images: torch.Tensor, size: int | tuple[int, int], *, mean: Sequence[float] = CLIP_MEAN,
@@ -373,13 +393,9 @@ class ImageTextReward:
                 result = self.score_fn(self.model, *args)
             else:
                 result = self.model(pixel_values=args[0], input_ids=args[1], attention_mask=args[2])
-            scores = getattr(result, "logits", result)
-            if isinstance(scores, (tuple, list)):
-                scores = scores[0]
-            if not isinstance(scores, torch.Tensor):
+            scores = score_tensor(result)
+            if scores is None:
                 raise ValueError(f"model: returned {type(result).__name__}, not a score tensor (give score=)")
-            if scores.dim() == 2 and scores.shape[1] == 1:
-                scores = scores[:, 0]
             if scores.dim() != 1 or scores.shape[0] != rows.numel():
                 raise ValueError(f"model: expected one score per (image, prompt) pair ({rows.numel()}), got shape "
                                  f"{tuple(scores.shape)} (give score=)")

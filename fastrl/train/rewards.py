@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from fastrl.train.image_rewards import score_tensor
 from fastrl.train.telemetry import IMAGE_STATS
 
 __all__ = ["IMAGE_ARGS", "RewardError", "RewardFunction", "RewardModel", "decode_images", "load_rewards",
@@ -359,13 +360,9 @@ class RewardModel:
                 ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
                 mask[i, :len(s)] = 1
             result = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            scores = getattr(result, "logits", result)
-            if isinstance(scores, (tuple, list)):
-                scores = scores[0]
-            if not isinstance(scores, torch.Tensor):
+            scores = score_tensor(result)
+            if scores is None:
                 raise RewardError(f"{self.where}: the model returned {type(result).__name__}, not a score tensor")
-            if scores.dim() == 2 and scores.shape[1] == 1:
-                scores = scores[:, 0]
             if scores.dim() != 1 or scores.shape[0] != len(chunk):
                 raise RewardError(f"{self.where}: expected one score per sequence ({len(chunk)}), got a tensor of "
                                   f"shape {tuple(scores.shape)} (a classifier needs num_labels=1)")
