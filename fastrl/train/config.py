@@ -115,6 +115,13 @@ class TrainConfig:
     save_every: int = _help("checkpoint every N steps (0 = only at the end)", 0)
     keep_checkpoints: int = _help("checkpoints kept (oldest removed)", 2)
     resume: str | None = _help("'auto' (latest checkpoint in output_dir, if any) or a checkpoint directory", None)
+    overwrite_output_dir: bool = _help(
+        "start afresh in an output_dir a previous run used: its metrics.jsonl, completions.jsonl, checkpoints/, "
+        "tensorboard/ and wandb/ are removed first (without it, and without resume, such a directory is refused)",
+        False)
+    force_resume: bool = _help(
+        "resume even where the checkpoint's run settings (loss, group size, model, data, ...) differ from this "
+        "config's (refused otherwise, naming each differing field)", False)
     # --- misc
     seed: int = _help("seed of the initialisation, data order and sampling", 0)
     device: str | None = _help("cuda / cpu (default: cuda when available)", None)
@@ -204,6 +211,10 @@ class TrainConfig:
                 self._fail("report_to", f"{name!r} is not one of {', '.join(REPORTERS)}")
         if self.resume is not None and self.resume != "auto" and not Path(self.resume).is_dir():
             self._fail("resume", f"{self.resume!r} is neither 'auto' nor a checkpoint directory")
+        if self.overwrite_output_dir and self.resume is not None and (
+                self.resume == "auto" or Path(self.resume).resolve().is_relative_to(Path(self.output_dir).resolve())):
+            self._fail("overwrite_output_dir", f"contradicts resume={self.resume!r} (overwriting removes the "
+                                               "checkpoints a resume reads); set one of them")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             self._fail("device", f"must be cpu or cuda[:N], got {self.device!r}")
         if self.bf16 and self.dtype != "float32":
