@@ -40,7 +40,7 @@ from fastrl.losses import GRPOSettings
 from fastrl.losses.settings import config_fields
 
 __all__ = ["DPOConfig", "GRPOConfig", "OnlineDPOConfig", "RMConfig", "SFTConfig", "TrainConfig", "config_class",
-           "load_config"]
+           "load_config", "trl_names"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 REPORTERS = ("tensorboard", "wandb")
@@ -53,8 +53,166 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kwargs) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+def _alias(target: str, note: str = "") -> Any:
+    """A field holding one of TRL's names (a key of :data:`TRL_NAMES`): default None; ``__post_init__``
+    moves its value to ``target``."""
+    return _help(f"TRL's name of {target}" + (f": {note}" if note else "") + " (docs/migration.md)", None)
+
+
 class ConfigError(ValueError):
     """A bad config value; the message starts with ``<ConfigClass>.<field>:``."""
+
+
+def _is_module(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.nn.Module`` (a model given from Python), without importing torch."""
+    return any(c.__name__ == "Module" and c.__module__ == "torch.nn.modules.module" for c in type(value).__mro__)
+
+
+def _default(cls: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _plain(value: Any, *, table: bool = False) -> Any:
+    """``value`` with every object that is not plain data (str, number, bool, None, list, dict) named
+    ``<name>``; a table (a data field given from Python) is named with its row count."""
+    if table and not isinstance(value, (str, os.PathLike, type(None))):
+        return f"<{type(value).__name__} of {len(value)} rows>"
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return f"<{getattr(value, '__name__', type(value).__name__)}>"
+
+
+# ---- TRL's names: converters of the values whose meaning differs from the fastrl field's (else taken as is)
+
+def _whole(value: Any, what: str = "a whole number") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"must be {what}, got {value!r}")
+    return int(value)
+
+
+def _per_device_batch(config, value: Any) -> int:
+    value = _whole(value, "a whole number of examples")
+    generations = getattr(config, "num_generations", None)
+    if generations is None:  # DPO, SFT, RM: examples, as fastrl's batch_size
+        return value
+    if value % generations:  # GRPO / online DPO: TRL counts completions, fastrl prompts
+        raise ValueError(f"{value} completions is not a whole number of prompts: TRL's per_device_train_batch_size "
+                         f"counts completions, fastrl's batch_size prompts (= per_device_train_batch_size / "
+                         f"num_generations); make it a multiple of num_generations ({generations}), or give "
+                         f"batch_size (prompts per micro-batch) instead")
+    return value // generations
+
+
+def _scheduler(config, value: Any) -> str:
+    value = getattr(value, "value", value)  # transformers' SchedulerType
+    names = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
+    if value not in names:
+        raise ValueError(f"{value!r} has no fastrl equivalent; the schedules are {', '.join(names)} (warm-up: "
+                         f"warmup_steps)")
+    return names[value]
+
+
+def _optimizer(config, value: Any) -> str:
+    value = getattr(value, "value", value)  # transformers' OptimizerNames
+    names = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_8bit": "adamw_8bit",
+             "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+    if value not in names:
+        raise ValueError(f"{value!r} has no fastrl equivalent; the optimisers are {', '.join(names)}")
+    return names[value]
+
+
+def _resume(config, value: Any) -> str:
+    if value is True or (isinstance(value, str) and value.lower() == "true"):
+        return "auto"
+    if value is False or (isinstance(value, str) and value.lower() in ("false", "")):
+        return getattr(config, "resume", None)
+    return str(value)
+
+
+def _scale_rewards(config, value: Any) -> str:
+    names = {True: "group", False: "none", "true": "group", "false": "none", "group": "group", "batch": "batch",
+             "none": "none"}
+    key = value.lower() if isinstance(value, str) else value
+    if key not in names:
+        raise ValueError(f"must be group, batch, none, true or false; got {value!r}")
+    return names[key]
+
+
+def _pair_part(field_name: str, index: int):
+    def convert(config, value: Any) -> list[float]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {value!r}")
+        pair = getattr(config, field_name)
+        pair = list(pair) * 2 if isinstance(pair, (int, float)) else list(pair)
+        pair[index] = float(value)
+        return pair[:2]
+    return convert
+
+
+def _precompute(config, value: Any) -> str:
+    if isinstance(value, str):
+        value = {"true": True, "false": False}.get(value.lower(), value)
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return "precomputed" if value else "live"
+
+
+#: TRL's name -> ``convert(config, value)`` giving the fastrl field's value, for the names whose values
+#: differ in meaning or type; the other TRL names (each field made by ``_alias``) pass their value as is.
+ALIAS_VALUES = {
+    "per_device_train_batch_size": _per_device_batch,
+    "num_train_epochs": lambda config, value: _whole(value, "a whole number of epochs (fastrl runs whole passes)"),
+    "logging_steps": lambda config, value: _whole(value, "a whole number of steps (not a ratio)"),
+    "save_steps": lambda config, value: _whole(value, "a whole number of steps (not a ratio)"),
+    "eval_steps": lambda config, value: _whole(value, "a whole number of steps (not a ratio)"),
+    "save_total_limit": lambda config, value: _whole(value),
+    "lr_scheduler_type": _scheduler,
+    "optim": _optimizer,
+    "resume_from_checkpoint": _resume,
+    "scale_rewards": _scale_rewards,
+    "vespo_k_pos": _pair_part("vespo_k", 0), "vespo_k_neg": _pair_part("vespo_k", 1),
+    "vespo_lambda_pos": _pair_part("vespo_lambda", 0), "vespo_lambda_neg": _pair_part("vespo_lambda", 1),
+    "precompute_ref_log_probs": _precompute,
+}
+
+
+#: TRL's name -> the fastrl field it sets; each is a field (default None) of the configs that have the target.
+TRL_NAMES = {
+    "per_device_train_batch_size": "batch_size", "num_train_epochs": "num_epochs", "logging_steps": "log_every",
+    "save_steps": "save_every", "save_total_limit": "keep_checkpoints", "lr_scheduler_type": "lr_scheduler",
+    "optim": "optimizer", "resume_from_checkpoint": "resume",
+    # GRPO, online DPO
+    "shuffle_dataset": "shuffle", "eval_steps": "eval_every", "num_generations_eval": "eval_num_generations",
+    # GRPO
+    "scale_rewards": "advantage_scale", "multi_objective_aggregation": "multi_reward",
+    "sapo_temperature_pos": "sapo_tau_pos", "sapo_temperature_neg": "sapo_tau_neg",
+    "vespo_k_pos": "vespo_k", "vespo_k_neg": "vespo_k", "vespo_lambda_pos": "vespo_lambda",
+    "vespo_lambda_neg": "vespo_lambda", "vllm_importance_sampling_mode": "is_mode",
+    "vllm_importance_sampling_clip_max": "is_cap", "vllm_importance_sampling_clip_min": "is_min",
+    # DPO, online DPO
+    "f_divergence_type": "f_divergence", "f_alpha_divergence_coef": "f_alpha",
+    # DPO
+    "precompute_ref_log_probs": "reference", "precompute_ref_batch_size": "reference_batch_size",
+}
+
+
+def trl_names(cls: type) -> dict[str, str]:
+    """TRL's names a config class accepts, each with the fastrl field it sets.
+
+    Args:
+        cls: a :class:`TrainConfig` subclass.
+
+    Returns:
+        ``{trl_name: fastrl_field}``.
+    """
+    return {f.name: TRL_NAMES[f.name] for f in dataclasses.fields(cls) if f.name in TRL_NAMES}
 
 
 @dataclass
@@ -66,6 +224,12 @@ class TrainConfig:
     model_config: dict | str | None = _help(
         "a Hugging Face config for a randomly initialised model, e.g. {model_type: qwen2, vocab_size: 512, ...} "
         "(a JSON string on the command line); exclusive with `model`", None)
+    peft_config: dict | str | None = _help(
+        "LoRA adapters (needs peft): a mapping of peft.LoraConfig fields, e.g. {r: 16, lora_alpha: 32, "
+        "target_modules: all-linear} (a JSON string on the command line); only the adapters train, the base stays "
+        "frozen and is the reference (adapters disabled, no copy); the lm-head is adapted only when "
+        "target_modules or modules_to_save name it; checkpoints hold the adapter (adapter/); one process, text "
+        "runs; null: full fine-tuning", None)
     tokenizer: str | None = _help("tokenizer directory (default: `model`); without one, data are token ids", None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter dtype", "float32")
     bf16: bool = _help("bf16 autocast for the forward (mixed precision over float32 parameters)", False)
@@ -125,9 +289,47 @@ class TrainConfig:
     # --- misc
     seed: int = _help("seed of the initialisation, data order and sampling", 0)
     device: str | None = _help("cuda / cpu (default: cuda when available)", None)
+    # --- TRL's names (transformers.TrainingArguments / trl): each sets the field it names, with TRL's meaning
+    per_device_train_batch_size: int | None = _alias(
+        "batch_size", "examples per micro-batch per process; for GRPO and online DPO it counts completions, "
+        "batch_size = per_device_train_batch_size / num_generations prompts")
+    num_train_epochs: float | None = _alias("num_epochs", "a whole number of passes")
+    logging_steps: int | None = _alias("log_every")
+    save_steps: int | None = _alias("save_every")
+    save_total_limit: int | None = _alias("keep_checkpoints")
+    lr_scheduler_type: str | None = _alias("lr_scheduler", "linear, cosine, constant or constant_with_warmup")
+    optim: str | None = _alias("optimizer", "adamw_torch, adamw_torch_fused, adamw_8bit, adamw_bnb_8bit or "
+                                            "paged_adamw_8bit")
+    resume_from_checkpoint: str | None = _alias("resume", "a checkpoint directory, or true for the latest one")
 
     def __post_init__(self) -> None:
+        self._apply_aliases()
         self.validate()
+
+    # ---------------------------------------------------------------- TRL's names
+    def _apply_aliases(self) -> None:
+        """Move each TRL-named field's value to its fastrl field (converted: :data:`ALIAS_VALUES`), then set
+        it to None. A fastrl field given too (not at its default) and different is an error naming both."""
+        for f in dataclasses.fields(self):
+            target = TRL_NAMES.get(f.name)
+            value = getattr(self, f.name)
+            if target is None or value is None:
+                continue
+            convert = ALIAS_VALUES.get(f.name)
+            try:
+                new = convert(self, value) if convert is not None else value
+            except ValueError as e:
+                problem = f"{e} (TRL's name of {target})"
+            else:
+                problem = None
+            if problem is not None:
+                self._fail(f.name, problem)
+            given = getattr(self, target)
+            if given != _default(type(self), target) and given != new:
+                self._fail(f.name, f"TRL's name of {target}, which is given too and differs ({target}={given!r}, "
+                                   f"{f.name}={value!r} -> {target}={new!r}); give one of them")
+            setattr(self, target, new)
+            setattr(self, f.name, None)
 
     # ---------------------------------------------------------------- validation
     def _fail(self, name: str, message: str) -> None:
@@ -168,7 +370,11 @@ class TrainConfig:
         if (self.model is None) == (self.model_config is None):
             self._fail("model", "give exactly one of model (a local model directory) and model_config "
                                 "(a config for a random initialisation)")
-        if self.model is not None:
+        if self.model is not None and not isinstance(self.model, (str, os.PathLike)):
+            if not _is_module(self.model):  # from Python, a model in memory
+                self._fail("model", f"must be a local model directory or (from Python) an nn.Module, got "
+                                    f"{type(self.model).__name__}")
+        elif self.model is not None:
             if not Path(self.model).is_dir():
                 self._fail("model", f"{self.model!r} is not a local directory (models are never downloaded)")
             if not (Path(self.model) / "config.json").is_file():
@@ -178,8 +384,17 @@ class TrainConfig:
                 self._fail("model_config", f"must be a mapping, got {type(self.model_config).__name__}")
             if not isinstance(self.model_config.get("model_type"), str):
                 self._fail("model_config", "needs model_type (e.g. qwen2, llama)")
-        if self.tokenizer is not None and not Path(self.tokenizer).is_dir():
-            self._fail("tokenizer", f"{self.tokenizer!r} is not a local directory")
+        from fastrl.train.adapters import check_peft_config
+
+        self.peft_config = check_peft_config(self.peft_config, type(self).__name__)
+        if self.peft_config is not None and getattr(self, "image_generation", None) is not None:
+            self._fail("peft_config", "LoRA adapters are for text runs; an image-generation run trains the full model")
+        if isinstance(self.tokenizer, (str, os.PathLike)):
+            if not Path(self.tokenizer).is_dir():
+                self._fail("tokenizer", f"{self.tokenizer!r} is not a local directory")
+        elif self.tokenizer is not None and not callable(getattr(self.tokenizer, "decode", None)):
+            self._fail("tokenizer", f"must be a tokenizer directory or (from Python) a tokenizer, got "
+                                    f"{type(self.tokenizer).__name__}")
         self._choice("dtype", DTYPES)
         self._choice("attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
         if self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -187,7 +402,7 @@ class TrainConfig:
         self._check_attention()
         if self.train_data is None:
             self._fail("train_data", "is required (a local .jsonl / .json / .parquet file or directory)")
-        self._check_data_path()
+        self._check_data("train_data")
         self._choice("prompt_truncation", ("error", "left"))
         self._positive("max_prompt_length", "max_completion_length", "batch_size", "gradient_accumulation_steps",
                        "num_epochs", "log_every", "keep_checkpoints", "max_bad_steps")
@@ -234,19 +449,39 @@ class TrainConfig:
                 self._fail("attention", f"{self.attention!r} needs the {dist} package, which is not installed: "
                                         f"{how}; or use attention: auto or sdpa")
 
-    def _check_data_path(self) -> None:
-        path = Path(self.train_data)
+    def _check_data(self, name: str) -> None:
+        """``name`` holds a local data file or directory, or (from Python) a table: a ``datasets.Dataset``
+        or a list of dicts."""
+        value = getattr(self, name)
+        if not isinstance(value, (str, os.PathLike)):
+            if isinstance(value, dict) or type(value).__name__ in ("DatasetDict", "IterableDatasetDict"):
+                self._fail(name, "is a mapping of splits; give one split (e.g. dataset['train'])")
+            if isinstance(value, (list, tuple)):
+                if not value:
+                    self._fail(name, "the list of rows is empty")
+                bad = next((i for i, row in enumerate(value) if not isinstance(row, dict)), None)
+                if bad is not None:
+                    self._fail(name, f"row {bad + 1} (1-based) is a {type(value[bad]).__name__}, not a dict of "
+                                     f"columns")
+            elif not hasattr(value, "column_names") or not hasattr(value, "__len__"):
+                self._fail(name, f"must be a local .jsonl / .json / .parquet file or directory, or (from Python) a "
+                                 f"datasets.Dataset or a list of dicts; got {type(value).__name__}")
+            return
+        path = Path(value)
         if path.is_dir():
             if not any(p.suffix in DATA_SUFFIXES for p in path.iterdir()):
-                self._fail("train_data", f"directory {str(path)!r} holds no {' / '.join(DATA_SUFFIXES)} file")
+                self._fail(name, f"directory {str(path)!r} holds no {' / '.join(DATA_SUFFIXES)} file")
         elif not path.is_file():
-            self._fail("train_data", f"{str(path)!r} does not exist (data are read from local files only)")
+            self._fail(name, f"{str(path)!r} does not exist (data are read from local files only)")
         elif path.suffix not in DATA_SUFFIXES:
-            self._fail("train_data", f"{str(path)!r} is not a {' / '.join(DATA_SUFFIXES)} file")
+            self._fail(name, f"{str(path)!r} is not a {' / '.join(DATA_SUFFIXES)} file")
 
     # ---------------------------------------------------------------- helpers
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields (TRL's names left out: they are moved to fastrl's), with objects given from Python (a
+        model, a tokenizer, a table, reward callables) replaced by their names: no deep copy of a model."""
+        return {f.name: _plain(getattr(self, f.name), table=f.name in ("train_data", "eval_data"))
+                for f in dataclasses.fields(self) if f.name not in TRL_NAMES}
 
 
 # The keys of ``image_generation`` and their defaults (None: off / the model's own value).
@@ -364,7 +599,9 @@ class _ImageFields:
             fail("decode", f"must be 'module:function', a callable or null, got {type(decode).__name__}")
         if span is None:
             kind = self.model_config.get("model_type") if self.model is None else None
-            if self.model is not None:
+            if _is_module(self.model):
+                kind = getattr(getattr(self.model, "config", None), "model_type", None)
+            elif self.model is not None:
                 try:
                     kind = json.loads((Path(self.model) / "config.json").read_text(encoding="utf-8")).get("model_type")
                 except (OSError, ValueError):
@@ -445,10 +682,31 @@ class _RolloutFields:
         "or an image reward model {kind: clip | clip_preference, path: DIR, ...} (see fastrl.train.image_rewards)",
         None)
     reward_batch_size: int = _help("completions per reward-model forward", 32)
+    allow_missing_columns: bool = _help(
+        "a data row without a column a reward asks for (names in its signature, or gets through **kwargs) "
+        "hands the reward None for it (a per-sample reward's parameter default, where it has one); false: "
+        "an error naming the reward, the column and the row's line", False)
     log_completions: int = _help("sample completions written to completions.jsonl at every log step", 2)
+    # --- held-out evaluation (fastrl.train.evaluate)
+    eval_data: str | None = _help(
+        "held-out prompts (a local .jsonl / .json / .parquet file or directory; from Python also a "
+        "datasets.Dataset or a list of dicts), rolled out and scored with the run's rewards; none: no evaluation",
+        None)
+    eval_every: int = _help("evaluate every N steps (0: at the last step only)", 0)
+    eval_num_generations: int | None = _help("completions per held-out prompt (none: num_generations)", None)
+    eval_pass_threshold: float = _help(
+        "eval/pass_rate is the fraction of completions whose combined reward is above this", 0.0)
 
     def _validate_rollout(self, min_generations: int) -> None:
         self._positive("num_generations", "reward_batch_size")
+        if not isinstance(self.allow_missing_columns, bool):
+            self._fail("allow_missing_columns", f"must be true or false, got {self.allow_missing_columns!r}")
+        if self.eval_data is not None:
+            self._check_data("eval_data")
+        self._positive("eval_every", zero_ok=True)
+        if self.eval_num_generations is not None:
+            self._positive("eval_num_generations")
+        self._real("eval_pass_threshold")
         if self.num_generations < min_generations:
             self._fail("num_generations", f"must be >= {min_generations}, got {self.num_generations}")
         self._real("temperature", 0.0, low_open=True)
@@ -506,22 +764,51 @@ class _RolloutFields:
                            f"needs one weight per reward ({n_rewards}), got {len(self.reward_weights)}")
             self.reward_weights = [float(w) for w in self.reward_weights]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields, with reward objects given from Python replaced by their names (no deep copy of a model)."""
-        def name(obj):
-            return obj if obj is None or isinstance(obj, (str, os.PathLike, dict)) else \
-                f"<{getattr(obj, '__name__', type(obj).__name__)}>"
 
-        saved = self.reward_funcs, self.reward_model
-        self.reward_funcs, self.reward_model = [name(f) for f in self.reward_funcs], name(self.reward_model)
-        try:
-            return dataclasses.asdict(self)
-        finally:
-            self.reward_funcs, self.reward_model = saved
+@dataclass
+class _OnlineTRLNames:
+    """TRL's names of fields of the online methods (GRPO, online DPO)."""
+
+    shuffle_dataset: bool | None = _alias("shuffle")
+    eval_steps: int | None = _alias("eval_every")
+    num_generations_eval: int | None = _alias("eval_num_generations")
 
 
 @dataclass
-class DPOConfig(_DPOLossFields, _ImageFields, TrainConfig):
+class _GRPOTRLNames:
+    """TRL's names of GRPO fields (``trl.GRPOConfig``)."""
+
+    scale_rewards: str | None = _alias("advantage_scale", "group, batch or none (true: group, false: none)")
+    multi_objective_aggregation: str | None = _alias("multi_reward")
+    sapo_temperature_pos: float | None = _alias("sapo_tau_pos")
+    sapo_temperature_neg: float | None = _alias("sapo_tau_neg")
+    vespo_k_pos: float | None = _alias("vespo_k", "its first (positive-advantage) value")
+    vespo_k_neg: float | None = _alias("vespo_k", "its second (negative-advantage) value")
+    vespo_lambda_pos: float | None = _alias("vespo_lambda", "its first (positive-advantage) value")
+    vespo_lambda_neg: float | None = _alias("vespo_lambda", "its second (negative-advantage) value")
+    vllm_importance_sampling_mode: str | None = _alias("is_mode")
+    vllm_importance_sampling_clip_max: float | None = _alias("is_cap")
+    vllm_importance_sampling_clip_min: float | None = _alias("is_min")
+
+
+@dataclass
+class _DPOTRLNames:
+    """TRL's names of the DPO loss fields (``trl.DPOConfig``)."""
+
+    f_divergence_type: str | None = _alias("f_divergence")
+    f_alpha_divergence_coef: float | None = _alias("f_alpha")
+
+
+@dataclass
+class _OfflineDPOTRLNames:
+    """TRL's names of the offline DPO reference fields."""
+
+    precompute_ref_log_probs: bool | None = _alias("reference", "true: precomputed, false: live")
+    precompute_ref_batch_size: int | None = _alias("reference_batch_size")
+
+
+@dataclass
+class DPOConfig(_OfflineDPOTRLNames, _DPOTRLNames, _DPOLossFields, _ImageFields, TrainConfig):
     """Offline DPO on preference pairs (columns prompt / chosen / rejected)."""
 
     chosen_column: str = _help("column of the preferred completions", "chosen")
@@ -529,14 +816,16 @@ class DPOConfig(_DPOLossFields, _ImageFields, TrainConfig):
     reference: Literal["precomputed", "live"] = _help(
         "precomputed: reference log-probs in one pass before training, cached on disk; "
         "live: a frozen reference model scores every batch", "precomputed")
-    reference_model: str | None = _help("local directory of the reference model (default: the initial policy)", None)
+    reference_model: str | None = _help("local directory of the reference model (default: the initial policy; from "
+                                        "Python also an nn.Module)", None)
     reference_cache_dir: str | None = _help("reference log-prob cache (default: <output_dir>/reference_cache)", None)
     reference_batch_size: int = _help("pairs per forward of the reference pass (0 = batch_size)", 0)
 
     def validate(self) -> None:
         super().validate()
         self._choice("reference", ("precomputed", "live"))
-        if self.reference_model is not None and not (Path(self.reference_model) / "config.json").is_file():
+        if self.reference_model is not None and not _is_module(self.reference_model) and \
+                not (Path(self.reference_model) / "config.json").is_file():
             self._fail("reference_model", f"{self.reference_model!r} is not a local model directory with a config.json")
         self._positive("reference_batch_size", zero_ok=True)
         self._validate_dpo_loss()
@@ -552,7 +841,7 @@ _GRPOLossFields = dataclasses.make_dataclass(
 
 
 @dataclass
-class GRPOConfig(_GRPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
+class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
     """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`).
 
     The loss fields are those of :class:`fastrl.losses.GRPOSettings` (:meth:`loss_settings`). Every
@@ -614,7 +903,7 @@ class GRPOConfig(_GRPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
 
 
 @dataclass
-class OnlineDPOConfig(_DPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
+class OnlineDPOConfig(_DPOTRLNames, _OnlineTRLNames, _DPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
     """Online / iterative DPO: pairs sampled from the current policy and scored by the rewards."""
 
     num_generations: int = _help("completions per prompt (>= 2)", 2)
