@@ -9,6 +9,11 @@ Layout of ``<output_dir>/checkpoints/step-00000042/``::
     trainer_state.pt     scheduler, every process's RNG states, step, data position, counters
     trainer_state.json   the same counters and the config, for people
 
+A LoRA run (``peft_config``) writes its adapter instead of ``model.safetensors``, as peft does:
+``adapter/adapter_config.json`` and ``adapter/adapter_model.safetensors``
+(``peft.PeftModel.from_pretrained(base_model, checkpoint / "adapter")``); its resume rebuilds the
+frozen base from the run's model and loads the adapter (:mod:`fastrl.train.adapters`).
+
 Online DPO with a previous-iterate reference also keeps that reference beside the checkpoint, as
 ``checkpoints/reference-step-00000042.safetensors`` (:func:`save_reference`, :func:`load_reference`),
 written before the checkpoint and removed with it (:func:`prune_reference_files`).
@@ -33,11 +38,30 @@ from typing import Any
 import torch
 
 from fastrl.train import distributed
+from fastrl.train.adapters import ADAPTER_DIR, is_peft, load_adapter, save_adapter
 
-__all__ = ["find_checkpoint", "load_checkpoint", "load_reference", "prune_reference_files", "save_checkpoint",
-           "save_reference"]
+__all__ = ["checkpoints_after", "find_checkpoint", "jsonable", "load_checkpoint", "load_reference", "prunable",
+           "prune_reference_files", "save_checkpoint", "save_reference", "saved_config"]
 
 _PREFIX = "model."  # Policy wraps the Hugging Face model as .model
+
+
+def jsonable(obj: Any) -> Any:
+    """The JSON form of a config value JSON cannot write (``json.dumps(default=jsonable)``): a callable
+    (a reward, a decode function) as ``<its name>``, anything else as its ``str`` (paths).
+
+    Stable from one process to the next (no object address), so a resumed run's config compares
+    equal to its checkpoint's.
+
+    Args:
+        obj: the value.
+
+    Returns:
+        A string.
+    """
+    if callable(obj):
+        return f"<{getattr(obj, '__qualname__', None) or getattr(obj, '__name__', None) or type(obj).__name__}>"
+    return str(obj)
 
 
 def _fsync(path: Path) -> None:
@@ -138,7 +162,8 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimiz
                                                          get_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(policy, options=options)
+    lora = is_peft(policy.model)  # a LoRA run: the adapter alone (the base is the run's model, frozen)
+    model_sd = None if lora else get_model_state_dict(policy, options=options)
     optim_sd = get_optimizer_state_dict(policy, optimizer, options=options)
     rngs = distributed.all_gather_object(rng_state())
     root = Path(output_dir) / "checkpoints"
@@ -149,14 +174,18 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimiz
             shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"step-{step:08d}.tmp"
         tmp.mkdir()
-        _write_weights(model_sd, tmp / "model.safetensors")
+        if lora:
+            save_adapter(policy.model, tmp / ADAPTER_DIR)
+        else:
+            _write_weights(model_sd, tmp / "model.safetensors")
         policy.model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save({"scheduler": scheduler.state_dict(), "rng": rngs, "trainer": trainer_state},
                    tmp / "trainer_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "config": config}, indent=2, default=str))
+        (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "config": config}, indent=2,
+                                                           default=jsonable))
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
@@ -171,11 +200,79 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimiz
         latest.write_text(final.name)
         os.replace(latest, root / "latest")
         _fsync(root)
-        complete = sorted(p for p in root.glob("step-*") if p.is_dir() and p.suffix == "")
-        for old in complete[:-keep]:
+        for old in prunable(root, final, keep):
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of a ``step-<step>`` directory's name, or None for any other name."""
+    digits = path.name.removeprefix("step-")
+    return int(digits) if path.name.startswith("step-") and digits.isdigit() else None
+
+
+def prunable(root: Path, final: Path, keep: int) -> list[Path]:
+    """The checkpoints under ``root`` that the save of ``final`` removes.
+
+    Kept: ``final`` (the checkpoint just written, which ``latest`` names) and the ``keep - 1``
+    highest steps below it. Removed: the other steps below it, and every checkpoint of a later
+    step than ``final`` — a run's history ends at the step it just saved, so those belong to an
+    abandoned branch (a run resumed from an earlier checkpoint). The result never holds ``final``.
+
+    Args:
+        root: ``<output_dir>/checkpoints``.
+        final: the checkpoint just written.
+        keep: how many checkpoints to keep, ``final`` included (>= 1).
+
+    Returns:
+        The directories to remove.
+    """
+    step = _step_of(final)
+    steps = {p: _step_of(p) for p in root.glob("step-*") if p.is_dir() and p != final}
+    earlier = sorted((p for p, s in steps.items() if s is not None and s < step), key=steps.get)
+    later = [p for p, s in steps.items() if s is not None and s > step]
+    return earlier[:max(len(earlier) - (keep - 1), 0)] + sorted(later)
+
+
+def checkpoints_after(output_dir: str | os.PathLike, step: int) -> list[Path]:
+    """The checkpoints of ``output_dir`` later than ``step`` (an abandoned branch when a run resumes from
+    ``step``), their reference files included; not the ``.tmp`` debris of a crash (the next save removes it).
+
+    Args:
+        output_dir: the run's output directory.
+        step: the step resumed from.
+
+    Returns:
+        The paths, by step.
+    """
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    for p in root.glob("step-*"):
+        s = _step_of(p)
+        if s is not None and s > step:
+            found.append((s, p))
+    for p in root.glob("reference-step-*.safetensors"):
+        s = _step_of(Path(p.name.removeprefix("reference-").removesuffix(".safetensors")))
+        if s is not None and s > step:
+            found.append((s, p))
+    return [p for _, p in sorted(found)]
+
+
+def saved_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The config (and trainer state) a checkpoint was written with, from its ``trainer_state.json``.
+
+    Args:
+        path: the checkpoint's directory.
+
+    Returns:
+        The ``trainer_state.json`` mapping (``config``, ``step``, ``data_fingerprint``, ...), or None
+        when the file is missing or unreadable.
+    """
+    try:
+        return json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def find_checkpoint(output_dir: str | os.PathLike, resume: str | None) -> Path | None:
@@ -224,11 +321,16 @@ def load_checkpoint(path: str | os.PathLike, *, policy, optimizer, scheduler,
                                                          set_optimizer_state_dict)
 
     path = Path(path)
-    for name in ("model.safetensors", "optimizer.pt", "trainer_state.pt"):
+    lora = is_peft(policy.model)  # a LoRA run's checkpoint holds the adapter, not the whole model
+    weights = f"{ADAPTER_DIR}/adapter_model.safetensors" if lora else "model.safetensors"
+    for name in (weights, "optimizer.pt", "trainer_state.pt"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"resume: {path} is not a complete checkpoint (no {name})")
     options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(policy, _read_weights(path / "model.safetensors"), options=options)
+    if lora:
+        load_adapter(policy.model, path / ADAPTER_DIR)
+    else:
+        set_model_state_dict(policy, _read_weights(path / "model.safetensors"), options=options)
     optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     # a parameter no step has given a gradient (e.g. an image run's lm-head) has no optimiser state to restore
     set_optimizer_state_dict(policy, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))

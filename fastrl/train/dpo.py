@@ -31,7 +31,8 @@ from fastrl.train.model import (Policy, check_image_completions, check_offline_i
                                 sequence_layout)
 from fastrl.train.packing import COUNTS, SequenceBatch, pack
 from fastrl.train.reference import cache_key, model_fingerprint, precompute_pair_logps
-from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
+from fastrl.train.run import (TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry,
+                              plan_steps, resume, start_run)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "dpo_step", "pair_batch", "train_dpo"]
@@ -117,7 +118,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     if run.image is not None:  # image pairs: each completion ends with a whole image
         for column, completions in ((config.chosen_column, pairs.chosen), (config.rejected_column, pairs.rejected)):
             try:
-                check_image_completions(run.image, completions, lambda i: f"train_data row {i}, column {column!r}")
+                check_image_completions(run.image, completions, lambda i: f"{pairs.lines[i]}, column {column!r}")
             except ValueError as e:
                 raise DataError(str(e)) from None
     packed = config.packing and packing_works(policy, run.vocab_size, world.device)
@@ -128,7 +129,8 @@ def train_dpo(config: DPOConfig) -> TrainResult:
 
     # ---- reference: the initial policy (or reference_model), precomputed once or run live
     reference_model = None
-    if config.needs_reference and (config.reference == "live" or config.reference_model is not None):
+    if config.needs_reference and (config.reference == "live" or config.reference_model is not None
+                                   or config.peft_config is not None):  # LoRA: the policy, adapters disabled
         reference_model = frozen_copy(policy, config, world, config.reference_model)
     if config.needs_reference and config.reference == "precomputed":
         weights_from = config.reference_model or config.model
@@ -140,7 +142,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         key = cache_key(pairs.fingerprint(), model_fingerprint(weights_from, None if weights_from else model), settings)
     prepare_for_training(policy, config, world)
     policy.train()
-    plan_steps(run, len(pairs), "pairs")
+    plan_steps(run, len(pairs), "pairs", fingerprint=data_fingerprint(pairs))
 
     ref_table = None
     precompute_record: dict[str, Any] = {}
@@ -170,7 +172,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
     loss_fn = FusedLinearDPOLoss(**config.loss_options())
     step_flops_per_token = 3 * run.forward_flops + (run.forward_flops if reference_model is not None else 0.0)
 
-    try:
+    with guarded(run):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             micro_batches = [run.order.next() for _ in range(config.gradient_accumulation_steps)]
@@ -189,5 +191,3 @@ def train_dpo(config: DPOConfig) -> TrainResult:
                      flops=tokens * step_flops_per_token, layout=(tokens, metrics["slots"], metrics["padded_slots"]),
                      record=step_record)
         return finish(run)
-    finally:
-        telemetry.close()

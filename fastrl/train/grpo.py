@@ -58,7 +58,8 @@ from fastrl.train.model import Head, Policy, completion_logps, frozen_copy, prep
 from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, optimize, plan_steps, resume, start_run
+from fastrl.train.run import (TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry, optimize,
+                              plan_steps, resume, start_run)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["MicroBatch", "advantages_of", "grpo_head", "grpo_step", "loss_scales", "micro_batches", "train_grpo"]
@@ -312,14 +313,15 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
     prepare_for_training(policy, config, world)
     policy.train()
     old_source = config.old_logps if config.old_logps != "auto" else ("policy" if config.num_iterations > 1 else None)
-    plan_steps(run, len(data), "prompts")
+    plan_steps(run, len(data), "prompts", fingerprint=data_fingerprint(data))
     resume(run, updates_per_step=config.num_iterations)
     open_telemetry(run)
     telemetry = run.telemetry
     loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, settings=config.loss_settings())
     forwards_per_token = 1 + (reference_model is not None) + (old_source == "policy") + 3 * config.num_iterations
 
-    try:
+    # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
+    with guarded(run, on_exit=lambda: release(policy.model)):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             indices = [i for _ in range(config.gradient_accumulation_steps) for i in run.order.next()]
@@ -338,12 +340,14 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
             # 2. rewards of every completion, gathered over processes; 3. advantages
             with telemetry.phase("reward"):
                 with decode_weights(run, rewards):
-                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
+                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image,
+                                                      step=step, max_steps=run.total_steps)
                 all_rewards = gather_rows(local_rewards, world)
                 baseline = None
                 if greedy is not None:
                     with decode_weights(run, rewards):
-                        baseline = score_completions(rewards, data, greedy, tokenizer, image=run.image)
+                        baseline = score_completions(rewards, data, greedy, tokenizer, image=run.image,
+                                                     step=step, max_steps=run.total_steps)
                     baseline = gather_rows(baseline, world)
                     baseline = baseline.repeat_interleave(group, 0)
                 all_lengths = gather_rows(completions.lengths, world)
@@ -400,6 +404,3 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
                      samples=lambda: sample_records(completions, local_rewards, local_advantages, tokenizer,
                                                     config.log_completions))
         return finish(run)
-    finally:
-        release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
-        telemetry.close()

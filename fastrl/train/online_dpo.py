@@ -44,7 +44,8 @@ from fastrl.train.model import Policy, dpo_head, frozen_copy, pair_logps, prepar
 from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.run import Run, TrainResult, end_step, finish, open_telemetry, plan_steps, resume, save, start_run
+from fastrl.train.run import (Run, TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry,
+                              plan_steps, resume, save, start_run)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["make_pairs", "online_dpo_step", "train_online_dpo"]
@@ -176,7 +177,7 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
     iterate = reference_model is not None and config.reference_update == "previous_iterate"
     prepare_for_training(policy, config, world)
     policy.train()
-    plan_steps(run, len(data), "prompts")
+    plan_steps(run, len(data), "prompts", fingerprint=data_fingerprint(data))
     checkpoint = resume(run)
     if iterate and checkpoint is not None and run.start_step % config.reference_update_every:
         load_reference(reference_model, checkpoint)
@@ -198,7 +199,8 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
             prune_reference_files(run.out)
         return path
 
-    try:
+    # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
+    with guarded(run, save=save_with_reference, on_exit=lambda: release(policy.model)):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             if iterate and step % config.reference_update_every == 0:
@@ -211,7 +213,8 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                                       generator=step_generator(config.seed, world.rank, step, world.device))
             with telemetry.phase("reward"):
                 with decode_weights(run, rewards):
-                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image)
+                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image,
+                                                      step=step, max_steps=run.total_steps)
                 combined = rewards_lib.combine(local_rewards, config.reward_weights)
                 pairs = make_pairs(combined, group, pairing=config.pairing, min_gap=config.min_reward_gap)
                 all_rewards = gather_rows(local_rewards, world)
@@ -246,6 +249,3 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
                      samples=lambda: sample_records(completions, local_rewards, None, tokenizer,
                                                     config.log_completions))
         return finish(run, save=save_with_reference)
-    finally:
-        release(policy.model)  # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
-        telemetry.close()

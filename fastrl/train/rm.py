@@ -42,7 +42,8 @@ from fastrl.train.config import RMConfig
 from fastrl.train.data import PreferencePairs, load_preference_pairs
 from fastrl.train.model import Policy, packing_works, prepare_for_training, sequence_layout
 from fastrl.train.packing import COUNTS, SequenceBatch, pack
-from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
+from fastrl.train.run import (TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry,
+                              plan_steps, resume, start_run)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["TrainResult", "last_token_batch", "rm_step", "sequence_scores", "train_rm"]
@@ -163,13 +164,13 @@ def train_rm(config: RMConfig) -> TrainResult:
 
     prepare_for_training(policy, config, world)
     policy.train()
-    plan_steps(run, len(pairs), "pairs")
+    plan_steps(run, len(pairs), "pairs", fingerprint=data_fingerprint(pairs))
     resume(run)
     open_telemetry(run)
     telemetry = run.telemetry
     loss_fn = BradleyTerryLoss(center_rewards_coefficient=config.center_rewards_coefficient)
 
-    try:
+    with guarded(run):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             micro_batches = [run.order.next() for _ in range(config.gradient_accumulation_steps)]
@@ -182,5 +183,3 @@ def train_rm(config: RMConfig) -> TrainResult:
                      flops=tokens * 3 * run.forward_flops, layout=(tokens, metrics["slots"], metrics["padded_slots"]),
                      record=lambda: {k: v for k, v in metrics.items() if k not in COUNTS})
         return finish(run)
-    finally:
-        telemetry.close()

@@ -28,7 +28,8 @@ from fastrl.train.data import DataError, Encoder, fingerprint, fit_prompt, load_
 from fastrl.train.model import (Policy, check_image_completions, check_offline_image_lengths, image_layout,
                                 image_prompts, logprob_head, packing_works, prepare_for_training, sequence_layout)
 from fastrl.train.packing import SequenceBatch
-from fastrl.train.run import TrainResult, end_step, finish, open_telemetry, plan_steps, resume, start_run
+from fastrl.train.run import (TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry,
+                              plan_steps, resume, start_run)
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["SFTExamples", "load_sft_examples", "sft_step", "train_sft"]
@@ -37,14 +38,15 @@ __all__ = ["SFTExamples", "load_sft_examples", "sft_step", "train_sft"]
 class SFTExamples:
     """Tokenised ``prompts[i]`` / ``completions[i]`` token-id lists.
 
-    Made empty; :func:`load_sft_examples` fills ``prompts``, ``completions`` and the count
-    ``truncated_completions``.
+    Made empty; :func:`load_sft_examples` fills ``prompts``, ``completions``, the count
+    ``truncated_completions`` and ``lines`` (each example's data row named, for messages).
     """
 
     def __init__(self):
         self.prompts: list[list[int]] = []
         self.completions: list[list[int]] = []
         self.truncated_completions = 0
+        self.lines: list[str] = []
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -53,14 +55,16 @@ class SFTExamples:
         return fingerprint(self.prompts, self.completions)
 
 
-def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int) -> SFTExamples:
-    """The examples of ``config.train_data``, tokenised; completions cut to ``max_completion_length``.
+def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int, table=None) -> SFTExamples:
+    """The examples of ``config.train_data`` (or ``table``), tokenised; completions cut to ``max_completion_length``.
 
     Args:
         config: the :class:`~fastrl.train.config.SFTConfig` (``train_data``, ``prompt_column``,
             ``completion_column``, lengths, truncation, chat template).
         tokenizer: the policy's tokenizer.
         vocab_size: token ids must lie below it.
+        table: a ``datasets.Dataset`` or a list of dicts to read instead of ``config.train_data``,
+            or None.
 
     Returns:
         The :class:`SFTExamples`.
@@ -69,10 +73,11 @@ def load_sft_examples(config: SFTConfig, tokenizer, vocab_size: int) -> SFTExamp
         DataError: a bad row, naming the file, row and column (an empty completion, a prompt too long).
     """
     columns = [config.prompt_column, config.completion_column]
-    table = load_table(config.train_data, columns)
-    enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=f"train_data ({config.train_data})")
+    table = load_table(config.train_data if table is None else table, columns)
+    enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=table)
     out = SFTExamples()
-    for i, row in enumerate(table.select_columns(columns)):
+    out.lines = [table.where(i) for i in range(len(table))]
+    for i, row in enumerate(table):
         prompt_value = row[config.prompt_column]
         full_prompt = enc.prompt(prompt_value, i, config.prompt_column)
         prompt = fit_prompt(full_prompt, config.max_prompt_length, config.prompt_truncation,
@@ -143,7 +148,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
     if run.image is not None:  # image examples: each completion ends with a whole image
         try:
             check_image_completions(run.image, examples.completions,
-                                    lambda i: f"train_data row {i}, column {config.completion_column!r}")
+                                    lambda i: f"{examples.lines[i]}, column {config.completion_column!r}")
         except ValueError as e:
             raise DataError(str(e)) from None
     layout = sequence_layout(run.model, config.packing and packing_works(policy, run.vocab_size, world.device))
@@ -155,12 +160,12 @@ def train_sft(config: SFTConfig) -> TrainResult:
 
     prepare_for_training(policy, config, world)
     policy.train()
-    plan_steps(run, len(examples), "examples")
+    plan_steps(run, len(examples), "examples", fingerprint=data_fingerprint(examples))
     resume(run)
     open_telemetry(run)
     telemetry = run.telemetry
 
-    try:
+    with guarded(run):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             with telemetry.phase("data"):
@@ -173,5 +178,3 @@ def train_sft(config: SFTConfig) -> TrainResult:
                      record=lambda: {"loss": local["loss"], "ppl": math.exp(min(local["loss"], 50.0)),
                                      "completion_tokens": local["completion_tokens"]})
         return finish(run)
-    finally:
-        telemetry.close()

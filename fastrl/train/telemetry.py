@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import resource
 import time
 import warnings
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["IMAGE_STATS", "ImageStats", "Telemetry", "flops_per_token", "peak_flops"]
+__all__ = ["IMAGE_STATS", "ImageStats", "Telemetry", "drop_records_after", "flops_per_token", "peak_flops"]
 
 # Dense bf16 tensor-core peaks (FLOP/s), by a substring of the CUDA device name.
 _PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12,
@@ -175,6 +176,8 @@ class Telemetry:
         if not is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "completions.jsonl"):  # a resumed run redoes the steps after its checkpoint
+            drop_records_after(self.out / name, start_step)
         self.jsonl = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
         if config.progress:
             try:
@@ -190,7 +193,9 @@ class Telemetry:
                     continue
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(self.out / "tensorboard"))
+                # purge_step: the events of the steps a resumed run redoes are dropped
+                self.tb = SummaryWriter(log_dir=str(self.out / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
             elif sink == "wandb":
                 if importlib.util.find_spec("wandb") is None:
                     warnings.warn("report_to: wandb is not installed; skipped", stacklevel=2)
@@ -269,6 +274,42 @@ class Telemetry:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove from the JSON-lines file ``path`` every record of a step after ``step``, and any line
+    that is not a JSON object with a ``step`` (a line cut short by a crash); atomically (a temporary
+    file renamed over it). A missing file is left missing.
+
+    A run resumed from the checkpoint of step ``step`` redoes the steps after it: without this,
+    ``metrics.jsonl`` and ``completions.jsonl`` would hold two records of those steps.
+
+    Args:
+        path: ``metrics.jsonl`` or ``completions.jsonl``.
+        step: the last step whose records are kept (0: none).
+
+    Returns:
+        The number of lines removed.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+            except ValueError:
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def _plain(v: Any) -> Any:
