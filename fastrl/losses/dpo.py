@@ -151,6 +151,19 @@ class DPOSettings(Settings):
     """
 
     family: ClassVar[str] = "dpo"
+    peer_names: ClassVar[dict[str, str]] = {
+        "alpha": "an 'sft' entry: loss_type=[type, 'sft'], loss_weights=[1, alpha]",
+        "compute_nll_loss": "an 'sft' entry: loss_type=[type, 'sft'], loss_weights=[1, alpha]",
+        "average_log_prob": "loss types sigmoid_norm / ipo (token means), or fastrl.losses.liger."
+                            "LigerFusedLinearDPOLoss(average_log_prob=True)",
+        "use_ref_model": "pass ref_chosen_logps / ref_rejected_logps (the reference-free types need none)",
+        "reference_free": "a reference-free loss type (simpo, orpo, cpo, sft)",
+        "gamma": "'gamma_beta_ratio' (γ / β)",
+        "use_weighting": "forward's pair_weights=wpo_weights(...)",
+        "compiled": "none, leave it out (fastrl's ops need no torch.compile)",
+        "chunk_size": "'workspace_bytes' of FusedLinearDPOLoss (a byte budget, not a count)",
+        "ignore_index": "forward's mask (0 at the positions not scored)",
+    }
 
     loss_type: tuple[str, ...] = option(
         ("sigmoid",), "DPO-family loss type(s): sigmoid, ipo, hinge, robust, simpo, ... (docs/losses.md)",

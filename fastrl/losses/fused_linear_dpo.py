@@ -25,7 +25,8 @@ import torch
 from fastrl import _checks
 from fastrl.losses._fused_linear import loss_grads, grads_wanted, terminal, token_logprobs, two_pass
 from fastrl.losses.dpo import DPOSettings, dpo_loss
-from fastrl.ops.fused_linear_logprobs import check_inputs, fused_linear_logprobs, terminal_single_pass, workspace_budget
+from fastrl.ops.fused_linear_logprobs import (check_inputs, fused_linear_logprobs, pad_hidden_size,
+                                              terminal_single_pass, workspace_budget)
 from fastrl.ops.sequence_logps import sequence_logps
 
 __all__ = ["FusedLinearDPOLoss", "fused_linear_dpo_loss", "precompute_reference_logps"]
@@ -91,7 +92,7 @@ def fused_linear_dpo_loss(
             the B rejected ones (pair i = sequences i and B + i): padded ``[2B, L, H]`` with
             ``mask [2B, L]`` (1 on the completion tokens to score), or packed ``[T, H]`` with
             ``cu_seqlens [2B+1]``. Position t holds the hidden state that predicts ``labels[t]``.
-            fp32, bf16 or fp16; H a multiple of 16.
+            fp32, bf16 or fp16; any H (a multiple of 16 is the fast path, others are zero-padded).
         weight: the lm-head ``[V, H]``, the dtype of ``hidden`` (fp32, bf16 or fp16).
         labels: ``[2B, L]`` / ``[T]`` int64 or int32 token ids in ``[0, V)`` (padding positions are
             never read).
@@ -132,6 +133,7 @@ def fused_linear_dpo_loss(
     labels, counts = _layout(hidden, labels, mask, cu_seqlens)
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, -100,
                                                      workspace_bytes)
+    hidden, weight, h_size = pad_hidden_size(hidden, weight)  # H % 16 != 0: zero-padded (slower, exact)
     if ld_alpha is not None:
         ld_alpha = _checks.check_real("ld_alpha", ld_alpha, low=0.0, high=1.0)
     pairs = counts.numel() // 2

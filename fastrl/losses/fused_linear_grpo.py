@@ -24,7 +24,8 @@ import torch
 from fastrl import _checks
 from fastrl.losses._fused_linear import grads_wanted, terminal, token_logprobs, two_pass
 from fastrl.losses.grpo import GRPOSettings, grpo_loss, grpo_loss_grad
-from fastrl.ops.fused_linear_logprobs import check_inputs, terminal_single_pass, token_chunks, workspace_budget
+from fastrl.ops.fused_linear_logprobs import (check_inputs, pad_hidden_size, terminal_single_pass, token_chunks,
+                                              workspace_budget)
 
 __all__ = ["FusedLinearGRPOLoss", "fused_linear_grpo_loss"]
 
@@ -58,7 +59,8 @@ def fused_linear_grpo_loss(
     Args:
         hidden: padded ``[B, L, H]`` with ``mask [B, L]``, or packed ``[T, H]`` with
             ``cu_seqlens [B+1]`` (the layouts of :func:`~fastrl.losses.grpo_loss`); fp32, bf16 or
-            fp16, H a multiple of 16. Position t holds the hidden state that predicts ``labels[t]``.
+            fp16; any H (a multiple of 16 is the fast path, others are zero-padded). Position t
+            holds the hidden state that predicts ``labels[t]``.
         weight: the lm-head ``[V, H]``, the dtype of ``hidden`` (fp32, bf16 or fp16).
         labels: the completion tokens, ``[B, L]`` / ``[T]`` int64 or int32 in ``[0, V)`` (padding
             positions, where ``mask`` is 0, are never read as tokens: they may hold anything in range
@@ -121,6 +123,7 @@ def fused_linear_grpo_loss(
         labels = torch.where(mask.bool(), labels, -100) if isinstance(labels, torch.Tensor) else labels
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, -100,
                                                          workspace_bytes)
+    hidden, weight, h_size = pad_hidden_size(hidden, weight)  # H % 16 != 0: zero-padded (slower, exact)
     need_entropy = settings.entropy_coef != 0.0
     separable = (settings.level == "token" and settings.off_policy_mask_threshold is None
                  and settings.loss_type != "vespo")

@@ -135,6 +135,9 @@ class Settings:
     """Base of a loss family's settings: frozen, validated on construction (see the module docstring)."""
 
     family: ClassVar[str] = "loss"
+    #: keywords of peers (Liger-Kernel, TRL, verl) that are not fields here -> what fastrl calls or does
+    #: instead; :meth:`from_options` names it when such a keyword is passed
+    peer_names: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -158,7 +161,8 @@ class Settings:
     def from_options(cls, settings: Settings | None = None, options: Mapping[str, Any] | None = None, *,
                      where: str = "") -> Settings:
         """``settings`` or keyword ``options`` (never both) as settings of this class; an unknown keyword
-        raises ``TypeError`` naming it (and the closest field)."""
+        raises ``TypeError`` naming it and fastrl's equivalent (a peer's name, :attr:`peer_names`) or the
+        closest field."""
         options = dict(options or {})
         if settings is not None:
             if not isinstance(settings, cls):
@@ -173,6 +177,8 @@ class Settings:
             if key not in names:
                 near = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
+                if key in cls.peer_names:
+                    hint = f" (a Liger-Kernel / TRL / verl name; fastrl's equivalent: {cls.peer_names[key]})"
                 prefix = f"{where}() " if where else ""
                 raise TypeError(f"{prefix}got an unexpected keyword argument {key!r}{hint}")
         return cls(**options)

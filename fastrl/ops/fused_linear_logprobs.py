@@ -47,7 +47,8 @@ import torch
 from fastrl import _checks
 from fastrl.ops.selective_logprobs import grad_logits, row_stats
 
-__all__ = ["check_inputs", "chunk_spans", "fused_linear_logprobs", "terminal_single_pass", "token_chunks"]
+__all__ = ["check_inputs", "chunk_spans", "fused_linear_logprobs", "pad_hidden_size", "terminal_single_pass",
+           "token_chunks"]
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30  # fp32 chunk logits on the GPU; CPU uses 64 MiB
 
@@ -424,7 +425,8 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     docstring.
 
     Args:
-        hidden: ``[..., H]`` fp32, bf16 or fp16, H divisible by 16.
+        hidden: ``[..., H]`` fp32, bf16 or fp16; H a multiple of 16 is the fast path, any other H is
+            zero-padded to one (:func:`pad_hidden_size`: exact, slower, a padded copy of ``weight``).
         weight: ``[V, H]`` same dtype and device (the lm-head).
         labels: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index``.
         bias: optional ``[V]``, any floating dtype, on ``hidden``'s device.
@@ -447,6 +449,7 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     h_size, temperature, ignore_index = check_inputs(hidden, weight, labels, bias, temperature, ignore_index,
                                                      workspace_bytes)
     _checks.check_bool("return_entropy", return_entropy)
+    hidden, weight, h_size = pad_hidden_size(hidden, weight)
     logp, entropy, _ = logprobs_op(hidden.reshape(-1, h_size).contiguous(), weight.contiguous(), bias,
                                 labels.reshape(-1).contiguous(), temperature, ignore_index, return_entropy,
                                 workspace_bytes or 0)
@@ -454,11 +457,38 @@ def fused_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
 
 
+H_ALIGN = 16  # hidden sizes the fast path takes: 16-element (32-byte bf16) aligned GEMM rows
+
+
+def pad_hidden_size(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``hidden`` and ``weight`` with the hidden size H zero-padded to a multiple of 16 (the slower path).
+
+    Exact: the padded columns add zero products to every logit, and their gradients are dropped by
+    the padding's own backward (``torch.nn.functional.pad`` is differentiable). It costs a padded copy
+    of both tensors (``weight``'s is ``[V, H']``); hidden sizes of real models are multiples of 16 and
+    take no copy.
+
+    Args:
+        hidden: ``[..., H]`` floating.
+        weight: ``[V, H]`` floating.
+
+    Returns:
+        ``(hidden, weight, H')``: the inputs themselves when ``H % 16 == 0``, else their padded copies
+        with ``H'`` the next multiple of 16.
+    """
+    h_size = hidden.shape[-1]
+    pad = -h_size % H_ALIGN
+    if pad == 0:
+        return hidden, weight, h_size
+    return (torch.nn.functional.pad(hidden, (0, pad)), torch.nn.functional.pad(weight, (0, pad)), h_size + pad)
+
+
 def check_inputs(hidden, weight, labels, bias, temperature, ignore_index, workspace_bytes) -> tuple[int, float, int]:
     """The checks of :func:`fused_linear_logprobs`, shared with the fused-linear losses.
 
     Args:
-        hidden: ``[..., H]`` fp32, bf16 or fp16, H a positive multiple of 16.
+        hidden: ``[..., H]`` fp32, bf16 or fp16, H >= 1 (a multiple of 16 is the fast path; see
+            :func:`pad_hidden_size`).
         weight: ``[V, H]`` with V >= 1, ``hidden``'s dtype and device.
         labels: ``[...]`` (``hidden``'s leading shape) int64 or int32, in ``[0, V)`` or ``ignore_index``.
         bias: ``[V]`` floating on ``hidden``'s device, or None.
@@ -478,8 +508,8 @@ def check_inputs(hidden, weight, labels, bias, temperature, ignore_index, worksp
     if hidden.dim() < 1:
         raise ValueError("hidden must have a last (hidden-size) dimension")
     h_size = hidden.shape[-1]
-    if h_size == 0 or h_size % 16:
-        raise ValueError(f"hidden size (last dimension of hidden) must be a positive multiple of 16, got {h_size}")
+    if h_size == 0:
+        raise ValueError("hidden size (last dimension of hidden) must be positive, got 0")
     _checks.check_tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
     if weight.shape[1] != h_size or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape [V, {h_size}] with V >= 1, got {tuple(weight.shape)}")

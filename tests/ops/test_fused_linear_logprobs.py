@@ -123,7 +123,7 @@ def test_opcheck():
 
 
 BAD = [
-    (lambda h, w, b, y: fused_linear_logprobs(h[:, :20], w[:, :20], y), ValueError, "multiple of 16"),
+    (lambda h, w, b, y: fused_linear_logprobs(h[:, :0], w[:, :0], y), ValueError, "must be positive"),
     (lambda h, w, b, y: fused_linear_logprobs(h, w.double(), y), ValueError, "weight"),
     (lambda h, w, b, y: fused_linear_logprobs(h, w[:, :16], y), ValueError, "weight"),
     (lambda h, w, b, y: fused_linear_logprobs(h, w, y, b[:5]), ValueError, "bias"),

@@ -110,6 +110,23 @@ class GRPOSettings(Settings):
     """
 
     family: ClassVar[str] = "grpo"
+    peer_names: ClassVar[dict[str, str]] = {
+        "epsilon_low": "'epsilon'", "clip_ratio_low": "'epsilon'", "clip_ratio_high": "'epsilon_high'",
+        "sapo_temperature_pos": "'sapo_tau_pos'", "sapo_temperature_neg": "'sapo_tau_neg'",
+        "vespo_k_pos": "'vespo_k' (a (positive, negative) pair)",
+        "vespo_k_neg": "'vespo_k' (a (positive, negative) pair)",
+        "vespo_lambda_pos": "'vespo_lambda' (a (positive, negative) pair)",
+        "vespo_lambda_neg": "'vespo_lambda' (a (positive, negative) pair)",
+        "kl_loss_coef": "'beta'", "kl_loss_type": "'kl'", "kl_estimator": "'kl'", "entropy_coeff": "'entropy_coef'",
+        "vllm_importance_sampling_mode": "'is_mode'", "vllm_importance_sampling_cap": "'is_cap'",
+        "vllm_importance_sampling_clip_max": "'is_cap'", "vllm_importance_sampling_clip_min": "'is_min'",
+        "vllm_is_ratio": "forward's sampler_logps (the engine's log-probs; the weight is exp(old - sampler))",
+        "use_ref_model": "beta > 0 with forward's ref_logps (beta=0: no reference)",
+        "compiled": "none, leave it out (fastrl's ops need no torch.compile)",
+        "chunk_size": "'workspace_bytes' of the fused-linear losses (a byte budget, not a count)",
+        "ignore_index": "forward's mask (0 at the positions not scored)",
+        "temperature": "'temperature' of FusedLinearGRPOLoss (log-probs taken from hidden states)",
+    }
 
     loss_type: str = option("dapo", "policy loss: grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo",
                             choices=LOSS_TYPES)
