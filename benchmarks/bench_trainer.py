@@ -108,11 +108,10 @@ def tokens_per_step(case: dict) -> int:
     return 2 * case["pairs"] * (case["prompt_len"] + case["completion_len"])
 
 
-def reward_even_tokens(prompts, completions, completion_ids=None, **kwargs) -> list[float]:
-    """The reward of both sides (batched): the fraction of even token ids in each completion. fastrl
-    passes token ids as ``completions``; TRL passes text, and the ids as ``completion_ids``."""
-    ids = completion_ids if completion_ids is not None else completions
-    return [sum(t % 2 == 0 for t in c) / max(len(c), 1) for c in ids]
+def reward_even_tokens(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """The reward of both sides, in TRL's form (both call it alike: text as ``completions``, the token
+    ids as ``completion_ids``): the fraction of even token ids in each completion."""
+    return [sum(t % 2 == 0 for t in c) / max(len(c), 1) for c in completion_ids]
 
 
 # ---------------------------------------------------------------------------------------------- setup

@@ -54,6 +54,7 @@ from fastrl.ops import group_advantages
 from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
+from fastrl.train.evaluate import attach_evaluation
 from fastrl.train.model import Head, Policy, completion_logps, frozen_copy, prepare_for_training
 from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
                                  sample_records, score_completions, step_generator)
@@ -289,13 +290,15 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
 
 # ---------------------------------------------------------------------------------------------- recipe
 
-def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
+def train_grpo(config: GRPOConfig, reward_funcs=None, *, callbacks=None) -> TrainResult:
     """Run GRPO as ``config`` says; see the module docstring.
 
     Args:
         config: the :class:`~fastrl.train.config.GRPOConfig`.
         reward_funcs: reward callables that replace ``config.reward_funcs`` (the reward model, if any,
             is added after them), or None.
+        callbacks: objects added to ``run.callbacks`` (:mod:`fastrl.train.run`), or None; with
+            ``eval_data`` the held-out :class:`~fastrl.train.evaluate.Evaluation` follows them.
 
     Returns:
         The run's :class:`~fastrl.train.run.TrainResult`.
@@ -304,10 +307,12 @@ def train_grpo(config: GRPOConfig, reward_funcs=None) -> TrainResult:
         ConfigError: a bad config field, naming it.
     """
     run = start_run(config)
+    run.callbacks.extend(callbacks or ())
     policy, world, tokenizer = run.policy, run.world, run.tokenizer
 
-    # ---- prompts, rewards, layout
+    # ---- prompts, rewards, layout; the held-out evaluation (eval_data)
     data, rewards, names, layout, stop_ids, group = online_setup(run, reward_funcs)
+    attach_evaluation(run, rewards, stop_ids)
 
     reference_model = frozen_copy(policy, config, world) if config.beta > 0 else None  # the initial policy
     prepare_for_training(policy, config, world)

@@ -173,7 +173,9 @@ def reward_columns(data: Prompts, completions: Completions, tokenizer, image=Non
     """The keyword arguments of each completion's reward call.
 
     Its data row (without ``prompt_ids`` / ``completion_ids``), ``completion`` (text, with a
-    tokenizer) and ``finish_reason``.
+    tokenizer) and ``finish_reason``. A column of the table the row lacks (a JSON line without the
+    key) is there as :data:`fastrl.train.rewards.MISSING`, for :func:`fastrl.train.rewards.score`
+    to name (or to pass as None under ``allow_missing_columns``).
 
     Args:
         data: the run's :class:`~fastrl.train.data.Prompts`.
@@ -191,9 +193,12 @@ def reward_columns(data: Prompts, completions: Completions, tokenizer, image=Non
             [c[:max(0, len(c) - image.image_tokens)] for c in completions.completions]
         texts = tokenizer.batch_decode(text_parts, skip_special_tokens=True)
     stopped = completions.stopped.tolist()
+    table_columns = [k for k in data.columns if k not in ("prompt_ids", "completion_ids")]
     out = []
     for i, row in enumerate(completions.rows):
         columns = {k: v for k, v in data.rows[row].items() if k not in ("prompt_ids", "completion_ids")}
+        for k in table_columns:
+            columns.setdefault(k, rewards_lib.MISSING)
         if texts is not None:
             columns["completion"] = texts[i]
         columns["finish_reason"] = "stop" if stopped[i] else "length"
@@ -201,9 +206,29 @@ def reward_columns(data: Prompts, completions: Completions, tokenizer, image=Non
     return out
 
 
+def _prompt_values(data: Prompts, completions: Completions, tokenizer) -> list:
+    """Each completion's prompt as a TRL-form reward gets it: the data cell (text or chat messages);
+    a token-id cell decoded (special tokens dropped)."""
+    out, decoded = [], {}
+    for row in completions.rows:
+        value = data.rows[row].get(data.prompt_column)
+        if isinstance(value, list) and value and all(isinstance(t, int) for t in value):
+            if row not in decoded:
+                decoded[row] = tokenizer.decode(value, skip_special_tokens=True) if tokenizer is not None else value
+            value = decoded[row]
+        out.append(value)
+    return out
+
+
 def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, completions: Completions,
-                      tokenizer, *, image=None) -> torch.Tensor:
+                      tokenizer, *, image=None, step: int | None = None, max_steps: int | None = None) -> torch.Tensor:
     """The rewards of this process's completions (NaN = unscorable).
+
+    The rewards get each completion's data row named (``train_data (path) line 7``) in their
+    errors; the TRL-form ones get the prompts as the data holds them, the completions' text and
+    ``trainer_state`` (:class:`~fastrl.train.rewards.RewardState`: ``global_step`` = ``step``,
+    ``max_steps``). A row lacking a column a reward asks for is an error unless the data allows it
+    (:attr:`~fastrl.train.data.Prompts.allow_missing_columns`).
 
     Args:
         rewards: the run's reward functions.
@@ -212,13 +237,23 @@ def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, 
         tokenizer: decodes the completions for text rewards, or None.
         image: the run's :class:`~fastrl.rollout.image.ImageModel` on an image-generation run (its
             completions' images are decoded once for the rewards that ask for ``images``), else None.
+        step: the optimiser steps done before this one (for ``trainer_state``), or None (0).
+        max_steps: the run's total steps, or None (0).
 
     Returns:
         ``[N, R]`` fp32, one column per reward.
+
+    Raises:
+        RewardError: a reward that fails (:func:`fastrl.train.rewards.score`), naming it and the data row.
     """
-    return rewards_lib.score(rewards, completions.prompts, completions.completions,
-                             reward_columns(data, completions, tokenizer, image), image=image,
-                             group_size=completions.group_size)
+    columns = reward_columns(data, completions, tokenizer, image)
+    trl = any(r.form == "trl" for r in rewards)
+    return rewards_lib.score(rewards, completions.prompts, completions.completions, columns, image=image,
+                             group_size=completions.group_size,
+                             prompts=_prompt_values(data, completions, tokenizer) if trl else None,
+                             row_names=[data.where(r) for r in completions.rows],
+                             allow_missing_columns=data.allow_missing_columns,
+                             state=rewards_lib.RewardState(global_step=step or 0, max_steps=max_steps or 0))
 
 
 def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:
@@ -343,7 +378,7 @@ def load_run_rewards(config, reward_funcs, tokenizer, device: torch.device) -> l
     try:
         return rewards_lib.load_rewards(funcs, config.reward_model, field_name=f"{name}.reward_funcs",
                                         tokenizer=tokenizer, batch_size=config.reward_batch_size, device=device,
-                                        dtype=DTYPES[config.dtype])
+                                        dtype=DTYPES[config.dtype], text_available=tokenizer is not None)
     except rewards_lib.RewardError as e:
         raise ConfigError(str(e)) from None
 

@@ -154,12 +154,14 @@ def copy_weights(target: Policy, source: Policy) -> None:
 
 # ---------------------------------------------------------------------------------------------- recipe
 
-def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
+def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None, *, callbacks=None) -> TrainResult:
     """Run online DPO as ``config`` says; see the module docstring.
 
     Args:
         config: the :class:`~fastrl.train.config.OnlineDPOConfig`.
         reward_funcs: Python callables replacing ``config.reward_funcs``, or None.
+        callbacks: objects added to ``run.callbacks`` (:mod:`fastrl.train.run`), or None; with
+            ``eval_data`` the held-out :class:`~fastrl.train.evaluate.Evaluation` follows them.
 
     Returns:
         The run's :class:`~fastrl.train.run.TrainResult`.
@@ -168,10 +170,12 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None) -> TrainResult:
         ConfigError: a bad config field, naming it.
     """
     run = start_run(config)
+    run.callbacks.extend(callbacks or ())
     policy, world, tokenizer = run.policy, run.world, run.tokenizer
 
-    # ---- prompts, rewards, layout
+    # ---- prompts, rewards, layout; the held-out evaluation (eval_data)
     data, rewards, names, layout, stop_ids, group = online_setup(run, reward_funcs)
+    attach_evaluation(run, rewards, stop_ids)
 
     reference_model = frozen_copy(policy, config, world) if config.needs_reference else None
     iterate = reference_model is not None and config.reference_update == "previous_iterate"

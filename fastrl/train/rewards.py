@@ -71,14 +71,49 @@ import torch
 from fastrl.train.image_rewards import score_tensor
 from fastrl.train.telemetry import IMAGE_STATS
 
-__all__ = ["IMAGE_ARGS", "RewardError", "RewardFunction", "RewardModel", "decode_images", "load_rewards",
-           "pairwise_preferences", "reward_function", "score"]
+__all__ = ["IMAGE_ARGS", "MISSING", "RewardError", "RewardFunction", "RewardModel", "RewardState", "decode_images",
+           "load_rewards", "pairwise_preferences", "reward_function", "score"]
 
 IMAGE_ARGS = ("images", "pil_images")  # the parameter names that ask for the completions' images
 
 
 class RewardError(ValueError):
     """A reward that cannot be loaded or returned something unusable; the message names it."""
+
+
+TRL_ARGS = ("prompts", "completions", "completion_ids")  # a TRL-form reward's data arguments (keywords)
+TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric")  # what else TRL 1.16 passes every reward
+FORMS = ("TRL's form f(prompts, completions, completion_ids, **kwargs) -> list[float] (text, or chat messages for "
+         "chat prompts; the data columns as keyword lists), or fastrl's form f(prompt_ids, completion_ids, **columns) "
+         "-> float (token ids; per sample, or batched with lists)")
+
+
+class _Missing:
+    """A column a data row lacks (its JSON line has no such key); see :data:`MISSING`."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __reduce__(self):
+        return "MISSING"
+
+
+MISSING = _Missing()  # a reward column a data row lacks (fastrl.train.online.reward_columns fills it in)
+
+
+@dataclass
+class RewardState:
+    """What a TRL-form reward gets as ``trainer_state`` (the fields of TRL's ``TrainerState`` fastrl knows).
+
+    Args:
+        global_step: optimiser steps done before this one (TRL's meaning).
+        max_steps: the run's total steps, or 0 when not known.
+        epoch: passes over the data so far (fractional), or None.
+    """
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float | None = None
 
 
 @dataclass
@@ -98,6 +133,14 @@ class RewardFunction:
         wants_group_size: its signature names ``group_size`` (it gets G).
         preferences: after a :func:`score` call, a pairwise reward's ``[N, G]`` fp32 preference
             matrix (its ``last_preferences``), else None.
+        form: ``"trl"`` (``f(prompts, completions, completion_ids, **kwargs)``, text, keywords) or
+            ``"fastrl"`` (``f(prompt_ids, completion_ids, **columns)``, token ids, positional).
+        named: the keywords its signature names (past the data arguments).
+        defaults: those of them that have a default value.
+        trl_args: a TRL-form reward's data arguments it accepts (of ``prompts``, ``completions``,
+            ``completion_ids``).
+        logged: after a :func:`score` call, what a TRL-form reward logged: ``{"metrics": {name:
+            [values]}, "extra": {column: [values]}}`` (its ``log_metric`` / ``log_extra`` calls).
     """
 
     fn: Callable
@@ -111,6 +154,11 @@ class RewardFunction:
     image_args: frozenset[str] = frozenset()
     wants_group_size: bool = False
     preferences: torch.Tensor | None = None
+    form: str = "fastrl"
+    named: frozenset[str] = frozenset()
+    defaults: frozenset[str] = frozenset()
+    trl_args: frozenset[str] = frozenset(TRL_ARGS)
+    logged: dict[str, dict[str, list]] = field(default_factory=dict)
 
     def select(self, columns: dict[str, Any]) -> dict[str, Any]:
         if self.keywords is None:
@@ -171,8 +219,8 @@ def _is_list_annotation(annotation: Any) -> bool:
 def reward_function(spec: str | Callable, where: str = "reward_funcs") -> RewardFunction:
     """The :class:`RewardFunction` of ``spec``: the callable and how to call it.
 
-    Whether it is batched, async and which keywords it takes are read from its signature (see the
-    module docstring).
+    Its form (TRL's or fastrl's), whether it is batched, async and which keywords it takes are
+    read from its signature (see the module docstring).
 
     Args:
         spec: a ``"module:function"`` string (a dotted module importable from the working
@@ -184,7 +232,7 @@ def reward_function(spec: str | Callable, where: str = "reward_funcs") -> Reward
 
     Raises:
         RewardError: a module or file that cannot be imported, a missing attribute, something not
-            callable, or a signature without ``(prompt_ids, completion_ids, ...)``.
+            callable, or a signature of neither form (the message shows both).
     """
     label = f"{where} ({spec if isinstance(spec, str) else getattr(spec, '__name__', type(spec).__name__)})"
     fn = _import(spec, label) if isinstance(spec, str) else spec
@@ -198,27 +246,43 @@ def reward_function(spec: str | Callable, where: str = "reward_funcs") -> Reward
     keywords = None
     batched = bool(getattr(fn, "batched", False))
     named: set[str] = set()
+    defaults: set[str] = set()
+    form, trl_args = "fastrl", frozenset(TRL_ARGS)
     if signature is not None:
         params = list(signature.parameters.values())
         positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
-            raise RewardError(f"{label}: must take (prompt_ids, completion_ids, **columns); its signature is "
-                              f"{signature}")
-        named = {p.name for p in params[2:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
+        by_keyword = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        var_keyword = any(p.kind == p.VAR_KEYWORD for p in params)
+        if [p.name for p in positional[:2]] == ["prompt_ids", "completion_ids"]:
+            rest = params[2:]
+        elif by_keyword & {"prompts", "completions"} and not (positional and positional[0].name == "prompt_ids"):
+            form = "trl"  # TRL calls every argument by keyword
+            required = [p.name for p in positional if p.default is p.empty and p.name not in by_keyword]
+            if required:
+                raise RewardError(f"{label}: looks like TRL's form (it names {', '.join(sorted(by_keyword & {'prompts', 'completions'}))}) "
+                                  f"but its positional-only parameter {required[0]!r} cannot be passed by keyword; "
+                                  f"a reward takes {FORMS}; its signature is {signature}")
+            trl_args = frozenset(TRL_ARGS) if var_keyword else frozenset(by_keyword & set(TRL_ARGS))
+            rest = [p for p in params if p.name not in TRL_ARGS]
+            batched = True
+        else:
+            raise RewardError(f"{label}: a reward takes {FORMS}; its signature is {signature}")
+        named = {p.name for p in rest if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        defaults = {p.name for p in rest if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not p.empty}
+        if not var_keyword:
             keywords = frozenset(named)
-        if positional and not hasattr(fn, "batched"):
-            first = positional[0]
-            batched = _is_list_annotation(first.annotation) or first.name in ("prompts", "batch")
+        if form == "fastrl" and not hasattr(fn, "batched"):
+            batched = _is_list_annotation(positional[0].annotation)
     name = getattr(fn, "__name__", None) or type(fn).__name__
     is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
     return RewardFunction(fn=fn, name=name, where=label, batched=batched, is_async=is_async, keywords=keywords,
-                          image_args=frozenset(named & set(IMAGE_ARGS)), wants_group_size="group_size" in named)
+                          image_args=frozenset(named & set(IMAGE_ARGS)), wants_group_size="group_size" in named,
+                          form=form, named=frozenset(named), defaults=frozenset(defaults), trl_args=trl_args)
 
 
 def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None, *, field_name: str = "reward_funcs",
                  tokenizer=None, batch_size: int = 32, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> list[RewardFunction]:
+                 dtype: torch.dtype = torch.float32, text_available: bool = True) -> list[RewardFunction]:
     """Every reward of a run, in config order: the functions, then the reward model.
 
     Names that repeat get their index appended (metrics need distinct names).
@@ -234,16 +298,24 @@ def load_rewards(reward_funcs: Sequence[str | Callable] = (), reward_model=None,
         batch_size: sequences per reward-model forward.
         device: where the reward model runs.
         dtype: the reward model's dtype when loaded from a directory.
+        text_available: False where the run has no tokenizer: a TRL-form reward (which reads text)
+            is then refused.
 
     Returns:
         The :class:`RewardFunction` list.
 
     Raises:
-        RewardError: a reward that cannot be loaded, naming it.
+        RewardError: a reward that cannot be loaded, naming it; a TRL-form reward on a run without
+            text (``text_available`` False).
     """
     rewards = []
     for i, spec in enumerate(reward_funcs):
-        rewards.append(reward_function(spec, f"{field_name}[{i}]"))
+        reward = reward_function(spec, f"{field_name}[{i}]")
+        if reward.form == "trl" and not text_available:
+            raise RewardError(f"{reward.where}: takes TRL's form f(prompts, completions, ...), which reads text, but "
+                              f"the run has no tokenizer to decode the completions (set `tokenizer`, or write it in "
+                              f"fastrl's form f(prompt_ids, completion_ids, **columns), on token ids)")
+        rewards.append(reward)
     where = field_name.rsplit(".", 1)[0] + ".reward_model" if "." in field_name else "reward_model"
     if isinstance(reward_model, dict) or getattr(reward_model, "image_reward", False):
         from fastrl.train.image_rewards import image_reward_model
@@ -372,7 +444,12 @@ class RewardModel:
 
 # ---------------------------------------------------------------------------------------------- scoring
 
-def _value(reward: RewardFunction, v: Any, index: int) -> float:
+def _at(index: int, row_names: Sequence[str] | None) -> str:
+    """Completion ``index`` named with its data row (``completion 3 (train_data (p.jsonl) line 2)``)."""
+    return f"completion {index}" + (f" ({row_names[index]})" if row_names is not None else "")
+
+
+def _value(reward: RewardFunction, v: Any, index: int, row_names: Sequence[str] | None = None) -> float:
     if v is None:
         return math.nan
     if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -380,15 +457,15 @@ def _value(reward: RewardFunction, v: Any, index: int) -> float:
     try:
         v = float(v)
     except (TypeError, ValueError):
-        raise RewardError(f"{reward.where}: returned {type(v).__name__} {v!r} for completion {index}; "
+        raise RewardError(f"{reward.where}: returned {type(v).__name__} {v!r} for {_at(index, row_names)}; "
                           f"expected a number (or None for unscorable)") from None
     if math.isinf(v):
-        raise RewardError(f"{reward.where}: returned {v} for completion {index}; rewards must be finite "
+        raise RewardError(f"{reward.where}: returned {v} for {_at(index, row_names)}; rewards must be finite "
                           f"(None or NaN marks an unscorable completion)")
     return v
 
 
-def _as_list(reward: RewardFunction, values: Any, n: int) -> list[float]:
+def _as_list(reward: RewardFunction, values: Any, n: int, row_names: Sequence[str] | None = None) -> list[float]:
     if isinstance(values, torch.Tensor):
         values = values.reshape(-1).tolist()
     try:
@@ -398,7 +475,7 @@ def _as_list(reward: RewardFunction, values: Any, n: int) -> list[float]:
                           f"{type(values).__name__}") from None
     if len(values) != n:
         raise RewardError(f"{reward.where}: returned {len(values)} values for {n} completions")
-    return [_value(reward, v, i) for i, v in enumerate(values)]
+    return [_value(reward, v, i, row_names) for i, v in enumerate(values)]
 
 
 def _run(coroutine):
@@ -446,9 +523,33 @@ def _pil(pixels: torch.Tensor, where: str) -> list:
     return [Image.fromarray(p.numpy()) for p in pixels]  # uint8 [H, W, 3] is an RGB image
 
 
+_NOT_TRL_COLUMNS = frozenset({"prompt", "completion", "prompt_ids", "completion_ids", *TRL_ARGS})
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
+def _raised(reward: RewardFunction, error: Exception, index: int | None, n: int, row_names: Sequence[str] | None,
+            texts: Sequence | None, completion_ids: Sequence[list[int]]) -> RewardError:
+    """The :class:`RewardError` of an exception a reward raised: the reward, the completion, its data row."""
+    if index is None:
+        rows = list(dict.fromkeys(row_names)) if row_names is not None else []
+        shown = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
+        what = f"on a batch of {n} completions" + (f" (data rows {shown})" if rows else "") + \
+            " (no single completion raises alone)"
+    else:
+        text = texts[index] if texts is not None and isinstance(texts[index], (str, list)) else completion_ids[index]
+        shown = repr(text) if len(repr(text)) <= 120 else repr(text)[:117] + "..."
+        what = f"on {_at(index, row_names)}: {shown}"
+    return RewardError(f"{reward.where}: raised {type(error).__name__}: {error} {what}")
+
+
 def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]],
           columns: Sequence[dict[str, Any]], *, image=None, group_size: int | None = None,
-          decode_batch_size: int = 16, images: torch.Tensor | None = None) -> torch.Tensor:
+          decode_batch_size: int = 16, images: torch.Tensor | None = None, prompts: Sequence | None = None,
+          completions: Sequence | None = None, row_names: Sequence[str] | None = None,
+          allow_missing_columns: bool = False, state: RewardState | None = None) -> torch.Tensor:
     """Rewards of N completions under R rewards.
 
     Async rewards are awaited together, every call of every async function concurrently, in one
@@ -456,6 +557,14 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
     asks for images (its signature names ``images`` or ``pil_images``), every completion's image is
     decoded once (:func:`decode_images`) and shared by all the rewards that ask; their count and time
     go to the telemetry (``images/decoded_per_s``, ``images/scored_per_s``).
+
+    A column is *missing* from completion i's row when ``columns[i]`` lacks a key another row has,
+    or holds :data:`MISSING`. A reward that asks for it (names it, or takes ``**kwargs``) raises a
+    :class:`RewardError` naming the reward, the column and the row, unless
+    ``allow_missing_columns`` (then it gets None, or a per-sample reward its parameter's default).
+    An exception a reward raises becomes a :class:`RewardError` naming the reward, the completion
+    and its row; a batched reward that raises is called again one completion at a time to find
+    the completion that raises.
 
     Args:
         rewards: the R rewards (:func:`load_rewards`).
@@ -470,18 +579,31 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         decode_batch_size: images per decoder call.
         images: the completions' pixels when the caller has decoded them already (uint8 ``[N, H, W,
             3]``, e.g. :func:`decode_images`): handed to the rewards as they are, nothing decoded.
+        prompts: the N prompts as the data holds them (text, or a list of chat messages), for the
+            TRL-form rewards; None: each row's ``prompt`` column.
+        completions: the N completions' text, for the TRL-form rewards (a chat prompt's completion
+            is handed to them as ``[{"role": "assistant", "content": text}]``); None: each row's
+            ``completion`` column.
+        row_names: ``row_names[i]`` names completion i's data row in messages
+            (``train_data (p.jsonl) line 7``), or None.
+        allow_missing_columns: hand None to a reward for a column its row lacks, instead of raising.
+        state: what a TRL-form reward gets as ``trainer_state`` (default: a :class:`RewardState`
+            at step 0).
 
     Returns:
         ``[N, R]`` fp32, NaN where a reward returned None or NaN (unscorable).
 
     Raises:
-        RewardError: a reward returned an inf, a non-number or a wrong number of values, naming it; a
-            reward asks for images on a run without image generation (``image`` None), naming it.
+        RewardError: a reward returned an inf, a non-number or a wrong number of values, or raised,
+            naming it (and the completion and row); a reward asks for a column a row lacks or the
+            data does not have, naming the reward, the column and the row; a reward asks for images
+            on a run without image generation (``image`` None), naming it; a TRL-form reward without
+            the completions' text.
     """
     n = len(completion_ids)
     table = torch.full((n, len(rewards)), math.nan, dtype=torch.float32)
     names = sorted({k for c in columns for k in c})
-    lists = {k: [c.get(k) for c in columns] for k in names}
+    lists = {k: [c.get(k, MISSING) for c in columns] for k in names}
     pixels = pil = None
     if images is not None:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
@@ -493,11 +615,34 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
     image_run = image is not None or pixels is not None
     # on a text run a data column of the same name keeps reaching the reward as it always has
     as_columns = not image_run and set(names)
+    provided = set(IMAGE_ARGS) | {"group_size"}
     for reward in rewards:
         if reward.image_args and not image_run and not reward.image_args <= as_columns:
             raise RewardError(f"{reward.where}: asks for images (its signature names "
                               f"{' and '.join(sorted(reward.image_args))}) but the run has no image generation "
                               f"(set image_generation in the config, or drop this reward)")
+        absent = sorted(reward.named - set(names) - provided - reward.defaults
+                        - (set(TRL_EXTRAS) if reward.form == "trl" else set()))
+        if absent and n:
+            data_columns = [k for k in names if k not in ("completion", "finish_reason")]
+            raise RewardError(f"{reward.where}: its signature names {absent[0]!r}, which is no column of the data "
+                              f"(the columns are {data_columns}, plus completion and finish_reason); give the "
+                              f"parameter a default, or add the column")
+    trl = [r for r in rewards if r.form == "trl"]
+    texts = list(completions) if completions is not None else lists.get("completion")
+    if texts is not None and len(texts) != n:
+        raise ValueError(f"completions: {len(texts)} texts for {n} completions")
+    if trl and n:
+        if texts is None or any(t is MISSING or t is None for t in texts):
+            raise RewardError(f"{trl[0].where}: takes TRL's form f(prompts, completions, ...) but the completions' "
+                              f"text is not known (the run has no tokenizer)")
+        prompt_values = list(prompts) if prompts is not None else lists.get("prompt", [None] * n)
+        if len(prompt_values) != n:
+            raise ValueError(f"prompts: {len(prompt_values)} prompts for {n} completions")
+        trl_inputs = {"prompts": prompt_values,
+                      "completions": [[{"role": "assistant", "content": t}] if _is_messages(p) and isinstance(t, str)
+                                      else t for p, t in zip(prompt_values, texts)],
+                      "completion_ids": [list(c) for c in completion_ids]}
     if image_run and pixels is None and any(r.image_args for r in rewards):
         pixels = decode_images(image, completion_ids, batch_size=decode_batch_size)
     for reward in rewards:
@@ -514,24 +659,120 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
             out["group_size"] = group_size
         return out
 
+    def missing(reward: RewardFunction, column: str, i: int) -> RewardError:
+        why = "its signature names it" if column in reward.named else \
+            "it takes **kwargs, so it gets every column, and other rows have this one"
+        row = row_names[i] if row_names is not None else f"the data row of completion {i}"
+        return RewardError(f"{reward.where}: {row} has no column {column!r}, which this reward asks for ({why}); "
+                           f"add it to the row, or set allow_missing_columns: true to pass None for it")
+
+    def column_lists(reward: RewardFunction, skip: frozenset[str] = frozenset()) -> dict[str, list]:
+        out = {}
+        for k, values in reward.select(lists).items():
+            if k in skip:
+                continue
+            if any(v is MISSING for v in values):
+                if not allow_missing_columns:
+                    raise missing(reward, k, next(i for i, v in enumerate(values) if v is MISSING))
+                values = [None if v is MISSING else v for v in values]
+            out[k] = values
+        return out
+
+    def row_keywords(reward: RewardFunction, i: int) -> dict[str, Any]:
+        out = {}
+        for k in (names if reward.keywords is None else [k for k in names if k in reward.keywords]):
+            v = columns[i].get(k, MISSING)
+            if v is MISSING:
+                if not allow_missing_columns:
+                    raise missing(reward, k, i)
+                if k in reward.defaults:
+                    continue
+                v = None
+            out[k] = v
+        return out
+
+    def trl_keywords(reward: RewardFunction) -> dict[str, Any]:
+        logged = reward.logged = {"metrics": {}, "extra": {}}
+        kw = {k: v for k, v in trl_inputs.items() if k in reward.trl_args}
+        kw.update(column_lists(reward, _NOT_TRL_COLUMNS))
+        specials = {"trainer_state": state if state is not None else RewardState(),
+                    "log_extra": lambda column, values: logged["extra"].setdefault(column, []).extend(values),
+                    "log_metric": lambda key, value: logged["metrics"].setdefault(key, []).append(value)}
+        kw.update({k: v for k, v in specials.items() if reward.keywords is None or k in reward.keywords})
+        return kw
+
+    def one(kw: dict[str, Any], i: int) -> dict[str, Any]:  # completion i's slice of batched keywords
+        out = {}
+        for k, v in kw.items():
+            sliceable = isinstance(v, list) or (isinstance(v, torch.Tensor) and k in IMAGE_ARGS)
+            out[k] = v[i:i + 1] if sliceable and len(v) == n else v
+        return out
+
+    def batched_call(reward: RewardFunction, kw: dict[str, Any], i: int | None = None):
+        if reward.form == "trl":
+            return reward.fn(**(kw if i is None else one(kw, i)))
+        if i is None:
+            return reward.fn(list(prompt_ids), list(completion_ids), **kw)
+        return reward.fn(list(prompt_ids[i:i + 1]), list(completion_ids[i:i + 1]), **one(kw, i))
+
+    def locate(reward: RewardFunction, kw: dict[str, Any]) -> int | None:
+        for i in range(n):
+            try:
+                out = batched_call(reward, kw, i)
+                if inspect.isawaitable(out):
+                    _run(out)
+            except Exception:
+                return i
+        return None
+
+    async def guarded(reward: RewardFunction, awaitable, index: int | None, kw: dict[str, Any] | None):
+        try:
+            return await awaitable
+        except RewardError:
+            raise
+        except Exception as e:
+            if index is None and kw is not None:
+                for i in range(n):
+                    try:
+                        await batched_call(reward, kw, i)
+                    except Exception:
+                        index = i
+                        break
+            raise _raised(reward, e, index, n, row_names, texts, completion_ids) from e
+
     pending: list[tuple[int, Any]] = []
     scored, seconds = 0, 0.0
     for j, reward in enumerate(rewards):
         started = time.perf_counter()
         reward.preferences = None
         if reward.batched:
-            out = reward.fn(list(prompt_ids), list(completion_ids), **{**reward.select(lists), **extras(reward, None)})
+            kw = trl_keywords(reward) if reward.form == "trl" else column_lists(reward)
+            kw.update(extras(reward, None))
+            try:
+                out = batched_call(reward, kw)
+            except RewardError:
+                raise
+            except Exception as e:
+                raise _raised(reward, e, None if reward.is_model else locate(reward, kw), n, row_names, texts,
+                              completion_ids) from e
             if inspect.isawaitable(out):
-                pending.append((j, out))
+                pending.append((j, guarded(reward, out, None, kw)))
             else:
-                table[:, j] = torch.tensor(_as_list(reward, out, n))
+                table[:, j] = torch.tensor(_as_list(reward, out, n, row_names))
         else:
-            outs = [reward.fn(p, c, **{**reward.select(kw), **extras(reward, i)})
-                    for i, (p, c, kw) in enumerate(zip(prompt_ids, completion_ids, columns))]
-            if outs and inspect.isawaitable(outs[0]):
+            outs = []
+            for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+                try:
+                    out = reward.fn(p, c, **{**row_keywords(reward, i), **extras(reward, i)})
+                except RewardError:
+                    raise
+                except Exception as e:
+                    raise _raised(reward, e, i, n, row_names, texts, completion_ids) from e
+                outs.append(guarded(reward, out, i, None) if inspect.isawaitable(out) else out)
+            if outs and inspect.iscoroutine(outs[0]):
                 pending.append((j, outs))
             else:
-                table[:, j] = torch.tensor([_value(reward, v, i) for i, v in enumerate(outs)])
+                table[:, j] = torch.tensor([_value(reward, v, i, row_names) for i, v in enumerate(outs)])
         if reward.image_args:
             scored, seconds = scored + n, seconds + time.perf_counter() - started
     if pending:
@@ -546,7 +787,7 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         if any(rewards[j].image_args for j, _ in pending):
             seconds += time.perf_counter() - started
         for (j, _), out in zip(pending, results):
-            table[:, j] = torch.tensor(_as_list(rewards[j], out, n))
+            table[:, j] = torch.tensor(_as_list(rewards[j], out, n, row_names))
     for reward in rewards:
         found = getattr(reward.fn, "last_preferences", None) if getattr(reward.fn, "pairwise", False) else None
         if found is not None:

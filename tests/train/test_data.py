@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fastrl.train import DataError
-from fastrl.train.data import load_preference_pairs, load_prompts
+from fastrl.train.data import load_preference_pairs, load_prompts, load_table
 from fastrl.train.run import BatchOrder
 
 from .conftest import dpo_config, make_tokenizer, toy_pairs, write_jsonl
@@ -43,14 +45,14 @@ def test_missing_column_is_named(tmp_path):
 def test_empty_completion_names_row_and_column(tmp_path):
     rows = toy_pairs(4)
     rows[2]["rejected"] = []
-    with pytest.raises(DataError, match=r"row 2, column 'rejected': the completion is empty"):
+    with pytest.raises(DataError, match=r"d\.jsonl\) line 3, column 'rejected': the completion is empty"):
         _load(tmp_path, rows)
 
 
 def test_long_prompt_is_an_error_or_cut_from_the_left(tmp_path):
     rows = toy_pairs(4)
     rows[3]["prompt"] = list(range(10, 30))
-    with pytest.raises(DataError, match=r"row 3, column 'prompt': the prompt has 20 tokens, more than "
+    with pytest.raises(DataError, match=r"line 4, column 'prompt': the prompt has 20 tokens, more than "
                                         r"max_prompt_length=8"):
         _load(tmp_path, rows, max_prompt_length=8)
     pairs = _load(tmp_path, rows, max_prompt_length=8, prompt_truncation="left")
@@ -67,15 +69,15 @@ def test_long_completions_are_cut_and_counted(tmp_path):
 def test_bad_cells_name_row_and_column(tmp_path):
     rows = toy_pairs(3)
     rows[1]["chosen"] = [1, 99]
-    with pytest.raises(DataError, match=r"row 1, column 'chosen': token id 99 is outside the vocabulary \[0, 64\)"):
+    with pytest.raises(DataError, match=r"line 2, column 'chosen': token id 99 is outside the vocabulary \[0, 64\)"):
         _load(tmp_path, rows)
     rows = toy_pairs(3)
     rows[0]["prompt"] = "text without a tokenizer"
-    with pytest.raises(DataError, match=r"row 0, column 'prompt': text needs a tokenizer"):
+    with pytest.raises(DataError, match=r"line 1, column 'prompt': text needs a tokenizer"):
         _load(tmp_path, rows)
     rows = toy_pairs(3)
     rows[2]["prompt"] = []
-    with pytest.raises(DataError, match=r"row 2, column 'prompt': the prompt is empty"):
+    with pytest.raises(DataError, match=r"line 3, column 'prompt': the prompt is empty"):
         _load(tmp_path, rows)
 
 
@@ -98,7 +100,7 @@ def test_text_with_chat_template(tmp_path):
     assert pairs.prompts[1] == [v["<|user|>"], v["hello"], v["<|end|>"], v["<|assistant|>"]]
     # without the template: plain text, completions end with EOS; chat messages need the template
     config = dpo_config(data, tmp_path / "out", chat_template=False)
-    with pytest.raises(DataError, match=r"row 1, column 'prompt': chat messages need a tokenizer with a chat template"):
+    with pytest.raises(DataError, match=r"line 2, column 'prompt': chat messages need a tokenizer with a chat template"):
         load_preference_pairs(config, tok, len(tok))
     write_jsonl(data, rows[:1])
     plain = load_preference_pairs(config, tok, len(tok))
@@ -128,3 +130,110 @@ def test_batch_order_splits_processes_and_reshuffles_each_epoch():
     resumed = BatchOrder(10, batch_size=4, world_size=1, rank=0, seed=3, shuffle=True)
     resumed.load_state_dict(first.state_dict())
     assert resumed.next() == first.next()
+
+
+# ---- fastrl's own JSON reading: lines named 1-based, its own messages
+
+def test_rows_are_named_by_their_file_line(tmp_path):
+    rows = toy_pairs(3)
+    rows[2]["rejected"] = []
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n   \n" + json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match=r"^train_data \(.*d\.jsonl\) line 5, column 'rejected': the completion is "
+                                        r"empty$"):
+        load_preference_pairs(dpo_config(data, tmp_path / "out"), None, 64)
+    assert load_preference_pairs(dpo_config(data, tmp_path / "out"), None, 64, table=rows[:2]).lines == \
+        ["train_data (a list of 2 rows) row 1 (1-based)", "train_data (a list of 2 rows) row 2 (1-based)"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"d\.jsonl\): the file is empty \(no rows\)$"),
+    ("\n  \n", r"d\.jsonl\): the file is empty \(no rows\)$"),
+    ('{"prompt": [5], "chosen": [1], "rejected": [2]}\n{"prompt": [5], "chosen": [1] "rejected": [2]}\n',
+     r"d\.jsonl\): line 2: not valid JSON \(Expecting ',' delimiter: column 31\)$"),
+    ('{"prompt": [5], "chosen": [1], "rejected": [2]}\n\n[1, 2]\n',
+     r"d\.jsonl\): line 3: a row must be a JSON object, got list$"),
+    ('{"prompt": [5], "chosen": [1], "rejected": [2]}\n{"prompt": [5], "chosen": [1]}\n',
+     r"d\.jsonl\) line 2: no column 'rejected' \(this row has \['prompt', 'chosen'\]\)$"),
+])
+def test_unreadable_json_lines_get_fastrls_message(tmp_path, text, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(text)
+    with pytest.raises(DataError, match=r"^train_data \(.*" + message):
+        load_preference_pairs(dpo_config(data, tmp_path / "out"), None, 64)
+
+
+def test_json_arrays_columns_directories_and_parquet(tmp_path):
+    import datasets
+
+    rows = toy_pairs(4)
+    rows[1]["chosen"] = [1, 99]
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps(rows, indent=1))
+    with pytest.raises(DataError, match=r"a\.json\) row 2 \(1-based\), column 'chosen': token id 99"):
+        load_preference_pairs(dpo_config(array, tmp_path / "out"), None, 64)
+    array.write_text("[\n" + json.dumps(rows[0]) + ",\n" + json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match=r"a\.json\): line 4: not valid JSON \(Expecting ',' delimiter"):
+        load_preference_pairs(dpo_config(array, tmp_path / "out"), None, 64)
+    columns = tmp_path / "c.json"
+    columns.write_text(json.dumps({k: [r[k] for r in rows[2:]] for k in rows[0]}))
+    assert load_preference_pairs(dpo_config(columns, tmp_path / "out"), None, 64).chosen == [r["chosen"] for r in rows[2:]]
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows[2:])
+    write_jsonl(folder / "b.jsonl", rows[:2])
+    with pytest.raises(DataError, match=r"^train_data \(.*dir\) b\.jsonl line 2, column 'chosen': token id 99"):
+        load_preference_pairs(dpo_config(folder, tmp_path / "out"), None, 64)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    with pytest.raises(DataError, match=r"d\.parquet\) row 2 \(1-based\), column 'chosen': token id 99"):
+        load_preference_pairs(dpo_config(tmp_path / "d.parquet", tmp_path / "out"), None, 64)
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match=r"bad\.parquet\): the file cannot be read as Parquet: "):
+        load_preference_pairs(dpo_config(tmp_path / "bad.parquet", tmp_path / "out"), None, 64)
+    with pytest.raises(DataError, match=r"^eval_data \(.*nowhere\.jsonl\): no such file or directory"):
+        load_table(str(tmp_path / "nowhere.jsonl"), ["prompt"], field="eval_data")
+
+
+def test_in_memory_tables(tmp_path):
+    import datasets
+
+    from fastrl.train import GRPOConfig
+    from fastrl.train.sft import load_sft_examples
+
+    from .test_sft import sft_config
+
+    rows = toy_pairs(3)
+    config = dpo_config(write_jsonl(tmp_path / "unused.jsonl", toy_pairs(5)), tmp_path / "out")
+    for table in (rows, datasets.Dataset.from_list(rows)):
+        pairs = load_preference_pairs(config, None, 64, table=table)
+        assert len(pairs) == 3 and pairs.chosen == [r["chosen"] for r in rows]
+    bad = [dict(r) for r in rows]
+    bad[1]["prompt"] = []
+    with pytest.raises(DataError, match=r"^train_data \(a datasets\.Dataset\) row 2 \(1-based\), column 'prompt': "
+                                        r"the prompt is empty"):
+        load_preference_pairs(config, None, 64, table=datasets.Dataset.from_list(bad))
+    with pytest.raises(DataError, match=r"^train_data \(a list of 2 rows\) row 2 \(1-based\): a row must be a dict"):
+        load_preference_pairs(config, None, 64, table=[rows[0], "text"])
+    with pytest.raises(DataError, match=r"^train_data: must be a file or directory path, a datasets\.Dataset or a "
+                                        r"list of dicts, got int"):
+        load_preference_pairs(config, None, 64, table=3)
+    grpo = GRPOConfig(model_config={"model_type": "qwen2"}, train_data=str(tmp_path / "unused.jsonl"),
+                      reward_funcs=["m:f"])
+    prompts = load_prompts(grpo, None, 64, table=[{"prompt": [5, 6], "answer": "7"}, {"prompt": [8]}])
+    assert prompts.rows == [{"prompt": [5, 6], "answer": "7"}, {"prompt": [8]}]  # a key absent stays absent
+    assert prompts.columns == ["prompt", "answer"] and prompts.where(1) == "train_data (a list of 2 rows) row 2 (1-based)"
+    sft = load_sft_examples(sft_config(tmp_path / "unused.jsonl", tmp_path / "sft"), None, 64,
+                            table=[{"prompt": [1, 2], "completion": [3]}])
+    assert sft.completions == [[3]] and sft.lines == ["train_data (a list of 1 rows) row 1 (1-based)"]
+
+
+def test_prompts_name_lines_and_keep_missing_keys_missing(tmp_path):
+    from fastrl.train import GRPOConfig
+
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": [5, 6], "answer": "7"}\n\n{"prompt": [8], "answer": null}\n{"prompt": [9]}\n')
+    config = GRPOConfig(model_config={"model_type": "qwen2"}, train_data=str(data), reward_funcs=["m:f"],
+                        allow_missing_columns=True)
+    prompts = load_prompts(config, None, 64)
+    assert prompts.rows[1] == {"prompt": [8], "answer": None} and prompts.rows[2] == {"prompt": [9]}
+    assert prompts.where(2) == f"train_data ({data}) line 4" and prompts.allow_missing_columns

@@ -85,8 +85,8 @@ def test_python_rewards_weights_and_errors(prompts_file, tmp_path):
     async def shorter(prompt_ids, completion_ids):  # async, no **kwargs: gets only what it names
         return None if completion_ids[0] == 3 else -len(completion_ids) / 8
 
-    def batched(prompts, completions, target):
-        return [float(target[0] == 7)] * len(completions)
+    def batched(prompt_ids: list, completion_ids, target):
+        return [float(target[0] == 7)] * len(completion_ids)
 
     config = GRPOConfig(**online_fields(prompts_file, tmp_path / "a", max_steps=1, reward_weights=[1.0, 0.5, 2.0],
                                         reward_funcs=[emits_target] * 3, advantage_estimator="rloo",
@@ -98,7 +98,7 @@ def test_python_rewards_weights_and_errors(prompts_file, tmp_path):
     assert {"reward/emits_target/mean", "reward/shorter/mean", "reward/batched/mean"} <= set(last)
     assert last["reward/batched/mean"] == 1.0
 
-    def wrong_length(prompts, completions):
+    def wrong_length(prompt_ids: list, completion_ids):
         return [0.0]
 
     with pytest.raises(RewardError, match=r"reward_funcs\[0\] \(wrong_length\): returned 1 values for 32"):

@@ -108,7 +108,7 @@ def test_images_are_decoded_once_and_shared(im, monkeypatch):
 
 def test_no_decode_without_an_image_reward(im, monkeypatch):
     spy = DecodeSpy(im, monkeypatch)
-    rewards = load_rewards([lambda p, c, **k: 1.0])
+    rewards = load_rewards([lambda prompt_ids, completion_ids, **k: 1.0])
     score(rewards, [[1]] * 2, _completions(2), [{}, {}], image=im)
     assert spy.calls == 0
 
@@ -164,7 +164,7 @@ def test_real_pil_images(im):
     pil = pytest.importorskip("PIL.Image")
     completions = _completions(2)
     got = []
-    score(load_rewards([lambda p, c, pil_images: got.append(pil_images) or 0.0]), [[1]] * 2, completions, [{}, {}],
+    score(load_rewards([lambda prompt_ids, completion_ids, pil_images: got.append(pil_images) or 0.0]), [[1]] * 2, completions, [{}, {}],
           image=im)
     expected = im.decode(im.codes(completions))
     assert all(isinstance(g, pil.Image) and g.size == (8, 8) for g in got)
@@ -177,7 +177,7 @@ def test_image_reward_on_a_text_run_names_the_reward():
     def clip_score(prompt_ids, completion_ids, images):
         return 0.0
 
-    rewards = load_rewards([lambda p, c: 1.0, clip_score])
+    rewards = load_rewards([lambda prompt_ids, completion_ids: 1.0, clip_score])
     with pytest.raises(RewardError, match=r"reward_funcs\[1\] \(clip_score\).*no image generation.*image_generation"):
         score(rewards, [[1]], [[3, 4]], [{}])
     with pytest.raises(ValueError, match="image_generation"):  # a RewardError is a ValueError

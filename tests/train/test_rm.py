@@ -140,11 +140,11 @@ def test_bad_rm_fields_are_named(tmp_path, fields, message):
 def test_bad_rm_rows_are_named(tmp_path):
     rows = preference_rows(8, seed=0)
     bad = write_jsonl(tmp_path / "bad.jsonl", rows[:5] + [{**rows[5], "rejected": []}] + rows[6:])
-    with pytest.raises(DataError, match=r"row 5, column 'rejected': the completion is empty"):
+    with pytest.raises(DataError, match=r"bad\.jsonl\) line 6, column 'rejected': the completion is empty"):
         train_rm(rm_config(bad, tmp_path / "a"))
     margins = write_jsonl(tmp_path / "margins.jsonl", [{**r, "margin": 1.0} for r in rows[:2]]
                           + [{**rows[2], "margin": None}])
-    with pytest.raises(DataError, match=r"row 2, column 'margin': the margin must be a finite number, got None"):
+    with pytest.raises(DataError, match=r"margins\.jsonl\) line 3, column 'margin': the margin must be a finite number, got None"):
         train_rm(rm_config(margins, tmp_path / "b", margin_column="margin"))
     with pytest.raises(DataError, match=r"column 'score' is missing"):
         train_rm(rm_config(margins, tmp_path / "c", margin_column="score"))

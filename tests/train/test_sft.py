@@ -58,5 +58,5 @@ def test_sft_text_data_and_bad_rows(tmp_path):
         train_sft(sft_config(missing, tmp_path / "x"))
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": [1, 2], "completion": [3]}] * 3
                         + [{"prompt": [1, 2], "completion": []}])
-    with pytest.raises(DataError, match=r"row 3, column 'completion': the completion is empty"):
+    with pytest.raises(DataError, match=r"empty\.jsonl\) line 4, column 'completion': the completion is empty"):
         train_sft(sft_config(empty, tmp_path / "x"))
