@@ -47,7 +47,12 @@ TRAIN_METHODS = ("sft", "dpo", "grpo", "online-dpo", "rm")
 
 def _train(args: argparse.Namespace) -> int:
     """``fastrl train METHOD [--config FILE.yaml] [--field value ...]``: the YAML file, then the
-    overrides (one ``--field value`` per config field; see ``fastrl train METHOD --help``)."""
+    overrides (one ``--field value`` per config field; see ``fastrl train METHOD --help``).
+
+    Exit codes: 0 done; 2 a bad config, data or reward (the message names it; a used output_dir
+    without ``--resume`` / ``--overwrite_output_dir`` too); 130 / 143 stopped by SIGINT (Ctrl-C) /
+    SIGTERM after checkpointing the step in progress (``interrupted at step N; checkpoint PATH;
+    continue with --resume auto``)."""
     from fastrl.train import ConfigError, DataError, config_class, load_config, train
 
     if args.help:
@@ -61,7 +66,9 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"fastrl train {args.method}: {e}", file=sys.stderr)
         return 2
-    from fastrl.train import RewardError
+    import signal
+
+    from fastrl.train import RewardError, TrainingInterrupted
     from fastrl.train.distributed import close_world
 
     try:
@@ -69,6 +76,14 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, RewardError) as e:  # found once the data, model or rewards are loaded
         print(f"fastrl train {args.method}: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGINT / SIGTERM: the step's checkpoint is written
+        print(f"fastrl train {args.method}: interrupted at step {e.step}; checkpoint {e.checkpoint}; continue with "
+              f"--resume auto", file=sys.stderr)
+        return 128 + int(e.signal)  # 130 (SIGINT), 143 (SIGTERM), as the shell reports a process killed by it
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
+        print(f"fastrl train {args.method}: interrupted; no checkpoint written for the step in progress",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         close_world()  # the command owns the process (and the torchrun process group)
     last = result.history[-1] if result.history else {}

@@ -15,7 +15,9 @@ model run to its last hidden states; the lm-head goes to a fused-linear loss),
 resume, end each step, finish), :mod:`~fastrl.train.online` (rollout, rewards and logs of the online
 recipes), and the recipes :mod:`~fastrl.train.sft`, :mod:`~fastrl.train.dpo`,
 :mod:`~fastrl.train.grpo`, :mod:`~fastrl.train.online_dpo`, :mod:`~fastrl.train.rm` (a Bradley–Terry reward
-model, the ``reward_model`` of the online methods).
+model, the ``reward_model`` of the online methods); :mod:`~fastrl.train.evaluate` (held-out evaluation of the
+online methods) and :mod:`~fastrl.train.trainers` (``GRPOTrainer``, ``DPOTrainer``, ``OnlineDPOTrainer``: the
+recipes behind TRL's trainer interface, docs/migration.md).
 """
 
 from fastrl.train.config import (ConfigError, DPOConfig, GRPOConfig, OnlineDPOConfig, RMConfig, SFTConfig,
@@ -26,12 +28,13 @@ from fastrl.train.grpo import train_grpo
 from fastrl.train.online_dpo import train_online_dpo
 from fastrl.train.rewards import RewardError, RewardModel
 from fastrl.train.rm import train_rm
-from fastrl.train.run import TrainResult
+from fastrl.train.run import TrainingInterrupted, TrainResult
 from fastrl.train.sft import train_sft
+from fastrl.train.trainers import DPOTrainer, GRPOTrainer, OnlineDPOTrainer, TrainerCallback
 
-__all__ = ["ConfigError", "DPOConfig", "DataError", "GRPOConfig", "OnlineDPOConfig", "RMConfig", "RewardError",
-           "RewardModel", "SFTConfig", "TrainConfig", "TrainResult", "config_class", "load_config", "train",
-           "train_dpo", "train_grpo", "train_online_dpo", "train_rm", "train_sft"]
+__all__ = ["ConfigError", "DPOConfig", "DPOTrainer", "DataError", "GRPOConfig", "GRPOTrainer", "OnlineDPOConfig",
+           "OnlineDPOTrainer", "RMConfig", "RewardError", "RewardModel", "SFTConfig", "TrainerCallback", "TrainConfig", "TrainResult", "TrainingInterrupted", "config_class",
+           "load_config", "train", "train_dpo", "train_grpo", "train_online_dpo", "train_rm", "train_sft"]
 
 
 def train(config: TrainConfig, reward_funcs=None) -> TrainResult:
