@@ -666,13 +666,22 @@ class _RolloutFields:
     min_p: float = _help("min-p filter (0 = off)", 0.0)
     stop_token_ids: list[int] | None = _help(
         "tokens that end a completion (default: the tokenizer's and the model's EOS ids)", None)
-    rollout_engine: Literal["auto", "fastrl", "hf"] = _help(
-        "fastrl.rollout engine: the lean static-KV decoder (fastrl), the model's own forward (hf), or auto", "auto")
+    rollout_engine: Literal["auto", "fastrl", "hf", "vllm"] = _help(
+        "fastrl.rollout engine: the lean static-KV decoder (fastrl), the model's own forward (hf), auto, or a "
+        "colocated vLLM engine (vllm: pip install vllm; weights pushed before each rollout, asleep while training; "
+        "one process, CUDA; see fastrl.train.vllm_rollout)", "auto")
     rollout_keep_cuda_graph: bool = _help(
         "keep the lean decoder's static KV cache and CUDA graphs from one rollout to the next (saves their "
         "re-capture, a few decode steps' time) instead of freeing them before the training step; they then "
         "hold 2 * layers * rows * slots * kv_heads * head_dim * dtype bytes through training (~9 GB for a 7B "
         "Qwen2 at 64 rows x 2560 slots in bf16) plus the graphs' memory pool", False)
+    vllm_gpu_memory_utilization: float = _help(
+        "rollout_engine: vllm: the fraction of the GPU's memory the engine takes (TRL's name and default)", 0.3)
+    vllm_enable_sleep_mode: bool = _help(
+        "rollout_engine: vllm: free the engine's weights and KV cache while training (sleep level 2; the weights "
+        "are pushed again before each rollout). TRL's name; TRL's default is false", True)
+    vllm_max_model_length: int | None = _help(
+        "rollout_engine: vllm: the engine's context length (none: the model's)", None)
     reward_funcs: list[str] = _help(
         "reward callables as 'module:function' or 'path/to/file.py:function' (per sample or batched; from Python "
         "also the callables themselves); see fastrl.train.rewards", default_factory=list)
@@ -714,7 +723,12 @@ class _RolloutFields:
         self._real("top_p", 0.0, 1.0, low_open=True)
         self._real("min_p", 0.0, 1.0)
         self._positive("log_completions", zero_ok=True)
-        self._choice("rollout_engine", ("auto", "fastrl", "hf"))
+        self._choice("rollout_engine", ("auto", "fastrl", "hf", "vllm"))
+        self._real("vllm_gpu_memory_utilization", 0.0, 1.0, low_open=True)
+        if not isinstance(self.vllm_enable_sleep_mode, bool):
+            self._fail("vllm_enable_sleep_mode", f"must be true or false, got {self.vllm_enable_sleep_mode!r}")
+        if self.vllm_max_model_length is not None:
+            self._positive("vllm_max_model_length")
         if not isinstance(self.rollout_keep_cuda_graph, bool):
             self._fail("rollout_keep_cuda_graph", f"must be true or false, got {self.rollout_keep_cuda_graph!r}")
         if self.stop_token_ids is not None:

@@ -16,6 +16,7 @@ its last hidden states and hands them, with the lm-head weight, to
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -96,11 +97,12 @@ def dpo_step(policy: Policy, micro_batches: list[list[int]], *, make_batch, loss
     return dict(sums)
 
 
-def train_dpo(config: DPOConfig) -> TrainResult:
+def train_dpo(config: DPOConfig, *, callbacks=None) -> TrainResult:
     """Run offline DPO as ``config`` says; see the module docstring.
 
     Args:
         config: the :class:`~fastrl.train.config.DPOConfig`.
+        callbacks: objects added to ``run.callbacks`` (:mod:`fastrl.train.run`), or None.
 
     Returns:
         The run's :class:`~fastrl.train.run.TrainResult`.
@@ -109,6 +111,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
         ConfigError: a bad config field, naming it.
     """
     run = start_run(config)
+    run.callbacks.extend(callbacks or ())
     policy, world, model = run.policy, run.world, run.model
 
     # ---- data and its layout
@@ -133,13 +136,16 @@ def train_dpo(config: DPOConfig) -> TrainResult:
                                    or config.peft_config is not None):  # LoRA: the policy, adapters disabled
         reference_model = frozen_copy(policy, config, world, config.reference_model)
     if config.needs_reference and config.reference == "precomputed":
-        weights_from = config.reference_model or config.model
+        weights_from = config.reference_model if config.reference_model is not None else config.model
+        model_for_key = None
+        if not isinstance(weights_from, (str, os.PathLike)):  # built or given in memory: its tensors are hashed
+            model_for_key, weights_from = (weights_from if weights_from is not None else model), None
         settings = {"dtype": config.dtype, "bf16": config.bf16, "packed": packed, "ld_alpha": config.ld_alpha,
                     "attn": model.config._attn_implementation}
         if run.image is not None:  # image runs: what scores the image tokens
             settings["image"] = {"train_logps": config.train_logps, "cfg_weight": policy.cfg_weight,
                                  **{k: v for k, v in config.image_options().items() if k != "decode"}}
-        key = cache_key(pairs.fingerprint(), model_fingerprint(weights_from, None if weights_from else model), settings)
+        key = cache_key(pairs.fingerprint(), model_fingerprint(weights_from, model_for_key), settings)
     prepare_for_training(policy, config, world)
     policy.train()
     plan_steps(run, len(pairs), "pairs", fingerprint=data_fingerprint(pairs))

@@ -22,13 +22,14 @@ from fastrl.losses import dpo_loss
 from fastrl.ops import fused_linear_logprobs, sequence_logps
 from fastrl.rollout.image import ImageModel
 from fastrl.train import attention as attention_backends
+from fastrl.train.adapters import AdapterReference, apply_adapters, is_peft, linear_parts
 from fastrl.train.packing import SequenceBatch, pack, pad, with_unconditional
 from fastrl.train.telemetry import flops_per_token
 
 __all__ = ["Head", "Policy", "attention_implementation", "check_image_completions", "check_offline_image_lengths",
            "completion_logps", "dpo_head", "freeze_unused", "image_adapter", "image_completion_length",
            "image_layout", "image_prompts", "load_model", "load_tokenizer", "logprob_head", "model_type",
-           "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt"]
+           "packing_works", "pair_logps", "sequence_layout", "unconditional_prompt", "with_adapters"]
 
 
 class Head:
@@ -287,6 +288,11 @@ class Policy(nn.Module):
         head = self.model.get_output_embeddings()
         return head if head is not None else self.model.score
 
+    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight, bias)`` of the lm-head as it computes: with LoRA on the lm-head ``W + scale * B @ A``
+        (:func:`fastrl.train.adapters.linear_parts`), a ``modules_to_save`` head's trained copy."""
+        return linear_parts(self.lm_head)
+
     def _cast(self, hidden, weight, bias):
         if self.compute_dtype is not None and hidden.dtype != self.compute_dtype:
             hidden, weight = hidden.to(self.compute_dtype), weight.to(self.compute_dtype)
@@ -312,7 +318,7 @@ class Policy(nn.Module):
             out = self.decoder(**batch.model_inputs(), use_cache=False)
             hidden = out.last_hidden_state
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_index)
-            hidden, weight, bias = self._cast(hidden, self.lm_head.weight, self.lm_head.bias)
+            hidden, weight, bias = self._cast(hidden, *self.head_parts())
             if isinstance(head, Head):
                 return head.fused(hidden, weight, bias, batch.labels)
             return head(hidden, weight, bias)
@@ -459,17 +465,32 @@ def build_model(config, device: torch.device, path: str | None = None) -> nn.Mod
     """The config's model (or the one at ``path``) on ``device``, in training mode.
 
     In the config's dtype and attention implementation (:func:`attention_implementation`); a
-    config with ``num_labels`` (a reward model's) gives a sequence classifier.
+    config with ``num_labels`` (a reward model's) gives a sequence classifier. With the config's
+    ``peft_config`` the config's model gets LoRA adapters (:func:`fastrl.train.adapters.apply_adapters`:
+    a ``peft.PeftModel``, base frozen); a model loaded from ``path`` (a reference) gets none.
 
     Args:
         config: a trainer config: ``model`` / ``model_config``, ``dtype``, ``bf16``,
-            ``attn_implementation``, ``attention``, ``seed`` (and ``num_labels`` where it has one).
+            ``attn_implementation``, ``attention``, ``seed``, ``peft_config`` (and ``num_labels``
+            where it has one).
         device: where the model goes.
-        path: a local model directory to load instead of the config's model.
+        path: a local model directory to load instead of the config's model. A model given from
+            Python (an ``nn.Module`` as ``path`` or as ``config.model``) is used itself, not copied, with
+            its own attention implementation, cast to the config's dtype.
 
     Returns:
         The ``nn.Module``.
+
+    Raises:
+        ConfigError: ``peft_config`` that the model refuses (no module matches ``target_modules``,
+            several processes, ...), naming it.
     """
+    given = path if path is not None else config.model
+    if isinstance(given, nn.Module):  # given from Python (a trainer's `model`): used as it is, in the config's dtype
+        model = given.to(DTYPES[config.dtype])
+        if path is None and getattr(config, "peft_config", None) is not None:
+            model = with_adapters(model, config)
+        return model.to(device).train()
     model_config = None
     if config.attn_implementation == "auto":  # the HF config, for the checks of the attention switch
         from transformers import AutoConfig
@@ -489,7 +510,33 @@ def build_model(config, device: torch.device, path: str | None = None) -> nn.Mod
     else:
         model = load_model(config.model, config.model_config, dtype=DTYPES[config.dtype], attn_implementation=attn,
                            seed=config.seed, num_labels=labels)
+        if getattr(config, "peft_config", None) is not None:
+            model = with_adapters(model, config)
     return model.to(device).train()
+
+
+def with_adapters(model: nn.Module, config) -> nn.Module:
+    """``model`` with the LoRA adapters of ``config.peft_config`` (:func:`fastrl.train.adapters.apply_adapters`).
+
+    Args:
+        model: the run's transformers model (built by :func:`build_model`, or given from Python).
+        config: the trainer config: ``peft_config``, ``seed``, ``model``.
+
+    Returns:
+        The ``peft.PeftModel``; ``model`` itself when ``peft_config`` is None or it is a PEFT model already.
+
+    Raises:
+        ConfigError: the model refuses the adapters, naming ``peft_config``.
+    """
+    from fastrl.train.config import ConfigError
+
+    if getattr(config, "peft_config", None) is None or is_peft(model):
+        return model
+    try:
+        return apply_adapters(model, config.peft_config, seed=config.seed, base=config.model)
+    except (ImportError, ValueError, TypeError) as e:  # e.g. no module matches target_modules
+        message = str(e).removeprefix("peft_config: ")
+        raise ConfigError(f"{type(config).__name__}.peft_config: {message}") from None
 
 
 # image_model's arguments -> the image_generation keys that set them
@@ -737,6 +784,11 @@ def prepare_for_training(policy: Policy, config, world) -> Policy:
 def frozen_copy(policy: Policy, config, world, path: str | None = None) -> Policy:
     """A frozen reference model, sharded like the policy.
 
+    A LoRA policy (a PEFT model) needs no copy: its reference is the policy with its adapters
+    disabled (:class:`fastrl.train.adapters.AdapterReference`), the base model, which the policy
+    equals at the start (LoRA's B starts at zero). Only a reference that must follow the policy
+    (online DPO's ``reference_update: previous_iterate``) is still a copy of the whole PEFT model.
+
     Args:
         policy: the policy; copied as it is now (call this before training or loading a
             checkpoint) unless ``path`` is given.
@@ -745,12 +797,15 @@ def frozen_copy(policy: Policy, config, world, path: str | None = None) -> Polic
         path: a local model directory to load the reference from, instead of the copy.
 
     Returns:
-        A :class:`Policy` in eval mode without gradients, with the policy's compute dtype.
+        A :class:`Policy` in eval mode without gradients, with the policy's compute dtype; for a
+        LoRA policy an :class:`~fastrl.train.adapters.AdapterReference`.
     """
     import copy
 
     from fastrl.train import distributed
 
+    if path is None and is_peft(policy.model) and getattr(config, "reference_update", "fixed") == "fixed":
+        return AdapterReference(policy).eval()
     model = build_model(config, world.device, path) if path is not None else copy.deepcopy(policy.model)
     image = None
     if policy.image is not None:  # the same adapter settings, over the copy
