@@ -203,16 +203,16 @@ TRL_NAMES = {
 }
 
 
-def trl_names(cls: type) -> dict[str, str]:
+def trl_names(config_class: type) -> dict[str, str]:
     """TRL's names a config class accepts, each with the fastrl field it sets.
 
     Args:
-        cls: a :class:`TrainConfig` subclass.
+        config_class: a :class:`TrainConfig` subclass.
 
     Returns:
         ``{trl_name: fastrl_field}``.
     """
-    return {f.name: TRL_NAMES[f.name] for f in dataclasses.fields(cls) if f.name in TRL_NAMES}
+    return {f.name: TRL_NAMES[f.name] for f in dataclasses.fields(config_class) if f.name in TRL_NAMES}
 
 
 @dataclass
