@@ -56,8 +56,8 @@ from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
 from fastrl.train.evaluate import attach_evaluation
 from fastrl.train.model import Head, Policy, completion_logps, frozen_copy, prepare_for_training
-from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
-                                 sample_records, score_completions, step_generator)
+from fastrl.train.online import (Completions, decode_weights, gather_rows, logged_metrics, online_setup,
+                                 reward_metrics, rollout, sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import (TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry, optimize,
                               plan_steps, resume, start_run)
@@ -347,6 +347,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None, *, callbacks=None) -> Trai
                 with decode_weights(run, rewards):
                     local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image,
                                                       step=step, max_steps=run.total_steps)
+                logged = logged_metrics(rewards, world)  # a TRL-form reward's log_metric calls
                 all_rewards = gather_rows(local_rewards, world)
                 baseline = None
                 if greedy is not None:
@@ -363,7 +364,7 @@ def train_grpo(config: GRPOConfig, reward_funcs=None, *, callbacks=None) -> Trai
                 mine = slice(world.rank * len(completions), (world.rank + 1) * len(completions))
                 local_advantages = advantages[mine]
                 combined = rewards_lib.combine(all_rewards, config.reward_weights)
-                record = reward_metrics(all_rewards, combined, names, group)
+                record = {**logged, **reward_metrics(all_rewards, combined, names, group)}
 
             micros = micro_batches(completions, local_advantages, prompts_per_micro=config.batch_size, layout=layout,
                                    mask_truncated=config.mask_truncated_completions, device=world.device)

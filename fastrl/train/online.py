@@ -20,15 +20,16 @@ from typing import Any, NamedTuple
 import torch
 
 from fastrl.rollout import generate, resolve_stop_tokens
-from fastrl.train import distributed, rewards as rewards_lib
+from fastrl.train import distributed, rewards as rewards_lib, vllm_rollout
 from fastrl.train.config import ConfigError, TrainConfig
 from fastrl.train.data import Prompts, load_prompts
 from fastrl.train.model import (DTYPES, Policy, image_completion_length, image_layout, image_prompts, packing_works,
                                 sequence_layout)
 from fastrl.train.run import Run
 
-__all__ = ["Completions", "OnlineSetup", "decode_weights", "gather_rows", "load_run_rewards", "online_setup",
-           "reward_columns", "reward_metrics", "rollout", "sample_records", "score_completions", "step_generator"]
+__all__ = ["Completions", "OnlineSetup", "decode_weights", "gather_rows", "load_run_rewards", "logged_metrics",
+           "online_setup", "reward_columns", "reward_metrics", "rollout", "sample_records", "score_completions",
+           "step_generator"]
 
 
 # ---------------------------------------------------------------------------------------------- rollout
@@ -128,12 +129,14 @@ def rollout(policy: Policy, prompts: list[list[int]], rows: list[int], *, config
     was_training = policy.training
     policy.eval()
     try:
+        sampling = dict(num_samples=g, temperature=config.temperature if temperature is None else temperature,
+                        top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, generator=generator, **extra)
         with distributed.full_weights(policy, world):
-            out = generate(policy.model, [torch.tensor(p) for p in prompts],
-                           num_samples=g, temperature=config.temperature if temperature is None else temperature,
-                           top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-                           generator=generator, engine=config.rollout_engine,
-                           keep_graph=config.rollout_keep_cuda_graph, **extra)
+            if config.rollout_engine == "vllm":  # the colocated engine, its weights synced first (vllm_rollout)
+                out = vllm_rollout.engine_of(policy).generate(policy.model, prompts, **sampling)
+            else:
+                out = generate(policy.model, [torch.tensor(p) for p in prompts], engine=config.rollout_engine,
+                               keep_graph=config.rollout_keep_cuda_graph, **sampling)
     finally:
         policy.train(was_training)
     ids, logps, lengths = out.completion_ids.cpu(), out.logprobs.cpu(), out.lengths.cpu().tolist()
@@ -254,6 +257,31 @@ def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, 
                              row_names=[data.where(r) for r in completions.rows],
                              allow_missing_columns=data.allow_missing_columns,
                              state=rewards_lib.RewardState(global_step=step or 0, max_steps=max_steps or 0))
+
+
+def logged_metrics(rewards: list[rewards_lib.RewardFunction], world: distributed.World) -> dict[str, float]:
+    """What the TRL-form rewards logged through ``log_metric`` in the last scoring, for the step's record.
+
+    Each name's values are averaged over the calls of every process, as TRL does; a name is logged
+    as the reward gave it.
+
+    Args:
+        rewards: the run's reward functions, after :func:`score_completions`.
+        world: the processes.
+
+    Returns:
+        ``{name: mean}`` (empty when no reward logged anything).
+    """
+    local: dict[str, list[float]] = {}
+    for reward in rewards:
+        for name, values in reward.logged.get("metrics", {}).items():
+            local.setdefault(name, []).extend(float(v) for v in values)
+    parts = distributed.all_gather_object(local) if world.distributed else [local]
+    merged: dict[str, list[float]] = {}
+    for part in parts:
+        for name, values in part.items():
+            merged.setdefault(name, []).extend(values)
+    return {name: sum(values) / len(values) for name, values in merged.items() if values}
 
 
 def reward_metrics(rewards: torch.Tensor, combined: torch.Tensor, names: list[str], group_size: int) -> dict:
@@ -412,12 +440,18 @@ def online_setup(run: Run, reward_funcs=None) -> OnlineSetup:
     Raises:
         ConfigError: a prompt + ``max_completion_length`` longer than the model allows, or a reward
             problem, naming the field.
+        RewardError: a data row without a column a reward asks for (unless ``allow_missing_columns``),
+            naming the reward, the column and the row's line.
     """
     config, tokenizer, device = run.config, run.tokenizer, run.world.device
+    if config.rollout_engine == "vllm":  # first: a missing vLLM stops the run before its data are read
+        vllm_rollout.attach(run)
     data = load_prompts(config, tokenizer, run.vocab_size)
     data.prompts = image_prompts(run.image, config, data.prompts)
     _check_lengths(config, data, run.model, run.image)
     rewards = load_run_rewards(config, reward_funcs, tokenizer, device)
+    rewards_lib.check_columns(rewards, data.rows, data.columns, data.lines,  # a row lacking a reward's column: now
+                              allow_missing_columns=data.allow_missing_columns)
     layout = sequence_layout(run.model, config.packing and packing_works(run.policy, run.vocab_size, device))
     layout = image_layout(run.policy, layout, config)
     stop_ids = resolve_stop_tokens(config.stop_token_ids, model=run.model, tokenizer=tokenizer)

@@ -41,8 +41,8 @@ from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
 from fastrl.train.model import Policy, dpo_head, frozen_copy, pair_logps, prepare_for_training
-from fastrl.train.online import (Completions, decode_weights, gather_rows, online_setup, reward_metrics, rollout,
-                                 sample_records, score_completions, step_generator)
+from fastrl.train.online import (Completions, decode_weights, gather_rows, logged_metrics, online_setup,
+                                 reward_metrics, rollout, sample_records, score_completions, step_generator)
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import (Run, TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry,
                               plan_steps, resume, save, start_run)
@@ -222,8 +222,9 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None, *, callbacks=No
                 combined = rewards_lib.combine(local_rewards, config.reward_weights)
                 pairs = make_pairs(combined, group, pairing=config.pairing, min_gap=config.min_reward_gap)
                 all_rewards = gather_rows(local_rewards, world)
-                record = reward_metrics(all_rewards, rewards_lib.combine(all_rewards, config.reward_weights), names,
-                                        group)
+                record = {**logged_metrics(rewards, world),  # a TRL-form reward's log_metric calls
+                          **reward_metrics(all_rewards, rewards_lib.combine(all_rewards, config.reward_weights), names,
+                                           group)}
                 gaps = [float(combined[c] - combined[r]) for c, r in pairs]
 
             micros = pair_micro_batches(completions, pairs, config.gradient_accumulation_steps, layout=layout,

@@ -71,8 +71,8 @@ import torch
 from fastrl.train.image_rewards import score_tensor
 from fastrl.train.telemetry import IMAGE_STATS
 
-__all__ = ["IMAGE_ARGS", "MISSING", "RewardError", "RewardFunction", "RewardModel", "RewardState", "decode_images",
-           "load_rewards", "pairwise_preferences", "reward_function", "score"]
+__all__ = ["IMAGE_ARGS", "MISSING", "RewardError", "RewardFunction", "RewardModel", "RewardState", "check_columns",
+           "decode_images", "load_rewards", "pairwise_preferences", "reward_function", "score"]
 
 IMAGE_ARGS = ("images", "pil_images")  # the parameter names that ask for the completions' images
 
@@ -530,6 +530,48 @@ def _is_messages(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
+def _missing(reward: RewardFunction, column: str, row: str) -> RewardError:
+    why = "its signature names it" if column in reward.named else \
+        "it takes **kwargs, so it gets every column, and other rows have this one"
+    return RewardError(f"{reward.where}: {row} has no column {column!r}, which this reward asks for ({why}); add it "
+                       f"to the row, or set allow_missing_columns: true to pass None for it")
+
+
+def _asks_for(reward: RewardFunction, columns: Sequence[str]) -> list[str]:
+    """The data columns (of ``columns``) a reward gets: those it names, or every one with ``**kwargs``;
+    not a per-sample reward's parameters with a default (the default stands in for a missing one)."""
+    skip = set(IMAGE_ARGS) | {"group_size", "completion", "finish_reason", "prompt_ids", "completion_ids"}
+    if reward.form == "trl":
+        skip |= _NOT_TRL_COLUMNS | set(TRL_EXTRAS)
+    if not reward.batched:
+        skip |= reward.defaults
+    return [k for k in columns if k not in skip and (reward.keywords is None or k in reward.keywords)]
+
+
+def check_columns(rewards: Sequence[RewardFunction], rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                  row_names: Sequence[str], *, allow_missing_columns: bool = False) -> None:
+    """Refuse, before any step, a data row without a column a reward asks for (see :func:`score`).
+
+    Args:
+        rewards: the run's rewards.
+        rows: the data rows (the columns each has).
+        columns: every column of the table.
+        row_names: ``row_names[i]`` names row i (``train_data (p.jsonl) line 7``).
+        allow_missing_columns: such a row is allowed (the reward then gets None): check nothing.
+
+    Raises:
+        RewardError: the first such row, naming the reward, the column and the row.
+    """
+    if allow_missing_columns:
+        return
+    for reward in rewards:
+        asked = _asks_for(reward, columns)
+        for i, row in enumerate(rows):
+            for k in asked:
+                if k not in row or row[k] is MISSING:
+                    raise _missing(reward, k, row_names[i])
+
+
 def _raised(reward: RewardFunction, error: Exception, index: int | None, n: int, row_names: Sequence[str] | None,
             texts: Sequence | None, completion_ids: Sequence[list[int]]) -> RewardError:
     """The :class:`RewardError` of an exception a reward raised: the reward, the completion, its data row."""
@@ -660,11 +702,7 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         return out
 
     def missing(reward: RewardFunction, column: str, i: int) -> RewardError:
-        why = "its signature names it" if column in reward.named else \
-            "it takes **kwargs, so it gets every column, and other rows have this one"
-        row = row_names[i] if row_names is not None else f"the data row of completion {i}"
-        return RewardError(f"{reward.where}: {row} has no column {column!r}, which this reward asks for ({why}); "
-                           f"add it to the row, or set allow_missing_columns: true to pass None for it")
+        return _missing(reward, column, row_names[i] if row_names is not None else f"the data row of completion {i}")
 
     def column_lists(reward: RewardFunction, skip: frozenset[str] = frozenset()) -> dict[str, list]:
         out = {}
@@ -683,10 +721,10 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         for k in (names if reward.keywords is None else [k for k in names if k in reward.keywords]):
             v = columns[i].get(k, MISSING)
             if v is MISSING:
+                if k in reward.defaults:  # the parameter's default stands in
+                    continue
                 if not allow_missing_columns:
                     raise missing(reward, k, i)
-                if k in reward.defaults:
-                    continue
                 v = None
             out[k] = v
         return out

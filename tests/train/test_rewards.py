@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fastrl.ops import group_advantages
-from fastrl.train.rewards import MISSING, RewardError, RewardModel, RewardState, combine, load_rewards, score
+from fastrl.train.rewards import (MISSING, RewardError, RewardModel, RewardState, check_columns, combine, load_rewards,
+                                  score)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,11 +128,18 @@ def test_missing_columns_are_named_unless_allowed():
     def with_default(prompt_ids, completion_ids, answer="z"):
         return float(answer == "z")
 
-    for fn in (trl_answer, batched_by_annotation, anything, with_default):
-        with pytest.raises(RewardError, match=rf"reward_funcs\[0\] \({fn.__name__}\): train_data \(p\.jsonl\) "
-                                              rf"line 3 has no column 'answer', which this reward asks for "
-                                              rf".*allow_missing_columns"):
+    rows = [{k: v for k, v in c.items() if v is not MISSING} for c in columns]
+    for fn in (trl_answer, batched_by_annotation, anything):
+        message = (rf"reward_funcs\[0\] \({fn.__name__}\): train_data \(p\.jsonl\) line 3 has no column 'answer', "
+                   rf"which this reward asks for \((its signature names it|it takes \*\*kwargs.*)\).*"
+                   rf"allow_missing_columns")
+        with pytest.raises(RewardError, match=message):
             _score(load_rewards([fn]), columns, row_names=ROWS)
+        with pytest.raises(RewardError, match=message):  # the same check before a run's first step
+            check_columns(load_rewards([fn]), rows, ["target", "answer"], ROWS)
+    check_columns(load_rewards([with_default]), rows, ["target", "answer"], ROWS)  # its default stands in
+    check_columns(load_rewards([anything]), rows, ["target", "answer"], ROWS, allow_missing_columns=True)
+    assert _score(load_rewards([with_default]), columns).tolist() == [[0.0], [1.0], [1.0]]
     table = _score(load_rewards([trl_answer, anything, with_default]), columns, allow_missing_columns=True)
     assert table.tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # None, or the default
     # a reward naming a column the data does not have at all
