@@ -40,6 +40,7 @@ from fastrl.rollout import release
 from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.checkpoint import load_reference, prune_reference_files, save_reference
 from fastrl.train.config import OnlineDPOConfig
+from fastrl.train.evaluate import attach_evaluation
 from fastrl.train.model import Policy, dpo_head, frozen_copy, pair_logps, prepare_for_training
 from fastrl.train.online import (Completions, decode_weights, gather_rows, logged_metrics, online_setup,
                                  reward_metrics, rollout, sample_records, score_completions, step_generator)
