@@ -1,7 +1,9 @@
 """Toy verifiable rewards for the example configs (token-id tasks on tiny random models).
 
 Referenced from a config as ``reward_funcs: [examples/rewards.py:count_token]`` (a file path,
-relative to the working directory) or imported from Python.
+relative to the working directory) or imported from Python. They take fastrl's form
+``f(prompt_ids, completion_ids, **columns)``, on token ids; rewards written for TRL (on text) work
+too, unchanged: see ``examples/trl_rewards.py``.
 """
 
 from __future__ import annotations

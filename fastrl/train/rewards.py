@@ -1,32 +1,58 @@
 """Rewards of the online methods: Python callables (verifiers) and learned reward models.
 
 >>> from fastrl.train.rewards import load_rewards, score
->>> def has_seven(prompt_ids, completion_ids, **columns):
+>>> def has_seven(prompt_ids, completion_ids, **columns):             # fastrl's form: token ids
 ...     return float(7 in completion_ids)
 >>> async def length(prompt_ids, completion_ids, **columns):
 ...     return None if not completion_ids else len(completion_ids) / 4
->>> rewards = load_rewards([has_seven, length])
->>> score(rewards, [[1], [1]], [[3, 7], []], [{}, {}]).tolist()
-[[1.0, 0.5], [0.0, nan]]
+>>> def says_good(prompts, completions, completion_ids, **kwargs):  # TRL's form: text
+...     return [c.count("good") for c in completions]
+>>> rewards = load_rewards([has_seven, length, says_good])
+>>> score(rewards, [[1], [1]], [[3, 7], []], [{}, {}], prompts=["q", "q"], completions=["good good", ""]).tolist()
+[[1.0, 0.5, 2.0], [0.0, nan, 0.0]]
 
 A **reward function** is given as ``"module:function"`` in a config (a dotted module importable from
 the working directory, or a file path such as ``examples/rewards.py:count_token``) or as the object
-itself from Python. Two call forms:
+itself from Python. Its signature says which of two forms it takes:
 
-- per sample: ``f(prompt_ids, completion_ids, **columns) -> float``, called once per completion;
-- batched: ``f(prompt_ids, completion_ids, **columns) -> list[float]`` where every argument is a
-  list with one entry per completion. A function is batched when ``f.batched`` is true, when its
-  first parameter is annotated as a list / sequence, or when that parameter is named ``prompts``
-  or ``batch`` (TRL's ``f(prompts, completions, ...)`` style).
+- **TRL's form** (a signature naming ``prompts`` or ``completions``, e.g. ``f(prompts, completions,
+  completion_ids, **kwargs)`` or TRL's own ``f(completions, solution, **kwargs)``): called as TRL 1.16's
+  ``GRPOTrainer`` calls it, once per step with keywords: ``prompts`` as the data holds them (the
+  prompt column's text, or its list of chat messages; a token-id prompt decoded), ``completions``
+  as text (for a chat prompt ``[{"role": "assistant", "content": text}]``, as TRL without a
+  response parser), ``completion_ids`` (token-id lists), every other data column as a list (not
+  ``prompt`` / ``completion``), and ``trainer_state`` (a :class:`RewardState`: ``global_step``,
+  ``max_steps``), ``log_metric(name, value)`` (the values' mean goes to the step's metrics under
+  ``name``) and ``log_extra(column, values)`` (kept in :attr:`RewardFunction.logged`, not written to
+  ``completions.jsonl``). TRL's ``environments`` is not passed. Returns one float (or None) per
+  completion. It needs text: on a run without a tokenizer it is refused at load.
+  :file:`examples/trl_rewards.py` holds TRL-style rewards that train unchanged.
+- **fastrl's form** (first two parameters ``prompt_ids, completion_ids``), on token ids: per sample
+  ``f(prompt_ids, completion_ids, **columns) -> float``, called once per completion; or batched,
+  ``-> list[float]`` with every argument a list with one entry per completion, when ``f.batched``
+  is true or its first parameter is annotated as a list / sequence. ``columns`` are the data row's
+  columns (a reference answer, a target, ...), plus ``completion`` (the decoded text, when the run
+  has a tokenizer) and ``finish_reason`` (``"stop"`` / ``"length"``).
 
-``columns`` are the data row's columns (a reference answer, a target, ...), plus ``completion``
-(the decoded text, when the run has a tokenizer) and ``finish_reason`` (``"stop"`` / ``"length"``).
-A function without ``**kwargs`` receives only the keywords its signature names. ``async def``
+Any other signature (``f(p, c)``, ``f(*args)``) is refused at load with both forms shown. A
+function without ``**kwargs`` receives only the keywords its signature names. ``async def``
 functions are awaited, every call of every async function concurrently, in one event loop (a
 fresh one in a worker thread when the caller already runs a loop, e.g. a notebook). ``None`` or
 NaN means *unscorable*: the sample is left out of the reward statistics and gets advantage 0
 (GRPO) or is never paired (online DPO). An inf, a non-number or a wrong number of values raises
 :class:`RewardError` naming the reward.
+
+**Missing columns.** A data row without a column a reward asks for (one its signature names, or,
+for a ``**kwargs`` reward, one other rows have: a JSON line without the key) is a
+:class:`RewardError` naming the reward, the column and the row's line, raised before the first
+step (:func:`check_columns`) and by :func:`score`; a per-sample reward's parameter with a default
+takes its default instead. With ``allow_missing_columns: true`` the reward gets None for it. A
+column that no row has, named by a parameter without a default, is an error too.
+
+**A reward that raises** is reported as a :class:`RewardError` naming the reward, the completion
+(its index and text) and its data row (``train_data (path) line 7``); the trainer adds the step. A
+batched reward that raises is called again one completion at a time to find the one that raises
+(where none raises alone, the message names the batch's rows).
 
 **Images.** On a run that generates images (``image_generation`` in the config), a reward whose
 signature names an ``images`` parameter gets the completions' pixels: each completion's image codes
