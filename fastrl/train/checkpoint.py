@@ -20,10 +20,17 @@ written before the checkpoint and removed with it (:func:`prune_reference_files`
 
 A checkpoint is written under ``step-00000042.tmp`` (files fsynced), then renamed into place — a
 rename is atomic — and only then does ``checkpoints/latest`` (also replaced atomically) name it
-and are the oldest checkpoints beyond ``keep`` removed. A crash mid-write leaves a ``.tmp``
-directory, removed by the next save, and every earlier checkpoint intact. Under FSDP2 the full
-state dicts are gathered collectively (every process calls :func:`save_checkpoint`) and process 0
-writes.
+and are the checkpoints beyond ``keep`` removed (:func:`prunable`): never the one just written, so
+``latest`` always names a complete checkpoint; the ``keep - 1`` highest steps below it stay, and a
+checkpoint of a later step (a branch abandoned by resuming from an earlier one) goes. A crash
+mid-write leaves a ``.tmp`` directory, removed by the next save, and every earlier checkpoint
+intact. Under FSDP2 the full state dicts are gathered collectively (every process calls
+:func:`save_checkpoint`) and process 0 writes.
+
+``trainer_state.json`` holds the config the run was started with (values JSON cannot write as
+:func:`jsonable` names them) and the data's fingerprint: a resume compares them with its own
+(:func:`fastrl.train.run.check_output_dir`, :func:`~fastrl.train.run.resume`; :func:`saved_config`
+reads them back).
 """
 
 from __future__ import annotations
@@ -47,10 +54,10 @@ _PREFIX = "model."  # Policy wraps the Hugging Face model as .model
 
 
 def jsonable(obj: Any) -> Any:
-    """The JSON form of a config value JSON cannot write (``json.dumps(default=jsonable)``): a callable
-    (a reward, a decode function) as ``<its name>``, anything else as its ``str`` (paths).
+    """The JSON form of a config value JSON cannot write (``json.dumps(default=jsonable)``).
 
-    Stable from one process to the next (no object address), so a resumed run's config compares
+    A callable (a reward, a decode function) as ``<its name>``, anything else as its ``str``
+    (paths). Stable from one process to the next (no object address), so a resumed run's config compares
     equal to its checkpoint's.
 
     Args:
@@ -236,8 +243,10 @@ def prunable(root: Path, final: Path, keep: int) -> list[Path]:
 
 
 def checkpoints_after(output_dir: str | os.PathLike, step: int) -> list[Path]:
-    """The checkpoints of ``output_dir`` later than ``step`` (an abandoned branch when a run resumes from
-    ``step``), their reference files included; not the ``.tmp`` debris of a crash (the next save removes it).
+    """The checkpoints of ``output_dir`` later than ``step``, their reference files included.
+
+    They are an abandoned branch when a run resumes from ``step``. Not the ``.tmp`` debris of a
+    crash (the next save removes it).
 
     Args:
         output_dir: the run's output directory.

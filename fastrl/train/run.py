@@ -256,8 +256,7 @@ class Run:
 
 
 def start_run(config: TrainConfig) -> Run:
-    """Processes and device, the output directory checked, the seed, the tokenizer, the model and its
-    :class:`Policy`.
+    """Processes and device, the output directory checked, the seed, the tokenizer, the model, its :class:`Policy`.
 
     The output directory is checked first (:func:`check_output_dir`): a used one is refused unless
     the run resumes or ``overwrite_output_dir`` is set, and a resume whose checkpoint was written with
@@ -510,8 +509,9 @@ def _set_aside(run: Run, step: int) -> None:
                 tmp = latest.with_name("latest.tmp")
                 tmp.write_text(found.name)
                 os.replace(tmp, latest)
-        warnings.warn(f"resume: {len(later)} checkpoint file(s) of steps after {step} ({', '.join(p.name for p in later)}) "
-                      f"belong to an abandoned branch of this run; moved into {aside}", stacklevel=3)
+        names = ", ".join(p.name for p in later)
+        warnings.warn(f"resume: {len(later)} checkpoint file(s) of steps after {step} ({names}) belong to an "
+                      f"abandoned branch of this run; moved into {aside}", stacklevel=3)
     distributed.barrier()
 
 
@@ -777,6 +777,9 @@ def guarded(run: Run, *, save: Callable[[Run, int], Path] = save, on_exit: Calla
         save: the checkpoint function (:func:`save` by default; the one the recipe passes to
             :func:`end_step`).
         on_exit: called when the loop ends, or None.
+
+    Returns:
+        A context manager (it yields ``run``).
 
     Raises:
         RewardError: a reward failed mid-step (``step N: ...``).

@@ -162,7 +162,9 @@ class Telemetry:
         device: the training device (CUDA is synchronised around phases and reports memory,
             utilisation and power; the CPU its peak RSS).
         is_main: whether this process writes (only process 0 does); the others only time.
-        start_step: the step a resumed run starts at (the progress bar's start).
+        start_step: the step a resumed run starts at (the progress bar's start); the records of
+            later steps in ``metrics.jsonl`` / ``completions.jsonl`` (and TensorBoard's events) are
+            dropped, as the run redoes those steps (:func:`drop_records_after`).
     """
 
     def __init__(self, config, *, total_steps: int, device: torch.device, is_main: bool, start_step: int = 0):
@@ -277,9 +279,10 @@ class Telemetry:
 
 
 def drop_records_after(path: Path, step: int) -> int:
-    """Remove from the JSON-lines file ``path`` every record of a step after ``step``, and any line
-    that is not a JSON object with a ``step`` (a line cut short by a crash); atomically (a temporary
-    file renamed over it). A missing file is left missing.
+    """Remove from the JSON-lines file ``path`` every record of a step after ``step``.
+
+    Also any line that is not a JSON object with a ``step`` (a line cut short by a crash);
+    atomically (a temporary file renamed over it). A missing file is left missing.
 
     A run resumed from the checkpoint of step ``step`` redoes the steps after it: without this,
     ``metrics.jsonl`` and ``completions.jsonl`` would hold two records of those steps.
