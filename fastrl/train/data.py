@@ -419,7 +419,8 @@ def _source(config, table):
     return table if table is not None else config.train_data
 
 
-def load_preference_pairs(config, tokenizer, vocab_size: int, table=None) -> PreferencePairs:
+def load_preference_pairs(config, tokenizer, vocab_size: int, table=None, *,
+                          field: str = "train_data") -> PreferencePairs:
     """The preference pairs of ``config.train_data`` (or ``table``), tokenised.
 
     Completions are cut to ``max_completion_length`` (counted in
@@ -432,8 +433,9 @@ def load_preference_pairs(config, tokenizer, vocab_size: int, table=None) -> Pre
             ``max_prompt_length``, ``prompt_truncation``, ``max_completion_length``.
         tokenizer: the tokenizer for text cells, or None (cells then hold token ids).
         vocab_size: the model's vocabulary size; a token id must be below it.
-        table: a ``datasets.Dataset`` or a list of dicts to read instead of ``config.train_data``,
-            or None.
+        table: a ``datasets.Dataset``, a list of dicts or a path to read instead of
+            ``config.train_data``, or None.
+        field: names the data in messages (``eval_data`` for held-out prompts).
 
     Returns:
         The :class:`PreferencePairs`, in file order.
@@ -445,7 +447,7 @@ def load_preference_pairs(config, tokenizer, vocab_size: int, table=None) -> Pre
     """
     margin_column = getattr(config, "margin_column", None)
     columns = [config.prompt_column, config.chosen_column, config.rejected_column] + [c for c in [margin_column] if c]
-    data = load_table(_source(config, table), columns)
+    data = load_table(_source(config, table), columns, field=field)
     enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=data)
     out = PreferencePairs([], [], [], margins=[] if margin_column else None,
                           lines=[data.where(i) for i in range(len(data))])
@@ -471,7 +473,7 @@ def load_preference_pairs(config, tokenizer, vocab_size: int, table=None) -> Pre
     return out
 
 
-def load_prompts(config, tokenizer, vocab_size: int, table=None) -> Prompts:
+def load_prompts(config, tokenizer, vocab_size: int, table=None, *, field: str = "train_data") -> Prompts:
     """The prompts of ``config.train_data`` (or ``table``), tokenised, each with its row's other columns.
 
     The other columns are kept for the reward functions (e.g. a reference answer).
@@ -482,8 +484,9 @@ def load_prompts(config, tokenizer, vocab_size: int, table=None) -> Prompts:
             one).
         tokenizer: the tokenizer for text cells, or None (cells then hold token ids).
         vocab_size: the model's vocabulary size; a token id must be below it.
-        table: a ``datasets.Dataset`` or a list of dicts to read instead of ``config.train_data``,
-            or None.
+        table: a ``datasets.Dataset``, a list of dicts or a path to read instead of
+            ``config.train_data``, or None.
+        field: names the data in messages (``eval_data`` for held-out prompts).
 
     Returns:
         The :class:`Prompts`, in file order.
@@ -492,7 +495,7 @@ def load_prompts(config, tokenizer, vocab_size: int, table=None) -> Prompts:
         DataError: an unreadable file, a missing column, an empty or too long prompt, a token id
             outside the vocabulary (the message names the file, row and column).
     """
-    data = load_table(_source(config, table), [config.prompt_column])
+    data = load_table(_source(config, table), [config.prompt_column], field=field)
     enc = Encoder(tokenizer, vocab_size, use_template=config.chat_template, source=data)
     out = Prompts([], [], lines=[data.where(i) for i in range(len(data))], columns=list(data.column_names),
                   prompt_column=config.prompt_column,

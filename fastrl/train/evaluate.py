@@ -131,7 +131,7 @@ def attach_evaluation(run: Run, rewards: list[rewards_lib.RewardFunction], stop_
     config = run.config
     if getattr(config, "eval_data", None) is None:
         return None
-    data = load_prompts(config, run.tokenizer, run.vocab_size, table=config.eval_data)
+    data = load_prompts(config, run.tokenizer, run.vocab_size, table=config.eval_data, field="eval_data")
     data.prompts = image_prompts(run.image, config, data.prompts)
     evaluation = Evaluation(data, rewards, stop_ids=stop_ids, every=config.eval_every)
     run.callbacks.append(evaluation)

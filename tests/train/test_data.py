@@ -237,3 +237,5 @@ def test_prompts_name_lines_and_keep_missing_keys_missing(tmp_path):
     prompts = load_prompts(config, None, 64)
     assert prompts.rows[1] == {"prompt": [8], "answer": None} and prompts.rows[2] == {"prompt": [9]}
     assert prompts.where(2) == f"train_data ({data}) line 4" and prompts.allow_missing_columns
+    held_out = load_prompts(config, None, 64, table=str(data), field="eval_data")
+    assert held_out.where(0) == f"eval_data ({data}) line 1"
