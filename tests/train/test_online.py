@@ -46,7 +46,7 @@ def _run(tmp_path, *, total_steps=3, log_every=2, save_every=0, log_completions=
     config = SimpleNamespace(log_every=log_every, save_every=save_every, log_completions=log_completions,
                              max_grad_norm=0.0)
     run = Run(config=config, world=ONE, out=Path(tmp_path), tokenizer=None, model=model, vocab_size=2, policy=model)
-    run.order, run.total_steps = SimpleNamespace(epoch=0), total_steps
+    run.order, run.total_steps = SimpleNamespace(epoch=0, state_dict=lambda: {"epoch": 0}), total_steps
     run.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda k: 1.0 / (k + 1))
     run.guard, run.telemetry = NonFiniteSteps(3), _Telemetry()
