@@ -114,66 +114,62 @@ def config_dict(config) -> dict[str, Any]:
     return out
 
 
-def check_peft_config(value, where: str) -> dict[str, Any] | None:
+def check_peft_config(value) -> dict[str, Any] | None:
     """The ``peft_config`` field, checked: a mapping of ``peft.LoraConfig`` fields (or None).
 
     Args:
         value: None, a mapping of LoraConfig fields, its JSON string (the command line), or a
             ``peft.LoraConfig``.
-        where: the config class's name, for the errors.
 
     Returns:
         The mapping (None when ``value`` is None); ``target_modules`` / ``modules_to_save`` as given.
 
     Raises:
-        ConfigError: peft is missing, the value is not a mapping, a key is not a LoraConfig field
-            (``<where>.peft_config.<key>``, with the nearest field), or LoraConfig refuses a value.
+        ValueError: peft is missing, the value is not a mapping, a key is not a LoraConfig field,
+            or LoraConfig refuses a value; the message starts with ``peft_config:`` or
+            ``peft_config.<key>:`` (the config prefixes its class name).
     """
-    from fastrl.train.config import ConfigError
-
     if value is None:
         return None
     try:
         peft = _peft()
     except ImportError as e:
-        raise ConfigError(f"{where}.peft_config: {e}") from None
+        raise ValueError(f"peft_config: {e}") from None
     if isinstance(value, peft.PeftConfig):
         try:
             value = config_dict(value)
         except TypeError as e:
-            raise ConfigError(f"{where}.{e}") from None
+            raise ValueError(str(e)) from None
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}.peft_config: is not valid JSON ({e})") from None
+            raise ValueError(f"peft_config: is not valid JSON ({e})") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}.peft_config: must be a mapping of peft.LoraConfig fields (r, lora_alpha, "
-                          f"target_modules, ...), got {type(value).__name__}")
+        raise ValueError(f"peft_config: must be a mapping of peft.LoraConfig fields (r, lora_alpha, target_modules, "
+                         f"...), got {type(value).__name__}")
     names = lora_fields()
     for key in value:
         if key not in names:
             near = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             internal = " (peft's own bookkeeping, set by fastrl)" if key in _INTERNAL else ""
-            raise ConfigError(f"{where}.peft_config.{key}: not a field of peft.LoraConfig{internal}{hint}; fastrl "
-                              f"trains LoRA adapters, set with r, lora_alpha, lora_dropout, target_modules, "
-                              f"modules_to_save, ...")
+            raise ValueError(f"peft_config.{key}: not a field of peft.LoraConfig{internal}{hint}; fastrl trains LoRA "
+                             f"adapters, set with r, lora_alpha, lora_dropout, target_modules, modules_to_save, ...")
     task = value.get("task_type")
     if task is not None and str(getattr(task, "value", task)) not in _TASK_TYPES:
-        raise ConfigError(f"{where}.peft_config.task_type: must be one of {', '.join(_TASK_TYPES)} or null, got "
-                          f"{task!r}")
+        raise ValueError(f"peft_config.task_type: must be one of {', '.join(_TASK_TYPES)} or null, got {task!r}")
     if value.get("inference_mode"):
-        raise ConfigError(f"{where}.peft_config.inference_mode: true freezes the adapters too; nothing would train")
+        raise ValueError("peft_config.inference_mode: true freezes the adapters too; nothing would train")
     init = value.get("init_lora_weights", True)
     if isinstance(init, str) and init.split("_", 1)[0] in _BASE_CHANGING_INITS:
-        raise ConfigError(f"{where}.peft_config.init_lora_weights: {init!r} rewrites the base weights, which the "
-                          "adapters-disabled reference and an adapter-only checkpoint take as the initial model; "
-                          "use true, false or 'gaussian'")
+        raise ValueError(f"peft_config.init_lora_weights: {init!r} rewrites the base weights, which the "
+                         "adapters-disabled reference and an adapter-only checkpoint take as the initial model; "
+                         "use true, false or 'gaussian'")
     try:
         lora_config(value)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}.peft_config: peft.LoraConfig refuses it: {e}") from None
+        raise ValueError(f"peft_config: peft.LoraConfig refuses it: {e}") from None
     return dict(value)
 
 

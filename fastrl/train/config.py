@@ -386,7 +386,10 @@ class TrainConfig:
                 self._fail("model_config", "needs model_type (e.g. qwen2, llama)")
         from fastrl.train.adapters import check_peft_config
 
-        self.peft_config = check_peft_config(self.peft_config, type(self).__name__)
+        try:
+            self.peft_config = check_peft_config(self.peft_config)
+        except ValueError as e:  # the message starts with peft_config[.key]
+            raise ConfigError(f"{type(self).__name__}.{e}") from None
         if self.peft_config is not None and getattr(self, "image_generation", None) is not None:
             self._fail("peft_config", "LoRA adapters are for text runs; an image-generation run trains the full model")
         if isinstance(self.tokenizer, (str, os.PathLike)):

@@ -11,6 +11,7 @@ final norm, lm-head) are gathered for the forward of the module that ``fully_sha
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -291,7 +292,10 @@ class Policy(nn.Module):
     def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight, bias)`` of the lm-head as it computes: with LoRA on the lm-head ``W + scale * B @ A``
         (:func:`fastrl.train.adapters.linear_parts`), a ``modules_to_save`` head's trained copy."""
-        return linear_parts(self.lm_head)
+        head = self.lm_head
+        if type(head).__module__.startswith("peft."):  # a peft wrapper (LoRA layer, modules_to_save copy)
+            return linear_parts(head)
+        return head.weight, getattr(head, "bias", None)
 
     def _cast(self, hidden, weight, bias):
         if self.compute_dtype is not None and hidden.dtype != self.compute_dtype:
@@ -533,7 +537,8 @@ def with_adapters(model: nn.Module, config) -> nn.Module:
     if getattr(config, "peft_config", None) is None or is_peft(model):
         return model
     try:
-        return apply_adapters(model, config.peft_config, seed=config.seed, base=config.model)
+        base = config.model if isinstance(config.model, (str, os.PathLike)) else None  # a directory, for the adapter
+        return apply_adapters(model, config.peft_config, seed=config.seed, base=base)
     except (ImportError, ValueError, TypeError) as e:  # e.g. no module matches target_modules
         message = str(e).removeprefix("peft_config: ")
         raise ConfigError(f"{type(config).__name__}.peft_config: {message}") from None
