@@ -66,3 +66,18 @@ def test_image_doc_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(root))  # examples/ modules the blocks import
     (tmp_path / "examples").symlink_to(root / "examples")
     exec(compile(IMAGE_BLOCKS[index], f"docs/image_generation.md[python block {index}]", "exec"), {})
+
+
+MIGRATION_DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "migration.md"
+MIGRATION_BLOCKS = re.findall(r"```python\n(.*?)```", MIGRATION_DOC.read_text(), flags=re.S)
+
+
+def test_migration_doc_has_examples():
+    assert len(MIGRATION_BLOCKS) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(MIGRATION_BLOCKS)))
+def test_migration_doc_example_runs(index, tmp_path, monkeypatch):
+    """docs/migration.md's Python examples (TRL -> fastrl, Liger-Kernel -> fastrl) run as written."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile(MIGRATION_BLOCKS[index], f"docs/migration.md[python block {index}]", "exec"), {})
