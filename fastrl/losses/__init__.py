@@ -7,7 +7,8 @@ Every loss returns ``(loss, metrics)`` with ``metrics`` a dict of detached tenso
 (:mod:`fastrl.losses.fused_linear_grpo`). DPO family: :func:`dpo_loss` / :class:`DPOLoss` (every
 pairwise type, :mod:`fastrl.losses.dpo`), their settings :class:`DPOSettings`, :class:`FusedLinearDPOLoss` from hidden states
 (:mod:`fastrl.losses.fused_linear_dpo`, with :func:`precompute_reference_logps`); listwise, unpaired and reward-model losses in
-:mod:`fastrl.losses.preference`.
+:mod:`fastrl.losses.preference`. Liger-Kernel's fused-linear GRPO and DPO losses, same calls (an import change
+to switch): :mod:`fastrl.losses.liger`.
 """
 
 from fastrl.losses import torch_impl
