@@ -126,7 +126,7 @@ def attach_evaluation(run: Run, rewards: list[rewards_lib.RewardFunction], stop_
         The :class:`Evaluation` added, or None.
 
     Raises:
-        DataError: unreadable held-out data (as for ``train_data``).
+        DataError: unreadable held-out data, naming ``eval_data`` and the row.
     """
     config = run.config
     if getattr(config, "eval_data", None) is None:

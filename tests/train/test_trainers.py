@@ -293,3 +293,13 @@ def test_peft_config_from_a_lora_config(tmp_path):
     fields = trainer.config.peft_config
     assert fields["r"] == 4 and fields["lora_alpha"] == 16 and sorted(fields["target_modules"]) == ["q_proj", "v_proj"]
     json.dumps(trainer.config.to_dict())  # plain data: it goes to the checkpoint as JSON
+
+
+def test_bad_held_out_data_names_eval_data(tmp_path):
+    from fastrl.train import DataError
+
+    trainer = GRPOTrainer(model=tiny_model(), reward_funcs=emits_target, train_dataset=toy_prompts(4),
+                          eval_dataset=[{"prompt": [9, 10]}, {"question": [9]}],
+                          args=dict(output_dir=str(tmp_path / "out"), batch_size=2, **ONLINE))
+    with pytest.raises(DataError, match=r"eval_data \(a list of 2 rows\).*row 2 \(1-based\)"):
+        trainer.train()
