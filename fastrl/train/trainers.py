@@ -112,7 +112,7 @@ _TRL_IGNORED = ("model_init_kwargs", "trust_remote_code", "disable_dropout", "ca
                 "padding_free", "pad_token", "dataset_num_proc", "activation_offloading", "log_multimodal",
                 "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo", "vllm_mode",
                 "vllm_model_impl", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
-                "vllm_server_timeout", "vllm_group_port", "vllm_max_model_length", "vllm_importance_sampling_cap",
+                "vllm_server_timeout", "vllm_group_port", "vllm_importance_sampling_cap",
                 "use_transformers_paged", "generation_batch_size", "steps_per_generation",
                 "vllm_importance_sampling_correction", "truncation_mode")
 
@@ -209,11 +209,7 @@ def config_from_trl(args, cls: type[TrainConfig]) -> dict[str, Any]:
     if v("use_vllm"):
         if str(v("vllm_mode")) != "colocate":
             raise ConfigError(f"{where}.vllm_mode: {v('vllm_mode')!r}: fastrl runs vLLM colocated only")
-        out["rollout_engine"] = "vllm"
-        for trl, mine in (("vllm_gpu_memory_utilization", "vllm_gpu_memory_utilization"),
-                          ("vllm_enable_sleep_mode", "vllm_enable_sleep_mode")):
-            if trl in values and mine in names:
-                out[mine] = values[trl]
+        out["rollout_engine"] = "vllm"  # vllm_gpu_memory_utilization & co: fastrl's fields of the same names
         if v("vllm_importance_sampling_correction", False):
             for trl in ("vllm_importance_sampling_mode", "vllm_importance_sampling_clip_max",
                         "vllm_importance_sampling_clip_min"):
@@ -223,7 +219,7 @@ def config_from_trl(args, cls: type[TrainConfig]) -> dict[str, Any]:
         refused.append(f"max_length={v('max_length')!r} (fastrl bounds max_prompt_length and max_completion_length)")
     handled = {"max_steps", "log_completions", "report_to", "use_cpu", "disable_tqdm", "torch_compile",
                "warmup_steps", "save_strategy", "eval_strategy", "steps_per_generation", "use_vllm", "max_length",
-               "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_importance_sampling_mode",
+               "vllm_importance_sampling_mode",
                "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "eval_steps"}
     init = v("model_init_kwargs") or {}
     dtype = str(init.get("dtype", init.get("torch_dtype", "auto")) if isinstance(init, dict) else "auto")

@@ -303,3 +303,19 @@ def test_bad_held_out_data_names_eval_data(tmp_path):
                           args=dict(output_dir=str(tmp_path / "out"), batch_size=2, **ONLINE))
     with pytest.raises(DataError, match=r"eval_data \(a list of 2 rows\).*row 2 \(1-based\)"):
         trainer.train()
+
+
+def test_a_trl_config_with_vllm_selects_fastrls_vllm_engine():
+    trl = pytest.importorskip("trl")
+    from fastrl.train import GRPOConfig
+    from fastrl.train.trainers import config_from_trl
+
+    fields = config_from_trl(trl.GRPOConfig(output_dir="out", bf16=False, use_vllm=True,
+                                            vllm_gpu_memory_utilization=0.5), GRPOConfig)
+    assert fields["rollout_engine"] == "vllm" and fields["vllm_gpu_memory_utilization"] == 0.5
+    assert (fields["vllm_importance_sampling_mode"], fields["vllm_importance_sampling_clip_max"]) == \
+        ("sequence_mask", 3.0)  # TRL's correction of vLLM's sampling, as TRL applies it
+    assert "vllm_importance_sampling_mode" not in config_from_trl(trl.GRPOConfig(output_dir="out", bf16=False),
+                                                                  GRPOConfig)
+    with pytest.raises(ConfigError, match=r"vllm_mode: 'server': fastrl runs vLLM colocated only"):
+        config_from_trl(trl.GRPOConfig(output_dir="out", bf16=False, use_vllm=True, vllm_mode="server"), GRPOConfig)
