@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from fastrl.rollout import generate
-from fastrl.train import ConfigError, GRPOConfig, OnlineDPOConfig, train_dpo, train_grpo
+from fastrl.train import (ConfigError, GRPOConfig, OnlineDPOConfig, RMConfig, SFTConfig, train_dpo, train_grpo,
+                          train_online_dpo, train_rm, train_sft)
 from fastrl.train.adapters import AdapterReference, config_dict, is_peft
 from fastrl.train.config import load_config
 from fastrl.train.distributed import World
 from fastrl.train.model import Policy, build_model, completion_logps, frozen_copy, logprob_head
 from fastrl.train.packing import pack
 
-from .conftest import dpo_config, online_fields, state
+from .conftest import TINY, dpo_config, online_fields, state, toy_pairs, write_jsonl
 
 peft = pytest.importorskip("peft")
 
@@ -163,6 +164,7 @@ def test_lora_resume_continues_bit_exactly(prompts_file, tmp_path, one_thread):
     assert changed
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft reads it
 def test_the_saved_adapter_loads_with_peft(prompts_file, tmp_path, one_thread):
     config = grpo_config(prompts_file, tmp_path / "run", max_steps=3)
     result = train_grpo(config)
@@ -230,3 +232,23 @@ def test_peft_config_from_yaml_and_the_command_line(prompts_file, tmp_path):
     assert config.peft_config == {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
     config = load_config("grpo", yaml_file, ["--peft_config", '{"r": 2, "target_modules": ["q_proj"]}'])
     assert config.peft_config == {"r": 2, "target_modules": ["q_proj"]}
+
+
+def test_lora_in_online_dpo_sft_and_rm(prompts_file, pairs_file, tmp_path, one_thread):
+    online = train_online_dpo(OnlineDPOConfig(**online_fields(prompts_file, tmp_path / "online", max_steps=3,
+                                                              reward_funcs=[low_tokens], learning_rate=1e-2,
+                                                              peft_config=dict(LORA))))
+    assert online.history[0]["loss"] == pytest.approx(0.6931, abs=1e-4)  # the reference (the base) = the policy
+    assert online.history[-1]["loss"] != online.history[0]["loss"]
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
+                                                     for p in toy_pairs()])
+    common = dict(model_config=dict(TINY["qwen2"]), max_steps=4, learning_rate=1e-2, progress=False,
+                  peft_config=dict(LORA))
+    sft = train_sft(SFTConfig(train_data=str(sft_data), output_dir=str(tmp_path / "sft"), **common))
+    rm = train_rm(RMConfig(train_data=str(pairs_file), output_dir=str(tmp_path / "rm"), **common))
+    for result in (online, sft, rm):
+        assert (result.checkpoint / "adapter" / "adapter_model.safetensors").is_file()
+        trainable = [n for n, p in result.policy.model.named_parameters() if p.requires_grad]
+        assert trainable and all(".lora_" in n or ".score." in n for n in trainable), trainable
+    assert sft.history[-1]["loss"] < sft.history[0]["loss"] and rm.history[-1]["loss"] < rm.history[0]["loss"]
+    assert any(".score.modules_to_save." in n for n, p in rm.policy.model.named_parameters() if p.requires_grad)
