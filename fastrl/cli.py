@@ -81,8 +81,8 @@ def _train(args: argparse.Namespace) -> int:
               f"--resume auto", file=sys.stderr)
         return 128 + int(e.signal)  # 130 (SIGINT), 143 (SIGTERM), as the shell reports a process killed by it
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the training loop
-        print(f"fastrl train {args.method}: interrupted; no checkpoint written for the step in progress",
-              file=sys.stderr)
+        print(f"fastrl train {args.method}: interrupted at once; no checkpoint written (those already written "
+              f"stay: continue with --resume auto)", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         close_world()  # the command owns the process (and the torchrun process group)
