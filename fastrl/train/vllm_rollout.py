@@ -194,8 +194,17 @@ class VLLMEngine:
         return runner.model
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads ``(name, tensor)`` pairs into the engine's model (vLLM's own name mapping), one at a time."""
-        model = self._model()
+        """Loads ``(name, tensor)`` pairs into the engine's model (vLLM's own name mapping), one at a time.
+
+        Through the in-process worker's model, as TRL's colocated mode does; a vLLM without that path
+        gets them through ``LLM.apply_model``.
+        """
+        try:
+            model = self._model()
+        except AttributeError:
+            pairs = list(weights)
+            self.llm.apply_model(lambda m: m.load_weights(pairs))
+            return
         for name, tensor in weights:
             model.load_weights([(name, tensor)])
 
