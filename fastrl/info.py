@@ -21,6 +21,7 @@ OPTIONAL_PACKAGES = {
     "bitsandbytes": "bitsandbytes",
     "liger-kernel": "liger_kernel",
     "trl": "trl",
+    "vllm": "vllm",
     "flashinfer-python": "flashinfer",
     "nvidia-ml-py": "pynvml",
 }
