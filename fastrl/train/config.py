@@ -220,7 +220,8 @@ class TrainConfig:
     """Fields every method shares. Sizes are per process unless the name says otherwise."""
 
     # --- model
-    model: str | None = _help("local directory of a Hugging Face causal LM (nothing is downloaded)", None)
+    model: str | None = _help("local directory of a Hugging Face causal LM (nothing is downloaded); from Python "
+                              "also the model itself (an nn.Module, trained in place)", None)
     model_config: dict | str | None = _help(
         "a Hugging Face config for a randomly initialised model, e.g. {model_type: qwen2, vocab_size: 512, ...} "
         "(a JSON string on the command line); exclusive with `model`", None)
@@ -230,7 +231,8 @@ class TrainConfig:
         "frozen and is the reference (adapters disabled, no copy); the lm-head is adapted only when "
         "target_modules or modules_to_save name it; checkpoints hold the adapter (adapter/); one process, text "
         "runs; null: full fine-tuning", None)
-    tokenizer: str | None = _help("tokenizer directory (default: `model`); without one, data are token ids", None)
+    tokenizer: str | None = _help("tokenizer directory (default: `model`'s; from Python also a tokenizer); without "
+                                  "one, data are token ids", None)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("parameter dtype", "float32")
     bf16: bool = _help("bf16 autocast for the forward (mixed precision over float32 parameters)", False)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _help(
@@ -242,7 +244,8 @@ class TrainConfig:
     gradient_checkpointing: bool = _help("recompute decoder layers in the backward", False)
     compile: bool = _help("torch.compile each decoder layer", False)
     # --- data
-    train_data: str | None = _help("local .jsonl / .json / .parquet file (or a directory of them)", None)
+    train_data: str | None = _help("local .jsonl / .json / .parquet file (or a directory of them); from Python also "
+                                   "a datasets.Dataset or a list of dicts", None)
     prompt_column: str = _help("column of the prompts (text, chat messages or token ids)", "prompt")
     chat_template: bool = _help("apply the tokenizer's chat template when it has one", True)
     max_prompt_length: int = _help("longest prompt in tokens", 512)
