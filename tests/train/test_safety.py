@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,25 +250,30 @@ def test_a_second_sigint_stops_at_once(straight, tmp_path, calls, one_thread):
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped inside step 2: nothing saved
 
 
-def test_cli_interrupted_exits_130_with_the_message_then_resumes(straight, tmp_path, capsys, one_thread):
-    data, _ = straight
-    rewards = tmp_path / "rewards.py"
-    marker = tmp_path / "stop-once"
+def cli_args(data, tmp_path, *, signal_name: str, at: int, max_steps: int) -> tuple[list[str], Path]:
+    """``fastrl train grpo`` arguments whose reward file sends ``signal_name`` once, at its call ``at``."""
+    rewards, marker = tmp_path / "rewards.py", tmp_path / "stop-once"
     rewards.write_text(
         "import os, signal\n"
         "CALLS = [0]\n"
         "def reward(prompt_ids, completion_ids, **columns):\n"
         "    CALLS[0] += 1\n"
-        f"    if CALLS[0] == {PER_STEP + 1} and os.path.exists({str(marker)!r}):\n"
+        f"    if CALLS[0] == {at} and os.path.exists({str(marker)!r}):\n"
         f"        os.remove({str(marker)!r})\n"
-        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        f"        os.kill(os.getpid(), signal.{signal_name})\n"
         "    return sum(t == 7 for t in completion_ids) / len(completion_ids)\n")
     marker.touch()
     out = tmp_path / "run"
     args = ["train", "grpo", "--model_config", json.dumps(online_fields(data, out)["model_config"]),
             "--train_data", str(data), "--output_dir", str(out), "--reward_funcs", f"{rewards}:reward",
-            "--batch_size", "4", "--num_generations", "8", "--max_completion_length", "8", "--max_steps", "3",
-            "--no_progress"]
+            "--batch_size", "4", "--num_generations", "8", "--max_completion_length", "8", "--max_steps",
+            str(max_steps), "--no_progress"]
+    return args, out
+
+
+def test_cli_interrupted_exits_130_with_the_message_then_resumes(straight, tmp_path, capsys, one_thread):
+    data, _ = straight
+    args, out = cli_args(data, tmp_path, signal_name="SIGINT", at=PER_STEP + 1, max_steps=3)
     assert cli.main(args) == 130
     err = capsys.readouterr().err
     checkpoint = out / "checkpoints" / "step-00000002"
@@ -278,6 +284,15 @@ def test_cli_interrupted_exits_130_with_the_message_then_resumes(straight, tmp_p
     assert cli.main(args + ["--resume", "auto"]) == 0
     assert "fastrl train grpo: 1 steps" in capsys.readouterr().out  # the resumed run does step 3 only
     assert steps_in(out / "metrics.jsonl") == [1, 2, 3]
+
+
+def test_cli_sigterm_exits_143(straight, tmp_path, capsys, one_thread):
+    data, _ = straight
+    args, out = cli_args(data, tmp_path, signal_name="SIGTERM", at=1, max_steps=2)
+    assert cli.main(args) == 143
+    checkpoint = out / "checkpoints" / "step-00000001"
+    assert f"interrupted at step 1; checkpoint {checkpoint}; continue with --resume auto" in capsys.readouterr().err
+    assert (checkpoint / "trainer_state.pt").is_file()
 
 
 # ---- a reward failing mid-step
