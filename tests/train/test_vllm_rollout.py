@@ -27,7 +27,10 @@ class StandInEngine:
     """
 
     def __init__(self, model, dtype=torch.float32):
-        self.model = copy.deepcopy(model).to(dtype)
+        model = copy.deepcopy(model)
+        if hasattr(model, "merge_and_unload"):  # a LoRA policy: the engine serves the merged base model
+            model = model.merge_and_unload()
+        self.model = model.to(dtype)
         self.dtype = dtype
         self.check = None
         self.calls: list[str] = []
@@ -63,9 +66,10 @@ class StandInEngine:
 
     def generate(self, prompts, **sampling):
         self.calls.append("generate")
-        if self.check is not None:
-            live = {k: v.detach().to(self.dtype) for k, v in self.check.state_dict().items()}
-            self.matched.append(all(torch.equal(live[k], v) for k, v in self.model.state_dict().items()))
+        if self.check is not None:  # what the policy computes with now (a LoRA policy's merged weights)
+            live = dict(engine_weights(self.check, self.dtype))
+            self.matched.append(all(torch.allclose(live[k], v, rtol=1e-6, atol=1e-7)
+                                    for k, v in self.model.state_dict().items()))
         return generate(self.model, [torch.tensor(p) for p in prompts], engine="hf", **sampling)
 
 
@@ -109,6 +113,21 @@ def test_grpo_run_samples_from_the_policys_weights_at_every_step(prompts_file, t
         assert engine.calls[4:7] == ["wake:kv_cache", "generate", "sleep2"]
     else:
         assert "sleep2" not in engine.calls and not any(c.startswith("wake") for c in engine.calls)
+
+
+def test_lora_run_pushes_merged_weights(prompts_file, tmp_path, one_thread, stand_in):
+    pytest.importorskip("peft")
+    config = GRPOConfig(**online_fields(prompts_file, tmp_path / "run", rollout_engine="vllm", max_steps=2,
+                                        peft_config={"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+                                        learning_rate=0.1))
+    result = train_grpo(config)
+    engine = stand_in[0]
+    assert engine.matched == [True, True] and engine.loads == 2
+    assert not any("lora_" in name for name in engine.received[0])  # the base model's names only
+    q_proj = next(k for k in engine.received[0] if "q_proj.weight" in k)
+    # after a step the adapters differ from their initial zero product: the pushed q_proj moved too
+    assert not torch.equal(engine.received[0][q_proj], engine.received[1][q_proj])
+    assert result.steps == 2
 
 
 def test_online_dpo_uses_the_engine(prompts_file, tmp_path, one_thread, stand_in):
