@@ -24,8 +24,9 @@ and are the checkpoints beyond ``keep`` removed (:func:`prunable`): never the on
 ``latest`` always names a complete checkpoint; the ``keep - 1`` highest steps below it stay, and a
 checkpoint of a later step (a branch abandoned by resuming from an earlier one) goes. A crash
 mid-write leaves a ``.tmp`` directory, removed by the next save, and every earlier checkpoint
-intact. Under FSDP2 the full state dicts are gathered collectively (every process calls
-:func:`save_checkpoint`) and process 0 writes.
+intact (a crash while a step is saved again leaves its old copy as ``.old``: the next save puts it
+back, or removes it once the new one is in place). Under FSDP2 the full state dicts are gathered
+collectively (every process calls :func:`save_checkpoint`) and process 0 writes.
 
 ``trainer_state.json`` holds the config the run was started with (values JSON cannot write as
 :func:`jsonable` names them) and the data's fingerprint: a resume compares them with its own
@@ -179,6 +180,11 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, *, policy, optimiz
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+        for old in root.glob("step-*.old"):  # a crash while a step was saved again: the old one is complete
+            if old.with_suffix("").exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, old.with_suffix(""))
         tmp = root / f"step-{step:08d}.tmp"
         tmp.mkdir()
         if lora:

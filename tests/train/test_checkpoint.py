@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -116,3 +118,41 @@ def test_reference_file_round_trip_with_tied_weights(tmp_path):
     assert not path.exists() and old.exists()
     with pytest.raises(FileNotFoundError, match="previous-iterate reference"):
         checkpoint_module.load_reference(target, tmp_path / "checkpoints" / "step-00000003")
+
+
+def test_a_resumed_run_drops_the_records_it_redoes(tmp_path):
+    from fastrl.train.telemetry import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    records = "".join(f'{{"step": {s}, "loss": 0.5}}\n' for s in (1, 2, 3, 4))
+    path.write_text(records + '{"step": 5, "lo')  # the last line cut short by a crash
+    assert drop_records_after(path, 2) == 3
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.5}\n'
+    assert drop_records_after(path, 2) == 0 and drop_records_after(tmp_path / "none.jsonl", 0) == 0
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+def test_save_puts_back_the_old_copy_a_crash_left(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fastrl.train.distributed import World
+    from fastrl.train.model import Policy
+
+    torch.manual_seed(0)
+    policy = Policy(Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)))
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    def save(step):
+        return checkpoint_module.save_checkpoint(tmp_path, step, policy=policy, optimizer=optimizer,
+                                                 scheduler=scheduler, trainer_state={"step": step}, config={},
+                                                 world=world, keep=3)
+
+    root = tmp_path / "checkpoints"
+    os.rename(save(1), root / "step-00000001.old")  # a crash between the two renames of saving step 1 again
+    assert checkpoint_module.find_checkpoint(tmp_path, "auto") is None
+    save(2)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000001", "step-00000002"]
+    assert (root / "step-00000001" / "trainer_state.pt").is_file()
