@@ -37,20 +37,21 @@ __all__ = ["ConfigError", "DPOConfig", "DPOTrainer", "DataError", "GRPOConfig", 
            "load_config", "train", "train_dpo", "train_grpo", "train_online_dpo", "train_rm", "train_sft"]
 
 
-def train(config: TrainConfig, reward_funcs=None) -> TrainResult:
+def train(config: TrainConfig, reward_funcs=None, *, callbacks=None) -> TrainResult:
     """Run the recipe of ``config``'s type. ``reward_funcs`` (GRPO / online DPO only): reward
-    callables given from Python, in place of ``config.reward_funcs``."""
+    callables given from Python, in place of ``config.reward_funcs``; ``callbacks``: run callbacks
+    (:mod:`fastrl.train.run`; :class:`TrainerCallback` is their base)."""
     if reward_funcs is not None and not isinstance(config, (GRPOConfig, OnlineDPOConfig)):
         raise TypeError(f"reward_funcs apply to GRPO and online DPO, not {type(config).__name__}")
     if isinstance(config, SFTConfig):
-        return train_sft(config)
+        return train_sft(config, callbacks=callbacks)
     if isinstance(config, DPOConfig):
-        return train_dpo(config)
+        return train_dpo(config, callbacks=callbacks)
     if isinstance(config, GRPOConfig):
-        return train_grpo(config, reward_funcs)
+        return train_grpo(config, reward_funcs, callbacks=callbacks)
     if isinstance(config, OnlineDPOConfig):
-        return train_online_dpo(config, reward_funcs)
+        return train_online_dpo(config, reward_funcs, callbacks=callbacks)
     if isinstance(config, RMConfig):
-        return train_rm(config)
+        return train_rm(config, callbacks=callbacks)
     raise TypeError(f"config must be an SFTConfig, DPOConfig, GRPOConfig, OnlineDPOConfig or RMConfig, "
                     f"got {type(config).__name__}")

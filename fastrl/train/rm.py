@@ -131,17 +131,19 @@ def _warn_pad_endings(pairs: PreferencePairs, pad_id: int | None) -> None:
                       stacklevel=3)
 
 
-def train_rm(config: RMConfig) -> TrainResult:
+def train_rm(config: RMConfig, *, callbacks=None) -> TrainResult:
     """Train a reward model as ``config`` says; see the module docstring.
 
     Args:
         config: an :class:`~fastrl.train.config.RMConfig`.
+        callbacks: objects added to ``run.callbacks`` (:mod:`fastrl.train.run`), or None.
 
     Returns:
         The :class:`~fastrl.train.run.TrainResult`: logged records, the last checkpoint (a sequence-classifier
         directory :class:`fastrl.train.RewardModel` loads), the model.
     """
     run = start_run(config)
+    run.callbacks.extend(callbacks or ())
     policy, world, model = run.policy, run.world, run.model
     text = model.config.get_text_config()
     if text.pad_token_id is None and run.tokenizer is not None and run.tokenizer.pad_token_id is not None:

@@ -128,11 +128,12 @@ def sft_step(policy: Policy, batches: list[SequenceBatch], *, world: distributed
             "padded_slots": float(sum(b.padded_slots for b in batches))}
 
 
-def train_sft(config: SFTConfig) -> TrainResult:
+def train_sft(config: SFTConfig, *, callbacks=None) -> TrainResult:
     """Run SFT as ``config`` says; see the module docstring.
 
     Args:
         config: the :class:`~fastrl.train.config.SFTConfig`.
+        callbacks: objects added to ``run.callbacks`` (:mod:`fastrl.train.run`), or None.
 
     Returns:
         The run's :class:`~fastrl.train.run.TrainResult`.
@@ -141,6 +142,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
         ConfigError: a bad config field, naming it.
     """
     run = start_run(config)
+    run.callbacks.extend(callbacks or ())
     policy, world = run.policy, run.world
     check_offline_image_lengths(run.image, config)
     examples = load_sft_examples(config, run.tokenizer, run.vocab_size)

@@ -319,3 +319,14 @@ def test_a_trl_config_with_vllm_selects_fastrls_vllm_engine():
                                                                   GRPOConfig)
     with pytest.raises(ConfigError, match=r"vllm_mode: 'server': fastrl runs vLLM colocated only"):
         config_from_trl(trl.GRPOConfig(output_dir="out", bf16=False, use_vllm=True, vllm_mode="server"), GRPOConfig)
+
+
+def test_train_takes_callbacks_for_every_method(tmp_path, one_thread):
+    from fastrl.train import SFTConfig, train
+
+    rows = [{"prompt": [10 + i, 11], "completion": [1, 2, 3]} for i in range(8)]
+    recorder = Recorder()
+    train(SFTConfig(model=tiny_model(), train_data=rows, output_dir=str(tmp_path / "out"), batch_size=4,
+                    max_steps=2, progress=False), callbacks=[recorder])
+    assert recorder.calls == [("step", 1), ("log", 1, 1), ("step", 2), ("log", 2, 2), ("save", 2, "step-00000002"),
+                              ("end", 2)]
