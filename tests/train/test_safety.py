@@ -71,20 +71,6 @@ def steps_in(path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
-def with_callback(monkeypatch, recipe: str, callback) -> None:
-    """Make ``fastrl.train.<recipe>``'s runs carry ``callback``."""
-    from fastrl.train import run as run_module
-
-    real = run_module.start_run
-
-    def start_run(*args, **kwargs):
-        run = real(*args, **kwargs)
-        run.callbacks.append(callback)
-        return run
-
-    monkeypatch.setattr(f"fastrl.train.{recipe}.start_run", start_run)
-
-
 # ---- a used output_dir
 
 def test_rerun_into_a_used_output_dir_is_refused(pairs_file, tmp_path):
@@ -193,9 +179,7 @@ def test_latest_always_names_a_complete_checkpoint(pairs_file, tmp_path):
             seen.append(step)
 
     out = tmp_path / "run"
-    with pytest.MonkeyPatch.context() as m:
-        with_callback(m, "dpo", Check())
-        result = train_dpo(dpo_config(pairs_file, out, max_steps=3, save_every=1, keep_checkpoints=1))
+    result = train_dpo(dpo_config(pairs_file, out, max_steps=3, save_every=1, keep_checkpoints=1), callbacks=[Check()])
     assert seen == [1, 2, 3] and result.checkpoint == out / "checkpoints" / "step-00000003"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000003"]
 
@@ -231,10 +215,8 @@ def test_sigterm_from_a_callback_stops_dpo_at_the_step(pairs_file, tmp_path):
             if step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.MonkeyPatch.context() as m:
-        with_callback(m, "dpo", Stop())
-        with pytest.raises(TrainingInterrupted) as caught:
-            train_dpo(dpo_config(pairs_file, out, max_steps=4, save_every=2))
+    with pytest.raises(TrainingInterrupted) as caught:
+        train_dpo(dpo_config(pairs_file, out, max_steps=4, save_every=2), callbacks=[Stop()])
     assert (caught.value.step, caught.value.signal) == (2, signal.SIGTERM)  # saved once (save_every), not twice
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000002"]
     resumed = train_dpo(dpo_config(pairs_file, out, max_steps=4, save_every=2, resume="auto"))
@@ -338,9 +320,8 @@ def test_callbacks_hooks(pairs_file, tmp_path):
         def on_train_end(self, run, result):
             events.append(("end", result.steps))
 
-    with pytest.MonkeyPatch.context() as m:
-        with_callback(m, "dpo", Recorder())
-        result = train_dpo(dpo_config(pairs_file, tmp_path / "run", max_steps=4, log_every=2, save_every=2))
+    result = train_dpo(dpo_config(pairs_file, tmp_path / "run", max_steps=4, log_every=2, save_every=2),
+                       callbacks=[Recorder()])
     assert events == [("step_end", 1), ("step_end", 2), ("log", 2, None), ("save", 2, "step-00000002"),
                       ("step_end", 3), ("log", 3, 3.0),  # a callback's metrics are logged off the log steps
                       ("step_end", 4), ("log", 4, None), ("save", 4, "step-00000004"), ("end", 4)]
