@@ -662,7 +662,7 @@ def end_step(run: Run, step: int, *, started: float, tokens: float, flops: float
        checkpoint (unless just written), then :class:`TrainingInterrupted` — except after the last
        step, which :func:`finish` saves anyway.
 
-    The callbacks (``run.callbacks``, every process): ``on_step_end(run, step)`` after step 2 — a
+    The callbacks (``run.callbacks``, every process): ``on_step_end(run, step)`` after items 1–2 — a
     dict of floats it returns joins the step's record, and the step is logged even off the log
     steps (return one on every process or on none: ``record()`` may hold collectives) —,
     ``on_log(run, step, record)`` after the record is logged, ``on_save(run, step, path)`` after a
