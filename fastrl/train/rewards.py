@@ -21,9 +21,10 @@ itself from Python. Its signature says which of two forms it takes:
   prompt column's text, or its list of chat messages; a token-id prompt decoded), ``completions``
   as text (for a chat prompt ``[{"role": "assistant", "content": text}]``, as TRL without a
   response parser), ``completion_ids`` (token-id lists), every other data column as a list (not
-  ``prompt`` / ``completion``), and ``trainer_state`` (a :class:`RewardState`: ``global_step``,
-  ``max_steps``), ``log_metric(name, value)`` (the values' mean goes to the step's metrics under
-  ``name``) and ``log_extra(column, values)`` (kept in :attr:`RewardFunction.logged`, not written to
+  ``prompt`` / ``completion``; fastrl's ``finish_reason`` list only where the signature names it),
+  and ``trainer_state`` (a :class:`RewardState`: ``global_step``, ``max_steps``),
+  ``log_metric(name, value)`` (the values' mean goes to the step's metrics under ``name``) and
+  ``log_extra(column, values)`` (kept in :attr:`RewardFunction.logged`, not written to
   ``completions.jsonl``). TRL's ``environments`` is not passed. Returns one float (or None) per
   completion. It needs text: on a run without a tokenizer it is refused at load.
   :file:`examples/trl_rewards.py` holds TRL-style rewards that train unchanged.
@@ -284,17 +285,17 @@ def reward_function(spec: str | Callable, where: str = "reward_funcs") -> Reward
         elif by_keyword & {"prompts", "completions"} and not (positional and positional[0].name == "prompt_ids"):
             form = "trl"  # TRL calls every argument by keyword
             required = [p.name for p in positional if p.default is p.empty and p.name not in by_keyword]
-            if required:
-                raise RewardError(f"{label}: looks like TRL's form (it names {', '.join(sorted(by_keyword & {'prompts', 'completions'}))}) "
-                                  f"but its positional-only parameter {required[0]!r} cannot be passed by keyword; "
-                                  f"a reward takes {FORMS}; its signature is {signature}")
+            if required:  # TRL passes every argument by keyword
+                raise RewardError(f"{label}: its positional-only parameter {required[0]!r} cannot be passed by "
+                                  f"keyword, as TRL's form is called; a reward takes {FORMS}; its signature is "
+                                  f"{signature}")
             trl_args = frozenset(TRL_ARGS) if var_keyword else frozenset(by_keyword & set(TRL_ARGS))
             rest = [p for p in params if p.name not in TRL_ARGS]
             batched = True
         else:
             raise RewardError(f"{label}: a reward takes {FORMS}; its signature is {signature}")
         named = {p.name for p in rest if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        defaults = {p.name for p in rest if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.default is not p.empty}
+        defaults = {p.name for p in rest if p.name in named and p.default is not p.empty}
         if not var_keyword:
             keywords = frozenset(named)
         if form == "fastrl" and not hasattr(fn, "batched"):
@@ -758,7 +759,8 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
     def trl_keywords(reward: RewardFunction) -> dict[str, Any]:
         logged = reward.logged = {"metrics": {}, "extra": {}}
         kw = {k: v for k, v in trl_inputs.items() if k in reward.trl_args}
-        kw.update(column_lists(reward, _NOT_TRL_COLUMNS))
+        # exactly TRL's keywords: fastrl's finish_reason only to a reward that names it
+        kw.update(column_lists(reward, _NOT_TRL_COLUMNS | ({"finish_reason"} - reward.named)))
         specials = {"trainer_state": state if state is not None else RewardState(),
                     "log_extra": lambda column, values: logged["extra"].setdefault(column, []).extend(values),
                     "log_metric": lambda key, value: logged["metrics"].setdefault(key, []).append(value)}

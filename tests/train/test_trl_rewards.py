@@ -66,7 +66,7 @@ def test_trl_reward_file_trains_unchanged_on_text(tmp_path):
     assert len(recorder.calls) == 2 and len(call["completions"]) == 8
     assert all(isinstance(c, str) for c in call["completions"]) and set(call["prompts"]) <= set(PROMPTS)
     assert all(isinstance(ids, list) and all(isinstance(t, int) for t in ids) for ids in call["completion_ids"])
-    assert call["solution"] == ["good"] * 8 and "prompt" not in call and "completion" not in call
+    assert call["solution"] == ["good"] * 8 and not {"prompt", "completion", "finish_reason"} & set(call)
     assert [c["trainer_state"].global_step for c in recorder.calls] == [0, 1]
     assert call["trainer_state"].max_steps == 2 and callable(call["log_metric"]) and callable(call["log_extra"])
     words = {"<|user|>", "<|assistant|>", "<|end|>", "hello", "world", "good", "bad", "answer", "the", "is", "a",
@@ -124,3 +124,42 @@ def test_trl_form_needs_a_tokenizer_and_other_forms_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"GRPOConfig\.reward_funcs\[0\] \(<lambda>\): a reward takes TRL's form "
                                           r".*or fastrl's form .*its signature is \(p, c\)"):
         train(GRPOConfig(**{**fields, "reward_funcs": [lambda p, c: 1.0]}))
+
+
+def test_called_as_trl_calls_it():
+    """The same reward, called by TRL 1.16's GRPOTrainer._calculate_rewards and by fastrl, gets the same arguments."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    from types import SimpleNamespace
+
+    from fastrl.train.rewards import load_rewards, score
+
+    rows = [{"prompt": "the question is", "solution": "good", "level": 1},
+            {"prompt": [{"role": "user", "content": "hello"}], "solution": "bad", "level": 2}]
+    for row in rows:
+        inputs = [row] * 3  # G = 3 completions of the prompt, as TRL repeats the row
+        texts = ["answer is good", "good good", ""]
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if isinstance(row["prompt"], list) \
+            else texts
+        ids = [[10, 7, 8], [8, 8], []]
+        got = {}
+
+        def reward(prompts, completions, completion_ids, **kwargs):
+            got[len(got)] = {"prompts": prompts, "completions": completions, "completion_ids": completion_ids,
+                             **kwargs}
+            return [float(len(c)) for c in completion_ids]
+
+        trainer = SimpleNamespace(
+            accelerator=SimpleNamespace(device="cpu", is_main_process=True), args=SimpleNamespace(report_to=[]),
+            state=SimpleNamespace(global_step=4, max_steps=9), reward_funcs=[reward], reward_processing_classes=[None],
+            reward_func_names=["reward"], environments=None, _log_completion_extra=lambda *a: None,
+            _log_metric=lambda *a: None)
+        trl_table = trl_grpo.GRPOTrainer._calculate_rewards(trainer, inputs, [row["prompt"]] * 3, completions, ids)
+        columns = [{k: v for k, v in row.items()} for _ in range(3)]
+        columns = [{**c, "completion": t, "finish_reason": "stop"} for c, t in zip(columns, texts)]  # as a run's
+        ours = score(load_rewards([reward]), [[1, 2]] * 3, ids, columns, prompts=[row["prompt"]] * 3, completions=texts)
+        assert trl_table[:, 0].tolist() == ours[:, 0].tolist() == [3.0, 2.0, 0.0]
+        trl_call, our_call = got[0], got[1]
+        assert set(our_call) == set(trl_call)
+        for key in set(trl_call) - {"trainer_state", "log_extra", "log_metric"}:
+            assert our_call[key] == trl_call[key], key
+        assert callable(our_call["log_extra"]) and callable(our_call["log_metric"])
