@@ -1,4 +1,4 @@
-"""vLLM as the online trainers' rollout engine (``rollout_engine: vllm``): colocated, weights pushed, asleep while training.
+"""vLLM as the online trainers' rollout engine (``rollout_engine: vllm``): colocated, weights pushed, asleep in training.
 
 With ``rollout_engine: vllm`` (GRPO, online DPO) :func:`fastrl.train.online.online_setup` calls
 :func:`attach`, which builds a ``vllm.LLM`` in this process, on this process's GPU (:func:`build_engine`),
@@ -46,6 +46,7 @@ from fastrl.train.model import DTYPES
 __all__ = ["VLLMEngine", "VLLMRollout", "attach", "build_engine", "engine_of", "engine_weights"]
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # policy -> its VLLMRollout
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every VLLMRollout (the optimiser-step hook marks them stale)
 
 
 def engine_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -79,7 +80,8 @@ def engine_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterat
             module = lora[owner]
             with torch.no_grad():
                 for adapter in module.active_adapters:
-                    if adapter in getattr(module, "lora_A", {}) or adapter in getattr(module, "lora_embedding_A", {}):
+                    adapted = getattr(module, "lora_A", {}), getattr(module, "lora_embedding_A", {})
+                    if any(adapter in table for table in adapted):
                         tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype)
         yield key, tensor if dtype is None else tensor.to(dtype)
 
@@ -96,7 +98,7 @@ _HOOK = []  # the global optimiser-step hook, registered once
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     """After any optimiser step: the engines whose policy it updates no longer hold its weights."""
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for rollout in list(_ENGINES.values()):
+    for rollout in list(_LIVE):
         if rollout._param_ids & stepped:
             rollout._held = None
 
@@ -120,6 +122,7 @@ class VLLMRollout:
         self.pushes = 0
         self._held = None  # the version of the policy's weights the engine holds (None: none)
         self._param_ids: set[int] = set()  # the pushed model's parameters (an optimiser step on one: stale)
+        _LIVE.add(self)
         if not _HOOK:
             _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
         if self.sleep_mode:

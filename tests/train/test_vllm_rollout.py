@@ -144,14 +144,18 @@ def test_sync_pushes_only_changed_weights():
     sync = VLLMRollout(engine, sleep_mode=False)
     assert sync.sync(model) and not sync.sync(model)  # nothing changed: no second push
     with torch.no_grad():
-        next(model.parameters()).add_(1.0)  # what an optimiser step does: an in-place write
+        next(model.parameters()).add_(1.0)  # an in-place write
     assert sync.sync(model) and sync.pushes == 2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # an optimiser step (it writes through .data)
+    model(torch.tensor([[9, 10, 11]])).logits.sum().backward()
+    optimizer.step()
+    assert sync.sync(model) and sync.pushes == 3 and not sync.sync(model)
     # the engine's dtype: bf16 copies of the fp32 weights
     for name, tensor in model.state_dict().items():
         assert torch.equal(engine.received[-1][name], tensor.to(torch.bfloat16))
     out = sync.generate(model, [[9, 10, 11]], num_samples=2, max_new_tokens=3, temperature=1.0, top_k=0, top_p=1.0,
                         min_p=0.0, stop_token_ids=None, generator=torch.Generator().manual_seed(0))
-    assert out.completion_ids.shape[0] == 2 and engine.loads == 2 and engine.matched == [True]
+    assert out.completion_ids.shape[0] == 2 and engine.loads == 3 and engine.matched == [True]
 
 
 def test_sleep_mode_pushes_again_after_each_sleep():
