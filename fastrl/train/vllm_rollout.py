@@ -1,4 +1,4 @@
-"""vLLM as the online trainers' rollout engine (``rollout_engine: vllm``): colocated, weights pushed, asleep in training.
+"""vLLM as the online trainers' rollout engine (rollout_engine: vllm): colocated, weights pushed, asleep while training.
 
 With ``rollout_engine: vllm`` (GRPO, online DPO) :func:`fastrl.train.online.online_setup` calls
 :func:`attach`, which builds a ``vllm.LLM`` in this process, on this process's GPU (:func:`build_engine`),
