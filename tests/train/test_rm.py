@@ -144,7 +144,8 @@ def test_bad_rm_rows_are_named(tmp_path):
         train_rm(rm_config(bad, tmp_path / "a"))
     margins = write_jsonl(tmp_path / "margins.jsonl", [{**r, "margin": 1.0} for r in rows[:2]]
                           + [{**rows[2], "margin": None}])
-    with pytest.raises(DataError, match=r"margins\.jsonl\) line 3, column 'margin': the margin must be a finite number, got None"):
+    with pytest.raises(DataError, match=r"margins\.jsonl\) line 3, column 'margin': the margin must be a finite "
+                                        r"number, got None"):
         train_rm(rm_config(margins, tmp_path / "b", margin_column="margin"))
     with pytest.raises(DataError, match=r"column 'score' is missing"):
         train_rm(rm_config(margins, tmp_path / "c", margin_column="score"))
