@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 __all__ = ["ADAPTER_DIR", "AdapterReference", "apply_adapters", "check_peft_config", "config_dict", "is_peft",
-           "linear_parts", "load_adapter", "lora_config", "save_adapter"]
+           "linear_parts", "load_adapter", "lora_config", "lora_fields", "save_adapter"]
 
 ADAPTER_DIR = "adapter"  # a checkpoint's adapter subdirectory
 # LoraConfig fields that are peft's own bookkeeping, not settings of an adapter

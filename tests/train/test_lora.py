@@ -13,7 +13,7 @@ import torch
 from fastrl.rollout import generate
 from fastrl.train import (ConfigError, GRPOConfig, OnlineDPOConfig, RMConfig, SFTConfig, train_dpo, train_grpo,
                           train_online_dpo, train_rm, train_sft)
-from fastrl.train.adapters import AdapterReference, config_dict, is_peft
+from fastrl.train.adapters import AdapterReference, apply_adapters, config_dict, is_peft
 from fastrl.train.config import load_config
 from fastrl.train.distributed import World
 from fastrl.train.model import Policy, build_model, completion_logps, frozen_copy, logprob_head
@@ -216,6 +216,13 @@ def test_peft_config_errors_name_the_key(prompts_file, tmp_path, monkeypatch):
     given = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     assert config_dict(given) == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
     assert make(peft_config=given).peft_config == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    base = base_of(make())
+    with monkeypatch.context() as m:  # under torchrun with several processes
+        m.setattr(torch.distributed, "is_initialized", lambda: True)
+        m.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+        with pytest.raises(ValueError, match=r"peft_config: LoRA training runs in one process"):
+            apply_adapters(base, dict(LORA), seed=0)
+    assert not is_peft(base)
     monkeypatch.setitem(sys.modules, "peft", None)  # peft not installed
     with pytest.raises(ConfigError, match=r"GRPOConfig\.peft_config: .*pip install peft"):
         make()
