@@ -107,7 +107,7 @@ def _json_rows(path: Path, name: str, where: str) -> tuple[list[dict], list[str]
             first = text[:len(text) - len(stripped)].count("\n") + 1  # the line the object starts on
             return [whole], [f"{prefix}line {first}" if "\n" not in stripped.rstrip() else f"{prefix}row 1 (1-based)"]
     rows, lines = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a JSON string
         if not line.strip():
             continue
         try:

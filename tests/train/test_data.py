@@ -100,7 +100,8 @@ def test_text_with_chat_template(tmp_path):
     assert pairs.prompts[1] == [v["<|user|>"], v["hello"], v["<|end|>"], v["<|assistant|>"]]
     # without the template: plain text, completions end with EOS; chat messages need the template
     config = dpo_config(data, tmp_path / "out", chat_template=False)
-    with pytest.raises(DataError, match=r"line 2, column 'prompt': chat messages need a tokenizer with a chat template"):
+    with pytest.raises(DataError, match=r"line 2, column 'prompt': chat messages need a tokenizer with a chat "
+                                        r"template"):
         load_preference_pairs(config, tok, len(tok))
     write_jsonl(data, rows[:1])
     plain = load_preference_pairs(config, tok, len(tok))
@@ -177,7 +178,8 @@ def test_json_arrays_columns_directories_and_parquet(tmp_path):
         load_preference_pairs(dpo_config(array, tmp_path / "out"), None, 64)
     columns = tmp_path / "c.json"
     columns.write_text(json.dumps({k: [r[k] for r in rows[2:]] for k in rows[0]}))
-    assert load_preference_pairs(dpo_config(columns, tmp_path / "out"), None, 64).chosen == [r["chosen"] for r in rows[2:]]
+    by_column = load_preference_pairs(dpo_config(columns, tmp_path / "out"), None, 64)
+    assert by_column.chosen == [r["chosen"] for r in rows[2:]]
     folder = tmp_path / "dir"
     folder.mkdir()
     write_jsonl(folder / "a.jsonl", rows[2:])
@@ -221,7 +223,8 @@ def test_in_memory_tables(tmp_path):
                       reward_funcs=["m:f"])
     prompts = load_prompts(grpo, None, 64, table=[{"prompt": [5, 6], "answer": "7"}, {"prompt": [8]}])
     assert prompts.rows == [{"prompt": [5, 6], "answer": "7"}, {"prompt": [8]}]  # a key absent stays absent
-    assert prompts.columns == ["prompt", "answer"] and prompts.where(1) == "train_data (a list of 2 rows) row 2 (1-based)"
+    assert prompts.columns == ["prompt", "answer"]
+    assert prompts.where(1) == "train_data (a list of 2 rows) row 2 (1-based)"
     sft = load_sft_examples(sft_config(tmp_path / "unused.jsonl", tmp_path / "sft"), None, 64,
                             table=[{"prompt": [1, 2], "completion": [3]}])
     assert sft.completions == [[3]] and sft.lines == ["train_data (a list of 1 rows) row 1 (1-based)"]
@@ -239,3 +242,14 @@ def test_prompts_name_lines_and_keep_missing_keys_missing(tmp_path):
     assert prompts.where(2) == f"train_data ({data}) line 4" and prompts.allow_missing_columns
     held_out = load_prompts(config, None, 64, table=str(data), field="eval_data")
     assert held_out.where(0) == f"eval_data ({data}) line 1"
+
+
+def test_line_separators_inside_json_strings_do_not_split_a_line(tmp_path):
+    from fastrl.train import GRPOConfig
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": [5], "note": "a\u2028b\u0085c"}, ensure_ascii=False) + "\r\n"
+                    + json.dumps({"prompt": [6]}) + "\n", encoding="utf-8")
+    config = GRPOConfig(model_config={"model_type": "qwen2"}, train_data=str(data), reward_funcs=["m:f"])
+    prompts = load_prompts(config, None, 64)
+    assert prompts.rows[0]["note"] == "a\u2028b\u0085c" and prompts.where(1) == f"train_data ({data}) line 2"
