@@ -503,3 +503,19 @@ def test_dpo_equals_liger_with_bias(h):
         warnings.simplefilter("ignore")
         want = _dpo_call(chunked.LigerFusedLinearDPOLoss(compiled=False, beta=0.3), x, w, target, bias)
     _assert_same(_dpo_call(LigerFusedLinearDPOLoss(beta=0.3), x, w, target, bias), want)
+
+
+def test_bf16_inputs_equal_liger_to_bf16_rounding():
+    chunked = _liger()
+    batch = _grpo_batch(seed=1)
+    batch["x"], batch["w"] = batch["x"].bfloat16(), batch["w"].bfloat16()
+    want = _grpo_call(chunked.LigerFusedLinearGRPOLoss(compiled=False), batch)
+    got = _grpo_call(LigerFusedLinearGRPOLoss(), batch)
+    assert got[2][0].dtype == torch.bfloat16 and got[2][1].dtype == torch.bfloat16  # gradients in the inputs' dtype
+    _assert_same(got, want, rtol=3e-2, atol=2e-3)
+    x, w, target, _ = _dpo_batch()
+    want = _dpo_call(chunked.LigerFusedLinearDPOLoss(compiled=False), x.bfloat16(), w.bfloat16(), target)
+    got = _dpo_call(LigerFusedLinearDPOLoss(), x.bfloat16(), w.bfloat16(), target)
+    torch.testing.assert_close(got[0], want[0].float(), rtol=1e-2, atol=1e-2)
+    for g, e in zip(got[1][:2], want[1][:2]):  # the sequence log-probs (bf16 logits in Liger, fp32 in fastrl)
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=5e-2)
