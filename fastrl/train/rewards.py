@@ -283,7 +283,7 @@ def reward_function(spec: str | Callable, where: str = "reward_funcs") -> Reward
         if [p.name for p in positional[:2]] == ["prompt_ids", "completion_ids"]:
             rest = params[2:]
         elif by_keyword & {"prompts", "completions"} and not (positional and positional[0].name == "prompt_ids"):
-            form = "trl"  # TRL calls every argument by keyword
+            form = "trl"
             required = [p.name for p in positional if p.default is p.empty and p.name not in by_keyword]
             if required:  # TRL passes every argument by keyword
                 raise RewardError(f"{label}: its positional-only parameter {required[0]!r} cannot be passed by "
@@ -693,10 +693,8 @@ def score(rewards: Sequence[RewardFunction], prompt_ids: Sequence[list[int]], co
         absent = sorted(reward.named - set(names) - provided - reward.defaults
                         - (set(TRL_EXTRAS) if reward.form == "trl" else set()))
         if absent and n:
-            data_columns = [k for k in names if k not in ("completion", "finish_reason")]
             raise RewardError(f"{reward.where}: its signature names {absent[0]!r}, which is no column of the data "
-                              f"(the columns are {data_columns}, plus completion and finish_reason); give the "
-                              f"parameter a default, or add the column")
+                              f"(what a reward can get: {names}); give the parameter a default, or add the column")
     trl = [r for r in rewards if r.form == "trl"]
     texts = list(completions) if completions is not None else lists.get("completion")
     if texts is not None and len(texts) != n:
