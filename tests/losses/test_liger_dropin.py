@@ -480,7 +480,7 @@ DPO_CASES = [
 ]
 
 
-def _dpo_call(module, x, w, target, bias=None, *, h=None):
+def _dpo_call(module, x, w, target, bias=None):
     xs, ws, bs = _leaves(x, w, bias)
     ref = dict(ref_input=x + 0.1, ref_weight=w * 0.9, ref_bias=None if bias is None else bias * 0.5)
     loss, aux = module(ws, xs, target, bs, **ref)
