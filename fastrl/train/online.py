@@ -254,7 +254,8 @@ def score_completions(rewards: list[rewards_lib.RewardFunction], data: Prompts, 
     return rewards_lib.score(rewards, completions.prompts, completions.completions, columns, image=image,
                              group_size=completions.group_size,
                              prompts=_prompt_values(data, completions, tokenizer) if trl else None,
-                             row_names=[data.where(r) for r in completions.rows],
+                             row_names=[data.lines[r] for r in completions.rows]
+                             if len(data.lines) == len(data.rows) else None,
                              allow_missing_columns=data.allow_missing_columns,
                              state=rewards_lib.RewardState(global_step=step or 0, max_steps=max_steps or 0))
 
