@@ -111,8 +111,9 @@ def test_trl_form_needs_text():
 def test_a_signature_of_neither_form_is_refused_showing_both():
     for fn in (lambda x: 1.0, lambda p, c: 1.0, lambda *args, **kwargs: 1.0):
         with pytest.raises(RewardError, match=r"reward_funcs\[0\] \(<lambda>\): a reward takes TRL's form "
-                                              r"f\(prompts, completions, completion_ids, \*\*kwargs\).* or fastrl's "
-                                              r"form f\(prompt_ids, completion_ids, \*\*columns\).*its signature is \("):
+                                              r"f\(prompts, completions, completion_ids, \*\*kwargs\).* or "
+                                              r"fastrl's form f\(prompt_ids, completion_ids, \*\*columns\).*"
+                                              r"its signature is \("):
             load_rewards([fn])
 
 
