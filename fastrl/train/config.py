@@ -312,7 +312,10 @@ class TrainConfig:
     # ---------------------------------------------------------------- TRL's names
     def _apply_aliases(self) -> None:
         """Move each TRL-named field's value to its fastrl field (converted: :data:`ALIAS_VALUES`), then set
-        it to None. A fastrl field given too (not at its default) and different is an error naming both."""
+        it to None. A fastrl field given too (not at its default) and different is an error naming both.
+        ``max_steps: -1`` (TRL's "not set") is 0."""
+        if self.max_steps == -1:
+            self.max_steps = 0
         for f in dataclasses.fields(self):
             target = TRL_NAMES.get(f.name)
             value = getattr(self, f.name)

@@ -147,3 +147,9 @@ def test_trl_names_are_listed_in_the_help():
 
     text = HfArgumentParser(GRPOConfig).format_help()
     assert "--per_device_train_batch_size" in text and "TRL's name of batch_size" in text
+
+
+def test_max_steps_minus_one_is_trls_not_set(prompts):
+    assert grpo(prompts, max_steps=-1).max_steps == 0
+    with pytest.raises(ConfigError, match=r"GRPOConfig\.max_steps: must be >= 0, got -2"):
+        grpo(prompts, max_steps=-2)
