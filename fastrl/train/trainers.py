@@ -83,7 +83,8 @@ class _HFCallback:
     def _call(self, hook: str, run: Run, step: int, **kwargs) -> None:
         self._sync(run, step)
         getattr(self.callback, hook)(self.args, self.state, self.control, model=run.model,
-                                     processing_class=run.tokenizer, **kwargs)
+                                     processing_class=run.tokenizer, optimizer=run.optimizer,
+                                     lr_scheduler=run.scheduler, **kwargs)
 
     def on_step_end(self, run: Run, step: int) -> None:
         self._call("on_step_end", run, step)
