@@ -285,14 +285,24 @@ def test_args_as_a_trl_dpo_config(tmp_path):
     assert (c.beta, c.loss_type, c.batch_size, c.reference, c.f_alpha) == (0.2, ["ipo"], 4, "live", 0.5)
 
 
-def test_peft_config_from_a_lora_config(tmp_path):
+def test_peft_config_from_a_lora_config(tmp_path, one_thread):
     peft = pytest.importorskip("peft")
-    trainer = GRPOTrainer(model=tiny_model(), reward_funcs=emits_target, train_dataset=toy_prompts(4),
+    model = tiny_model()
+    base = weights(model)
+    trainer = GRPOTrainer(model=model, reward_funcs=emits_target, train_dataset=toy_prompts(8),
                           peft_config=peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-                          args=dict(output_dir=str(tmp_path / "out"), **ONLINE))
+                          args=dict(output_dir=str(tmp_path / "out"), batch_size=2, **{**ONLINE, "max_steps": 2}))
     fields = trainer.config.peft_config
     assert fields["r"] == 4 and fields["lora_alpha"] == 16 and sorted(fields["target_modules"]) == ["q_proj", "v_proj"]
     json.dumps(trainer.config.to_dict())  # plain data: it goes to the checkpoint as JSON
+    trainer.train()
+    assert isinstance(trainer.model, peft.PeftModel)
+    for name, value in trainer.model.get_base_model().state_dict().items():  # the base stays frozen
+        if "lora_" not in name:
+            assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    assert any(v.abs().sum() > 0 for k, v in trainer.model.state_dict().items() if "lora_B" in k)  # trained
+    trainer.save_model(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
 def test_bad_held_out_data_names_eval_data(tmp_path):
