@@ -99,10 +99,10 @@ def _whole(value: Any, what: str = "a whole number") -> int:
 
 def _per_device_batch(config, value: Any) -> int:
     value = _whole(value, "a whole number of examples")
-    generations = getattr(config, "num_generations", None)
-    if generations is None:  # DPO, SFT, RM: examples, as fastrl's batch_size
+    if not isinstance(config, GRPOConfig):  # DPO, SFT, RM: examples; online DPO: prompts, as fastrl's batch_size
         return value
-    if value % generations:  # GRPO / online DPO: TRL counts completions, fastrl prompts
+    generations = config.num_generations
+    if value % generations:  # GRPO: TRL counts completions, fastrl prompts
         raise ValueError(f"{value} completions is not a whole number of prompts: TRL's per_device_train_batch_size "
                          f"counts completions, fastrl's batch_size prompts (= per_device_train_batch_size / "
                          f"num_generations); make it a multiple of num_generations ({generations}), or give "
@@ -294,8 +294,8 @@ class TrainConfig:
     device: str | None = _help("cuda / cpu (default: cuda when available)", None)
     # --- TRL's names (transformers.TrainingArguments / trl): each sets the field it names, with TRL's meaning
     per_device_train_batch_size: int | None = _alias(
-        "batch_size", "examples per micro-batch per process; for GRPO and online DPO it counts completions, "
-        "batch_size = per_device_train_batch_size / num_generations prompts")
+        "batch_size", "examples per micro-batch per process (pairs for DPO, prompts for online DPO); for GRPO it "
+        "counts completions: batch_size = per_device_train_batch_size / num_generations prompts")
     num_train_epochs: float | None = _alias("num_epochs", "a whole number of passes")
     logging_steps: int | None = _alias("log_every")
     save_steps: int | None = _alias("save_every")

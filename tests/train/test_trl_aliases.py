@@ -77,13 +77,14 @@ def test_every_trl_name_is_a_field_of_the_configs_that_have_its_target():
     assert set(trl_names(GRPOConfig)) | set(trl_names(DPOConfig)) == set(TRL_NAMES)
 
 
-def test_per_device_train_batch_size_counts_completions_for_grpo_and_online_dpo(prompts):
+def test_per_device_train_batch_size_counts_completions_for_grpo(prompts):
     # TRL: 16 completions per device per micro-batch with 8 generations = 2 prompts (fastrl's batch_size)
     assert grpo(prompts, per_device_train_batch_size=16, num_generations=8).batch_size == 2
     assert grpo(prompts, per_device_train_batch_size=16, num_generations=4).batch_size == 4
+    # TRL's online DPO counts prompts (two completions each), as fastrl's
     online = OnlineDPOConfig(model_config=dict(TINY["qwen2"]), train_data=prompts, reward_funcs=[emits_target],
                              per_device_train_batch_size=6, num_generations=2)
-    assert online.batch_size == 3
+    assert online.batch_size == 6
 
 
 def test_per_device_train_batch_size_not_a_multiple_of_the_group_is_refused(prompts):
