@@ -200,6 +200,8 @@ TRL_NAMES = {
     "f_divergence_type": "f_divergence", "f_alpha_divergence_coef": "f_alpha",
     # DPO
     "precompute_ref_log_probs": "reference", "precompute_ref_batch_size": "reference_batch_size",
+    # online DPO (trl.experimental.online_dpo.OnlineDPOConfig)
+    "max_new_tokens": "max_completion_length",
 }
 
 
@@ -831,6 +833,13 @@ class _OfflineDPOTRLNames:
 
 
 @dataclass
+class _OnlineDPOTRLNames:
+    """TRL's names of online DPO fields (``trl.experimental.online_dpo.OnlineDPOConfig``)."""
+
+    max_new_tokens: int | None = _alias("max_completion_length")
+
+
+@dataclass
 class DPOConfig(_OfflineDPOTRLNames, _DPOTRLNames, _DPOLossFields, _ImageFields, TrainConfig):
     """Offline DPO on preference pairs (columns prompt / chosen / rejected)."""
 
@@ -926,7 +935,7 @@ class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _RolloutFields
 
 
 @dataclass
-class OnlineDPOConfig(_DPOTRLNames, _OnlineTRLNames, _DPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
+class OnlineDPOConfig(_OnlineDPOTRLNames, _DPOTRLNames, _OnlineTRLNames, _DPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
     """Online / iterative DPO: pairs sampled from the current policy and scored by the rewards."""
 
     num_generations: int = _help("completions per prompt (>= 2)", 2)

@@ -221,7 +221,17 @@ def config_from_trl(args, cls: type[TrainConfig]) -> dict[str, Any]:
     handled = {"max_steps", "log_completions", "report_to", "use_cpu", "disable_tqdm", "torch_compile",
                "warmup_steps", "save_strategy", "eval_strategy", "steps_per_generation", "use_vllm", "max_length",
                "vllm_importance_sampling_mode",
-               "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "eval_steps"}
+               "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min", "eval_steps", "beta",
+               "reward_model_path"}
+    if not isinstance(v("beta"), (list, tuple)) and v("beta") is not None and "beta" in names:
+        out["beta"] = v("beta")
+    if isinstance(v("beta"), (list, tuple)):  # TRL's online DPO: one beta per epoch
+        if len(v("beta")) != 1:
+            refused.append(f"beta={list(v('beta'))!r} (fastrl: one beta for the run)")
+        else:
+            out["beta"] = float(v("beta")[0])
+    if v("reward_model_path") is not None and "reward_model" in names:
+        out["reward_model"] = v("reward_model_path")
     init = v("model_init_kwargs") or {}
     dtype = str(init.get("dtype", init.get("torch_dtype", "auto")) if isinstance(init, dict) else "auto")
     if dtype != "auto":  # a model loaded from its directory, in this dtype

@@ -340,3 +340,16 @@ def test_train_takes_callbacks_for_every_method(tmp_path, one_thread):
                     max_steps=2, progress=False), callbacks=[recorder])
     assert recorder.calls == [("step", 1), ("log", 1, 1), ("step", 2), ("log", 2, 2), ("save", 2, "step-00000002"),
                               ("end", 2)]
+
+
+def test_args_as_trls_online_dpo_config(tmp_path):
+    online = pytest.importorskip("trl.experimental.online_dpo")
+    args = online.OnlineDPOConfig(output_dir=str(tmp_path / "out"), bf16=False, per_device_train_batch_size=4,
+                                  max_new_tokens=6, beta=[0.2], loss_type="ipo")
+    c = OnlineDPOTrainer(model=tiny_model(), reward_funcs=emits_target, args=args,
+                         train_dataset=toy_prompts(8)).config
+    # TRL's online DPO counts prompts, generates max_new_tokens, and takes one beta per epoch (one here)
+    assert (c.batch_size, c.max_completion_length, c.beta, c.loss_type, c.temperature) == (4, 6, 0.2, ["ipo"], 0.9)
+    with pytest.raises(ConfigError, match=r"fastrl has no equivalent of beta=\[0\.1, 0\.2\]"):
+        OnlineDPOTrainer(model=tiny_model(), reward_funcs=emits_target, train_dataset=toy_prompts(8),
+                         args=online.OnlineDPOConfig(output_dir=str(tmp_path / "out"), bf16=False, beta=[0.1, 0.2]))

@@ -154,3 +154,9 @@ def test_max_steps_minus_one_is_trls_not_set(prompts):
     assert grpo(prompts, max_steps=-1).max_steps == 0
     with pytest.raises(ConfigError, match=r"GRPOConfig\.max_steps: must be >= 0, got -2"):
         grpo(prompts, max_steps=-2)
+
+
+def test_online_dpo_names(prompts):
+    config = OnlineDPOConfig(model_config=dict(TINY["qwen2"]), train_data=prompts, reward_funcs=[emits_target],
+                             max_new_tokens=16, f_divergence_type="js")
+    assert (config.max_completion_length, config.f_divergence) == (16, "js")
