@@ -74,7 +74,7 @@ def test_every_trl_name_is_a_field_of_the_configs_that_have_its_target():
         names = {f.name for f in dataclasses.fields(cls)}
         for trl, mine in trl_names(cls).items():
             assert mine in names, (cls.__name__, trl, mine)
-    assert set(trl_names(GRPOConfig)) | set(trl_names(DPOConfig)) == set(TRL_NAMES)
+    assert set(trl_names(GRPOConfig)) | set(trl_names(DPOConfig)) | set(trl_names(OnlineDPOConfig)) == set(TRL_NAMES)
 
 
 def test_per_device_train_batch_size_counts_completions_for_grpo(prompts):
