@@ -447,8 +447,12 @@ def test_two_gloo_processes_match_one_on_image_pairs(janus, janus_dir, tmp_path)
     import yaml
 
     data = _image_pairs(janus, 8, tmp_path)
+    # adam_epsilon 1e-3: Adam's first steps move each weight by about lr * sign(grad), so a gradient
+    # element that is rounding noise (the 2-process sum and the 1-process sum round differently) would
+    # move by ±lr in either run; with epsilon above the noise such elements move by ~lr * grad / eps
     common = dict(model=str(janus_dir), train_data=str(data), max_steps=2, learning_rate=1e-2, lr_scheduler="constant",
-                  progress=False, beta=0.1, train_logps="cfg", image_generation={"cfg_weight": 2.0, "boi_token_id": BOI})
+                  adam_epsilon=1e-3, progress=False, beta=0.1, train_logps="cfg",
+                  image_generation={"cfg_weight": 2.0, "boi_token_id": BOI})
     single = train_dpo(DPOConfig(output_dir=str(tmp_path / "one"), batch_size=4, **common))
     (tmp_path / "two.yaml").write_text(yaml.safe_dump({**common, "output_dir": str(tmp_path / "two"), "batch_size": 2}))
     repo = Path(__file__).resolve().parents[2]
