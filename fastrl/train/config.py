@@ -864,6 +864,91 @@ class DPOConfig(_OfflineDPOTRLNames, _DPOTRLNames, _DPOLossFields, _ImageFields,
         self._validate_image()
 
 
+# The keys of ``async_rollout`` and ``filter_groups`` and their defaults (fastrl.train.step_source).
+ASYNC_ROLLOUT = {"enabled": False, "max_staleness": 1, "on_failure": "restart", "max_restarts": 3,
+                 "timeout_s": 600.0, "threads": None}
+FILTER_GROUPS = {"metric": "reward", "max_tries": 4}
+ASYNC_IS_CAP = 3.0  # is_cap of an async GRPO run with max_staleness > 0 that sets none
+
+
+def _mapping_field(config, name: str, defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """``config.<name>`` as a mapping with every key (None stays None); unknown keys and bad JSON fail naming it."""
+    value = getattr(config, name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            config._fail(name, f"is not valid JSON ({e})")
+    if isinstance(value, bool) and name == "async_rollout":
+        value = {"enabled": value}
+    if not isinstance(value, dict):
+        config._fail(name, f"must be a mapping, got {type(value).__name__}")
+    for key in value:
+        if key not in defaults:
+            near = difflib.get_close_matches(str(key), list(defaults), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            config._fail(name, f"unknown key {key!r}{hint}; the keys are {', '.join(defaults)}")
+    return {**defaults, **value}
+
+
+@dataclass
+class _AsyncFields:
+    """Asynchronous rollout (GRPO, online DPO): a worker process samples and scores the next steps while
+    the trainer trains (``docs/async_grpo.md``)."""
+
+    async_rollout: dict | str | bool | None = _help(
+        "a rollout worker process that generates and scores steps t+1..t+k while the trainer trains step t "
+        "(null / enabled: false: synchronous): a mapping of enabled, max_staleness (k >= 0: a batch is sampled by "
+        "weights at most k updates old; 0 gives the synchronous run's numbers), on_failure (restart: a worker that "
+        "dies is started again with the current weights, up to max_restarts times; stop: the run saves and stops), "
+        "max_restarts, timeout_s (the longest wait for a batch), threads (the worker's intra-op threads; null: "
+        "half the cores); one process, fastrl's own rollout engine; a JSON string on the command line. GRPO trains "
+        "on the worker's batches with the sampler's importance-sampling correction (is_mode, is_cap; with "
+        "max_staleness > 0 and no is_cap, is_cap is 3)", None)
+
+    def async_options(self) -> dict[str, Any] | None:
+        """The ``async_rollout`` mapping with every key when enabled, else None."""
+        value = _mapping_field(self, "async_rollout", ASYNC_ROLLOUT)
+        return value if value is not None and value["enabled"] else None
+
+    def _validate_async(self) -> None:
+        value = _mapping_field(self, "async_rollout", ASYNC_ROLLOUT)
+        if value is None:
+            return
+        self.async_rollout = value
+
+        def fail(key: str, message: str) -> None:
+            self._fail(f"async_rollout.{key}", message)
+
+        if not isinstance(value["enabled"], bool):
+            fail("enabled", f"must be true or false, got {value['enabled']!r}")
+        k = value["max_staleness"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            fail("max_staleness", f"must be an int >= 0 (updates a batch's weights may lag), got {k!r}")
+        if value["on_failure"] not in ("restart", "stop"):
+            fail("on_failure", f"must be restart or stop, got {value['on_failure']!r}")
+        n = value["max_restarts"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            fail("max_restarts", f"must be an int >= 0, got {n!r}")
+        t = value["timeout_s"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            fail("timeout_s", f"must be a number > 0, got {t!r}")
+        threads = value["threads"]
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            fail("threads", f"must be null or an int >= 1, got {threads!r}")
+        if not value["enabled"]:
+            return
+        if self.rollout_engine == "vllm":
+            self._fail("async_rollout", "runs fastrl's own rollout in a worker process; rollout_engine: vllm "
+                                        "is colocated with the trainer (use one or the other)")
+        if self.peft_config is not None:
+            self._fail("async_rollout", "a LoRA run (peft_config) is not supported in async mode yet")
+        if k > 0 and hasattr(self, "is_cap") and self.is_cap is None:
+            self.is_cap = ASYNC_IS_CAP  # off-policy batches: the sampler correction, truncated (TRL's default cap)
+
+
 # The loss fields of GRPOConfig: every field of GRPOSettings (same names, defaults and help) but
 # max_completion_length, which the config has already (TrainConfig) and hands to the settings.
 _GRPOLossFields = dataclasses.make_dataclass(
@@ -873,7 +958,8 @@ _GRPOLossFields = dataclasses.make_dataclass(
 
 
 @dataclass
-class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
+class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _AsyncFields, _RolloutFields, _ImageFields,
+                 TrainConfig):
     """GRPO-family RL on prompts with rewards (:func:`fastrl.train.grpo.train_grpo`).
 
     The loss fields are those of :class:`fastrl.losses.GRPOSettings` (:meth:`loss_settings`). Every
@@ -894,6 +980,16 @@ class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _RolloutFields
         "π_old of the ratio: auto = on-policy (the current log-probs, detached) when num_iterations is 1, else "
         "policy; policy = a no-grad fused forward of the policy before the first update; sampler = the rollout "
         "engine's log-probs (no extra forward)", "auto")
+    filter_groups: dict | str | None = _help(
+        "dynamic sampling (DAPO): drop the groups whose completions all scored the same (zero advantage, no "
+        "gradient) and sample more prompts until the step has its batch_size x gradient_accumulation_steps "
+        "groups: a mapping of metric (reward: the combined reward; accuracy: combined reward > "
+        "eval_pass_threshold; or one reward's name) and max_tries (rollouts per step at most; a step still short "
+        "trains on the groups it has); one process; null: off", None)
+
+    def filter_options(self) -> dict[str, Any] | None:
+        """The ``filter_groups`` mapping with every key, or None (off)."""
+        return _mapping_field(self, "filter_groups", FILTER_GROUPS)
 
     def loss_settings(self) -> GRPOSettings:
         """The loss settings: the loss fields and the config's ``max_completion_length`` (checked)."""
@@ -914,7 +1010,20 @@ class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _RolloutFields
         super().validate()
         self._validate_rollout(min_generations=2)
         self._validate_image()
+        self._validate_async()
         self._positive("num_iterations")
+        groups = self.filter_options()
+        if groups is not None:
+            self.filter_groups = groups
+            tries = groups["max_tries"]
+            if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+                self._fail("filter_groups.max_tries", f"must be an int >= 1, got {tries!r}")
+            if not isinstance(groups["metric"], str) or not groups["metric"]:
+                self._fail("filter_groups.metric", f"must be reward, accuracy or a reward's name, got "
+                                                   f"{groups['metric']!r}")
+            if self.advantage_estimator == "remax":
+                self._fail("filter_groups", "remax's greedy baseline is not sampled for refilled groups; use "
+                                            "another advantage_estimator or no filter_groups")
         try:
             self.loss_settings()
         except (TypeError, ValueError) as e:  # the settings' message starts with the field's name
@@ -935,7 +1044,8 @@ class GRPOConfig(_GRPOTRLNames, _OnlineTRLNames, _GRPOLossFields, _RolloutFields
 
 
 @dataclass
-class OnlineDPOConfig(_OnlineDPOTRLNames, _DPOTRLNames, _OnlineTRLNames, _DPOLossFields, _RolloutFields, _ImageFields, TrainConfig):
+class OnlineDPOConfig(_OnlineDPOTRLNames, _DPOTRLNames, _OnlineTRLNames, _DPOLossFields, _AsyncFields, _RolloutFields,
+                      _ImageFields, TrainConfig):
     """Online / iterative DPO: pairs sampled from the current policy and scored by the rewards."""
 
     num_generations: int = _help("completions per prompt (>= 2)", 2)
@@ -956,6 +1066,7 @@ class OnlineDPOConfig(_OnlineDPOTRLNames, _DPOTRLNames, _OnlineTRLNames, _DPOLos
         self._real("min_reward_gap", 0.0)
         self._validate_dpo_loss()
         self._validate_image()
+        self._validate_async()
 
 
 @dataclass

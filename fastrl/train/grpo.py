@@ -56,11 +56,11 @@ from fastrl.train import distributed, rewards as rewards_lib
 from fastrl.train.config import GRPOConfig
 from fastrl.train.evaluate import attach_evaluation
 from fastrl.train.model import Head, Policy, completion_logps, frozen_copy, prepare_for_training
-from fastrl.train.online import (Completions, decode_weights, gather_rows, logged_metrics, online_setup,
-                                 reward_metrics, rollout, sample_records, score_completions, step_generator)
+from fastrl.train.online import Completions, decode_weights, gather_rows, online_setup, reward_metrics, sample_records
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import (TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry, optimize,
                               plan_steps, resume, start_run)
+from fastrl.train.step_source import StepProducer, step_source
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["MicroBatch", "advantages_of", "grpo_head", "grpo_step", "loss_scales", "micro_batches", "train_grpo"]
@@ -230,7 +230,8 @@ def grpo_head(loss_fn: FusedLinearGRPOLoss, m: MicroBatch, *, sampler_logps, num
 
 
 def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearGRPOLoss, config: GRPOConfig,
-              world: distributed.World, autocast, telemetry: Telemetry, optimize) -> dict[str, float]:
+              world: distributed.World, autocast, telemetry: Telemetry, optimize,
+              use_sampler: bool = False) -> dict[str, float]:
     """μ passes of forward + backward over the micro-batches, each pass ended by an optimiser step.
 
     Args:
@@ -242,6 +243,9 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
         autocast: a context-manager factory for the forward.
         telemetry: the run's :class:`~fastrl.train.telemetry.Telemetry`.
         optimize: ``optimize(loss)``, the optimiser step; returns ``(grad_norm, stepped)``.
+        use_sampler: hand the sampler's log-probs to the loss (its importance-sampling correction)
+            even where the config's ``is_mode`` / ``is_cap`` / ``off_policy_mask_threshold`` would not
+            (an asynchronous run's off-policy batches).
 
     Returns:
         This step's metrics: ``loss`` (the step aggregate, mean over passes), the loss's metrics
@@ -254,7 +258,7 @@ def grpo_step(policy: Policy, micros: list[MicroBatch], *, loss_fn: FusedLinearG
                                                  dtype=torch.float64, device=world.device))
     totals = tuple(totals.tolist())
     scales, num_items = loss_scales(agg, counts, totals, world.world_size)
-    use_sampler = config.is_cap is not None or config.is_mode != "token_truncate" \
+    use_sampler = use_sampler or config.is_cap is not None or config.is_mode != "token_truncate" \
         or config.off_policy_mask_threshold is not None
     sums: dict[str, float] = defaultdict(float)
     weight_sum = 0.0
@@ -325,46 +329,50 @@ def train_grpo(config: GRPOConfig, reward_funcs=None, *, callbacks=None) -> Trai
     loss_fn = FusedLinearGRPOLoss(temperature=config.temperature, settings=config.loss_settings())
     forwards_per_token = 1 + (reference_model is not None) + (old_source == "policy") + 3 * config.num_iterations
 
-    # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
-    with guarded(run, on_exit=lambda: release(policy.model)):
+    # rollout and rewards: in this process, or in a rollout worker (async_rollout); a decoder kept across
+    # rollouts (rollout_keep_cuda_graph) and the worker end with the run
+    producer = StepProducer(policy, config, data, rewards, tokenizer, stop_ids, world, run.total_steps,
+                            phase=telemetry.phase, decode=lambda: decode_weights(run, rewards),
+                            remax=config.advantage_estimator == "remax")
+    source = run.source = step_source(run, producer)
+    use_sampler = source.is_async and source.k > 0  # off-policy batches: the sampler correction (is_mode, is_cap)
+
+    def close():
+        source.close()
+        release(policy.model)
+
+    with guarded(run, on_exit=close):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             indices = [i for _ in range(config.gradient_accumulation_steps) for i in run.order.next()]
-            prompts = [data.prompts[i] for i in indices]
 
-            # 1. rollout: G samples per prompt, one prefill each
-            generator = step_generator(config.seed, world.rank, step, world.device)
-            with telemetry.phase("rollout"):
-                completions = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
-                                      generator=generator)
-                greedy = None
-                if config.advantage_estimator == "remax":  # the baseline: each prompt's greedy completion
-                    greedy = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
-                                     generator=generator, num_samples=1, temperature=0.0)
+            # 1. rollout: G samples per prompt, one prefill each; 2. rewards of every completion (and with
+            # filter_groups more prompts until no group scored all the same)
+            sample = source.get(step, indices)
+            completions, local_rewards = sample.completions, sample.rewards
+            if len(completions) == 0:  # dynamic sampling kept no group in max_tries: nothing to learn from
+                source.after_update(policy.model, step + 1)
+                end_step(run, step + 1, started=started, tokens=0.0, flops=0.0, empty=True,
+                         record=lambda: {**sample.logged, **sample.metrics})
+                continue
 
-            # 2. rewards of every completion, gathered over processes; 3. advantages
+            # gathered over processes; 3. advantages
             with telemetry.phase("reward"):
-                with decode_weights(run, rewards):
-                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image,
-                                                      step=step, max_steps=run.total_steps)
-                logged = logged_metrics(rewards, world)  # a TRL-form reward's log_metric calls
+                logged = sample.logged
                 all_rewards = gather_rows(local_rewards, world)
                 baseline = None
-                if greedy is not None:
-                    with decode_weights(run, rewards):
-                        baseline = score_completions(rewards, data, greedy, tokenizer, image=run.image,
-                                                     step=step, max_steps=run.total_steps)
-                    baseline = gather_rows(baseline, world)
+                if sample.baseline is not None:
+                    baseline = gather_rows(sample.baseline, world)
                     baseline = baseline.repeat_interleave(group, 0)
                 all_lengths = gather_rows(completions.lengths, world)
-                preferences = rewards_lib.pairwise_preferences(rewards)  # a pairwise reward model's, for pref_grpo
+                preferences = sample.preferences
                 preferences = None if preferences is None else gather_rows(preferences, world)
                 advantages = advantages_of(all_rewards, group, config, weights=config.reward_weights,
                                            lengths=all_lengths, baseline=baseline, preferences=preferences)
                 mine = slice(world.rank * len(completions), (world.rank + 1) * len(completions))
                 local_advantages = advantages[mine]
                 combined = rewards_lib.combine(all_rewards, config.reward_weights)
-                record = {**logged, **reward_metrics(all_rewards, combined, names, group)}
+                record = {**logged, **reward_metrics(all_rewards, combined, names, group), **sample.metrics}
 
             micros = micro_batches(completions, local_advantages, prompts_per_micro=config.batch_size, layout=layout,
                                    mask_truncated=config.mask_truncated_completions, device=world.device)
@@ -384,7 +392,10 @@ def train_grpo(config: GRPOConfig, reward_funcs=None, *, callbacks=None) -> Trai
 
             # 5. μ updates over the micro-batches
             local = grpo_step(policy, micros, loss_fn=loss_fn, config=config, world=world, autocast=run.autocast,
-                              telemetry=telemetry, optimize=lambda loss: optimize(run, loss, step + 1))
+                              telemetry=telemetry, optimize=lambda loss: optimize(run, loss, step + 1),
+                              use_sampler=use_sampler)
+            with telemetry.phase("push"):
+                source.after_update(policy.model, step + 1)  # the worker samples the next steps with these
 
             # ---- optimiser steps taken (in grpo_step); counters, log record, checkpoint
             lengths = all_lengths.float()

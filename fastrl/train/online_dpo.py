@@ -42,11 +42,11 @@ from fastrl.train.checkpoint import load_reference, prune_reference_files, save_
 from fastrl.train.config import OnlineDPOConfig
 from fastrl.train.evaluate import attach_evaluation
 from fastrl.train.model import Policy, dpo_head, frozen_copy, pair_logps, prepare_for_training
-from fastrl.train.online import (Completions, decode_weights, gather_rows, logged_metrics, online_setup,
-                                 reward_metrics, rollout, sample_records, score_completions, step_generator)
+from fastrl.train.online import Completions, decode_weights, gather_rows, online_setup, reward_metrics, sample_records
 from fastrl.train.packing import SequenceBatch
 from fastrl.train.run import (Run, TrainResult, data_fingerprint, end_step, finish, guarded, open_telemetry,
                               plan_steps, resume, save, start_run)
+from fastrl.train.step_source import StepProducer, step_source
 from fastrl.train.telemetry import Telemetry
 
 __all__ = ["make_pairs", "online_dpo_step", "train_online_dpo"]
@@ -204,28 +204,30 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None, *, callbacks=No
             prune_reference_files(run.out)
         return path
 
-    # a decoder kept across rollouts (rollout_keep_cuda_graph) ends with the run
-    with guarded(run, save=save_with_reference, on_exit=lambda: release(policy.model)):
+    # rollout and rewards: in this process, or in a rollout worker (async_rollout); a decoder kept across
+    # rollouts (rollout_keep_cuda_graph) and the worker end with the run
+    source = run.source = step_source(run, StepProducer(policy, config, data, rewards, tokenizer, stop_ids, world, run.total_steps,
+                                           phase=telemetry.phase, decode=lambda: decode_weights(run, rewards)))
+
+    def close():
+        source.close()
+        release(policy.model)
+
+    with guarded(run, save=save_with_reference, on_exit=close):
         for step in range(run.start_step, run.total_steps):
             started = time.perf_counter()
             if iterate and step % config.reference_update_every == 0:
                 copy_weights(reference_model, policy)  # the reference becomes the current iterate
             indices = [i for _ in range(config.gradient_accumulation_steps) for i in run.order.next()]
-            prompts = [data.prompts[i] for i in indices]
-
-            with telemetry.phase("rollout"):
-                completions = rollout(policy, prompts, indices, config=config, world=world, stop_ids=stop_ids,
-                                      generator=step_generator(config.seed, world.rank, step, world.device))
+            sample = source.get(step, indices)  # the rollout and its rewards
+            completions, local_rewards = sample.completions, sample.rewards
             with telemetry.phase("reward"):
-                with decode_weights(run, rewards):
-                    local_rewards = score_completions(rewards, data, completions, tokenizer, image=run.image,
-                                                      step=step, max_steps=run.total_steps)
                 combined = rewards_lib.combine(local_rewards, config.reward_weights)
                 pairs = make_pairs(combined, group, pairing=config.pairing, min_gap=config.min_reward_gap)
                 all_rewards = gather_rows(local_rewards, world)
-                record = {**logged_metrics(rewards, world),  # a TRL-form reward's log_metric calls
+                record = {**sample.logged,  # a TRL-form reward's log_metric calls
                           **reward_metrics(all_rewards, rewards_lib.combine(all_rewards, config.reward_weights), names,
-                                           group)}
+                                           group), **sample.metrics}
                 gaps = [float(combined[c] - combined[r]) for c, r in pairs]
 
             micros = pair_micro_batches(completions, pairs, config.gradient_accumulation_steps, layout=layout,
@@ -254,4 +256,6 @@ def train_online_dpo(config: OnlineDPOConfig, reward_funcs=None, *, callbacks=No
                      tokens=counts[0], flops=flops, record=step_record, save=save_with_reference,
                      samples=lambda: sample_records(completions, local_rewards, None, tokenizer,
                                                     config.log_completions))
+            with telemetry.phase("push"):
+                source.after_update(policy.model, step + 1)  # the worker samples the next steps with these
         return finish(run, save=save_with_reference)

@@ -215,6 +215,8 @@ class Run:
         stop_signal: the SIGINT / SIGTERM received while the loop runs, or None.
         boundary: the data position and RNG states after ``step`` (a checkpoint written mid-step
             restores them: :func:`guarded`).
+        source: GRPO's / online DPO's :class:`~fastrl.train.step_source.SyncSource` or
+            :class:`~fastrl.train.step_source.AsyncSource` (its rollout worker), or None.
     """
 
     config: TrainConfig
@@ -247,6 +249,7 @@ class Run:
     callbacks: list[Any] = dataclasses.field(default_factory=list)
     stop_signal: int | None = None  # SIGINT / SIGTERM received while the loop runs (guarded)
     boundary: tuple[dict[str, int], dict[str, Any]] | None = None  # data position and RNG after `step`
+    source: Any = None             # an online recipe's source of samples (fastrl.train.step_source)
 
     def autocast(self):
         """bf16 autocast when ``config.bf16``, else a no-op context."""

@@ -250,7 +250,8 @@ class Telemetry:
             self.wandb.log(record, step=step)
         if self.bar is not None:
             shown = {"loss": "loss", "acc": "rewards/accuracies", "margin": "rewards/margins", "tok/s": "tokens_per_s",
-                     "reward": "reward/mean", "kl": "kl"}
+                     "reward": "reward/mean", "kl": "kl", "stale": "async/staleness", "wait_s": "async/trainer_wait_s",
+                     "dropped": "filter/dropped_groups"}
             self.bar.set_postfix({k: f"{record[v]:.4g}" for k, v in shown.items() if isinstance(record.get(v), float)},
                                  refresh=False)
         return record
