@@ -4,6 +4,7 @@ tokens per second and peak memory (GitHub issue 9).
     make bench                                            # with the other suites (TRL when installed)
     python benchmarks/bench_trainer.py --device cpu       # this suite alone: table + JSON in results/<device>/
     python benchmarks/bench_trainer.py --device gpu       # Qwen2-0.5B shape in bf16 (needs CUDA)
+    python benchmarks/bench_trainer.py --device cpu -k grpo_async   # one case (pytest -k on the test ids)
 
 Both sides train the same model (a random initialisation saved once to a local directory with a
 word-level tokenizer; both load it by path, which TRL needs to build its reference model), on the
@@ -18,6 +19,19 @@ same data, batch, group size, lengths, optimiser settings and loss settings:
 - **DPO**: B pairs per step, prompt and completions of fixed lengths (each completion ends with
   EOS), loss sigmoid, β 0.1, reference live (a frozen model scores each batch) or precomputed
   (once before training; not timed).
+- **GRPO async** (case ``grpo async``, GitHub issue 19): the shapes and settings of ``grpo beta=0``,
+  three contenders at equal cores (``CASE_CONTENDERS``; ``--threads`` does not change them):
+  ``fastrl-async``, fastrl with ``async_rollout: {enabled: true, max_staleness: 1, threads: 1}`` in
+  a process of 1 thread (its rollout worker process samples and scores step t+1 with 1 thread while
+  the trainer trains step t), against synchronous ``fastrl`` and ``trl`` in one process of 2
+  threads each: 2 cores in all three. fastrl-async's loss is the same dapo loss with GRPO's truncated
+  importance-sampling correction (``is_cap`` 3, the async default) for batches sampled one update
+  behind. The table adds fastrl-async's tokens/s and memory over each other contender's (the median
+  of the per-round ratios; all three alternate within each round), its mean staleness, the
+  trainer's wait for batches (phase ``wait``) and the worker's own rollout / reward seconds per step.
+  On GPU (``make bench-gpu``) the case is fastrl-async against fastrl at the GPU shapes, the trainer
+  and the worker time-sharing the one GPU; it has not run here (no GPU): the tests build its config
+  and check that ``--device gpu`` refuses to start without CUDA.
 
 Settings both share: fp32 on CPU (TRL: ``use_cpu=True, bf16=False``), bf16 weights on GPU
 (TRL: ``bf16=True``), no gradient checkpointing (TRL turns it on by default), AdamW with torch's
@@ -26,7 +40,13 @@ logging every step, no checkpoints during the run. Each side uses its own defaul
 
 **Measurement.** Every contender runs in its own fresh process (``--worker``), so that its peak
 memory is its own: VmHWM (peak RSS) of the process on CPU, ``torch.cuda.max_memory_allocated`` on
-GPU. Processes alternate fastrl, TRL, fastrl, TRL ... for ``rounds`` rounds, so a load from other
+GPU. fastrl-async's peak RSS is its trainer's VmHWM plus its rollout worker's peak, which the
+trainer process reads after the run has joined the worker (``getrusage(RUSAGE_CHILDREN).ru_maxrss``:
+the kernel's high-water RSS of the exited child, the counter VmHWM shows; both parts are in the JSON;
+the sum over-counts the pages both processes map). On GPU the async case also records the
+device-wide memory in use (``torch.cuda.mem_get_info`` sampled every 10 ms, both processes and
+their CUDA contexts) above what was in use at the start, for both of its contenders; its table
+compares that. Processes alternate fastrl, TRL, fastrl, TRL ... for ``rounds`` rounds, so a load from other
 jobs falls on both. Each runs ``warmup + steps`` optimiser steps; the step period is the wall-clock
 time between the ends of consecutive steps (fastrl: ``elapsed_s`` of its per-step metrics; TRL: a
 callback's ``on_step_end``), so it covers everything, logging and data loading included.
@@ -75,21 +95,52 @@ CASES = {
         "grpo beta=0.04": dict(method="grpo", prompts=2, group=4, prompt_len=16, completion_len=32, beta=0.04),
         "dpo live": dict(method="dpo", pairs=8, prompt_len=32, completion_len=32, reference="live"),
         "dpo precomputed": dict(method="dpo", pairs=8, prompt_len=32, completion_len=32, reference="precomputed"),
+        # the shapes of "grpo beta=0"; fastrl-async: a rollout worker samples a step ahead (max_staleness
+        # 1), its intra-op threads worker_threads
+        "grpo async": dict(method="grpo", prompts=2, group=4, prompt_len=16, completion_len=32, beta=0.0,
+                           max_staleness=1, worker_threads=1),
     },
     "gpu": {
         "grpo beta=0": dict(method="grpo", prompts=8, group=8, prompt_len=128, completion_len=256, beta=0.0),
         "grpo beta=0.04": dict(method="grpo", prompts=8, group=8, prompt_len=128, completion_len=256, beta=0.04),
         "dpo live": dict(method="dpo", pairs=8, prompt_len=512, completion_len=512, reference="live"),
         "dpo precomputed": dict(method="dpo", pairs=8, prompt_len=512, completion_len=512, reference="precomputed"),
+        # trainer and rollout worker time-share the one GPU; worker_threads None: fastrl's default
+        "grpo async": dict(method="grpo", prompts=8, group=8, prompt_len=128, completion_len=256, beta=0.0,
+                           max_staleness=1, worker_threads=None),
     },
 }
 # steps timed per process, warm-up steps before them, processes per contender; CPU threads per process
 RUN = {"cpu": dict(warmup=3, steps=20, rounds=4, threads=1), "gpu": dict(warmup=2, steps=3, rounds=1, threads=0)}
-CONTENDERS = ["fastrl", "trl"]
+CONTENDERS = ["fastrl", "trl", "fastrl-async"]  # every contender a worker process can run
+# Who runs each case, and the CPU threads of each contender's process (None: the run's ``threads``
+# setting, FASTRL_BENCH_TRAINER_THREADS / --threads). A case not named here runs DEFAULT_CONTENDERS.
+# "grpo async" compares at equal cores, 2 on CPU: fastrl-async's trainer process (1 thread) and its
+# rollout worker (the case's worker_threads, 1), against fastrl and TRL in one process of 2 threads.
+DEFAULT_CONTENDERS = [("fastrl", None), ("trl", None)]
+CASE_CONTENDERS = {
+    "cpu": {"grpo async": [("fastrl-async", 1), ("fastrl", 2), ("trl", 2)]},
+    "gpu": {"grpo async": [("fastrl-async", None), ("fastrl", None)]},
+}
 LEARNING_RATE = 1e-5
 DPO_BETA = 0.1
 SPECIAL = ["<pad>", "<eos>", "<bos>"]  # ids 0, 1, 2; data tokens are drawn from the other ids
 EOS = 1
+
+
+def case_contenders(scale: str, case_name: str, threads: int) -> list[tuple[str, int]]:
+    """``(contender, threads)`` of each contender of a case, in the order the rounds run them.
+
+    Args:
+        scale: ``"cpu"`` or ``"gpu"``.
+        case_name: a key of ``CASES[scale]``.
+        threads: the run's CPU threads per process (stands for a contender's None).
+
+    Returns:
+        The pairs of ``CASE_CONTENDERS`` (``DEFAULT_CONTENDERS`` for a case it does not name).
+    """
+    pairs = CASE_CONTENDERS.get(scale, {}).get(case_name, DEFAULT_CONTENDERS)
+    return [(c, threads if t is None else t) for c, t in pairs]
 
 
 def settings(scale: str) -> dict:
@@ -185,6 +236,52 @@ def _peak_rss() -> int:
     return peak
 
 
+def _children_peak_rss() -> int:
+    """The peak RSS of this process's largest child that has exited and been waited for: the kernel's
+    high-water RSS (the counter VmHWM shows) kept at its exit, ``getrusage(RUSAGE_CHILDREN).ru_maxrss``.
+    fastrl-async's rollout worker is such a child once the run has closed it (joined)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+
+
+class _DevicePeak:
+    """The device-wide GPU memory in use (``torch.cuda.mem_get_info``: every process on it, CUDA
+    contexts included) sampled every ``interval`` seconds in a thread; ``peak_bytes`` is its highest
+    value above the memory in use when sampling started."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        import torch
+
+        self.torch, self.interval = torch, interval
+        self.base = self.peak = self._used()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _used(self) -> int:
+        free, total = self.torch.cuda.mem_get_info()
+        return total - free
+
+    def _loop(self) -> None:
+        while not self.done.wait(self.interval):
+            self.peak = max(self.peak, self._used())
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, self._used())
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak - self.base
+
+
 def _summary(periods: list[float], phases: list[dict[str, float]], tokens: int) -> dict:
     """tokens/s over the timed periods and each phase's mean seconds per timed step."""
     names = sorted({k for p in phases for k in p})
@@ -192,8 +289,23 @@ def _summary(periods: list[float], phases: list[dict[str, float]], tokens: int) 
             "phases_s": {k: statistics.fmean(p.get(k, 0.0) for p in phases) for k in names}}
 
 
-def run_fastrl(case: dict, root: Path, data: Path, out: Path, total: int, warmup: int, cuda: bool) -> dict:
-    from fastrl.train import DPOConfig, GRPOConfig, train
+def fastrl_config(case: dict, root: Path, data: Path, out: Path, total: int, cuda: bool, *,
+                  asynchronous: bool = False):
+    """fastrl's config of a case: a :class:`~fastrl.train.GRPOConfig` or :class:`~fastrl.train.DPOConfig`.
+
+    Args:
+        case: one of ``CASES[scale]``.
+        root: the workspace (``model/``, ``tokenizer/``).
+        data: the case's JSONL.
+        out: the run's output directory.
+        total: optimiser steps.
+        cuda: bf16 on CUDA, else fp32 on CPU.
+        asynchronous: GRPO with ``async_rollout`` (the case's ``max_staleness`` and ``worker_threads``).
+
+    Returns:
+        The validated config.
+    """
+    from fastrl.train import DPOConfig, GRPOConfig
 
     common = dict(model=str(root / "model"), tokenizer=str(root / "tokenizer"), train_data=str(data),
                   output_dir=str(out), max_steps=total, max_prompt_length=case["prompt_len"],
@@ -201,16 +313,32 @@ def run_fastrl(case: dict, root: Path, data: Path, out: Path, total: int, warmup
                   dtype="bfloat16" if cuda else "float32", learning_rate=LEARNING_RATE, lr_scheduler="constant",
                   max_grad_norm=1.0, log_every=1, progress=False, save_every=0, keep_checkpoints=1, seed=0,
                   device="cuda" if cuda else "cpu")
+    if asynchronous and (case["method"] != "grpo" or "max_staleness" not in case):
+        raise ValueError(f"fastrl-async runs a GRPO case with max_staleness, not {case}")
     if case["method"] == "grpo":
-        config = GRPOConfig(**common, batch_size=case["prompts"], num_generations=case["group"], stop_token_ids=[],
-                            reward_funcs=[reward_even_tokens], temperature=1.0, loss_type="dapo", epsilon=0.2,
-                            beta=case["beta"], num_iterations=1, log_completions=0)
-        result = train(config)
-    else:
-        config = DPOConfig(**common, batch_size=case["pairs"], loss_type="sigmoid", beta=DPO_BETA,
-                           reference=case["reference"])
-        result = train(config)
-    history = result.history
+        if asynchronous:
+            common["async_rollout"] = {"enabled": True, "max_staleness": case["max_staleness"],
+                                       "threads": case.get("worker_threads")}
+        return GRPOConfig(**common, batch_size=case["prompts"], num_generations=case["group"], stop_token_ids=[],
+                          reward_funcs=[reward_even_tokens], temperature=1.0, loss_type="dapo", epsilon=0.2,
+                          beta=case["beta"], num_iterations=1, log_completions=0)
+    return DPOConfig(**common, batch_size=case["pairs"], loss_type="sigmoid", beta=DPO_BETA,
+                     reference=case["reference"])
+
+
+def run_fastrl(case: dict, root: Path, data: Path, out: Path, total: int, warmup: int, cuda: bool, *,
+               asynchronous: bool = False) -> dict:
+    """fastrl's run of a case (:func:`fastrl_config`), checked and summarised.
+
+    Returns:
+        :func:`_summary`'s dict; with ``asynchronous`` also ``staleness_mean`` (over every step),
+        ``worker_threads`` and ``worker_phases_s`` (the worker's mean seconds per timed step of
+        rollout and reward, concurrent with the trainer's phases).
+    """
+    from fastrl.train import train
+
+    config = fastrl_config(case, root, data, out, total, cuda, asynchronous=asynchronous)
+    history = train(config).history
     if len(history) != total:
         raise RuntimeError(f"fastrl logged {len(history)} steps, expected {total}")
     for record in history:
@@ -219,12 +347,24 @@ def run_fastrl(case: dict, root: Path, data: Path, out: Path, total: int, warmup
                                f"{tokens_per_step(case)}")
         if case["method"] == "grpo" and record["completions/min_length"] != case["completion_len"]:
             raise RuntimeError(f"fastrl completion shorter than {case['completion_len']}: {record}")
+        if asynchronous and not 0 <= record.get("async/staleness", -1) <= case["max_staleness"]:
+            raise RuntimeError(f"fastrl-async step without a staleness in [0, {case['max_staleness']}]: {record}")
     ends = [h["elapsed_s"] for h in history]
     periods = [b - a for a, b in zip(ends[warmup - 1:], ends[warmup:])]
-    phases = [{k[len("time/"):]: v for k, v in h.items() if k.startswith("time/")} for h in history[warmup:]]
+    # time/<phase> are seconds; time/reward_share is a fraction of the step
+    phases = [{k[len("time/"):]: v for k, v in h.items() if k.startswith("time/") and not k.endswith("_share")}
+              for h in history[warmup:]]
     for p, period in zip(phases, periods):
         p["other"] = period - sum(p.values())
-    return _summary(periods, phases, tokens_per_step(case))
+    out = _summary(periods, phases, tokens_per_step(case))
+    if asynchronous:
+        out["staleness_mean"] = statistics.fmean(h["async/staleness"] for h in history)
+        out["worker_threads"] = history[-1].get("async/worker_threads")
+        names = sorted({k for h in history[warmup:] for k in h if k.startswith("worker/") and k.endswith("_s")})
+        out["worker_phases_s"] = {k[len("worker/"):-len("_s")]: statistics.fmean(h.get(k, 0.0)
+                                                                                 for h in history[warmup:])
+                                  for k in names}
+    return out
 
 
 def run_trl(case: dict, root: Path, data: Path, out: Path, total: int, warmup: int, cuda: bool) -> dict:
@@ -382,7 +522,14 @@ def run_trl(case: dict, root: Path, data: Path, out: Path, total: int, warmup: i
 
 def worker(contender: str, scale: str, case_name: str, workdir: Path, output: Path, warmup: int, steps: int,
            threads: int) -> None:
-    """One contender's run in this (fresh) process; writes its result JSON to ``output``."""
+    """One contender's run in this (fresh) process; writes its result JSON to ``output``.
+
+    ``peak_rss_bytes`` is this process's VmHWM; for fastrl-async it is that plus the rollout worker's
+    peak (:func:`_children_peak_rss`, read after the run has joined the worker): ``trainer_peak_rss_bytes``
+    and ``worker_peak_rss_bytes`` are the two parts. The sum of the two peaks is an upper bound of the
+    pair's peak: pages both map (the shared copy of the weights) count in each. On GPU, a case with
+    ``max_staleness`` also records ``cuda_device_peak_bytes`` (:class:`_DevicePeak`, both processes
+    of fastrl-async) beside the trainer process's allocator peak ``cuda_peak_bytes``."""
     import torch
 
     if threads:
@@ -409,12 +556,24 @@ def worker(contender: str, scale: str, case_name: str, workdir: Path, output: Pa
     result["base_rss_bytes"] = _proc_status("VmRSS")
     case = CASES[scale][case_name]
     out = Path(tempfile.mkdtemp(prefix=f"{contender}-", dir=workdir))
-    run = run_fastrl if contender == "fastrl" else run_trl
-    result.update(run(case, workdir, workdir / f"{_slug(case_name)}.jsonl", out, warmup + steps, warmup,
-                      cuda))
+    args = (case, workdir, workdir / f"{_slug(case_name)}.jsonl", out, warmup + steps, warmup, cuda)
+    device_peak = _DevicePeak() if cuda and "max_staleness" in case else contextlib.nullcontext()
+    with device_peak:
+        if contender == "trl":
+            result.update(run_trl(*args))
+        else:
+            result.update(run_fastrl(*args, asynchronous=contender == "fastrl-async"))
     result["peak_rss_bytes"] = _peak_rss()
+    if contender == "fastrl-async":
+        result["trainer_peak_rss_bytes"] = result["peak_rss_bytes"]
+        result["worker_peak_rss_bytes"] = _children_peak_rss()
+        if not result["worker_peak_rss_bytes"]:
+            raise RuntimeError("fastrl-async: no exited child process: the rollout worker was not joined")
+        result["peak_rss_bytes"] += result["worker_peak_rss_bytes"]
     if cuda:
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+        if isinstance(device_peak, _DevicePeak):
+            result["cuda_device_peak_bytes"] = device_peak.peak_bytes
     shutil.rmtree(out, ignore_errors=True)
     output.write_text(json.dumps(result))
 
@@ -447,16 +606,27 @@ def workspace(scale: str, cases: list[str], rows: int):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def measure_case(scale: str, case_name: str, *, contenders=CONTENDERS, warmup: int, steps: int, rounds: int,
+def measure_case(scale: str, case_name: str, *, contenders=None, warmup: int, steps: int, rounds: int,
                  threads: int, workdir: Path, log=print) -> dict[str, dict]:
     """Each contender's runs of one case, alternating contenders (A, B, A, B ...), one process each.
-    Returns per contender: ``runs`` (each worker's result), or ``skipped`` with the reason."""
-    results: dict[str, dict] = {c: {"runs": []} for c in contenders}
-    env = _env(threads)
+
+    Args:
+        contenders: names (each with ``threads``) or ``(name, threads)`` pairs; None: the case's
+            :func:`case_contenders`.
+        threads: CPU threads per process (OMP_NUM_THREADS and torch's) of a contender given by name.
+
+    Returns:
+        Per contender: ``runs`` (each worker's result), or ``skipped`` with the reason.
+    """
+    if contenders is None:
+        contenders = case_contenders(scale, case_name, threads)
+    pairs = [(c, threads) if isinstance(c, str) else tuple(c) for c in contenders]
+    results: dict[str, dict] = {c: {"runs": []} for c, _ in pairs}
     for r in range(rounds):
-        for contender in contenders:
+        for contender, threads in pairs:
             if "skipped" in results[contender]:
                 continue
+            env = _env(threads)
             output = workdir / f"result-{contender}-{_slug(case_name)}-{r}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", contender, "--case", case_name,
                    "--device", scale, "--workdir", str(workdir), "--output", str(output), "--warmup", str(warmup),
@@ -489,8 +659,14 @@ def aggregate(runs: list[dict]) -> dict:
            "base_rss_bytes": statistics.median(r["base_rss_bytes"] for r in runs),
            "phases_s": {k: statistics.median(r["phases_s"].get(k, 0.0) for r in runs) for k in phases},
            "version": runs[0]["version"], "transformers": runs[0]["transformers"], "threads": runs[0]["threads"]}
-    if "cuda_peak_bytes" in runs[0]:
-        out["cuda_peak_bytes"] = statistics.median(r["cuda_peak_bytes"] for r in runs)
+    for key in ("cuda_peak_bytes", "cuda_device_peak_bytes", "trainer_peak_rss_bytes", "worker_peak_rss_bytes",
+                "staleness_mean"):
+        if key in runs[0]:
+            out[key] = statistics.median(r[key] for r in runs)
+    if "worker_phases_s" in runs[0]:  # fastrl-async: its rollout worker
+        out["worker_threads"] = runs[0]["worker_threads"]
+        names = sorted({k for r in runs for k in r["worker_phases_s"]})
+        out["worker_phases_s"] = {k: statistics.median(r["worker_phases_s"].get(k, 0.0) for r in runs) for k in names}
     return out
 
 
@@ -515,11 +691,12 @@ def _measured(case_name: str) -> dict[str, dict]:
             import atexit
 
             atexit.register(stack.close)
-        contenders = [c for c in CONTENDERS if c != "trl" or importlib.util.find_spec("trl") is not None]
+        contenders = [(c, t) for c, t in case_contenders(SCALE, case_name, run["threads"])
+                      if c != "trl" or importlib.util.find_spec("trl") is not None]
         _MEASURED[case_name] = measure_case(SCALE, case_name, contenders=contenders, warmup=run["warmup"],
                                             steps=run["steps"], rounds=run["rounds"], threads=run["threads"],
                                             workdir=_WORKDIR["root"], log=lambda *a: None)
-        if "trl" not in contenders:
+        if "trl" in dict(case_contenders(SCALE, case_name, run["threads"])) and "trl" not in dict(contenders):
             _MEASURED[case_name]["trl"] = {"skipped": "trl is not installed (pip install trl, or .[peers])"}
     return _MEASURED[case_name]
 
@@ -547,7 +724,10 @@ def _record(benchmark, case_name: str, contender: str, result: dict, measured: d
                                                                   if k != "max_position_embeddings"},
              "dtype": "bfloat16" if SCALE == "gpu" else "float32", **settings(SCALE), **agg,
              "median_s": agg["step_s"]}
-    extra["peak_extra_bytes"] = agg.get("cuda_peak_bytes", agg["peak_rss_bytes"])  # the whole process: no inputs
+    if "worker_threads" in agg:  # fastrl-async: the trainer's threads and the rollout worker's
+        extra["cores"] = agg["threads"] + (agg["worker_threads"] or 0)
+    # the whole process (no inputs); on GPU in the async case, the device's (both of fastrl-async's processes)
+    extra["peak_extra_bytes"] = agg.get("cuda_device_peak_bytes", agg.get("cuda_peak_bytes", agg["peak_rss_bytes"]))
     extra.update(ratios(result["runs"], {c: r["runs"] for c, r in measured.items() if c != contender and "runs" in r}))
     benchmark.extra_info.update(extra)
 
@@ -563,8 +743,9 @@ def ratios(mine: list[dict], others: dict[str, list[dict]]) -> dict:
         out.setdefault("tokens_per_s_ratio_to", {})[c] = statistics.median(per_round)
         out.setdefault("tokens_per_s_ratio_rounds", {})[c] = per_round
         out.setdefault("peak_rss_ratio_to", {})[c] = agg["peak_rss_bytes"] / theirs["peak_rss_bytes"]
-        if "cuda_peak_bytes" in agg:
-            out.setdefault("cuda_peak_ratio_to", {})[c] = agg["cuda_peak_bytes"] / theirs["cuda_peak_bytes"]
+        for key in ("cuda_peak_bytes", "cuda_device_peak_bytes"):
+            if key in agg and theirs.get(key):
+                out.setdefault(key.replace("_bytes", "_ratio_to"), {})[c] = agg[key] / theirs[key]
     return out
 
 
@@ -579,7 +760,7 @@ def _device():
 
 
 if pytest is not None and __name__ != "__main__":
-    PARAMS = [(case, c) for case in CASES[SCALE] for c in CONTENDERS]
+    PARAMS = [(case, c) for case in CASES[SCALE] for c, _ in case_contenders(SCALE, case, 0)]
 
     @pytest.mark.parametrize("case,contender", PARAMS,
                              ids=[f"{_slug(case)}-{c}" for case, c in PARAMS])
@@ -616,9 +797,10 @@ def table(path: str) -> str:
                      f"{cell(f, key, 2**20)} | {cell(t, key, 2**20)} | {mratio} |")
     lines += ["", "tokens/s: median over rounds; fastrl / TRL: median of the per-round ratios (each round ran "
               "both back to back)."]
+    lines += _async_table(by_case, cuda)
     lines += ["", "Phases (ms per step, median over rounds of the mean over timed steps):", "",
-              "| case | contender | step | rollout | reward | reference | train | optimizer | other |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| case | contender | step | rollout | reward | reference | train | optimizer | wait | other |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for case, runs in by_case.items():
         for contender, e in sorted(runs.items()):
             p = dict(e["phases_s"])
@@ -627,9 +809,48 @@ def table(path: str) -> str:
             if "data" in p:  # fastrl DPO's batch building
                 p["other"] = p.get("other", 0.0) + p.pop("data")
             cells = [f"{p.get(k, 0.0) * 1e3:.1f}" for k in ("rollout", "reward", "reference", "train", "optimizer",
-                                                           "other")]
+                                                           "wait", "other")]
             lines.append(f"| {case} | {contender} | {e['step_s'] * 1e3:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _async_table(by_case: dict[str, dict[str, dict]], cuda: bool) -> list[str]:
+    """The cases with a fastrl-async contender: each contender's cores, tokens/s and peak memory, and
+    fastrl-async's ratios to the others (its tokens/s ratio: the median of the per-round ratios)."""
+    cases = {case: runs for case, runs in by_case.items() if "fastrl-async" in runs}
+    if not cases:
+        return []
+    mem = "device peak (MiB)" if cuda else "peak RSS (MiB)"
+    lines = ["", "Asynchronous rollout at equal cores (fastrl-async: the trainer process and its rollout worker; "
+             "fastrl, TRL: one process):", "",
+             f"| case | contender | cores | tokens/s | {mem} | fastrl-async / contender tokens/s | "
+             f"fastrl-async / contender memory |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for case, runs in cases.items():
+        a = runs["fastrl-async"]
+        key = "cuda_device_peak_bytes" if cuda else "peak_rss_bytes"
+        for contender in ["fastrl-async"] + sorted(c for c in runs if c != "fastrl-async"):
+            e = runs[contender]
+            name = "TRL" if contender == "trl" else contender
+            cores = (f"{e['threads']} + {e.get('worker_threads')}" if contender == "fastrl-async"
+                     else str(e["threads"]))
+            memory = f"{e[key] / 2**20:.0f}" if e.get(key) is not None else "-"
+            if contender == "fastrl-async":
+                ratio = mratio = "-"
+            else:
+                r = a.get("tokens_per_s_ratio_to", {}).get(contender)
+                ratio = f"{r:.2f}x" if r is not None else "-"
+                mratio = f"{a[key] / e[key]:.2f}" if a.get(key) and e.get(key) else "-"
+            lines.append(f"| {case} | {name} | {cores} | {e['tokens_per_s']:.0f} | {memory} | {ratio} | {mratio} |")
+        worker = a.get("worker_phases_s", {})
+        parts = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in worker.items())
+        part = f"; worker ms per step: {parts}" if parts else ""
+        notes.append(f"{case}: fastrl-async max_staleness {a.get('max_staleness')}, mean staleness "
+                     f"{a.get('staleness_mean', float('nan')):.2f}, trainer waits "
+                     f"{a['phases_s'].get('wait', 0.0) * 1e3:.1f} ms per step{part}"
+                     + (f"; peak RSS trainer {a['trainer_peak_rss_bytes'] / 2**20:.0f} + worker "
+                        f"{a['worker_peak_rss_bytes'] / 2**20:.0f} MiB" if a.get("worker_peak_rss_bytes") else ""))
+    return lines + [""] + notes
 
 
 def main(argv: list[str] | None = None) -> int:
