@@ -294,6 +294,10 @@ class TrainConfig:
     # --- misc
     seed: int = _help("seed of the initialisation, data order and sampling", 0)
     device: str | None = _help("cuda / cpu (default: cuda when available)", None)
+    threads: int | None = _help(
+        "CPU intra-op threads of this process (torch.set_num_threads); null: OMP_NUM_THREADS when set, else the "
+        "cores it may use (half each for an async trainer and its worker), 1 for a model under 2M parameters "
+        "(fastrl.train.threads)", None)
     # --- TRL's names (transformers.TrainingArguments / trl): each sets the field it names, with TRL's meaning
     per_device_train_batch_size: int | None = _alias(
         "batch_size", "examples per micro-batch per process (pairs for DPO, prompts for online DPO); for GRPO it "
@@ -443,6 +447,9 @@ class TrainConfig:
                                                "checkpoints a resume reads); set one of them")
         if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
             self._fail("device", f"must be cpu or cuda[:N], got {self.device!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            self._fail("threads", f"must be an int >= 1 or null (auto), got {self.threads!r}")
         if self.bf16 and self.dtype != "float32":
             self._fail("bf16", f"autocast is for float32 parameters; dtype is {self.dtype}")
 

@@ -60,6 +60,7 @@ from typing import Any, Callable
 import torch
 
 from fastrl.train import distributed
+from fastrl.train import threads as threads_lib
 from fastrl.train.checkpoint import (checkpoints_after, find_checkpoint, jsonable, load_checkpoint, rng_state,
                                      save_checkpoint, saved_config, set_rng_state)
 from fastrl.train.config import ConfigError, TrainConfig
@@ -84,7 +85,7 @@ RUN_NEUTRAL = frozenset({
     "progress", "report_to", "run_name", "save_every", "keep_checkpoints", "peak_tflops", "log_completions",
     "device", "train_data", "attention", "attn_implementation", "compile", "gradient_checkpointing", "packing",
     "max_bad_steps", "rollout_engine", "rollout_keep_cuda_graph", "reward_batch_size", "reference_batch_size",
-    "reference_cache_dir"})
+    "reference_cache_dir", "threads"})
 RUN_NEUTRAL_PREFIXES = ("eval_", "vllm_")
 
 
@@ -195,6 +196,7 @@ class Run:
             (text ids, then image codes: ``offset + codebook`` for Janus).
         policy: the :class:`~fastrl.train.model.Policy` around ``model``.
         image: the :class:`~fastrl.rollout.image.ImageModel` of an image run, or None.
+        threads: the :class:`~fastrl.train.threads.ThreadChoice` applied to this process.
         order: the data order (:func:`plan_steps`).
         total_steps: the run's step count (:func:`plan_steps`).
         optimizer: the optimiser (:func:`resume`).
@@ -227,6 +229,7 @@ class Run:
     vocab_size: int
     policy: Policy
     image: Any = None
+    threads: Any = None            # the intra-op threads chosen (fastrl.train.threads.ThreadChoice)
     # plan_steps
     order: BatchOrder | None = None
     total_steps: int = 0
@@ -286,6 +289,10 @@ def start_run(config: TrainConfig) -> Run:
         source = None  # an image model saved without a tokenizer: the data are token ids
     tokenizer = load_tokenizer(source) if source is None or isinstance(source, paths) else source  # or given
     model = build_model(config, world.device)
+    async_run = callable(getattr(config, "async_options", None)) and config.async_options() is not None
+    threads = threads_lib.choose_threads(requested=config.threads, model=model, share=2 if async_run else 1,
+                                         device=world.device)
+    threads_lib.apply(threads)
     vocab_size = model.get_input_embeddings().weight.shape[0]  # a reward model has no lm-head
     image = image_adapter(config, model)
     cfg_weight = 1.0
@@ -296,7 +303,7 @@ def start_run(config: TrainConfig) -> Run:
             cfg_weight = config.image_options()["cfg_weight"]
     policy = Policy(model, compute_dtype=torch.bfloat16 if config.bf16 else None, image=image, cfg_weight=cfg_weight)
     return Run(config=config, world=world, out=Path(config.output_dir), tokenizer=tokenizer, model=model,
-               vocab_size=vocab_size, policy=policy, image=image)
+               vocab_size=vocab_size, policy=policy, image=image, threads=threads)
 
 
 def check_output_dir(config: TrainConfig, world: distributed.World) -> None:
