@@ -573,8 +573,9 @@ def step_metrics(run: Run, *, grad_norm: float, lr: float, skipped: float, token
 
     ``grad_norm``, ``lr``, ``skipped`` (optimiser steps skipped this step), ``skipped_total``,
     ``epoch``, ``tokens`` (the step's, every process), ``tokens_seen``, ``tokens_per_s``, ``step_s``
-    (seconds), with ``layout`` ``packing_efficiency`` and ``batch_fill``, then ``tflops`` and, when
-    the device's peak is known, ``mfu``.
+    (seconds), with ``layout`` ``packing_efficiency`` and ``batch_fill``, then ``tflops``, ``threads``
+    (this process's intra-op threads; the first record also ``threads_reason``) and, when the device's
+    peak is known, ``mfu``.
 
     Args:
         run: the :class:`Run`.
@@ -597,6 +598,10 @@ def step_metrics(run: Run, *, grad_norm: float, lr: float, skipped: float, token
         record["packing_efficiency"] = laid_out / max(padded_slots, 1.0)
         record["batch_fill"] = laid_out / max(slots, 1.0)
     record["tflops"] = flops / step_s / 1e12
+    if run.threads is not None:  # the intra-op threads chosen (fastrl.train.threads); why, in the first record
+        record["threads"] = float(run.threads.threads)
+        if not run.history:
+            record["threads_reason"] = run.threads.reason
     if run.peak:
         record["mfu"] = flops / step_s / (run.peak * run.world.world_size)
     return record
