@@ -905,7 +905,7 @@ class _AsyncFields:
     """Asynchronous rollout (GRPO, online DPO): a worker process samples and scores the next steps while
     the trainer trains (``docs/async_grpo.md``)."""
 
-    async_rollout: dict | str | bool | None = _help(
+    async_rollout: dict | str | None = _help(
         "a rollout worker process that generates and scores steps t+1..t+k while the trainer trains step t "
         "(null / enabled: false: synchronous): a mapping of enabled, max_staleness (k >= 0: a batch is sampled by "
         "weights at most k updates old; 0 gives the synchronous run's numbers), on_failure (restart: a worker that "

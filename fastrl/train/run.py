@@ -61,6 +61,7 @@ import torch
 
 from fastrl.train import distributed
 from fastrl.train import threads as threads_lib
+from fastrl.train.async_rollout import WorkerFailed
 from fastrl.train.checkpoint import (checkpoints_after, find_checkpoint, jsonable, load_checkpoint, rng_state,
                                      save_checkpoint, saved_config, set_rng_state)
 from fastrl.train.config import ConfigError, TrainConfig
@@ -784,6 +785,9 @@ def guarded(run: Run, *, save: Callable[[Run, int], Path] = save, on_exit: Calla
       RNG restored to that step's end, so the checkpoint equals the one the step would have
       written). Under several processes nothing is saved (a checkpoint needs every process, and the
       others may be waiting in a collective); the message says so.
+    - **A rollout worker that failed** (:class:`~fastrl.train.async_rollout.WorkerFailed`, an
+      async run's worker dead past its restarts, or ``on_failure: stop``): the same, raised again as a
+      ``WorkerFailed`` whose message starts with ``step N:``.
     - **On exit**, whatever happened: ``on_exit()`` (e.g. freeing a rollout decoder), then the
       telemetry closed.
 
@@ -815,6 +819,8 @@ def guarded(run: Run, *, save: Callable[[Run, int], Path] = save, on_exit: Calla
         yield run
     except RewardError as e:
         raise RewardError(_failed_step(run, e, save)) from e
+    except WorkerFailed as e:  # the rollout worker is gone (async_rollout): the trainer's state is saved first
+        raise WorkerFailed(_failed_step(run, e, save), step=e.step, exitcode=e.exitcode, restarts=e.restarts) from e
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

@@ -287,7 +287,20 @@ class AsyncSource:
 
             threads = threads_lib.choose_threads(requested=None, model=run.model, share=2).threads
         self.worker_threads = threads
-        args = (config, producer.data, producer.rewards, producer.tokenizer, producer.stop_ids, run.total_steps,
+        for i, reward in enumerate(producer.rewards):  # name the reward that cannot go to the worker
+            try:
+                pickle.dumps(reward)
+            except Exception as e:
+                raise ConfigError(f"{type(config).__name__}.async_rollout: reward_funcs[{i}] ({reward.name}) cannot "
+                                  f"be sent to the rollout worker process ({type(e).__name__}: {e}); it must pickle: "
+                                  f"a module-level function ('module:function' in a config), not a lambda or a "
+                                  f"local function") from None
+        # the worker reads the sampling settings only: not the in-memory objects the config may hold
+        settings = copy.copy(config)
+        for name in ("model", "train_data", "eval_data", "tokenizer", "reward_funcs", "reward_model", "callbacks"):
+            if hasattr(settings, name) and not isinstance(getattr(settings, name), (str, type(None))):
+                object.__setattr__(settings, name, None if name != "reward_funcs" else [])
+        args = (settings, producer.data, producer.rewards, producer.tokenizer, producer.stop_ids, run.total_steps,
                 producer.remax)
         fields = ("config", "train_data", "reward_funcs", "tokenizer", "stop_token_ids", "max_steps",
                   "advantage_estimator")
@@ -301,6 +314,7 @@ class AsyncSource:
             if where.startswith("args["):
                 where = fields[int(where[5:-1])]
             raise ConfigError(f"{type(config).__name__}.async_rollout: {where}: {e}") from None
+        self.startup_s = getattr(self.client, "startup_s", None)
 
     def _top_up(self, step: int) -> None:
         last = min(step + self.k + 1, self.run.total_steps - 1)

@@ -65,14 +65,14 @@ def test_one_step_stale_batches_use_the_sampler_correction(prompts_file, tmp_pat
             loss, metrics = fused(hidden, weight, bias, labels)
             with torch.no_grad():  # the log-probs of the labels, in fp64, and the loss from them directly
                 logits = (hidden.double() @ weight.double().T) / loss_fn.options["temperature"]
-                logps = torch.log_softmax(logits, -1).gather(1, labels.view(-1, 1)).view(-1)
-                direct = grpo_loss(logps, m.old_logps, m.advantages.double(), cu_seqlens=m.batch.cu_seqlens,
-                                   ref_logps=m.ref_logps, sampler_logps=sampler_logps.double(),
-                                   num_items_in_batch=num_items, settings=loss_fn.settings)
-                uncorrected = grpo_loss(logps, m.old_logps, m.advantages.double(), cu_seqlens=m.batch.cu_seqlens,
-                                        num_items_in_batch=num_items, settings=loss_fn.settings)
+                logps = torch.log_softmax(logits, -1).gather(1, labels.view(-1, 1)).view(-1).float()
+                direct = grpo_loss(logps, m.old_logps, m.advantages, cu_seqlens=m.batch.cu_seqlens,
+                                   ref_logps=m.ref_logps, sampler_logps=sampler_logps,
+                                   num_items_in_batch=num_items, settings=loss_fn.settings)[0]
+                uncorrected = grpo_loss(logps, m.old_logps, m.advantages, cu_seqlens=m.batch.cu_seqlens,
+                                        num_items_in_batch=num_items, settings=loss_fn.settings)[0]
             seen.append((sampler_logps is m.sampler_logps, float(loss), float(direct), float(uncorrected),
-                         float((logps - sampler_logps.double()).abs().max())))
+                         float((logps - sampler_logps).abs().max())))
             return loss, metrics
 
         head.fused = checked
