@@ -359,7 +359,8 @@ def run_fastrl(case: dict, root: Path, data: Path, out: Path, total: int, warmup
     out = _summary(periods, phases, tokens_per_step(case))
     if asynchronous:
         out["staleness_mean"] = statistics.fmean(h["async/staleness"] for h in history)
-        out["worker_threads"] = history[-1].get("async/worker_threads")
+        threads = history[-1].get("async/worker_threads")
+        out["worker_threads"] = None if threads is None else int(threads)
         names = sorted({k for h in history[warmup:] for k in h if k.startswith("worker/") and k.endswith("_s")})
         out["worker_phases_s"] = {k[len("worker/"):-len("_s")]: statistics.fmean(h.get(k, 0.0)
                                                                                  for h in history[warmup:])

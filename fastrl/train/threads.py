@@ -26,10 +26,12 @@ from typing import Any
 
 import torch
 
-#: Models with fewer parameters run single-threaded under auto. The demo's tiny Janus (hidden 128,
-#: 2 layers) and the test models have well under 1M; an op of a 1M-parameter model's hidden size
-#: (about 256) over a short batch takes tens of microseconds, the order of an OpenMP fork/join.
-SMALL_MODEL_PARAMS = 2_000_000
+#: Models with fewer parameters run single-threaded under auto: the test models (a few thousand) and
+#: the trainer benchmark's, whose ops take tens of microseconds, the order of an OpenMP fork/join. The
+#: demo's tiny Janus (547,264) is above it: its quick demo took 121.6 s with 2 threads and 207.8 s with 1
+#: on a quiet 2-core machine (but 185.1 s with 1 thread beside a busy process, where 2 threads lose ~3x);
+#: its results were tuned at 2 threads. ``threads: 1`` keeps a run single-threaded on a shared machine.
+SMALL_MODEL_PARAMS = 500_000
 
 
 @dataclasses.dataclass(frozen=True)
